@@ -1,0 +1,69 @@
+"""The ``advfeat`` command line: ``train``, ``eval``, ``bench``, ``methods``.
+
+User mistakes print one line (``advfeat: error: ...``) and exit with status 2; a diverged run
+exits with status 3 and keeps its last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from advfeat.errors import AdvfeatError
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, like every user error
+        self.exit(2, f"advfeat: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="advfeat",
+        description="Adversarial feature augmentation and multi-branch BN for vision models.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    from advfeat.commands import register_commands
+
+    register_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from advfeat import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except AdvfeatError as err:
+        print(f"advfeat: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "advfeat: interrupted; the last finished epoch's checkpoint is kept (use --resume)",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as err:
+        from advfeat.train.trainer import TrainingDiverged
+
+        if isinstance(err, TrainingDiverged):
+            print(f"advfeat: {err}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""``advfeat train``: one run, or with no ``--method`` the default preset side by side."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from advfeat.errors import AdvfeatError
+from advfeat.train.config import TrainConfig, apply_overrides, load_yaml, parse_override
+
+__all__ = ["DEFAULT_METHODS", "add_parser", "config_from_args", "run"]
+
+DEFAULT_METHODS: tuple[str, ...] = ("standard",)
+"""Methods trained side by side (same seed, same data) by ``advfeat train`` without ``--method``."""
+
+_FLAG_KEYS = {
+    "method": "method",
+    "model": "model",
+    "dataset": "dataset",
+    "data_dir": "data_dir",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "seed": "seed",
+    "device": "device",
+}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (no arguments: the default preset on the embedded dataset)",
+        description="Train a model with one of the methods. With no arguments, trains the default "
+        "preset (" + ", ".join(DEFAULT_METHODS) + ") on the embedded `shapes` dataset offline "
+        "and prints a result table.",
+    )
+    p.add_argument("--method", help="training method (see `advfeat methods`)")
+    p.add_argument(
+        "--model",
+        help="architecture: resnet20, preact_resnet18, wrn28_10, torchvision:NAME, timm:NAME",
+    )
+    p.add_argument(
+        "--dataset", help="shapes, cifar10, cifar100, svhn, imagefolder, cifar10-jpeg, ..."
+    )
+    p.add_argument("--data-dir", help="where the dataset lives (or is downloaded to)")
+    p.add_argument("--epochs", type=int, help="number of epochs (> 0)")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--seed", type=int, help="random seed (data, initialisation, order)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--out", help="run folder (default: runs/<method>-<model>-<dataset>-s<seed>)")
+    p.add_argument("--config", help="YAML file of config keys (print them with --show-config)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set lr=0.05 --set method_options.alpha=0.01",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument(
+        "--show-config", action="store_true", help="print the resolved configuration and exit"
+    )
+    p.set_defaults(handler=run)
+
+
+def config_from_args(args: argparse.Namespace, method: str | None = None) -> TrainConfig:
+    """Defaults ← ``--config`` file ← explicit flags ← ``--set`` overrides."""
+    cfg = TrainConfig()
+    if args.config:
+        apply_overrides(cfg, load_yaml(args.config))
+    flags = {
+        key: getattr(args, attr)
+        for attr, key in _FLAG_KEYS.items()
+        if getattr(args, attr) is not None
+    }
+    apply_overrides(cfg, flags)
+    apply_overrides(cfg, dict(parse_override(o) for o in args.overrides))
+    if method is not None:
+        cfg.method = method
+    if args.quiet:
+        cfg.progress = False
+    if (
+        cfg.data_dir is not None
+        and not Path(cfg.data_dir).exists()
+        and cfg.dataset not in ("cifar10", "cifar100", "svhn")
+    ):
+        raise AdvfeatError(f"--data-dir {cfg.data_dir!r} does not exist")
+    cfg.validate()
+    return cfg
+
+
+def _default_out(cfg: TrainConfig) -> Path:
+    model = cfg.model.replace(":", "-").replace("/", "-")
+    return Path("runs") / f"{cfg.method}-{model}-{cfg.dataset}-s{cfg.seed}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from advfeat.train.trainer import Trainer
+
+    methods = [args.method] if args.method else _preset_methods(args)
+    configs = [config_from_args(args, m) for m in methods]
+    if args.show_config:
+        for cfg in configs:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    results = []
+    for cfg in configs:
+        if len(configs) > 1:
+            out = Path(args.out or "runs/default") / cfg.method
+        else:
+            out = Path(args.out) if args.out else _default_out(cfg)
+        if cfg.progress:
+            print(
+                f"advfeat: training {cfg.method} / {cfg.model} / {cfg.dataset} → {out}",
+                file=sys.stderr,
+            )
+        metrics = Trainer(cfg, out, resume=args.resume, force=args.force).fit()
+        if metrics:
+            results.append((out, metrics))
+    if results:
+        print(result_table([m for _, m in results]))
+        for out, _ in results:
+            print(f"run folder: {out}")
+    return 0
+
+
+def _preset_methods(args: argparse.Namespace) -> list[str]:
+    """No ``--method``: the default preset's methods (or the config file's method, if it names one)."""
+    if args.config and "method" in load_yaml(args.config):
+        return [str(load_yaml(args.config)["method"])]
+    if any(o.split("=", 1)[0].strip() == "method" for o in args.overrides):
+        return [str(dict(parse_override(o) for o in args.overrides)["method"])]
+    return list(DEFAULT_METHODS)
+
+
+def result_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table: one row per run, clean and shifted-domain accuracy, training time."""
+    shifted = sorted({k for r in rows for k in r.get("shifted_acc", {})})
+    head = ["method", "model", "clean acc", *[f"{s} acc" for s in shifted], "train time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["method"], r["model"], f"{100 * r['clean_acc']:.1f} %"]
+        cells += [
+            f"{100 * r['shifted_acc'][s]:.1f} %" if s in r.get("shifted_acc", {}) else "-"
+            for s in shifted
+        ]
+        cells.append(f"{r['train_time_s']:.0f} s")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

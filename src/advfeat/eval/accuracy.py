@@ -1,0 +1,50 @@
+"""Top-k accuracy of a classifier over a dataset (evaluation mode, restored afterwards)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["eval_mode", "evaluate_accuracy"]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's flag afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    topk: tuple[int, ...] = (1,),
+    workers: int = 0,
+) -> dict[str, float]:
+    """Return ``{"top1": ..., "top5": ...}`` (fractions in [0, 1]) of ``model`` on ``dataset``."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    hits = {k: 0 for k in topk}
+    total = 0
+    with eval_mode(model):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)
+            k_max = min(max(topk), logits.shape[1])
+            top = logits.topk(k_max, dim=1).indices
+            for k in topk:
+                hits[k] += int((top[:, : min(k, k_max)] == y[:, None]).any(dim=1).sum())
+            total += y.numel()
+    return {f"top{k}": hits[k] / max(total, 1) for k in topk}

@@ -1,0 +1,126 @@
+"""The method contract: a training objective that turns (model, batch) into a loss and logs.
+
+A :class:`Method` plugs into the project's trainer, into a user's own loop, or into Lightning::
+
+    method = advfeat.build_method("afan", model)      # paper defaults, validated options
+    model = method.prepare(model)                      # e.g. converts BN to multi-branch BN
+    opt = torch.optim.SGD(method.parameter_groups(model, lr=0.1), lr=0.1, momentum=0.9)
+    for x, y in loader:
+        out = method(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+Methods are ``nn.Module``\\ s so that learnable method state (L-ALFA's strengths η) is saved in
+checkpoints and optimised with the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from advfeat.errors import AdvfeatError, unknown_name
+
+__all__ = ["Method", "MethodOutput", "unwrap"]
+
+
+@dataclass
+class MethodOutput:
+    """What one training step of a method produces.
+
+    Attributes:
+        loss: the scalar to back-propagate.
+        logits: the clean-batch output (for running training accuracy), when the method has one.
+        logs: scalar diagnostics (``loss_clean``, ``loss_adv``, ...), already detached floats.
+    """
+
+    loss: Tensor
+    logits: Tensor | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DataParallel`` / ``DistributedDataParallel`` / compiled wrapper."""
+    inner = getattr(model, "_orig_mod", model)
+    while isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        inner = inner.module
+    return getattr(inner, "_orig_mod", inner)
+
+
+class Method(nn.Module):
+    """Base class of all training methods.
+
+    Subclasses set ``name`` and ``paper``, declare their options as a nested dataclass
+    ``Options`` whose defaults are the paper's defaults, and implement :meth:`forward`.
+    ``self.opts`` holds the validated options.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.opts = self.parse_options(options)
+        self.validate_options()
+
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]) -> Any:
+        known = {f.name: f for f in dataclasses.fields(cls.Options)}
+        for key in options:
+            if key not in known:
+                raise unknown_name(f"option of method {cls.name!r}", key, known)
+        return cls.Options(**options)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The paper defaults of this method's options."""
+        return dataclasses.asdict(cls.Options())
+
+    def validate_options(self) -> None:
+        """Raise :class:`AdvfeatError` on inconsistent options (subclasses extend)."""
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """One-time model surgery before training (BN conversion, freezing); returns the model."""
+        return model
+
+    def parameter_groups(self, model: nn.Module, **group: Any) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: the trainable parameters of the model and of the method."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        params += [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise AdvfeatError(f"method {self.name!r} left no trainable parameter in the model")
+        return [{"params": params, **group}]
+
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
+        raise NotImplementedError
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        """Called by the trainer after each epoch; returns values to add to the history."""
+        return {}
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The model to evaluate after training (e.g. with the main BN branch selected)."""
+        return model
+
+    @staticmethod
+    def detach_logs(**values: Tensor | float) -> dict[str, float]:
+        return {
+            k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in values.items()
+        }
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.opts).items())
+
+
+def cross_entropy(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy, the classification loss every method starts from."""
+    return torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)

@@ -1,0 +1,7 @@
+"""Training: configuration, the trainer, checkpoints, schedules and distributed set-up."""
+
+from advfeat.train.checkpoint import load_checkpoint, save_checkpoint
+from advfeat.train.config import TrainConfig
+from advfeat.train.trainer import Trainer, TrainingDiverged
+
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "load_checkpoint", "save_checkpoint"]
