@@ -145,7 +145,7 @@ def test_finished_run_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_methods_lists_paper_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["methods", "--json"], capsys)
     assert code == 0
-    table = json.loads(out)
+    table = json.loads(out)["methods"]
     assert "standard" in table and "defaults" in table["standard"]
 
 

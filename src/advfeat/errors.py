@@ -27,7 +27,9 @@ def close_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     return hits
 
 
-def unknown_name(kind: str, name: str, choices: Iterable[str], *, show_all: int = 25) -> AdvfeatError:
+def unknown_name(
+    kind: str, name: str, choices: Iterable[str], *, show_all: int = 25
+) -> AdvfeatError:
     """Build the error for an unknown ``kind`` called ``name``, naming close matches.
 
     >>> str(unknown_name("model", "resnet2", ["resnet20", "resnet32"]))

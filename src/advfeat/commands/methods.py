@@ -17,16 +17,20 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from advfeat.methods import METHODS
+    from advfeat.presets import preset_description, preset_names
 
     table = {
         name: {"paper": METHODS.get(name).paper, "defaults": METHODS.get(name).defaults()}
         for name in METHODS
     }
     if args.json:
-        print(json.dumps(table, indent=2))
+        print(json.dumps({"methods": table, "presets": preset_names()}, indent=2))
         return 0
     for name, info in table.items():
         print(f"{name}  ({info['paper']})")
         for key, value in info["defaults"].items():
             print(f"    {key} = {value!r}")
+    print("\npresets (advfeat train --preset NAME):")
+    for name in preset_names():
+        print(f"    {name}: {preset_description(name)}")
     return 0

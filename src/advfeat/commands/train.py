@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from advfeat.errors import AdvfeatError
+from advfeat.presets import load_preset
 from advfeat.train.config import TrainConfig, apply_overrides, load_yaml, parse_override
 
 __all__ = ["DEFAULT_METHODS", "add_parser", "config_from_args", "run"]
@@ -53,6 +54,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, help="random seed (data, initialisation, order)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--out", help="run folder (default: runs/<method>-<model>-<dataset>-s<seed>)")
+    p.add_argument(
+        "--preset", help="start from a packaged preset of a paper's setting (see `advfeat methods`)"
+    )
     p.add_argument("--config", help="YAML file of config keys (print them with --show-config)")
     p.add_argument(
         "--set",
@@ -72,8 +76,10 @@ def add_parser(sub: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace, method: str | None = None) -> TrainConfig:
-    """Defaults ← ``--config`` file ← explicit flags ← ``--set`` overrides."""
+    """Defaults ← ``--preset`` ← ``--config`` file ← explicit flags ← ``--set`` overrides."""
     cfg = TrainConfig()
+    if args.preset:
+        apply_overrides(cfg, load_preset(args.preset))
     if args.config:
         apply_overrides(cfg, load_yaml(args.config))
     flags = {
@@ -133,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _preset_methods(args: argparse.Namespace) -> list[str]:
-    """No ``--method``: the default preset's methods (or the config file's method, if it names one)."""
+    """No ``--method``: the default preset's methods (or the preset's / config file's method)."""
+    if args.preset:
+        return [str(load_preset(args.preset).get("method", "standard"))]
     if args.config and "method" in load_yaml(args.config):
         return [str(load_yaml(args.config)["method"])]
     if any(o.split("=", 1)[0].strip() == "method" for o in args.overrides):

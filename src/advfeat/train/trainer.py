@@ -259,6 +259,14 @@ class Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if self.dist.enabled:  # history holds global averages, as one process would log them
+            keys = sorted(sums)
+            packed = torch.tensor(
+                [seen, correct, *(sums[k] for k in keys)], dtype=torch.float64, device=self.device
+            )
+            torch.distributed.all_reduce(packed)
+            seen, correct = int(packed[0]), int(packed[1])
+            sums = {k: float(v) for k, v in zip(keys, packed[2:].tolist(), strict=True)}
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
         row.update({f"train_{k}" if k == "loss" else k: v / seen for k, v in sums.items()})
         row["train_acc"] = correct / seen

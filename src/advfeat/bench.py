@@ -1,0 +1,167 @@
+"""Time training steps of several methods in one process (``advfeat bench``).
+
+Each method gets a fresh copy of the same initial model, prepared by the method, and a full
+training step (method forward, backward, SGD step) on one fixed batch. After ``warmup`` steps
+each, the methods are timed in interleaved rounds (A, B, C, A, B, C, ...) so that a drift in the
+machine's speed affects them alike; the median step time is reported with its ratio to
+``standard`` and the ratio that the method's extra floating-point work predicts (matmul and
+convolution FLOPs of one step, forward and backward, counted by ``torch.utils.flop_counter``).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from advfeat.errors import AdvfeatError
+from advfeat.methods import METHODS, Method, build_method
+from advfeat.models import build_model
+from advfeat.train.checkpoint import save_checkpoint
+
+__all__ = ["BenchResult", "run_bench"]
+
+
+@dataclass
+class BenchResult:
+    method: str
+    step_ms: float
+    step_ms_min: float
+    step_ms_max: float
+    ratio_vs_standard: float
+    flops_per_step: float
+    flops_ratio_vs_standard: float
+    ratio_over_flops_ratio: float
+    options: dict[str, Any]
+
+
+def _make_step(
+    method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    opt = torch.optim.SGD(method.parameter_groups(model), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        out = method(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    return step
+
+
+def _count_flops(step: Callable[[], None]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def _bench_options(name: str, base: nn.Module, tmp: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Options a method needs to run at all in a benchmark (e.g. AdvBN's pre-trained checkpoint)."""
+    options = dict(extra)
+    defaults = METHODS.get(name).defaults()
+    if "init_checkpoint" in defaults and not options.get("init_checkpoint"):
+        path = tmp / "init.pt"
+        save_checkpoint(path, {"model": base.state_dict(), "config": {}, "epoch": 0})
+        options["init_checkpoint"] = str(path)
+    return options
+
+
+def run_bench(
+    methods: list[str],
+    *,
+    model_name: str = "resnet20",
+    batch_size: int = 128,
+    iters: int = 10,
+    warmup: int = 2,
+    image_size: int = 32,
+    num_classes: int = 10,
+    device: str = "cpu",
+    seed: int = 0,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchResult]:
+    """Benchmark ``methods`` (``standard`` is added first when missing) and return one row each."""
+    if iters <= 0 or warmup < 0 or batch_size <= 0:
+        raise AdvfeatError(
+            f"iters and batch size must be positive, warmup >= 0 (got {iters}, {batch_size}, {warmup})"
+        )
+    for name in methods:
+        METHODS.get(name)
+    names = ["standard", *[m for m in methods if m != "standard"]]
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    base = build_model(model_name, num_classes=num_classes, image_size=image_size)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch_size, 3, image_size, image_size, generator=g).to(dev)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
+    steps: dict[str, Callable[[], None]] = {}
+    flops: dict[str, float] = {}
+    used: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for name in names:
+            options = _bench_options(name, base, Path(tmpdir), (method_options or {}).get(name, {}))
+            method = build_method(name, **options)
+            model = method.prepare(copy.deepcopy(base)).to(dev).train()
+            method.to(dev)
+            steps[name] = _make_step(method, model, x, y)
+            used[name] = {k: v for k, v in asdict(method.opts).items() if k != "init_checkpoint"}
+            flops[name] = _count_flops(steps[name])
+            for _ in range(warmup):
+                steps[name]()
+            if progress:
+                progress(f"prepared {name}")
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(iters):
+            for name in names:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                start = time.perf_counter()
+                steps[name]()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times[name].append(time.perf_counter() - start)
+            if progress:
+                progress(f"round {r + 1}/{iters}")
+    ref_ms = statistics.median(times["standard"]) * 1e3
+    results = []
+    for name in names:
+        ms = statistics.median(times[name]) * 1e3
+        flops_ratio = flops[name] / flops["standard"]
+        ratio = ms / ref_ms
+        results.append(
+            BenchResult(
+                method=name,
+                step_ms=round(ms, 2),
+                step_ms_min=round(min(times[name]) * 1e3, 2),
+                step_ms_max=round(max(times[name]) * 1e3, 2),
+                ratio_vs_standard=round(ratio, 3),
+                flops_per_step=flops[name],
+                flops_ratio_vs_standard=round(flops_ratio, 3),
+                ratio_over_flops_ratio=round(ratio / flops_ratio, 3),
+                options=used[name],
+            )
+        )
+    return results
+
+
+def bench_table(results: list[BenchResult]) -> str:
+    """Markdown table of a benchmark."""
+    lines = [
+        "| method | step ms (median) | × standard | × predicted by FLOPs | measured / predicted |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.method} | {r.step_ms:.1f} | {r.ratio_vs_standard:.2f} | {r.flops_ratio_vs_standard:.2f} | "
+            f"{r.ratio_over_flops_ratio:.2f} |"
+        )
+    return "\n".join(lines)

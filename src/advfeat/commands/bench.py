@@ -1,0 +1,83 @@
+"""``advfeat bench``: time training steps of several methods in one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from advfeat.train.config import parse_override
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench", help="time training steps of each method and compare with standard training"
+    )
+    p.add_argument("--model", default="resnet20", help="architecture (default resnet20)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument(
+        "--methods", default="standard,alfa,afan,advprop,advbn", help="comma-separated method names"
+    )
+    p.add_argument("--iters", type=int, default=10, help="timed steps per method")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="METHOD.OPTION=VALUE",
+        help="a method option, e.g. --set afan.k=5",
+    )
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from advfeat.bench import bench_table, run_bench
+    from advfeat.errors import AdvfeatError
+    from advfeat.train.checkpoint import atomic_write_json
+
+    options: dict[str, dict[str, Any]] = {}
+    for text in args.overrides:
+        key, value = parse_override(text)
+        method, _, option = key.partition(".")
+        if not option:
+            raise AdvfeatError(f"--set for bench expects METHOD.OPTION=VALUE, got {text!r}")
+        options.setdefault(method, {})[option] = value
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results = run_bench(
+        methods,
+        model_name=args.model,
+        batch_size=args.batch_size,
+        iters=args.iters,
+        warmup=args.warmup,
+        image_size=args.image_size,
+        device=args.device,
+        seed=args.seed,
+        method_options=options,
+        progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
+    )
+    print(bench_table(results))
+    if args.json:
+        payload = {
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "iters": args.iters,
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "methods": {r.method: asdict(r) for r in results},
+        }
+        atomic_write_json(args.json, payload)
+    return 0

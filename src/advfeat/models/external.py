@@ -1,0 +1,186 @@
+"""torchvision and timm classification models by name, with their own module names kept.
+
+The returned networks are the libraries' unmodified classes (no normalization yet;
+:func:`advfeat.models.build_model` attaches it with a pre-hook), so feature sites are the
+libraries' dotted names (``layer3``, ``features.4``, ``blocks.5``) and checkpoints stay compatible.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+from torchvision import models as tv_models
+
+from advfeat.errors import AdvfeatError, unknown_name
+
+__all__ = [
+    "build_timm",
+    "build_torchvision",
+    "replace_classifier",
+    "timm_model_names",
+    "torchvision_model_names",
+    "use_cifar_stem",
+]
+
+TIMM_HINT = "timm models need the optional dependency timm: pip install advfeat[timm]"
+
+
+@functools.cache
+def _torchvision_names() -> tuple[str, ...]:
+    return tuple(sorted(tv_models.list_models(module=tv_models)))
+
+
+def torchvision_model_names() -> list[str]:
+    """Every torchvision classification model (``torchvision.models.list_models``)."""
+    return list(_torchvision_names())
+
+
+def _import_timm() -> ModuleType:
+    try:
+        return importlib.import_module("timm")
+    except ImportError:
+        raise AdvfeatError(TIMM_HINT) from None
+
+
+def timm_model_names() -> list[str]:
+    """Every timm architecture name (``timm.list_models()``); needs timm."""
+    return list(_import_timm().list_models())
+
+
+def use_cifar_stem(model: nn.Module) -> nn.Module:
+    """Give a torchvision ResNet a stem for small images: 3×3 stride-1 ``conv1``, no max-pool.
+
+    The usual CIFAR adaptation of ImageNet ResNets (e.g. the ResNet-18 of ALFA and of most
+    adversarial-training work): a 32×32 input keeps 32×32 maps in ``layer1`` instead of 8×8.
+    The new ``conv1`` is Kaiming-initialized (fan-out), as torchvision does. Works in place.
+    """
+    if not isinstance(model, tv_models.ResNet):
+        raise AdvfeatError(
+            f"cifar_stem applies to torchvision ResNets (resnet*, resnext*, wide_resnet*), "
+            f"not to {type(model).__name__}"
+        )
+    old = model.conv1
+    model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.conv1.to(device=old.weight.device, dtype=old.weight.dtype)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def replace_classifier(model: nn.Module, old_classes: int, num_classes: int) -> int:
+    """Replace every output layer with ``old_classes`` outputs by a fresh one with ``num_classes``.
+
+    Output layers are the ``nn.Linear`` (and, for SqueezeNet, 1×1 ``nn.Conv2d``) modules whose
+    output size is the pretrained label count, auxiliary heads included. Returns how many were
+    replaced; raises :class:`AdvfeatError` when there is none.
+    """
+    targets: list[tuple[str, nn.Linear | nn.Conv2d]] = [
+        (name, module)
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) and module.out_features == old_classes)
+        or (isinstance(module, nn.Conv2d) and module.out_channels == old_classes)
+    ]
+    if not targets:
+        raise AdvfeatError(
+            f"found no output layer with {old_classes} outputs in {type(model).__name__}; "
+            f"replace its classifier yourself or use num_classes={old_classes}"
+        )
+    for name, module in targets:
+        model.set_submodule(name, _fresh_output_layer(module, num_classes))
+    return len(targets)
+
+
+def _fresh_output_layer(layer: nn.Linear | nn.Conv2d, num_classes: int) -> nn.Module:
+    new: nn.Module
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(layer.in_features, num_classes, bias=layer.bias is not None)
+    else:
+        new = nn.Conv2d(
+            layer.in_channels,
+            num_classes,
+            layer.kernel_size,  # type: ignore[arg-type]
+            stride=layer.stride,  # type: ignore[arg-type]
+            padding=layer.padding,  # type: ignore[arg-type]
+            bias=layer.bias is not None,
+        )
+    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def build_torchvision(
+    name: str,
+    num_classes: int,
+    *,
+    image_size: int,
+    pretrained: bool,
+    cifar_stem: bool | None = None,
+    **kw: Any,
+) -> nn.Module:
+    """A torchvision classification model ``name`` (without normalization).
+
+    ``pretrained=True`` loads ``weights="DEFAULT"`` (downloaded on first use) and, when
+    ``num_classes`` differs from the weights' label count, replaces the classifier (see
+    :func:`replace_classifier`). ``cifar_stem`` (ResNet family only, see :func:`use_cifar_stem`)
+    defaults to ``image_size <= 64`` for randomly initialized ResNets and to ``False`` with
+    pretrained weights, whose stem it would discard. GoogLeNet and Inception-v3 are built without
+    auxiliary heads (``aux_logits=False``) unless asked, so they return logits in train mode too;
+    ViTs without pretrained weights are built for ``image_size``. Other options ``kw`` go to the
+    model's constructor.
+    """
+    if name not in _torchvision_names():
+        choices = [f"torchvision:{n}" for n in _torchvision_names()]
+        raise unknown_name("torchvision model", f"torchvision:{name}", choices)
+    if "weights" in kw:
+        raise AdvfeatError("torchvision weights are chosen with pretrained=True, not weights=...")
+    options = sorted(kw)
+    if name in ("googlenet", "inception_v3"):
+        kw.setdefault("aux_logits", False)
+        if not pretrained:
+            kw.setdefault("init_weights", True)  # today's default, without the FutureWarning
+    if name.startswith("vit_") and not pretrained:
+        kw.setdefault("image_size", image_size)
+    weights_classes = _weights_label_count(name) if pretrained else None
+    if weights_classes is None:
+        kw["num_classes"] = num_classes
+    try:
+        model = tv_models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
+    except TypeError as err:
+        raise AdvfeatError(
+            f"torchvision model {name!r} rejected the options {options}: {err}"
+        ) from None
+    except ValueError as err:
+        raise AdvfeatError(f"torchvision model {name!r}: {err}") from None
+    if weights_classes is not None and weights_classes != num_classes:
+        replace_classifier(model, weights_classes, num_classes)
+    if cifar_stem is None:
+        cifar_stem = isinstance(model, tv_models.ResNet) and image_size <= 64 and not pretrained
+    if cifar_stem:
+        use_cifar_stem(model)
+    return model
+
+
+def _weights_label_count(name: str) -> int:
+    weights = tv_models.get_model_weights(name).DEFAULT  # type: ignore[attr-defined]
+    return len(weights.meta["categories"])
+
+
+def build_timm(name: str, num_classes: int, *, pretrained: bool, **kw: Any) -> nn.Module:
+    """A timm model ``name`` (without normalization); timm itself resets the classifier."""
+    if "cifar_stem" in kw:
+        raise AdvfeatError("cifar_stem applies to torchvision ResNets only, not to timm models")
+    timm = _import_timm()
+    is_hub = name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))
+    if not is_hub and not timm.is_model(name):
+        raise unknown_name("timm model", f"timm:{name}", [f"timm:{n}" for n in timm.list_models()])
+    try:
+        model: nn.Module = timm.create_model(
+            name, pretrained=pretrained, num_classes=num_classes, **kw
+        )
+    except TypeError as err:
+        raise AdvfeatError(
+            f"timm model {name!r} rejected the options {sorted(kw)}: {err}"
+        ) from None
+    return model

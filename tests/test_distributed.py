@@ -1,0 +1,103 @@
+"""DDP: two CPU processes under torchrun (gloo) train the same model as one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from advfeat.train import load_checkpoint
+from advfeat.train.distributed import DistInfo, EpochSampler
+
+# A model without batch norm: per-process BN statistics legitimately differ from one-process ones
+# (that is what SyncBatchNorm is for), everything else must agree.
+ARGS = [
+    "train",
+    "--method",
+    "standard",
+    "--model",
+    "torchvision:squeezenet1_1",
+    "--dataset",
+    "shapes",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--seed",
+    "3",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--set",
+    "model_options={dropout: 0.0}",
+    "--set",
+    "dataset_options={n_train: 128, n_test: 32, image_size: 16}",
+    "--set",
+    "eval_shifted=false",
+    "--set",
+    "augment=false",
+    "--set",
+    "lr=0.02",
+]
+
+
+def test_sampler_ranks_partition_the_single_process_batches() -> None:
+    single = list(EpochSampler(100, seed=1))
+    ranks = [list(EpochSampler(100, seed=1, info=DistInfo(r, 2, r))) for r in range(2)]
+    for step in range(len(single) // 10):
+        batch = set(single[step * 10 : (step + 1) * 10])
+        assert batch == set(ranks[0][step * 5 : (step + 1) * 5]) | set(
+            ranks[1][step * 5 : (step + 1) * 5]
+        )
+    other_epoch = EpochSampler(100, seed=1)
+    other_epoch.set_epoch(1)
+    assert list(other_epoch) != single
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_the_same_model_as_one(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "advfeat.cli", *ARGS, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "advfeat.cli",
+            *ARGS,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 1
+    moved = False
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    init = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["history"]
+    moved = init[0]["train_loss"] != init[1]["train_loss"]
+    assert moved
+    assert [r["train_loss"] for r in a["history"]] == pytest.approx(
+        [r["train_loss"] for r in b["history"]], rel=1e-4
+    )
