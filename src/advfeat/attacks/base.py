@@ -42,9 +42,23 @@ def default_loss(output: Tensor, target: Tensor) -> Tensor:
 
 
 def check_image_range(x: Tensor, *, tol: float = 1e-6, strict: bool = True) -> None:
-    """Images must lie in [0, 1] (normalization lives inside the model)."""
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -tol or hi > 1 + tol:
+    """Images must be finite and lie in [0, 1] (normalization lives inside the model)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise AdvfeatError(
+            f"images must be a floating-point tensor with values in [0, 1], got {got} "
+            f"(convert uint8 images with x.float() / 255)"
+        )
+    if x.numel() == 0:
+        return
+    values = x.detach()
+    lo, hi = float(values.min()), float(values.max())
+    if not bool(torch.isfinite(values).all()):
+        msg = "images contain NaN or infinite values; attacks need finite images in [0, 1]"
+        if strict:
+            raise AdvfeatError(msg)
+        warnings.warn(msg, stacklevel=3)
+    elif lo < -tol or hi > 1 + tol:
         msg = (
             f"images must lie in [0, 1] (normalization belongs inside the model), got values in "
             f"[{lo:.3g}, {hi:.3g}]; pass un-normalized images or wrap the model with "
@@ -142,8 +156,16 @@ class Attack(ABC):
         return -loss if self.targeted else loss
 
     def __call__(self, x: Tensor, y: Tensor, **kwargs: Any) -> Tensor:
+        if torch.is_inference_mode_enabled():
+            raise AdvfeatError(
+                "attacks need input gradients: call them outside torch.inference_mode() "
+                "(inside torch.no_grad() is fine)"
+            )
         self.validate(x)
-        with attack_guard(self.model, bn_mode=self.bn_mode, branch=self.branch), torch.enable_grad():
+        with (
+            attack_guard(self.model, bn_mode=self.bn_mode, branch=self.branch),
+            torch.enable_grad(),
+        ):
             result = self.perturb(x.detach(), y.detach() if isinstance(y, Tensor) else y, **kwargs)
         return self.finalize(x.detach(), result.detach())
 

@@ -124,8 +124,9 @@ def threat_model(norm: str | ThreatModel) -> ThreatModel:
     """``"linf"``, ``"l2"`` or ``"unbounded"`` (or a :class:`ThreatModel`) → a threat model."""
     if isinstance(norm, ThreatModel):
         return norm
-    if norm in ("inf", "Linf", "Linfty"):
-        norm = "linf"
-    if norm not in _THREATS:
+    key = norm.lower() if isinstance(norm, str) else str(norm)
+    if key in ("inf", "linfty"):
+        key = "linf"
+    if key not in _THREATS:
         raise unknown_name("norm", str(norm), _THREATS)
-    return _THREATS[norm]()
+    return _THREATS[key]()
