@@ -35,7 +35,7 @@ ARGS = [
     "--set",
     "model_options={dropout: 0.0}",
     "--set",
-    "dataset_options={n_train: 128, n_test: 32, image_size: 16}",
+    "dataset_options={n_train: 128, n_test: 32, image_size: 32}",
     "--set",
     "eval_shifted=false",
     "--set",
@@ -92,12 +92,10 @@ def test_two_gloo_processes_train_the_same_model_as_one(tmp_path: Path) -> None:
     a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 1
-    moved = False
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
-    init = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["history"]
-    moved = init[0]["train_loss"] != init[1]["train_loss"]
-    assert moved
+    losses = [r["train_loss"] for r in a["history"]]
+    assert losses[0] != losses[1]  # the model trained
     assert [r["train_loss"] for r in a["history"]] == pytest.approx(
         [r["train_loss"] for r in b["history"]], rel=1e-4
     )

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from advfeat.methods import METHODS
     from advfeat.presets import preset_description, preset_names
 
-    table = {
+    table: dict[str, dict[str, Any]] = {
         name: {"paper": METHODS.get(name).paper, "defaults": METHODS.get(name).defaults()}
         for name in METHODS
     }

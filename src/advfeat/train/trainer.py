@@ -117,7 +117,11 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
-        self.sampler = EpochSampler(len(self.data.train), seed=cfg.seed, info=self.dist)
+        self.sampler = EpochSampler(
+            len(self.data.train),  # type: ignore[arg-type]
+            seed=cfg.seed,
+            info=self.dist,
+        )
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.best_val = -1.0
@@ -212,7 +216,8 @@ class Trainer:
         )
         if steps == 0:
             raise AdvfeatError(
-                f"the training set ({len(self.data.train)} items) is smaller than one batch of {cfg.batch_size}"
+                f"the training set ({self.sampler.n} items) is smaller than one batch "
+                f"of {cfg.batch_size}"
             )
         self.train_model.train()
         sums: dict[str, float] = {}

@@ -1,0 +1,735 @@
+"""Feature-space attacks: perturb the output of a feature site instead of the image.
+
+* :class:`FeaturePGD` — PGD on an intermediate feature (ALFA Eq. 4; A-FAN Eq. 3). With
+  ``eps=None`` the ε-ball is dropped and PGD becomes plain sign-gradient ascent, the setting of
+  every ALFA and A-FAN experiment ("we set ... ϵ to be unbounded", ALFA §3.2).
+* :func:`sample_strengths`, :func:`rescale_strengths` — A-FAN's k strengths from one PGD-1 step
+  (A-FAN Eq. 5, Algorithm 1 and appendix S1.1).
+* :class:`MultiSiteFeaturePGD` — L-ALFA's perturbations at r sites scaled by strengths η
+  (ALFA Eq. 5, Algorithm 1).
+* :class:`BNStatsAttack` — AdvBN's PGD on per-channel multipliers of the feature's batch mean
+  and standard deviation (AdvBN Eq. 1-2, Algorithm 1).
+* :class:`GaussianFeatureNoise` — the random-noise ablation (A-FAN Table 8, ALFA Table 7).
+
+Every attack runs only the part of the network after the site (:class:`advfeat.sites.SiteSplit`)
+and, when called with ``feature=`` (the site output captured in the clean pass), never recomputes
+the part before it. All of them inherit the guarantees of :class:`advfeat.attacks.base.Attack`:
+the input and the feature are never mutated; train/eval flags, ``requires_grad`` flags,
+parameter ``.grad`` and BN running statistics are untouched; ``bn_mode`` and ``branch`` say how
+the tail runs. Results are detached: build training features from them (``f + δ``) yourself.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from advfeat.attacks.base import Attack, BNMode, LossFn, attack_guard
+from advfeat.attacks.threat import ThreatModel, Unbounded, as_batch_eps, threat_model
+from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.sites import SiteSplit, capture_features, resolve_site, site_order, split_site_name
+
+__all__ = [
+    "BNStatsAttack",
+    "FeatureAttack",
+    "FeaturePGD",
+    "GaussianFeatureNoise",
+    "MultiSiteFeaturePGD",
+    "advbn_feature",
+    "rescale_strengths",
+    "sample_strengths",
+]
+
+Strength = float | Tensor
+"""A number, or one number per sample (shape ``(B,)``)."""
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _check_strength(name: str, value: Strength | None, *, positive: bool) -> None:
+    if value is None:
+        return
+    try:
+        if isinstance(value, Tensor):
+            t = value.detach().double().cpu()
+        else:
+            t = torch.as_tensor(value, dtype=torch.float64, device="cpu")
+    except (TypeError, ValueError, RuntimeError):
+        raise AdvfeatError(f"{name} must be a number or a (B,) tensor, got {value!r}") from None
+    if t.ndim > 1 or t.numel() == 0 or not bool(torch.isfinite(t).all()):
+        raise AdvfeatError(f"{name} must be a finite number or a (B,) tensor, got {value!r}")
+    low = float(t.min())
+    if (positive and low <= 0) or low < 0:
+        need = "positive" if positive else "non-negative"
+        raise AdvfeatError(f"{name} must be {need}, got {value!r}")
+
+
+def _check_steps(steps: int, *, minimum: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < minimum:
+        raise AdvfeatError(f"steps must be an integer >= {minimum}, got {steps!r}")
+
+
+def _feature_threat(norm: str | ThreatModel, eps: Strength | None) -> ThreatModel:
+    """``eps=None`` → :class:`Unbounded` (sign steps, no projection); else the norm's ball."""
+    threat = threat_model(norm)
+    if eps is None:
+        if threat.name in ("linf", "unbounded"):
+            return Unbounded()
+        raise AdvfeatError(
+            f"eps=None means unbounded sign-gradient steps (ALFA §3.2), which needs "
+            f"norm='linf' or 'unbounded'; got norm={threat.name!r} — give eps for an l2 ball"
+        )
+    if not threat.bounded:
+        raise AdvfeatError("norm='unbounded' has no ε-ball: leave eps=None")
+    return threat
+
+
+def _as_tensor_feature(feature: Any, site: str) -> Tensor:
+    if not isinstance(feature, Tensor):
+        raise AdvfeatError(
+            f"feature attacks perturb a tensor; site {site!r} outputs {type(feature).__name__}"
+        )
+    return feature
+
+
+class FeatureAttack(Attack):
+    """Base of attacks on the output of a feature site.
+
+    Call as ``attack(x, y, feature=None)``. ``x`` is the model input (only used to compute the
+    feature when ``feature`` is not given, or by the full-model fallback of a model that cannot
+    be split); ``feature`` is the site's output from the clean pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        site: str,
+        *,
+        loss_fn: LossFn | None = None,
+        targeted: bool = False,
+        bn_mode: BNMode = "eval",
+        branch: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            model, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch, seed=seed
+        )
+        resolve_site(model, site)
+        self.site = site
+        self.split = SiteSplit(model, site)
+
+    def __call__(self, x: Any, y: Any, feature: Tensor | None = None, **kwargs: Any) -> Tensor:
+        if kwargs:
+            raise AdvfeatError(
+                f"{type(self).__name__} takes (x, y, feature=None); unexpected "
+                f"{', '.join(sorted(kwargs))}"
+            )
+        self.validate(x)
+        if feature is not None:
+            feature = _as_tensor_feature(feature, self.site).detach()
+        with (
+            attack_guard(self.model, bn_mode=self.bn_mode, branch=self.branch),
+            torch.enable_grad(),
+        ):
+            result = self.perturb(_detach(x), _detach(y), feature=feature)
+        return self.finalize(x, result.detach())
+
+    def validate(self, x: Any) -> None:
+        """The model input is passed through untouched; nothing to check here."""
+
+    def finalize(self, x: Any, result: Tensor) -> Tensor:
+        return result
+
+    def site_feature(self, x: Any, feature: Tensor | None) -> Tensor:
+        """The clean feature: ``feature`` when given, else the head run on ``x`` (no grad)."""
+        if feature is not None:
+            return feature
+        if x is None:
+            raise AdvfeatError(f"{type(self).__name__} needs the input x or feature=...")
+        with torch.no_grad():
+            return _as_tensor_feature(self.split.head(x), self.site).detach()
+
+
+class _SignAscent:
+    """PGD on perturbations of one or more sites: ``f_s + η_s·δ_s`` (ALFA Eq. 4 and 5).
+
+    ``run(perturb)`` must run the network, calling ``perturb(site, feature)`` wherever a site's
+    feature is to be perturbed; deltas are created the first time a site is seen.
+    """
+
+    def __init__(
+        self,
+        attack: Attack,
+        threat: ThreatModel,
+        *,
+        alpha: Strength,
+        eps: Strength | None,
+        steps: int,
+        random_start: bool,
+    ) -> None:
+        self.attack = attack
+        self.threat = threat
+        self.alpha = alpha
+        self.eps = eps
+        self.steps = steps
+        self.random_start = random_start
+
+    def _eps(self, like: Tensor) -> Tensor:
+        return as_batch_eps(self.eps if self.eps is not None else math.inf, like)
+
+    def _start(self, feature: Tensor) -> Tensor:
+        if self.random_start and self.threat.bounded:
+            gen = self.attack.generator(feature.device)
+            return self.threat.random_init(feature, self._eps(feature), gen)
+        return torch.zeros_like(feature)
+
+    def _perturber(
+        self, deltas: dict[str, Tensor], leaves: dict[str, Tensor], scales: Mapping[str, Strength]
+    ) -> Callable[[str, Tensor], Tensor]:
+        def perturb(site: str, feature: Tensor) -> Tensor:
+            if site not in deltas:
+                deltas[site] = self._start(feature.detach())
+            leaf = deltas[site].detach().requires_grad_(True)
+            leaves[site] = leaf
+            return feature + scales[site] * leaf
+
+        return perturb
+
+    def run(
+        self,
+        forward: Callable[[Callable[[str, Tensor], Tensor]], Any],
+        y: Any,
+        scales: Mapping[str, Strength],
+    ) -> dict[str, Tensor]:
+        deltas: dict[str, Tensor] = {}
+        for _ in range(self.steps):
+            leaves: dict[str, Tensor] = {}
+            objective = self.attack.objective(forward(self._perturber(deltas, leaves, scales)), y)
+            grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
+            for (site, leaf), grad in zip(leaves.items(), grads, strict=True):
+                g = torch.zeros_like(leaf) if grad is None else grad
+                step = self.threat.step(g, as_batch_eps(self.alpha, leaf))
+                deltas[site] = self.threat.project(leaf.detach() + step, self._eps(leaf))
+        return deltas
+
+
+class FeaturePGD(FeatureAttack):
+    """PGD on the output of ``site`` (ALFA Eq. 4, A-FAN Eq. 2-3 applied to a feature).
+
+    ``δ_{t+1} = Π_ε[δ_t + α·sgn(∇_δ L(tail(f + δ_t), y))]``, the gradient taken only through the
+    part of the network after the site. ``eps=None`` (default) drops the projection: ALFA and
+    A-FAN use unbounded ε, i.e. ``steps`` plain sign-gradient steps of size α. With ``eps`` the
+    perturbation stays in the ``norm`` ball (``"linf"`` or ``"l2"``); ``eps`` and ``alpha`` may
+    be per-sample ``(B,)`` tensors.
+
+    Returns the perturbation δ (same shape as the feature); the adversarial feature is ``f + δ``.
+    Pass ``feature=`` (captured in the clean pass) so that only the tail runs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        site: str,
+        *,
+        alpha: Strength,
+        steps: int = 1,
+        eps: Strength | None = None,
+        norm: str | ThreatModel = "linf",
+        random_start: bool = False,
+        loss_fn: LossFn | None = None,
+        targeted: bool = False,
+        bn_mode: BNMode = "eval",
+        branch: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            model, site, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch,
+            seed=seed,
+        )  # fmt: skip
+        _check_strength("alpha", alpha, positive=True)
+        _check_strength("eps", eps, positive=False)
+        _check_steps(steps, minimum=1)
+        self.alpha = alpha
+        self.steps = steps
+        self.eps = eps
+        self.threat = _feature_threat(norm, eps)
+        self.norm = self.threat.name
+        self.random_start = random_start
+
+    def perturb(self, x: Any, y: Any, feature: Tensor | None = None, **kwargs: Any) -> Tensor:
+        f = self.site_feature(x, feature)
+        ascent = _SignAscent(
+            self, self.threat, alpha=self.alpha, eps=self.eps, steps=self.steps,
+            random_start=self.random_start,
+        )  # fmt: skip
+        deltas = ascent.run(
+            lambda perturb: self.split.tail(perturb(self.site, f), x=x), y, {self.site: 1.0}
+        )
+        return deltas[self.site]
+
+    def finalize(self, x: Any, result: Tensor) -> Tensor:
+        if self.eps is None:
+            return result
+        return self.threat.project(result, as_batch_eps(self.eps, result))
+
+
+# ------------------------------------------------------------------------------ A-FAN
+
+
+def sample_strengths(
+    k: int,
+    alpha_max: float,
+    generator: torch.Generator | None = None,
+    *,
+    spacing: Literal["random", "grid"] = "random",
+) -> Tensor:
+    """A-FAN's k perturbation strengths in ``(0, alpha_max]`` (A-FAN Eq. 5, Algorithm 1 line 2).
+
+    Reading of the paper: Eq. 5 approximates the integral of Eq. 4 over ε ∈ [0, E] by k strengths
+    "uniformly sampled" from the interval; with PGD-1 and unbounded ε the strength *is* the step
+    size (appendix S1.1, "step size α is the only indicator for perturbation strength"), so
+    ``alpha_max`` is the paper's α (e.g. 0.5/255, "three different strengths uniformly sampled
+    from [0, α]", §4). ``spacing="random"`` (default) draws k i.i.d. uniform values, redrawn at
+    every call; ``spacing="grid"`` is the other reading, the fixed grid ``alpha_max·i/k``,
+    i = 1..k. Zero is excluded (a zero strength is no augmentation and cannot serve as the
+    reference strength of :func:`rescale_strengths`). Returns a CPU tensor of shape ``(k,)``.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise AdvfeatError(f"k (number of strengths) must be an integer >= 1, got {k!r}")
+    _check_strength("alpha_max", alpha_max, positive=True)
+    if spacing == "grid":
+        return alpha_max * torch.arange(1, k + 1, dtype=torch.float64).float() / k
+    if spacing != "random":
+        raise unknown_name("strength spacing", str(spacing), ["random", "grid"])
+    u = torch.rand(k, generator=generator, dtype=torch.float64)
+    return (alpha_max * (1.0 - u)).float()
+
+
+def rescale_strengths(
+    feature: Tensor, delta1: Tensor, alpha1: float | Tensor, alphas: Sequence[float] | Tensor
+) -> list[Tensor]:
+    """A-FAN's efficient multi-strength features ``f_adv^(i) = f + (α_i/α_1)·δ_1`` (appendix S1.1).
+
+    ``delta1`` is the PGD-1 perturbation computed at strength ``alpha1``; the appendix writes
+    ``f_adv^(i) = f_adv^(1) + (α_i/α_1 − 1)·δ_1``, the same thing. In Algorithm 1, δ_1 is computed
+    at the *first sampled* strength ε^(1) (lines 3-4), so ``alpha1 = alphas[0]`` reproduces the
+    paper; since a sign step is linear in α, any reference strength gives the same features.
+    Exact for one unbounded sign step (``FeaturePGD(steps=1, eps=None)``) and for one bounded
+    step while every α_i ≤ ε; "not available for multi-step PGD" (S1.1). ``feature`` keeps its
+    autograd graph (training features); ``delta1`` is used as given.
+    """
+    _check_strength("alpha1", alpha1, positive=True)
+    values = alphas.detach().flatten().tolist() if isinstance(alphas, Tensor) else list(alphas)
+    if not values:
+        raise AdvfeatError("alphas must hold at least one strength")
+    reference = float(alpha1)
+    return [feature + (float(a) / reference) * delta1 for a in values]
+
+
+# ------------------------------------------------------------------------------ L-ALFA
+
+
+class MultiSiteFeaturePGD(FeatureAttack):
+    """L-ALFA's feature perturbations at r sites with strengths η (ALFA Eq. 5, Algorithm 1).
+
+    Site i receives ``f_i + η_i·δ^(i)``; δ^(i) is ascended with ``α·sgn(∇_{δ^(i)} L)`` (so its
+    gradient carries the factor η_i: a site with η_i = 0 is not perturbed) and projected onto the
+    ε-ball (``eps=None``: unbounded, the paper's setting). ``strengths`` (η, one per site, in the
+    order of ``sites``) may be given here or per call (L-ALFA learns η; pass its current value).
+
+    Two readings of Eq. 5, chosen by ``mode``:
+
+    * ``"joint"`` (default; Figure 1: one adversarial pass with several perturbed features):
+      all sites are perturbed in the same forward pass, which starts at the earliest site and
+      runs only the tail after it, the later sites being replaced inside that tail. One
+      adversarial loss ``L(f_1 + η_1δ_1, ..., f_r + η_rδ_r)``.
+    * ``"separate"`` (Eq. 5 taken literally, one max per term of the sum): each site is attacked
+      alone, the others clean, through the tail after that site; r adversarial losses.
+
+    ``__call__(x, y, features=None, strengths=None)`` returns ``{site: δ}`` (names as given);
+    :meth:`adversarial_outputs` runs the training forward pass(es) for either mode, keeping the
+    graph of the features and of η.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Sequence[str],
+        *,
+        alpha: Strength,
+        steps: int = 1,
+        eps: Strength | None = None,
+        norm: str | ThreatModel = "linf",
+        strengths: Sequence[float] | Tensor | None = None,
+        mode: Literal["joint", "separate"] = "joint",
+        random_start: bool = False,
+        loss_fn: LossFn | None = None,
+        targeted: bool = False,
+        bn_mode: BNMode = "eval",
+        branch: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if isinstance(sites, str) or not sites:
+            raise AdvfeatError(f"sites must be a non-empty list of site names, got {sites!r}")
+        super().__init__(
+            model, sites[0], loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode,
+            branch=branch, seed=seed,
+        )  # fmt: skip
+        self.sites = list(sites)
+        relative = [split_site_name(model, s)[1] for s in self.sites]
+        for s in self.sites:
+            resolve_site(model, s)
+        if len(set(relative)) != len(relative):
+            raise AdvfeatError(f"sites must be distinct, got {self.sites}")
+        for a in relative:
+            for b in relative:
+                if b.startswith(a + "."):
+                    raise AdvfeatError(
+                        f"site {b!r} lies inside site {a!r}; perturb blocks that do not contain "
+                        f"each other"
+                    )
+        if mode not in ("joint", "separate"):
+            raise unknown_name("multi-site mode", str(mode), ["joint", "separate"])
+        _check_strength("alpha", alpha, positive=True)
+        _check_strength("eps", eps, positive=False)
+        _check_steps(steps, minimum=1)
+        self.alpha = alpha
+        self.steps = steps
+        self.eps = eps
+        self.threat = _feature_threat(norm, eps)
+        self.norm = self.threat.name
+        self.mode = mode
+        self.random_start = random_start
+        self.strengths = None if strengths is None else self._strength_map(strengths)
+        self._order: list[str] | None = None
+
+    def _strength_map(self, strengths: Sequence[float] | Tensor) -> dict[str, Tensor | float]:
+        values = (
+            list(strengths.reshape(-1).unbind(0))
+            if isinstance(strengths, Tensor)
+            else list(strengths)
+        )
+        if len(values) != len(self.sites):
+            raise AdvfeatError(
+                f"strengths must hold one value per site ({len(self.sites)}), got {len(values)}"
+            )
+        return {s: values[i] for i, s in enumerate(self.sites)}
+
+    def ordered_sites(self, x: Any = None) -> list[str]:
+        """The sites in the order they run (read once from a trace, or a forward pass on x)."""
+        if self._order is None:
+            self._order = site_order(self.model, self.sites, x)
+        return self._order
+
+    def __call__(  # type: ignore[override]
+        self,
+        x: Any,
+        y: Any,
+        features: Mapping[str, Tensor] | None = None,
+        strengths: Sequence[float] | Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        scales = self._scales(strengths, detach=True)
+        clean = {s: _as_tensor_feature(f, s).detach() for s, f in (features or {}).items()}
+        with (
+            attack_guard(self.model, bn_mode=self.bn_mode, branch=self.branch),
+            torch.enable_grad(),
+        ):
+            deltas = self.perturb(_detach(x), _detach(y), features=clean, scales=scales)
+        if self.eps is not None:
+            deltas = {
+                s: self.threat.project(d, as_batch_eps(self.eps, d)) for s, d in deltas.items()
+            }
+        return {s: deltas[s].detach() for s in self.sites}
+
+    def _scales(
+        self, strengths: Sequence[float] | Tensor | None, *, detach: bool
+    ) -> dict[str, Tensor | float]:
+        chosen = self._strength_map(strengths) if strengths is not None else self.strengths
+        if chosen is None:
+            return dict.fromkeys(self.sites, 1.0)
+        return {s: _detach(v) if detach else v for s, v in chosen.items()}
+
+    def _clean_features(
+        self, x: Any, features: Mapping[str, Tensor], needed: list[str]
+    ) -> dict[str, Tensor]:
+        missing = [s for s in needed if s not in features]
+        if not missing:
+            return {s: features[s] for s in needed}
+        if x is None:
+            raise AdvfeatError(f"features for sites {missing} were not given and x is None")
+        with torch.no_grad(), capture_features(self.model, missing, detach=True) as got:
+            self.model(*(x if isinstance(x, tuple) else (x,)))
+        out = dict(features)
+        for s in missing:
+            out[s] = _as_tensor_feature(got[s], s)
+        return {s: out[s] for s in needed}
+
+    def perturb(  # type: ignore[override]
+        self,
+        x: Any,
+        y: Any,
+        features: Mapping[str, Tensor] | None = None,
+        scales: Mapping[str, Tensor | float] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Tensor]:
+        scales = scales or dict.fromkeys(self.sites, 1.0)
+        ascent = _SignAscent(
+            self, self.threat, alpha=self.alpha, eps=self.eps, steps=self.steps,
+            random_start=self.random_start,
+        )  # fmt: skip
+        if self.mode == "joint":
+            first, *rest = self.ordered_sites(x)
+            f = self._clean_features(x, features or {}, [first])[first]
+            split = SiteSplit(self.model, first)
+
+            def joint(perturb: Callable[[str, Tensor], Tensor]) -> Any:
+                later = {s: functools.partial(perturb, s) for s in rest}
+                return split.tail(perturb(first, f), later, x=x)
+
+            return ascent.run(joint, y, scales)
+        clean = self._clean_features(x, features or {}, self.sites)
+        deltas: dict[str, Tensor] = {}
+        for s in self.sites:
+            deltas.update(ascent.run(self._single_site(s, clean[s], x), y, scales))
+        return deltas
+
+    def _single_site(
+        self, site: str, feature: Tensor, x: Any
+    ) -> Callable[[Callable[[str, Tensor], Tensor]], Any]:
+        split = SiteSplit(self.model, site)
+
+        def forward(perturb: Callable[[str, Tensor], Tensor]) -> Any:
+            return split.tail(perturb(site, feature), x=x)
+
+        return forward
+
+    def adversarial_outputs(
+        self,
+        x: Any,
+        deltas: Mapping[str, Tensor],
+        features: Mapping[str, Tensor] | None = None,
+        strengths: Sequence[float] | Tensor | None = None,
+    ) -> list[Any]:
+        """The model output(s) on the perturbed features, for the training loss (ALFA Eq. 5).
+
+        ``"joint"``: one output, all sites perturbed (``f_i + η_i·δ_i``) in one tail pass from the
+        earliest site. ``"separate"``: one output per site (in the order of ``sites``). Features
+        and η keep their autograd graph (η is learned by L-ALFA); sites missing from ``features``
+        are computed from ``x`` with gradients.
+        """
+        scales = self._scales(strengths, detach=False)
+        given = dict(features or {})
+        if self.mode == "joint":
+            first, *rest = self.ordered_sites(x)
+            f = given[first] if first in given else SiteSplit(self.model, first).head(x)
+
+            def add(site: str) -> Callable[[Tensor], Tensor]:
+                return lambda t: t + scales[site] * deltas[site]
+
+            later = {s: add(s) for s in rest}
+            out = SiteSplit(self.model, first).tail(f + scales[first] * deltas[first], later, x=x)
+            return [out]
+        outputs = []
+        for s in self.sites:
+            split_s = SiteSplit(self.model, s)
+            f = given[s] if s in given else split_s.head(x)
+            outputs.append(split_s.tail(f + scales[s] * deltas[s], x=x))
+        return outputs
+
+
+# ------------------------------------------------------------------------------ AdvBN
+
+
+def _channel_mean(feature: Tensor, stats: str, channel_dim: int) -> Tensor:
+    dim = channel_dim % feature.ndim
+    if stats == "batch":
+        dims = [d for d in range(feature.ndim) if d != dim]
+    elif stats == "instance":
+        dims = [d for d in range(feature.ndim) if d not in (0, dim)]
+        if dim == 0 or not dims:
+            raise AdvfeatError(
+                f"stats='instance' needs features with spatial dimensions beyond batch and "
+                f"channel, got shape {tuple(feature.shape)}"
+            )
+    else:
+        raise unknown_name("AdvBN statistics", str(stats), ["batch", "instance"])
+    return feature.mean(dim=dims, keepdim=True)
+
+
+def _per_channel(multiplier: Tensor, feature: Tensor, channel_dim: int) -> Tensor:
+    dim = channel_dim % feature.ndim
+    shape = [1] * feature.ndim
+    shape[dim] = feature.shape[dim]
+    return multiplier.reshape(shape)
+
+
+def advbn_feature(
+    feature: Tensor,
+    delta_mu: Tensor,
+    delta_sigma: Tensor,
+    *,
+    stats: Literal["batch", "instance"] = "batch",
+    channel_dim: int = 1,
+) -> Tensor:
+    """AdvBN's re-normalized feature ``δ_σ·(f − μ(f)) + δ_μ·μ(f)`` (AdvBN Eq. 1-2).
+
+    ``μ(f)`` is the per-channel batch mean, as in batch norm (``stats="batch"``, the paper: "one
+    scalar entry per channel, similarly to Batch Normalization", "acts on a per-batch basis");
+    ``stats="instance"`` uses per-sample channel means instead (AdaIN-style, the other reading).
+    σ(f) cancels in Eq. 1, so it never needs computing. ``delta_mu`` and ``delta_sigma`` hold one
+    multiplier per channel. Differentiable in all three arguments.
+    """
+    channels = feature.shape[channel_dim % feature.ndim]
+    for name, m in (("delta_mu", delta_mu), ("delta_sigma", delta_sigma)):
+        if m.numel() != channels:
+            raise AdvfeatError(
+                f"{name} must hold one multiplier per channel ({channels}), got shape "
+                f"{tuple(m.shape)}"
+            )
+    mu = _channel_mean(feature, stats, channel_dim)
+    d_mu = _per_channel(delta_mu, feature, channel_dim)
+    d_sigma = _per_channel(delta_sigma, feature, channel_dim)
+    return d_sigma * (feature - mu) + d_mu * mu
+
+
+class BNStatsAttack(FeatureAttack):
+    """AdvBN: PGD on per-channel multipliers of the feature statistics (AdvBN Eq. 2, Alg. 1).
+
+    ``(δ_μ, δ_σ) = argmax L(tail(δ_σ·(f − μ(f)) + δ_μ·μ(f)), y)`` subject to
+    ``‖δ_μ − 1‖∞ ≤ ε`` and ``‖δ_σ − 1‖∞ ≤ ε``, solved by ``steps`` (m) sign steps of size
+    ``alpha`` (τ), each followed by ``clip(δ, 1 − ε, 1 + ε)``. Algorithm 1 leaves the
+    initialization open; here δ starts at 1 (the clean feature), or uniformly in [1 − ε, 1 + ε]
+    with ``random_start=True``. Defaults are the paper's ImageNet setting (§5.1: τ = 0.2, m = 6,
+    ε = m·τ − 0.1 = 1.1). The multipliers are shared by the whole batch.
+
+    Returns the adversarial feature (not a difference), computed with the final multipliers;
+    these are kept in :attr:`last_multipliers` as ``(δ_μ, δ_σ)``, each of shape ``(C,)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        site: str,
+        *,
+        eps: float = 1.1,
+        alpha: float = 0.2,
+        steps: int = 6,
+        random_start: bool = False,
+        stats: Literal["batch", "instance"] = "batch",
+        channel_dim: int = 1,
+        loss_fn: LossFn | None = None,
+        targeted: bool = False,
+        bn_mode: BNMode = "eval",
+        branch: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            model, site, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch,
+            seed=seed,
+        )  # fmt: skip
+        for name, value in (("eps", eps), ("alpha", alpha)):
+            if isinstance(value, Tensor) or not isinstance(value, (int, float)):
+                raise AdvfeatError(f"{name} must be a number (multipliers are per batch)")
+        _check_strength("eps", eps, positive=False)
+        _check_strength("alpha", alpha, positive=True)
+        _check_steps(steps, minimum=0)
+        if stats not in ("batch", "instance"):
+            raise unknown_name("AdvBN statistics", str(stats), ["batch", "instance"])
+        self.eps = float(eps)
+        self.alpha = float(alpha)
+        self.steps = steps
+        self.random_start = random_start
+        self.stats = stats
+        self.channel_dim = channel_dim
+        self.last_multipliers: tuple[Tensor, Tensor] | None = None
+
+    def _start(self, channels: int, like: Tensor) -> Tensor:
+        ones = torch.ones(channels, dtype=like.dtype, device=like.device)
+        if not self.random_start:
+            return ones
+        gen = self.generator(like.device)
+        u = torch.rand(channels, generator=gen, dtype=like.dtype, device=like.device)
+        return ones + (2 * u - 1) * self.eps
+
+    def perturb(self, x: Any, y: Any, feature: Tensor | None = None, **kwargs: Any) -> Tensor:
+        f = self.site_feature(x, feature)
+        channels = f.shape[self.channel_dim % f.ndim]
+        d_mu, d_sigma = self._start(channels, f), self._start(channels, f)
+        low, high = 1.0 - self.eps, 1.0 + self.eps
+        for _ in range(self.steps):
+            d_mu.requires_grad_(True)
+            d_sigma.requires_grad_(True)
+            f_adv = advbn_feature(f, d_mu, d_sigma, stats=self.stats, channel_dim=self.channel_dim)
+            objective = self.objective(self.split.tail(f_adv, x=x), y)
+            g_mu, g_sigma = torch.autograd.grad(objective, [d_mu, d_sigma])
+            d_mu = (d_mu.detach() + self.alpha * g_mu.sign()).clamp(low, high)
+            d_sigma = (d_sigma.detach() + self.alpha * g_sigma.sign()).clamp(low, high)
+        self.last_multipliers = (d_mu.detach(), d_sigma.detach())
+        return advbn_feature(f, d_mu, d_sigma, stats=self.stats, channel_dim=self.channel_dim)
+
+
+# ------------------------------------------------------------------------------ noise
+
+
+class GaussianFeatureNoise(FeatureAttack):
+    """Random-noise baseline: ``δ ~ N(0, std²)`` per element (A-FAN Table 8, ALFA Table 7).
+
+    "Same strength" as an attack means ``std`` equal to the attack's step size α: A-FAN Table 8
+    compares adversarial perturbations "with the strength α" against noise from ``N(0, α²)``, and
+    ALFA Table 7 uses ``N(0, (1.0/255)²)`` next to its α = 1.0/255 attack. One unbounded sign step
+    moves every element by exactly α, so its per-element RMS equals the noise's std.
+    :meth:`matching` builds the noise from an attack (``rule="step"``: std = α, the papers'
+    choice; ``rule="total"``: std = steps·α, the largest per-element move of a T-step sign
+    attack).
+
+    With ``model`` and ``site`` the noise is shaped like the site's feature (computed from ``x``
+    unless ``feature=`` is given); without them, ``feature=`` is required. Returns δ; seeded
+    noise comes from the attack's own generator, never the global RNG.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        site: str | None = None,
+        *,
+        std: Strength,
+        seed: int | None = None,
+    ) -> None:
+        if (model is None) != (site is None):
+            raise AdvfeatError("give both model and site, or neither (then pass feature=...)")
+        Attack.__init__(self, model if model is not None else nn.Module(), seed=seed)
+        self.site = site or "<feature>"
+        self._noise_split = SiteSplit(model, site) if model is not None and site else None
+        _check_strength("std", std, positive=False)
+        self.std = std
+
+    @classmethod
+    def matching(
+        cls, attack: FeaturePGD, *, rule: Literal["step", "total"] = "step", seed: int | None = None
+    ) -> GaussianFeatureNoise:
+        """Noise of the same strength as ``attack`` (see the class docstring for ``rule``)."""
+        if rule not in ("step", "total"):
+            raise unknown_name("strength rule", str(rule), ["step", "total"])
+        std = attack.alpha if rule == "step" else attack.alpha * attack.steps
+        return cls(attack.model, attack.site, std=std, seed=seed)
+
+    def site_feature(self, x: Any, feature: Tensor | None) -> Tensor:
+        if feature is not None:
+            return feature
+        if self._noise_split is None or x is None:
+            raise AdvfeatError("GaussianFeatureNoise needs feature=... (or model, site and x)")
+        with torch.no_grad():
+            return _as_tensor_feature(self._noise_split.head(x), self.site).detach()
+
+    def perturb(self, x: Any, y: Any, feature: Tensor | None = None, **kwargs: Any) -> Tensor:
+        f = self.site_feature(x, feature)
+        gen = self.generator(f.device)
+        noise = torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
+        return noise * as_batch_eps(self.std, f)

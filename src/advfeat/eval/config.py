@@ -1,0 +1,254 @@
+"""What an evaluation does: the suites, their budgets and settings, validated once.
+
+Every number that changes a result lives in :class:`EvalConfig`, is written into the result JSON,
+and (through :meth:`EvalConfig.fingerprint`) decides whether saved partial results may be reused
+by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+from advfeat.errors import AdvfeatError, unknown_name
+
+__all__ = [
+    "ATTACK_NAMES",
+    "CORRUPTION_NAMES",
+    "DEFAULT_SUITES",
+    "SUITE_NAMES",
+    "EvalConfig",
+    "check_eps",
+]
+
+SUITE_NAMES: tuple[str, ...] = (
+    "clean",
+    "attacks",
+    "corruptions",
+    "shift",
+    "bn",
+    "divergence",
+    "hessian",
+    "features",
+)
+"""Every suite, in the order they run."""
+
+DEFAULT_SUITES: tuple[str, ...] = ("clean", "attacks")
+
+ATTACK_NAMES: tuple[str, ...] = ("pgd", "fgsm", "cw", "curve", "transfer", "autoattack", "adaptive")
+"""Attacks of the ``attacks`` suite; ``transfer`` needs a surrogate, ``adaptive`` an AFA model."""
+
+CORRUPTION_NAMES: tuple[str, ...] = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+)
+"""The 15 corruption types of CIFAR-10-C / ImageNet-C (Hendrycks & Dietterich 2019)."""
+
+ADAPTIVE_WEIGHTS: tuple[tuple[float, float], ...] = (
+    (10, 1),
+    (5, 1),
+    (2, 1),
+    (1, 1),
+    (1, 2),
+    (1, 5),
+    (1, 10),
+)
+"""AFA §5.2: the seven CE:BCE loss weights of the adaptive attack."""
+
+
+def check_eps(value: Any, name: str = "eps") -> float:
+    """An L∞ budget on [0, 1] images: a finite number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise AdvfeatError(f"{name} must be a number in [0, 1] (e.g. 8/255), got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or not 0.0 <= number <= 1.0:
+        raise AdvfeatError(
+            f"{name} must lie in [0, 1] (images are in [0, 1]; 8/255 ≈ 0.0314), got {value!r}"
+        )
+    return number
+
+
+def _positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise AdvfeatError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
+        raise AdvfeatError(f"{name} must be a number > 0, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise AdvfeatError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _names(values: Any, kind: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        values = [v.strip() for v in values.split(",") if v.strip()]
+    if not isinstance(values, (list, tuple)):
+        raise AdvfeatError(f"{kind}s must be a list of names, got {values!r}")
+    out: list[str] = []
+    for v in values:
+        if not isinstance(v, str) or v not in known:
+            raise unknown_name(kind, str(v), known)
+        if v not in out:
+            out.append(v)
+    return tuple(out)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation (defaults: the papers' CIFAR protocol).
+
+    Budgets are on images in [0, 1]: ``eps=8/255`` is the usual 8 pixel levels.
+    """
+
+    suites: tuple[str, ...] = DEFAULT_SUITES
+    batch_size: int = 256
+    max_images: int | None = None
+    """Evaluate a seeded random subset of this many test images (``None``: all)."""
+    seed: int = 0
+    # attacks (AFA Tab. 1 and 3; Madry et al.)
+    attacks: tuple[str, ...] = ("pgd", "fgsm", "cw", "curve")
+    eps: float = 8 / 255
+    pgd_steps: int = 20
+    pgd_alpha: float = 2 / 255
+    eps_curve: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    curve_alpha_ratio: float = 0.25
+    """Step size of the ε-curve's PGD as a fraction of ε (0.25: 2/255 at ε = 8/255)."""
+    cw_steps: int = 100
+    cw_c: float = 1.0
+    cw_lr: float = 0.01
+    autoattack_version: str = "standard"
+    adaptive_weights: tuple[tuple[float, float], ...] = ADAPTIVE_WEIGHTS
+    adaptive_bce_target: float = 0.0
+    # corruptions (Hendrycks & Dietterich 2019)
+    corruptions: tuple[str, ...] = CORRUPTION_NAMES
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    corruption_max_images: int | None = None
+    # bn: which suites run under every BN branch
+    bn_suites: tuple[str, ...] = ("clean", "attacks", "shift")
+    # divergence (AdvBN Eq. 4-5)
+    divergence_layers: tuple[str, ...] | None = None
+    # hessian (A-FAN Tab. 1)
+    hessian_batches: int = 2
+    hessian_batch_size: int = 64
+    hessian_iters: int = 20
+    hessian_tol: float = 1e-3
+    hutchinson_samples: int = 20
+    # features (A-FAN Fig. S6)
+    feature_site: str | None = None
+    feature_alpha: float = 0.01
+    feature_steps: int = 1
+    feature_images: int = 4
+    feature_magnify: float = 20.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes recorded with the results (e.g. the surrogate's path)."""
+
+    def validate(self) -> EvalConfig:
+        """Check every value; raise :class:`AdvfeatError` naming the bad one. Returns ``self``."""
+        self.suites = _names(self.suites, "suite", SUITE_NAMES)
+        if not self.suites:
+            raise AdvfeatError(f"choose at least one suite ({', '.join(SUITE_NAMES)})")
+        self.suites = tuple(s for s in SUITE_NAMES if s in self.suites)
+        self.attacks = _names(self.attacks, "attack", ATTACK_NAMES)
+        self.corruptions = _names(self.corruptions, "corruption", CORRUPTION_NAMES)
+        self.bn_suites = _names(
+            self.bn_suites,
+            "suite under each BN branch",
+            ("clean", "attacks", "shift", "corruptions"),
+        )
+        self.batch_size = _positive_int(self.batch_size, "batch_size")
+        if self.max_images is not None:
+            self.max_images = _positive_int(self.max_images, "max_images")
+        if self.corruption_max_images is not None:
+            self.corruption_max_images = _positive_int(
+                self.corruption_max_images, "corruption_max_images"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise AdvfeatError(f"seed must be an integer, got {self.seed!r}")
+        self.eps = check_eps(self.eps)
+        self.pgd_alpha = check_eps(self.pgd_alpha, "pgd_alpha")
+        curve = tuple(check_eps(e, "ε-curve value") for e in self.eps_curve)
+        if not curve:
+            raise AdvfeatError("eps_curve needs at least one value, e.g. 0,1,2,4,8 (/255)")
+        self.eps_curve = tuple(sorted(set(curve)))
+        self.curve_alpha_ratio = _positive_float(self.curve_alpha_ratio, "curve_alpha_ratio")
+        self.pgd_steps = _positive_int(self.pgd_steps, "pgd_steps")
+        self.cw_steps = _positive_int(self.cw_steps, "cw_steps")
+        self.cw_c = _positive_float(self.cw_c, "cw_c")
+        self.cw_lr = _positive_float(self.cw_lr, "cw_lr")
+        if self.autoattack_version not in ("standard", "plus", "rand"):
+            raise unknown_name(
+                "AutoAttack version", self.autoattack_version, ("standard", "plus", "rand")
+            )
+        self.adaptive_weights = tuple(
+            (_positive_float(a, "CE weight"), _positive_float(b, "BCE weight"))
+            for a, b in self.adaptive_weights
+        )
+        if float(self.adaptive_bce_target) not in (0.0, 1.0):
+            raise AdvfeatError(
+                f"adaptive_bce_target is the W_0 label of the BCE term, 0 or 1, got "
+                f"{self.adaptive_bce_target!r}"
+            )
+        sev: list[int] = []
+        for s in self.severities:
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 1 <= s <= 5:
+                raise AdvfeatError(f"corruption severities are integers 1 to 5, got {s!r}")
+            sev.append(int(s))
+        if not sev:
+            raise AdvfeatError("choose at least one corruption severity (1 to 5)")
+        self.severities = tuple(sorted(set(sev)))
+        if self.divergence_layers is not None:
+            self.divergence_layers = tuple(str(n) for n in self.divergence_layers)
+        self.hessian_batches = _positive_int(self.hessian_batches, "hessian_batches")
+        self.hessian_batch_size = _positive_int(self.hessian_batch_size, "hessian_batch_size")
+        self.hessian_iters = _positive_int(self.hessian_iters, "hessian_iters")
+        self.hessian_tol = _positive_float(self.hessian_tol, "hessian_tol")
+        self.hutchinson_samples = _positive_int(self.hutchinson_samples, "hutchinson_samples")
+        self.feature_alpha = _positive_float(self.feature_alpha, "feature_alpha")
+        self.feature_steps = _positive_int(self.feature_steps, "feature_steps")
+        self.feature_images = _positive_int(self.feature_images, "feature_images")
+        self.feature_magnify = _positive_float(self.feature_magnify, "feature_magnify")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EvalConfig:
+        """Build from keyword options; unknown keys list close matches."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in known:
+                raise unknown_name("evaluation option", key, known)
+        return cls(**options).validate()
+
+    def replace(self, **changes: Any) -> EvalConfig:
+        return dataclasses.replace(self, **changes).validate()
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes results (for ``--resume``)."""
+        values = self.to_dict()
+        values.pop("suites")
+        text = json.dumps(values, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

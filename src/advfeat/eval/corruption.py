@@ -1,0 +1,144 @@
+"""Common corruptions generated on the fly (CIFAR-10-C style) and the mCE metric.
+
+Images are corrupted with the ``imagecorruptions`` package (install the extra
+``advfeat[corruptions]``, which pulls its maintained fork ``imagecorruptions-imaug``; the
+original 1.1.2 release fails on NumPy ≥ 2). The package needs images of at least 32×32 pixels:
+smaller images are enlarged bilinearly to 32 pixels on their short side, corrupted, and shrunk
+back with area averaging (recorded in the results as ``corrupted_at``).
+
+Every image gets its own seed, so a corrupted test set does not depend on batch size or order;
+NumPy's global random state is restored afterwards.
+
+mCE (Hendrycks & Dietterich 2019, Eq. in §3): for corruption c, CE_c = Σ_s E_{s,c} / Σ_s E^base_{s,c}
+with E the top-1 error at severity s; mCE is the mean of CE_c over corruptions. Relative mCE uses
+E_{s,c} − E_clean in numerator and denominator.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from advfeat.errors import AdvfeatError
+
+__all__ = ["MIN_SIZE", "corrupt_batch", "corruption_errors", "require_imagecorruptions"]
+
+MIN_SIZE = 32
+"""The smallest image side ``imagecorruptions`` accepts."""
+
+
+def require_imagecorruptions() -> Any:
+    """The ``imagecorruptions`` module, or a clear error naming the extra to install."""
+    try:
+        import imagecorruptions
+    except ImportError:
+        raise AdvfeatError(
+            "the corruptions suite needs the optional package imagecorruptions: "
+            "pip install 'advfeat[corruptions]' (installs imagecorruptions-imaug)"
+        ) from None
+    return imagecorruptions
+
+
+def corrupted_size(height: int, width: int) -> tuple[int, int]:
+    """The size images are corrupted at (at least :data:`MIN_SIZE` on the short side)."""
+    short = min(height, width)
+    if short >= MIN_SIZE:
+        return height, width
+    scale = MIN_SIZE / short
+    return max(MIN_SIZE, round(height * scale)), max(MIN_SIZE, round(width * scale))
+
+
+def _accepts_seed(fn: Any) -> bool:
+    try:
+        return "seed" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def corrupt_batch(images: Tensor, name: str, severity: int, seeds: Sequence[int]) -> Tensor:
+    """Corrupt ``images`` (B, C, H, W in [0, 1], C = 1 or 3) with ``name`` at ``severity`` (1-5)."""
+    ic = require_imagecorruptions()
+    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
+        raise AdvfeatError(f"corruption severity must be an integer 1 to 5, got {severity!r}")
+    functions = getattr(ic, "corruption_dict", {})
+    if name not in functions:
+        from advfeat.errors import unknown_name
+
+        raise unknown_name("corruption", name, list(functions) or ic.get_corruption_names("all"))
+    batch, channels, height, width = images.shape
+    if channels not in (1, 3):
+        raise AdvfeatError(f"corruptions need 1- or 3-channel images, got {channels} channels")
+    size = corrupted_size(height, width)
+    work = images.detach().float().cpu()
+    if size != (height, width):
+        work = F.interpolate(work, size=size, mode="bilinear", align_corners=False)
+    arrays = (work.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    kwargs_for_seed = _accepts_seed(functions[name])
+    state = np.random.get_state()
+    out = []
+    try:
+        for array, seed in zip(arrays, seeds, strict=True):
+            np.random.seed(seed % (2**32))
+            image = array[..., 0] if channels == 1 else array
+            extra = {"seed": seed} if kwargs_for_seed else {}
+            corrupted = ic.corrupt(image, corruption_name=name, severity=severity, **extra)
+            corrupted = np.asarray(corrupted, dtype=np.uint8)
+            if channels == 1 and corrupted.ndim == 3:
+                corrupted = corrupted.mean(axis=2, keepdims=True)
+            elif corrupted.ndim == 2:
+                corrupted = corrupted[..., None]
+            out.append(torch.from_numpy(np.ascontiguousarray(corrupted)).float().div(255))
+    finally:
+        np.random.set_state(state)
+    result = torch.stack(out).permute(0, 3, 1, 2)
+    if size != (height, width):
+        result = F.interpolate(result, size=(height, width), mode="area")
+    return (
+        result.clamp(0, 1)
+        .to(device=images.device, dtype=images.dtype)
+        .reshape(batch, channels, height, width)
+    )
+
+
+def corruption_errors(
+    accuracy: dict[str, dict[str, float]],
+    baseline: dict[str, dict[str, float]],
+    *,
+    clean_accuracy: float | None = None,
+    baseline_clean_accuracy: float | None = None,
+) -> dict[str, Any]:
+    """CE_c, mCE (and relative CE_c, relative mCE when both clean accuracies are given).
+
+    ``accuracy[c][str(s)]`` is top-1 accuracy under corruption c at severity s; ``baseline`` the
+    same for the normalising model. Every (c, s) of ``accuracy`` must be in ``baseline``.
+    """
+    missing = [
+        f"{c}@{s}" for c, row in accuracy.items() for s in row if s not in baseline.get(c, {})
+    ]
+    if missing:
+        raise AdvfeatError(
+            f"the baseline has no result for {', '.join(missing[:6])}"
+            f"{' ...' if len(missing) > 6 else ''}; evaluate it with the same corruptions and "
+            "severities"
+        )
+    ce: dict[str, float] = {}
+    rel: dict[str, float] = {}
+    for c, row in accuracy.items():
+        err = sum(1 - a for a in row.values())
+        base = sum(1 - baseline[c][s] for s in row)
+        ce[c] = err / base if base > 0 else float("inf")
+        if clean_accuracy is not None and baseline_clean_accuracy is not None:
+            num = sum((1 - a) - (1 - clean_accuracy) for a in row.values())
+            den = sum((1 - baseline[c][s]) - (1 - baseline_clean_accuracy) for s in row)
+            rel[c] = num / den if den > 0 else float("inf")
+    out: dict[str, Any] = {"ce": ce, "mce": sum(ce.values()) / len(ce) if ce else None}
+    if rel:
+        out["relative_ce"] = rel
+        out["relative_mce"] = sum(rel.values()) / len(rel)
+    return out

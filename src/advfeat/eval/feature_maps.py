@@ -1,0 +1,106 @@
+"""Clean, adversarially perturbed and re-normalized feature maps (A-FAN Fig. S6).
+
+The perturbation is ALFA/A-FAN's feature attack: sign-gradient ascent of the cross-entropy on
+the output of a feature site, without an ε-ball (ALFA §3.1, A-FAN Eq. 4), run on the whole model
+with the site's output replaced. Two strengths are shown, obtained by rescaling the one
+perturbation (A-FAN §4.1: f_adv^(i) = f + (α_i/α_1)·δ_1). Adversarial feature normalization
+(A-FAN Eq. 6) injects the perturbed features' per-channel batch statistics into the clean ones:
+
+    f_mix = σ_adv · (f_clean − μ_clean) / σ_clean + μ_adv
+
+with μ, σ per channel over (batch, height, width), as BN computes them. As in the paper's
+figure, the perturbation is magnified (×20 by default) before display and normalization.
+One channel is shown: the one whose clean map varies most over the images.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advfeat.attacks.base import attack_guard
+from advfeat.errors import AdvfeatError
+from advfeat.sites import capture_features, replace_features
+
+__all__ = ["adversarial_feature_normalization", "feature_grid", "perturb_feature"]
+
+
+def adversarial_feature_normalization(clean: Tensor, adv: Tensor, eps: float = 1e-5) -> Tensor:
+    """A-FAN Eq. 6 with per-channel batch statistics over (N, H, W)."""
+    dims = [0, *range(2, clean.ndim)]
+    mu_c, sd_c = clean.mean(dims, keepdim=True), clean.var(dims, unbiased=False, keepdim=True)
+    mu_a, sd_a = adv.mean(dims, keepdim=True), adv.var(dims, unbiased=False, keepdim=True)
+    return (sd_a + eps).sqrt() * (clean - mu_c) / (sd_c + eps).sqrt() + mu_a
+
+
+def perturb_feature(
+    model: nn.Module, x: Tensor, y: Tensor, site: str, *, alpha: float, steps: int
+) -> tuple[Tensor, Tensor]:
+    """``(f_clean, δ)``: the site's clean output and ``steps`` unbounded sign-gradient steps of
+    size ``alpha`` ascending the cross-entropy (ALFA Eq. 2 with ε = ∞)."""
+    with attack_guard(model), torch.no_grad(), capture_features(model, site, detach=True) as f:
+        model(x)
+    clean = f[site]
+    if not isinstance(clean, Tensor) or clean.ndim != 4:
+        shape = tuple(clean.shape) if isinstance(clean, Tensor) else type(clean).__name__
+        raise AdvfeatError(
+            f"feature site {site!r} must output a feature map (N, C, H, W), got {shape}"
+        )
+    delta = torch.zeros_like(clean)
+    with attack_guard(model), torch.enable_grad():
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            perturbed = clean + delta
+
+            def _perturbed(_out: Tensor, f: Tensor = perturbed) -> Tensor:
+                return f
+
+            with replace_features(model, {site: _perturbed}):
+                loss = F.cross_entropy(model(x), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta = (delta + alpha * grad.sign()).detach()
+    return clean, delta
+
+
+def _show(t: Tensor, channel: int) -> list[list[list[float]]]:
+    return [[[round(float(v), 4) for v in row] for row in m] for m in t[:, channel]]
+
+
+def feature_grid(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    site: str,
+    *,
+    alpha: float,
+    steps: int,
+    magnify: float,
+    ratios: tuple[float, ...] = (0.5, 1.0),
+) -> dict[str, Any]:
+    """JSON-ready maps: columns clean, perturbed at each ratio, re-normalized of each."""
+    clean, delta = perturb_feature(model, x, y, site, alpha=alpha, steps=steps)
+    columns: dict[str, Tensor] = {"clean": clean}
+    perturbed = {r: clean + magnify * r * delta for r in ratios}
+    for r in ratios:
+        columns[f"perturbed ×{r:g}"] = perturbed[r]
+    for r in ratios:
+        columns[f"normalized ×{r:g}"] = adversarial_feature_normalization(clean, perturbed[r])
+    channel = int(clean.transpose(0, 1).flatten(1).var(dim=1).argmax())
+    return {
+        "site": site,
+        "channel": channel,
+        "alpha": alpha,
+        "steps": steps,
+        "magnify": magnify,
+        "ratios": list(ratios),
+        "columns": list(columns),
+        "images": [
+            [[[round(float(v), 3) for v in px] for px in row] for row in img]
+            for img in x.detach().cpu().permute(0, 2, 3, 1)
+        ],
+        "labels": [int(v) for v in y],
+        "maps": {name: _show(t.detach().cpu(), channel) for name, t in columns.items()},
+    }

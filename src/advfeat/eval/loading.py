@@ -1,0 +1,180 @@
+"""From a checkpoint written by ``advfeat train`` to a model and its data, ready to evaluate.
+
+A run's model is rebuilt exactly as the trainer built it (``build_parts(cfg)``: architecture,
+then ``method.prepare``), its weights loaded, and ``method.eval_model`` applied — the model the
+trainer itself evaluated. The prepared model (every BN branch kept) is returned too, for the
+``bn`` suite. Checkpoints are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advfeat.data import DatasetBundle, build_dataset
+from advfeat.errors import AdvfeatError
+from advfeat.eval.context import EvalData
+from advfeat.train.checkpoint import load_checkpoint
+from advfeat.train.config import TrainConfig
+
+__all__ = ["LoadedRun", "eval_data", "load_run", "load_weights"]
+
+
+@dataclass
+class LoadedRun:
+    """A trained run, rebuilt: ``model`` is what to evaluate, ``raw_model`` keeps all branches."""
+
+    path: Path
+    config: TrainConfig
+    model: nn.Module
+    raw_model: nn.Module
+    data: DatasetBundle
+    epoch: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+
+def load_weights(
+    model: nn.Module, state: dict[str, Any] | str | Path, *, source: str = ""
+) -> nn.Module:
+    """Load a state dict (or the model of an advfeat checkpoint file) into ``model``, strictly.
+
+    A state dict of another architecture raises :class:`AdvfeatError` naming missing, unexpected
+    and mis-shaped keys.
+    """
+    if isinstance(state, (str, Path)):
+        source = source or str(state)
+        state = load_checkpoint(state)["model"]
+    if not isinstance(state, dict):
+        raise AdvfeatError(f"expected a state dict of weights, got {type(state).__name__}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state
+        and hasattr(state[k], "shape")
+        and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {'; '.join(shapes[:2])})")
+        where = f" {source!r}" if source else ""
+        raise AdvfeatError(
+            f"the weights{where} do not fit this architecture ({type(model).__name__}): "
+            + ", ".join(parts)
+            + "; evaluate the checkpoint with the model it was trained with"
+        )
+    model.load_state_dict(state)
+    return model
+
+
+def _build_data(
+    name: str, root: str | None, seed: int, val_fraction: float, options: dict[str, Any]
+) -> DatasetBundle:
+    try:
+        return build_dataset(
+            name, root, seed=seed, val_fraction=val_fraction, augment=False, **options
+        )
+    except AdvfeatError:
+        raise
+    except (FileNotFoundError, RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AdvfeatError(
+            f"dataset {name!r} could not be loaded from {root!r} ({first[:200]}); check --data-dir"
+        ) from None
+
+
+def load_run(
+    checkpoint: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    model_name: str | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    dataset_options: dict[str, Any] | None = None,
+) -> LoadedRun:
+    """Rebuild the run saved in ``checkpoint`` (``build_parts`` → weights → ``eval_model``).
+
+    ``dataset``/``data_dir``/``dataset_options`` evaluate on other data with the same classes
+    (the model keeps the input normalisation of its training data); ``model_name`` overrides the
+    architecture (weights that do not fit raise :class:`AdvfeatError`).
+    """
+    from advfeat.train.build import build_parts
+
+    path = Path(checkpoint)
+    state = load_checkpoint(path, map_location="cpu")
+    if "config" not in state or "model" not in state:
+        raise AdvfeatError(f"{str(path)!r} holds no run configuration and model weights")
+    cfg = TrainConfig.from_dict(state["config"])
+    if model_name is not None:
+        cfg.model = model_name
+    train_data = _build_data(
+        cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction, cfg.dataset_options
+    )
+    saved_classes = state.get("num_classes")
+    if saved_classes is not None and int(saved_classes) != train_data.num_classes:
+        raise AdvfeatError(
+            f"the checkpoint's model has {saved_classes} classes, its dataset now has "
+            f"{train_data.num_classes}: the dataset options changed since training"
+        )
+    parts = build_parts(cfg, data=train_data)
+    load_weights(parts.model, state["model"], source=str(path))
+    if "method" in state:
+        parts.method.load_state_dict(state["method"])
+    raw = parts.model.to(device)
+    parts.method.to(device)
+    model = parts.method.eval_model(raw).to(device)
+    data = train_data
+    if dataset is not None or data_dir is not None or dataset_options:
+        data = _build_data(
+            dataset or cfg.dataset,
+            data_dir if data_dir is not None else cfg.data_dir,
+            cfg.seed,
+            cfg.val_fraction,
+            dict(dataset_options) if dataset_options is not None else dict(cfg.dataset_options),
+        )
+        if data.num_classes != train_data.num_classes:
+            raise AdvfeatError(
+                f"dataset {dataset or cfg.dataset!r} has {data.num_classes} classes but the model "
+                f"was trained on {train_data.num_classes} ({cfg.dataset!r})"
+            )
+    info = {
+        "checkpoint": str(path),
+        "method": cfg.method,
+        "model": cfg.model,
+        "dataset": dataset or cfg.dataset,
+        "trained_on": cfg.dataset,
+        "seed": cfg.seed,
+        "epochs_trained": int(state.get("epoch", -1)) + 1,
+    }
+    return LoadedRun(path, cfg, model, raw, data, int(state.get("epoch", -1)), info)
+
+
+def eval_data(bundle: DatasetBundle) -> EvalData:
+    """The evaluation view of a dataset bundle (test, un-augmented train, shifted domains)."""
+    if bundle.task != "classification":
+        raise AdvfeatError(
+            f"evaluation suites need a classification dataset, this one is {bundle.task}"
+        )
+    return EvalData(
+        test=bundle.test,
+        num_classes=bundle.num_classes,
+        class_names=list(bundle.class_names),
+        image_size=bundle.image_size,
+        train=bundle.train,
+        shifted=dict(bundle.shifted),
+    )

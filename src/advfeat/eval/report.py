@@ -1,0 +1,269 @@
+"""A Markdown report of evaluation results (written next to the JSON as ``<stem>.md``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["markdown_report"]
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{100 * float(v):.1f} %"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return [*lines, ""]
+
+
+def _skip(res: dict[str, Any]) -> list[str] | None:
+    return [f"*Skipped: {res['skipped']}.*", ""] if "skipped" in res else None
+
+
+def _summary(suites: dict[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+    clean = suites.get("clean", {})
+    if "top1" in clean:
+        rows.append(["clean top-1", _pct(clean["top1"])])
+    if "top5" in clean:
+        rows.append(["clean top-5", _pct(clean["top5"])])
+    att = suites.get("attacks", {})
+    eps = att.get("eps")
+    budget = f" (ε = {255 * eps:.3g}/255)" if eps is not None else ""
+    for key, label in (
+        ("pgd", f"PGD-{att.get('pgd', {}).get('steps', '')}{budget}"),
+        ("fgsm", f"FGSM{budget}"),
+        ("cw", "C&W-L2 (unbounded)"),
+        ("autoattack", f"AutoAttack{budget}"),
+        ("adaptive", f"AFA adaptive PGD{budget}"),
+    ):
+        if "accuracy" in att.get(key, {}):
+            rows.append([label, _pct(att[key]["accuracy"])])
+    transfer = att.get("transfer", {})
+    if "accuracy" in transfer:
+        rows.append(
+            [
+                f"black-box transfer (ε = {transfer['eps_255'][-1]:g}/255)",
+                _pct(transfer["accuracy"][-1]),
+            ]
+        )
+    cor = suites.get("corruptions", {})
+    if "mean_corruption_accuracy" in cor:
+        rows.append(["mean corruption accuracy", _pct(cor["mean_corruption_accuracy"])])
+        if cor.get("mce") is not None:
+            rows.append(["mCE (vs baseline)", _pct(cor["mce"])])
+    shift = suites.get("shift", {})
+    if "mean_accuracy" in shift:
+        rows.append(["mean shifted-domain accuracy", _pct(shift["mean_accuracy"])])
+    hess = suites.get("hessian", {})
+    if "spectral_norm" in hess:
+        rows.append(["Hessian spectral norm", f"{hess['spectral_norm']:.4g}"])
+        rows.append(["Hessian trace", f"{hess['trace']:.4g} ± {hess['stderr']:.2g}"])
+    return rows
+
+
+def _attacks(att: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    rows = []
+    for key, label in (
+        ("pgd", "PGD"),
+        ("fgsm", "FGSM"),
+        ("cw", "C&W-L2"),
+        ("autoattack", "AutoAttack"),
+    ):
+        res = att.get(key, {})
+        if "accuracy" in res:
+            l2 = res.get("median_l2_fooled")
+            rows.append(
+                [
+                    label,
+                    _pct(res["accuracy"]),
+                    _pct(res["clean_accuracy"]),
+                    _pct(res["attacked_accuracy"]),
+                    "–" if l2 is None else f"{l2:.3f}",
+                ]
+            )
+        elif "skipped" in res:
+            rows.append([label, f"skipped: {res['skipped']}", "", "", ""])
+    if rows:
+        lines += _table(
+            ["attack", "robust acc.", "clean acc.", "acc. on attacked only", "median L2 (fooled)"],
+            rows,
+        )
+    aa = att.get("autoattack", {})
+    if "checks" in aa:
+        lines += ["AutoAttack sanity checks:", ""]
+        lines += [
+            f"- {'✅' if c['passed'] else '⚠️'} {name}: {c['detail']}"
+            for name, c in aa["checks"].items()
+        ]
+        lines.append("")
+    curve = att.get("curve", {})
+    if "accuracy" in curve:
+        transfer = att.get("transfer", {})
+        head = ["ε (/255)", "PGD (worst case ≤ ε)", "PGD at ε"]
+        if "accuracy" in transfer:
+            head.append("transfer")
+        if "fusion_weight_w1" in curve:
+            head.append("AFA W₁")
+        rows = []
+        for i, e in enumerate(curve["eps_255"]):
+            row = [f"{e:g}", _pct(curve["accuracy"][i]), _pct(curve["pointwise_accuracy"][i])]
+            if "accuracy" in transfer:
+                row.append(_pct(transfer["accuracy"][i]))
+            if "fusion_weight_w1" in curve:
+                row.append(f"{curve['fusion_weight_w1'][i]:.3f}")
+            rows.append(row)
+        lines += ["**Accuracy vs ε** (PGD, step ε/4):", "", *_table(head, rows)]
+    ada = att.get("adaptive", {})
+    if "per_weighting" in ada:
+        lines += [
+            f"**AFA adaptive attack** (§5.2, BCE label {ada['bce_target']:g}): worst case over all "
+            f"weightings {_pct(ada['accuracy'])}; best single weighting "
+            f"{_pct(ada['best_single_weighting'])}; non-adaptive (W₀ detached) "
+            f"{_pct(ada['non_adaptive_w0_detached']['accuracy'])}.",
+            "",
+        ]
+        lines += _table(
+            ["CE:BCE", "robust acc."], [[k, _pct(v)] for k, v in ada["per_weighting"].items()]
+        )
+    elif "skipped" in ada:
+        lines += [f"AFA adaptive attack skipped: {ada['skipped']}.", ""]
+    if "skipped" in transfer if (transfer := att.get("transfer", {})) else False:
+        lines += [f"Transfer attack skipped: {transfer['skipped']}.", ""]
+    return lines
+
+
+def _corruptions(cor: dict[str, Any]) -> list[str]:
+    sev = [str(s) for s in cor["severities"]]
+    head = ["corruption", *[f"s{s}" for s in sev], "mean"]
+    has_ce = "ce" in cor
+    if has_ce:
+        head.append("CE")
+    rows = []
+    for name, row in cor["accuracy"].items():
+        cells = [
+            name.replace("_", " "),
+            *[_pct(row[s]) for s in sev],
+            _pct(cor["mean_accuracy"][name]),
+        ]
+        if has_ce:
+            cells.append(_pct(cor["ce"][name]))
+        rows.append(cells)
+    lines = [
+        f"{cor['n']} test images, corrupted at {cor['corrupted_at'][0]}×{cor['corrupted_at'][1]} "
+        f"px; clean accuracy on them {_pct(cor['clean_accuracy'])}.",
+        "",
+    ]
+    lines += _table(head, rows)
+    if cor.get("mce") is not None:
+        extra = f", relative mCE {_pct(cor['relative_mce'])}" if "relative_mce" in cor else ""
+        lines += [
+            f"mCE {_pct(cor['mce'])}{extra} (baseline: `{cor.get('baseline', 'given')}`).",
+            "",
+        ]
+    else:
+        lines += [
+            f"Mean corruption error {_pct(cor['mean_corruption_error'])} ({cor.get('mce_note', '')}).",
+            "",
+        ]
+    return lines
+
+
+def _bn(bn: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, res in bn["branches"].items():
+        clean = res.get("clean", {}).get("top1")
+        pgd = res.get("attacks", {}).get("pgd", {}).get("accuracy")
+        shift = res.get("shift", {}).get("mean_accuracy")
+        rows.append([name, _pct(clean), _pct(pgd), _pct(shift)])
+    return _table(["BN branch", "clean top-1", "PGD", "mean shifted"], rows)
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """The report: summary, one section per suite, plots, configuration and versions."""
+    run = results.get("run", {})
+    suites = results.get("suites", {})
+    title = " / ".join(str(run[k]) for k in ("method", "model", "dataset") if k in run)
+    lines = [f"# Evaluation report{': ' + title if title else ''}", ""]
+    facts = []
+    if "checkpoint" in run:
+        facts.append(f"checkpoint `{run['checkpoint']}`")
+    if "epochs_trained" in run:
+        facts.append(f"{run['epochs_trained']} epoch(s) trained")
+    facts.append(f"{results['data']['test_size']} test images")
+    if results["config"].get("max_images"):
+        facts.append(f"evaluated on a seeded subset of {results['config']['max_images']}")
+    facts.append(f"seed {results['config']['seed']}")
+    facts.append(f"device {results['environment']['device']}")
+    facts.append(f"{results['timing_s']['total']:.1f} s")
+    lines += ["; ".join(facts) + ".", ""]
+    summary = _summary(suites)
+    if summary:
+        lines += ["## Summary", "", *_table(["metric", "value"], summary)]
+    lines += [
+        "Robust accuracy counts a test image as robust only if the model is correct on it both "
+        "clean and attacked, so it never exceeds clean accuracy; the ε-curve takes, per image, "
+        "the worst case over all smaller budgets, so it never increases with ε.",
+        "",
+    ]
+    if "clean" in suites:
+        c = suites["clean"]
+        lines += ["## Clean", ""]
+        top5 = f", top-5 {_pct(c['top5'])}" if "top5" in c else ""
+        lines += [f"Top-1 {_pct(c['top1'])}{top5} on {c['n']} images.", ""]
+    if "attacks" in suites:
+        lines += ["## Attacks", ""] + (_skip(suites["attacks"]) or _attacks(suites["attacks"]))
+    if "corruptions" in suites:
+        cor = suites["corruptions"]
+        lines += ["## Corruptions", ""] + (_skip(cor) or _corruptions(cor))
+    if "shift" in suites:
+        sh = suites["shift"]
+        lines += ["## Shifted domains", ""]
+        lines += _skip(sh) or _table(
+            ["domain", "accuracy", "images"],
+            [[d, _pct(r["accuracy"]), str(r["n"])] for d, r in sh["domains"].items()],
+        )
+    if "bn" in suites:
+        lines += ["## BN branches", ""] + (_skip(suites["bn"]) or _bn(suites["bn"]))
+    if "divergence" in suites:
+        dv = suites["divergence"]
+        lines += ["## Feature divergence (AdvBN Eq. 4-5)", ""]
+        if _skip(dv):
+            lines += _skip(dv) or []
+        else:
+            pairs = list(dv["pairs"])
+            rows = [
+                [layer, *[f"{dv['pairs'][p]['per_layer'][layer]:.4g}" for p in pairs]]
+                for layer in dv["layers"]
+            ]
+            lines += _table(["layer", *[p.replace("|", " vs ") for p in pairs]], rows)
+    if "hessian" in suites:
+        h = suites["hessian"]
+        lines += ["## Hessian of the training loss (A-FAN Tab. 1)", ""]
+        lines += [
+            f"Top eigenvalue {h['eigenvalue']:.5g} ({h['iterations']} power iterations, "
+            f"{'converged' if h['converged'] else 'not converged'}); trace {h['trace']:.5g} ± "
+            f"{h['stderr']:.2g} (Hutchinson, {h['samples']} samples); {h['n']} {h['data']} images, "
+            f"{h['parameters']} weights.",
+            "",
+        ]
+    if "features" in suites and "site" in suites["features"]:
+        f = suites["features"]
+        lines += ["## Feature maps (A-FAN Fig. S6)", ""]
+        lines += [
+            f"Site `{f['site']}`, feature attack α = {f['alpha']:g} × {f['steps']} step(s), shown ×{f['magnify']:g}.",
+            "",
+        ]
+    plots = results.get("plots", {})
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{name.replace('_', ' ')}]({path})" for name, path in plots.items()] + [""]
+    lines += ["## Configuration and environment", "", "```json"]
+    lines += [
+        json.dumps({"config": results["config"], "environment": results["environment"]}, indent=2)
+    ]
+    lines += ["```", ""]
+    return "\n".join(lines)

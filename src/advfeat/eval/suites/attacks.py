@@ -1,0 +1,250 @@
+"""``attacks``: white-box, black-box (transfer), AutoAttack and AFA's adaptive attack.
+
+* ``pgd`` — PGD-20, L∞ ε = 8/255, step 2/255, random start (Madry et al. 2018; AFA Tab. 3).
+* ``fgsm`` — FGSM at ε (Goodfellow et al. 2015).
+* ``cw`` — Carlini–Wagner L2 (no budget: accuracy = points the attack fails to fool; the median
+  L2 size of successful perturbations is reported).
+* ``curve`` — PGD at ε ∈ {0, 1, 2, 4, 8}/255 with step ε/4 (AFA Tab. 1), reported as the
+  per-sample worst case over ε' ≤ ε (non-increasing; see :mod:`advfeat.eval.robust`), with the
+  raw per-ε values alongside. For AFA models the mean fusion weight at each ε is recorded (Fig. 6).
+* ``transfer`` — the curve's PGD run on a surrogate model, judged on the evaluated model
+  (AFA Tab. 3 right); needs a surrogate.
+* ``autoattack`` — AutoAttack through an optional third-party package, with sanity checks.
+* ``adaptive`` — AFA §5.2's adaptive attack on W_0 (see :mod:`advfeat.eval.adaptive`); AFA
+  models only.
+
+Robust accuracy everywhere = correct on the clean image AND on the attacked one (≤ clean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from advfeat.attacks.base import attack_guard
+from advfeat.attacks.pixel import CWL2, FGSM, PGD
+from advfeat.eval.adaptive import adaptive_loss, find_fusion, fusion_weight_tap, per_sample_w0
+from advfeat.eval.autoattack import (
+    autoattack_backend,
+    make_autoattack,
+    model_checks,
+    perturbation_check,
+)
+from advfeat.eval.context import EvalContext
+from advfeat.eval.robust import Outcome, attack_outcome, summarize, worst_case_curve
+from advfeat.eval.suites.registry import register_suite, skipped
+
+__all__ = ["run"]
+
+
+def _eps_key(eps: float) -> str:
+    return f"eps={eps * 255:.4g}/255"
+
+
+def _outcome(ctx: EvalContext, key: str, compute: Callable[[], Outcome]) -> Outcome:
+    return Outcome.from_json(ctx.unit(key, lambda: compute().to_json()))
+
+
+def _identity(x: Tensor, y: Tensor) -> Tensor:
+    return x
+
+
+def _pgd(ctx: EvalContext, key: str, eps: float, alpha: float, **kw: Any) -> PGD:
+    return PGD(
+        ctx.model, eps=eps, alpha=alpha, steps=ctx.config.pgd_steps, seed=ctx.seed_for(key), **kw
+    )
+
+
+def _curve(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]:
+    cfg = ctx.config
+    outcomes: list[Outcome] = []
+    weights: list[float] = []
+    for eps in cfg.eps_curve:
+        key = f"attacks/curve/{_eps_key(eps)}"
+
+        def compute(eps: float = eps, key: str = key) -> dict[str, Any]:
+            attack = (
+                _identity
+                if eps == 0
+                else _pgd(ctx, key, eps, max(eps * cfg.curve_alpha_ratio, 1e-12))
+            )
+            w0: list[float] = []
+
+            def observe(x_adv: Tensor, y: Tensor) -> None:
+                if fusion is not None:
+                    with fusion_weight_tap(fusion) as store, torch.no_grad():
+                        ctx.model(x_adv)
+                    w0.extend(per_sample_w0(store["w0"]).tolist())
+
+            outcome = attack_outcome(
+                ctx, attack, dataset, f"PGD ε={eps * 255:.3g}/255", observe=observe
+            )
+            return {"outcome": outcome.to_json(), "w0": w0}
+
+        saved = ctx.unit(key, compute)
+        outcomes.append(Outcome.from_json(saved["outcome"]))
+        if saved["w0"]:
+            weights.append(sum(saved["w0"]) / len(saved["w0"]))
+    result = worst_case_curve(list(cfg.eps_curve), outcomes)
+    result["eps_255"] = [round(e * 255, 4) for e in cfg.eps_curve]
+    result["alpha_ratio"] = cfg.curve_alpha_ratio
+    result["steps"] = cfg.pgd_steps
+    if weights:
+        result["fusion_weight_w0"] = weights
+        result["fusion_weight_w1"] = [1 - w for w in weights]
+    return result
+
+
+def _transfer(ctx: EvalContext, dataset: Dataset) -> dict[str, Any]:
+    cfg = ctx.config
+    surrogate = ctx.surrogate
+    if surrogate is None:
+        return skipped("no surrogate model given (--surrogate PATH)")
+    outcomes = []
+    for eps in cfg.eps_curve:
+        key = f"attacks/transfer/{_eps_key(eps)}"
+
+        def compute(eps: float = eps, key: str = key) -> Outcome:
+            attack = (
+                _identity
+                if eps == 0
+                else PGD(
+                    surrogate,
+                    eps=eps,
+                    alpha=max(eps * cfg.curve_alpha_ratio, 1e-12),
+                    steps=cfg.pgd_steps,
+                    seed=ctx.seed_for(key),
+                )
+            )
+            return attack_outcome(ctx, attack, dataset, f"transfer ε={eps * 255:.3g}/255")
+
+        outcomes.append(_outcome(ctx, key, compute))
+    result = worst_case_curve(list(cfg.eps_curve), outcomes)
+    result["eps_255"] = [round(e * 255, 4) for e in cfg.eps_curve]
+    result["surrogate"] = cfg.extra.get("surrogate", "given model")
+    return result
+
+
+def _autoattack(ctx: EvalContext, dataset: Dataset, pgd: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = ctx.config
+    backend = autoattack_backend()
+    if backend is None:
+        return skipped("no AutoAttack package installed (pip install 'advfeat[autoattack]')")
+    key = "attacks/autoattack"
+    adversary = make_autoattack(
+        ctx.model,
+        eps=cfg.eps,
+        version=cfg.autoattack_version,
+        seed=ctx.seed_for(key),
+        num_classes=ctx.data.num_classes,
+        device=ctx.device,
+    )
+    lo_hi = [1.0, 0.0]
+
+    def attack(x: Tensor, y: Tensor) -> Tensor:
+        with attack_guard(ctx.model):
+            x_adv = adversary(x, y).detach().to(x.device)
+        lo_hi[0] = min(lo_hi[0], float(x_adv.min()))
+        lo_hi[1] = max(lo_hi[1], float(x_adv.max()))
+        return x_adv
+
+    def compute() -> dict[str, Any]:
+        outcome = attack_outcome(ctx, attack, dataset, "AutoAttack")
+        first_x, _ = next(ctx.batches(dataset))
+        checks = model_checks(ctx.model, first_x)
+        summary = summarize(outcome)
+        checks["in_budget"] = perturbation_check(summary["max_linf"], cfg.eps, *lo_hi)
+        if pgd is not None and "accuracy" in pgd:
+            weaker = summary["accuracy"] > pgd["accuracy"] + 1e-9
+            checks["not_weaker_than_pgd"] = {
+                "passed": not weaker,
+                "detail": f"AutoAttack {summary['accuracy']:.4f} vs PGD {pgd['accuracy']:.4f}",
+            }
+        return {**summary, "backend": backend, "version": cfg.autoattack_version, "checks": checks}
+
+    return ctx.unit(key, compute)
+
+
+def _adaptive(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]:
+    cfg = ctx.config
+    if fusion is None:
+        return skipped("not an AFA model (no AdaptiveFeatureAlignment module)")
+
+    def run_pgd(key: str, *, detach: bool, weights: tuple[float, float] | None) -> Outcome:
+        def compute() -> Outcome:
+            with fusion_weight_tap(fusion, detach=detach) as store:
+                loss = (
+                    None
+                    if weights is None
+                    else adaptive_loss(store, weights[0], weights[1], cfg.adaptive_bce_target)
+                )
+                attack = _pgd(ctx, key, cfg.eps, cfg.pgd_alpha, loss_fn=loss)
+                return attack_outcome(ctx, attack, dataset, key.rsplit("/", 1)[-1])
+
+        return _outcome(ctx, key, compute)
+
+    detached = run_pgd("attacks/adaptive/w0_detached", detach=True, weights=None)
+    per_weight: dict[str, Any] = {}
+    alive = list(detached.clean)
+    for ce_w, bce_w in cfg.adaptive_weights:
+        label = f"{ce_w:g}:{bce_w:g}"
+        outcome = run_pgd(f"attacks/adaptive/ce_bce={label}", detach=False, weights=(ce_w, bce_w))
+        per_weight[label] = summarize(outcome)["accuracy"]
+        alive = [a and b for a, b in zip(alive, outcome.adv, strict=True)]
+    worst = sum(alive) / len(alive) if alive else 0.0
+    return {
+        "accuracy": worst,
+        "best_single_weighting": min(per_weight.values()) if per_weight else worst,
+        "per_weighting": per_weight,
+        "non_adaptive_w0_detached": summarize(detached),
+        "bce_target": cfg.adaptive_bce_target,
+        "eps": cfg.eps,
+        "steps": cfg.pgd_steps,
+    }
+
+
+@register_suite("attacks", "PGD-20, FGSM, C&W-L2, ε-curve, transfer, AutoAttack, AFA adaptive")
+def run(ctx: EvalContext) -> dict[str, Any]:
+    cfg = ctx.config
+    dataset = ctx.test_set()
+    fusion = find_fusion(ctx.model)
+    results: dict[str, Any] = {"eps": cfg.eps}
+    if "pgd" in cfg.attacks:
+
+        def pgd() -> Outcome:
+            atk = _pgd(ctx, "attacks/pgd", cfg.eps, cfg.pgd_alpha)
+            return attack_outcome(ctx, atk, dataset, f"PGD-{cfg.pgd_steps}")
+
+        summary = summarize(_outcome(ctx, "attacks/pgd", pgd))
+        results["pgd"] = {**summary, "steps": cfg.pgd_steps, "alpha": cfg.pgd_alpha}
+    if "fgsm" in cfg.attacks:
+
+        def fgsm() -> Outcome:
+            return attack_outcome(ctx, FGSM(ctx.model, eps=cfg.eps), dataset, "FGSM")
+
+        results["fgsm"] = summarize(_outcome(ctx, "attacks/fgsm", fgsm))
+    if "cw" in cfg.attacks:
+
+        def cw() -> Outcome:
+            atk = CWL2(ctx.model, c=cfg.cw_c, steps=cfg.cw_steps, lr=cfg.cw_lr)
+            return attack_outcome(ctx, atk, dataset, "C&W-L2")
+
+        cw_summary = summarize(_outcome(ctx, "attacks/cw", cw))
+        results["cw"] = {**cw_summary, "c": cfg.cw_c, "steps": cfg.cw_steps}
+    if "curve" in cfg.attacks:
+        results["curve"] = _curve(ctx, dataset, fusion)
+    if "transfer" in cfg.attacks:
+        results["transfer"] = (
+            _transfer(ctx, dataset)
+            if ctx.surrogate is not None
+            else skipped("no surrogate model given (--surrogate PATH)")
+        )
+    if "autoattack" in cfg.attacks:
+        results["autoattack"] = _autoattack(ctx, dataset, results.get("pgd"))
+    if "adaptive" in cfg.attacks:
+        results["adaptive"] = _adaptive(ctx, dataset, fusion)
+    return results

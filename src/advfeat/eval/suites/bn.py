@@ -1,0 +1,43 @@
+"""``bn``: the chosen suites again under every BN branch of a multi-branch model.
+
+For models converted with :func:`advfeat.norm.convert_multibn` (AdvProp, AdvBN, AFA stage I) the
+whole batch is routed through one branch at a time (:func:`advfeat.norm.use_branch`), e.g.
+AdvProp's main BN vs its auxiliary BN, or AdvBN's "choose main or aux BN at inference".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from advfeat.eval.context import EvalContext
+from advfeat.eval.suites.registry import SUITES, register_suite, skipped
+from advfeat.norm import MultiBatchNorm, branch_names, use_branch
+
+__all__ = ["BranchModel", "run"]
+
+
+class BranchModel(nn.Module):
+    """``model`` with every batch sent through BN branch ``branch`` (parameters shared)."""
+
+    def __init__(self, model: nn.Module, branch: str) -> None:
+        super().__init__()
+        self.model = model
+        self.branch = branch
+
+    def forward(self, x: Tensor) -> Any:
+        with use_branch(self.model, self.branch):
+            return self.model(x)
+
+
+@register_suite("bn", "the chosen suites under each BN branch of a multi-branch model")
+def run(ctx: EvalContext) -> dict[str, Any]:
+    model = ctx.raw_model
+    if not any(isinstance(m, MultiBatchNorm) for m in model.modules()):
+        return skipped("the model has a single BN branch (not converted with convert_multibn)")
+    results: dict[str, Any] = {}
+    for branch in branch_names(model):
+        sub = ctx.child(BranchModel(model, branch).eval(), f"bn/{branch}")
+        results[branch] = {name: SUITES.get(name).run(sub) for name in ctx.config.bn_suites}
+    return {"branches": results, "suites": list(ctx.config.bn_suites)}

@@ -1,0 +1,26 @@
+"""``clean``: top-1 (and top-5 with more than five classes) accuracy on the test set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from advfeat.eval.accuracy import evaluate_accuracy
+from advfeat.eval.context import EvalContext
+from advfeat.eval.suites.registry import register_suite
+
+__all__ = ["run"]
+
+
+@register_suite("clean", "top-1 / top-5 accuracy on the clean test set")
+def run(ctx: EvalContext) -> dict[str, Any]:
+    dataset = ctx.test_set()
+    topk = (1, 5) if ctx.data.num_classes > 5 else (1,)
+
+    def compute() -> dict[str, Any]:
+        result: dict[str, Any] = evaluate_accuracy(
+            ctx.model, dataset, batch_size=ctx.config.batch_size, device=ctx.device, topk=topk
+        )
+        result["n"] = len(dataset)  # type: ignore[arg-type]
+        return result
+
+    return ctx.unit("clean", compute)

@@ -1,0 +1,55 @@
+"""``features``: clean / perturbed / re-normalized feature maps of a few test images
+(A-FAN Fig. S6), stored in the results for the feature-map plot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from advfeat.eval.context import EvalContext, seeded_subset
+from advfeat.eval.feature_maps import feature_grid
+from advfeat.eval.suites.registry import register_suite, skipped
+
+__all__ = ["default_site", "run"]
+
+
+def default_site(model: nn.Module) -> str | None:
+    """The first residual stage (``layer1``), as in the paper's figure; else the first block.
+
+    A wrapper holding the network as its child ``model`` (AFA, BN-branch views) is looked into.
+    """
+    names = [n for n, _ in model.named_children()]
+    if "model" in names and "layer1" not in names:
+        inner = default_site(model.get_submodule("model"))
+        return None if inner is None else f"model.{inner}"
+    for name in ("layer1", "block1", "features", "blocks", "stages"):
+        if name in names:
+            return name
+    for name, child in model.named_children():
+        if name != "normalize" and any(True for _ in child.parameters()):
+            return name
+    return None
+
+
+@register_suite("features", "clean / perturbed / re-normalized feature maps (A-FAN Fig. S6)")
+def run(ctx: EvalContext) -> dict[str, Any]:
+    cfg = ctx.config
+    site = cfg.feature_site or default_site(ctx.model)
+    if site is None:
+        return skipped("no feature site found; set feature_site (e.g. layer1)")
+    subset = seeded_subset(ctx.data.test, cfg.feature_images, cfg.seed)
+    x, y = next(ctx.batches(subset, batch_size=cfg.feature_images))
+
+    def compute() -> dict[str, Any]:
+        return feature_grid(
+            ctx.model,
+            x,
+            y,
+            site,
+            alpha=cfg.feature_alpha,
+            steps=cfg.feature_steps,
+            magnify=cfg.feature_magnify,
+        )
+
+    return ctx.unit("features", compute)

@@ -1,0 +1,447 @@
+"""AFA (Wang et al., "Adaptive Feature Alignment for Adversarial Training"): two training stages.
+
+**Stage I** (Sec. 4.1, 4.3, Eq. 3, Algorithm 1). Every BN layer gets K branches
+``eps0 … eps{K−1}`` for strengths ε_0 = 0 < ε_1 < … < ε_{K−1}. Per Algorithm 1 the *whole*
+batch x_c feeds every branch: branch 0 its clean images, branch k ≥ 1 the PGD examples
+x′_k = G(Θ, x_c, y, ε_k) generated through branch k. The loss is
+
+    L = CE(f_0(x), y) + Σ_{k=1}^{K−1} L_adv(x, x′_k, y)                  (Eq. 3, Alg. 1)
+
+with L_adv the adversarial term of the base method (``base``), see
+:func:`~advfeat.methods.adversarial.adversarial_term`:
+
+* ``pgd-at``: CE(f_k(x′_k), y);
+* ``trades``: β · mean KL(f_ref(x) ‖ f_k(x′_k)) (TRADES' natural CE term is the clean loss);
+* ``mart``: mean [BCE(f_k(x′_k), y) + λ · KL(f_ref(x) ‖ f_k(x′_k)) · (1 − p_ref,y(x))].
+
+**Stage II** (Sec. 4.2, 4.3, Fig. 4b, Fig. 5, Eq. 1–2). The stage-I model (``stage1_checkpoint``,
+an ``advfeat train`` checkpoint) keeps BN_0 and BN_{K−1} only; every BN layer becomes
+x̂ = W_0·BN_0(x) + (1 − W_0)·BN_{K−1}(x) with W_0 = WG(x) from the weight generator
+(:func:`advfeat.norm.to_fused_dual_bn`). Everything but the generator is frozen (weights and BN
+statistics); the generator is trained with the classification loss only, on PGD examples of a
+random strength per sample that the model is not told.
+
+Readings of the paper (the other reading is an option where it is a real alternative):
+
+* **ε grid** — not stated. K = 5 (Sec. 5.1) and the strengths reported in Tables 1–4 are
+  ε ∈ {0, 1, 2, 4, 8}/255, so the default ``grid_spacing="doubling"`` gives
+  ε_k = ε_max·2^{k−K+1} (K = 5: 0, 1, 2, 4, 8); ``"linear"`` gives ε_max·k/(K−1);
+  ``eps_grid_255`` sets the values outright (0–255 pixel units, like the paper's tables).
+* **Attack settings** — not stated. L∞ PGD, ``steps=10``, step α_k = ε_k/4 (``alpha_ratio``;
+  2/255 at ε = 8/255, the PGD-AT step), start and BN mode of the base method (uniform start,
+  train-mode BN for PGD-AT; 0.001·N(0, I) start, eval-mode BN for TRADES and MART). The attack
+  for branch k runs through branch k. TRADES' attack maximises KL towards the clean reference.
+* **Clean reference of TRADES/MART** — the text says each BN branch only sees samples of its own
+  strength, but Algorithm 1 evaluates L_a(Θ, x_c, x_a, y) "with the k-th path enabled", i.e. it
+  also runs x_c through BN_k. Default ``clean_reference="clean-branch"``: f_ref = f_0, the clean
+  prediction through BN_0 (branch k's statistics then move only from ε_k examples);
+  ``"own-branch"``: f_ref = f_k(x), the clean images also pass through BN_k (Algorithm 1
+  literally). PGD-AT has no clean reference, so the option does not change it.
+* **Stage-II strengths** — "samples of various attacking strengths": by default ε ~ U[0, ε_{K−1}]
+  per sample (``stage2_strengths="uniform"``); ``"grid"`` draws from the stage-I grid (clean
+  included). Stage-II examples are L∞ PGD on the cross-entropy of the current stage-II model
+  (the evaluation attack of Tables 1–2), uniform start, BN in eval mode, α = ε/4.
+* **Generator** — see :mod:`advfeat.norm.afa`: one W_0 per sample shared by all fused layers,
+  computed from the input images (``generator_source`` names an intermediate module instead;
+  ``generator_per_layer`` gives one weight per fused layer).
+* **Evaluating a stage-I run** — the paper reports only the final (stage-II) model. A stage-I
+  run is evaluated through branch ``eval_branch`` (default 0, the clean branch BN_0, which is
+  what the clean accuracy of the trainer measures; −1 selects the most robust branch BN_{K−1}).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.methods.adversarial import (
+    BASES,
+    RANDOM_STARTS,
+    RECIPES,
+    RandomStart,
+    adversarial_term,
+    clean_reference_logits,
+    pixel_attack,
+)
+from advfeat.methods.base import Method, MethodOutput, unwrap
+from advfeat.methods.registry import register_method
+from advfeat.norm import (
+    MultiBatchNorm,
+    WeightGenerator,
+    afa_branches,
+    convert_multibn,
+    split_branches,
+    to_fused_dual_bn,
+    use_branch,
+)
+
+__all__ = ["AFA", "BranchInference", "strength_grid"]
+
+GRID_SPACINGS = ("doubling", "linear")
+CLEAN_REFERENCES = ("clean-branch", "own-branch")
+STAGE2_STRENGTHS = ("uniform", "grid")
+
+
+def strength_grid(k: int, eps_max_255: float, spacing: str = "doubling") -> tuple[float, ...]:
+    """ε_0 = 0 < … < ε_{K−1} = ``eps_max_255`` in 0–255 units (K = 5, doubling: 0, 1, 2, 4, 8)."""
+    if spacing == "doubling":
+        return (0.0, *(eps_max_255 / 2 ** (k - 1 - i) for i in range(1, k)))
+    if spacing == "linear":
+        return tuple(eps_max_255 * i / (k - 1) for i in range(k))
+    raise unknown_name("AFA grid_spacing", str(spacing), GRID_SPACINGS)
+
+
+class BranchInference(nn.Module):
+    """``model`` with every BN layer on one branch: how a stage-I AFA model is evaluated."""
+
+    def __init__(self, model: nn.Module, branch: str) -> None:
+        super().__init__()
+        self.model = model
+        self.branch = branch
+
+    def forward(self, x: Tensor) -> Any:
+        with use_branch(self.model, self.branch):
+            return self.model(x)
+
+    def extra_repr(self) -> str:
+        return f"branch={self.branch!r}"
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+@register_method
+class AFA(Method):
+    """Adaptive feature alignment (Wang et al., afa.md): stage I (K BN branches) or stage II."""
+
+    name = "afa"
+    paper = "Wang et al., Adaptive Feature Alignment for Adversarial Training"
+
+    @dataclass
+    class Options:
+        stage: int = 1
+        base: str = "pgd-at"  # adversarial loss of stage I: pgd-at | trades | mart (Sec. 5.1)
+        num_branches: int = 5  # K (Sec. 5.1, Table 4)
+        eps_max_255: float = 8.0  # ε_{K−1}, the largest strength of Tables 1–3
+        grid_spacing: str = "doubling"  # K = 5 → ε = 0, 1, 2, 4, 8 (/255)
+        eps_grid_255: list[float] | None = None  # explicit ε_0 = 0 < … < ε_{K−1}
+        steps: int = 10
+        alpha_ratio: float = 0.25  # PGD step α_k = alpha_ratio · ε_k
+        random_start: str | None = None  # None → the base's (uniform / 0.001·N(0, I))
+        init_std: float = 0.001
+        attack_bn_mode: str | None = None  # None → the base's (train / eval)
+        trades_beta: float = 6.0  # TRADES β (Zhang et al. 2019, CIFAR-10)
+        mart_lambda: float = 6.0  # MART λ (Wang et al. 2020, WideResNet)
+        clean_reference: str = "clean-branch"
+        eval_branch: int = 0
+        stage1_checkpoint: str | None = None
+        stage2_strengths: str = "uniform"
+        generator_source: str | None = None
+        generator_per_layer: bool = False
+        generator_channels: int = 64
+        prefix_weight: float | None = None
+
+    # ------------------------------------------------------------------------------ options
+    def validate_options(self) -> None:
+        o = self.opts
+        if o.stage not in (1, 2) or isinstance(o.stage, bool):
+            raise AdvfeatError(f"afa: stage must be 1 or 2, got {o.stage!r}")
+        if o.base not in BASES:
+            raise unknown_name("afa base", str(o.base), BASES)
+        k = o.num_branches
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise AdvfeatError(f"afa: num_branches (K) must be an integer >= 2, got {k!r}")
+        self.grid_255 = self._resolve_grid()
+        if isinstance(o.steps, bool) or not isinstance(o.steps, int) or o.steps < 1:
+            raise AdvfeatError(f"afa: steps must be an integer >= 1, got {o.steps!r}")
+        for label in ("alpha_ratio", "trades_beta", "mart_lambda", "init_std"):
+            value = getattr(o, label)
+            if not _number(value) or value < 0 or (label == "alpha_ratio" and value == 0):
+                bound = "> 0" if label == "alpha_ratio" else ">= 0"
+                raise AdvfeatError(f"afa: {label} must be a number {bound}, got {value!r}")
+        if o.random_start is not None and o.random_start not in RANDOM_STARTS:
+            raise unknown_name("afa random_start", str(o.random_start), RANDOM_STARTS)
+        if o.attack_bn_mode is not None and o.attack_bn_mode not in ("train", "eval"):
+            raise unknown_name("afa attack_bn_mode", str(o.attack_bn_mode), ("train", "eval"))
+        if o.clean_reference not in CLEAN_REFERENCES:
+            raise unknown_name("afa clean_reference", str(o.clean_reference), CLEAN_REFERENCES)
+        if o.stage2_strengths not in STAGE2_STRENGTHS:
+            raise unknown_name("afa stage2_strengths", str(o.stage2_strengths), STAGE2_STRENGTHS)
+        eb = o.eval_branch
+        if isinstance(eb, bool) or not isinstance(eb, int) or not -k <= eb < k:
+            raise AdvfeatError(
+                f"afa: eval_branch must be a branch index in [{-k}, {k - 1}] (0 = clean BN_0, "
+                f"-1 = BN_K-1), got {eb!r}"
+            )
+        gc = o.generator_channels
+        if isinstance(gc, bool) or not isinstance(gc, int) or gc < 1:
+            raise AdvfeatError(f"afa: generator_channels must be an integer >= 1, got {gc!r}")
+        self._validate_checkpoint_option()
+
+    def _resolve_grid(self) -> tuple[float, ...]:
+        o = self.opts
+        k = o.num_branches
+        if o.eps_grid_255 is None:
+            if not _number(o.eps_max_255) or not 0 < o.eps_max_255 <= 255:
+                raise AdvfeatError(
+                    f"afa: eps_max_255 must be in (0, 255] (pixel levels), got {o.eps_max_255!r}"
+                )
+            return strength_grid(k, float(o.eps_max_255), o.grid_spacing)
+        grid = o.eps_grid_255
+        if not isinstance(grid, list | tuple) or not all(_number(v) for v in grid):
+            raise AdvfeatError(
+                f"afa: eps_grid_255 must be a list of numbers (0-255 pixel levels), got {grid!r}"
+            )
+        values = tuple(float(v) for v in grid)
+        if len(values) != k:
+            raise AdvfeatError(
+                f"afa: eps_grid_255 has {len(values)} strengths but num_branches is {k}; give one "
+                "strength per BN branch"
+            )
+        if values[0] != 0 or any(b <= a for a, b in itertools.pairwise(values)):
+            raise AdvfeatError(
+                f"afa: eps_grid_255 must start at 0 (the clean branch) and increase strictly, "
+                f"got {list(values)}"
+            )
+        if values[-1] > 255:
+            raise AdvfeatError(f"afa: eps_grid_255 values are pixel levels <= 255, got {values}")
+        return values
+
+    def _validate_checkpoint_option(self) -> None:
+        o = self.opts
+        path = o.stage1_checkpoint
+        if o.stage == 1:
+            if path is not None:
+                raise AdvfeatError(
+                    "afa: stage1_checkpoint is read in stage 2 only; set stage=2 to train the "
+                    "weight generator on a stage-I model"
+                )
+            return
+        if not path:
+            raise AdvfeatError(
+                "afa: stage 2 needs stage1_checkpoint=PATH, the checkpoint.pt of a finished "
+                "`advfeat train --method afa` stage-1 run (e.g. --set "
+                "method_options.stage1_checkpoint=runs/afa-stage1/checkpoint.pt)"
+            )
+        if not Path(path).is_file():
+            raise AdvfeatError(f"afa: stage1_checkpoint {str(path)!r} does not exist")
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return afa_branches(self.opts.num_branches)
+
+    # ------------------------------------------------------------------------------ model
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Stage I: K BN branches. Stage II: the stage-I model fused, frozen, with its generator."""
+        convert_multibn(model, self.branches)
+        if self.opts.stage == 1:
+            return model
+        self._load_stage1(model)
+        o = self.opts
+        fused_layers = sum(1 for m in model.modules() if isinstance(m, MultiBatchNorm))
+        generator = WeightGenerator(
+            self._generator_in_channels(model),
+            fused_layers if o.generator_per_layer else 1,
+            channels=o.generator_channels,
+            hidden=o.generator_channels,
+        )
+        return to_fused_dual_bn(
+            model,
+            generator,
+            self.branches[0],
+            self.branches[-1],
+            source=o.generator_source,
+            per_layer=o.generator_per_layer,
+            prefix_weight=o.prefix_weight,
+        )
+
+    def _load_stage1(self, model: nn.Module) -> None:
+        from advfeat.train.checkpoint import load_checkpoint  # the trainer imports the methods
+
+        path = str(self.opts.stage1_checkpoint)
+        state = load_checkpoint(path)
+        config = state.get("config") or {}
+        if config.get("method") != "afa":
+            raise AdvfeatError(
+                f"afa: stage1_checkpoint {path!r} was trained with method "
+                f"{config.get('method')!r}; stage 2 needs an afa stage-1 checkpoint"
+            )
+        saved_options = dict(config.get("method_options") or {})
+        saved = AFA.parse_options(saved_options)
+        if saved.stage != 1:
+            raise AdvfeatError(
+                f"afa: stage1_checkpoint {path!r} is a stage-{saved.stage} run; give the "
+                "checkpoint of the stage-1 run"
+            )
+        saved_grid = AFA(**{**saved_options, "stage1_checkpoint": None}).grid_255
+        if saved.num_branches != self.opts.num_branches or not all(
+            math.isclose(a, b) for a, b in zip(saved_grid, self.grid_255, strict=False)
+        ):
+            raise AdvfeatError(
+                f"afa: stage1_checkpoint {path!r} has K={saved.num_branches} branches for "
+                f"ε={list(saved_grid)} /255, this run asks for K={self.opts.num_branches}, "
+                f"ε={list(self.grid_255)} /255; pass the stage-1 run's num_branches / grid options"
+            )
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+            raise AdvfeatError(
+                f"afa: stage1_checkpoint {path!r} (model {config.get('model')!r}, "
+                f"K={saved.num_branches}) does not fit this run's model: {first}"
+            ) from None
+
+    def _generator_in_channels(self, model: nn.Module) -> int:
+        source = self.opts.generator_source
+        if source is None:
+            return 3
+        names = dict(model.named_modules())
+        if source not in names or not source:
+            raise unknown_name("afa generator_source module", str(source), [n for n in names if n])
+        seen: list[int] = []
+
+        def tap(_module: nn.Module, _args: Any, output: Any) -> None:
+            if isinstance(output, Tensor) and output.dim() == 4 and not seen:
+                seen.append(output.shape[1])
+
+        handle = names[source].register_forward_hook(tap)
+        training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(torch.zeros(2, 3, 32, 32))
+        finally:
+            handle.remove()
+            model.train(training)
+        if not seen:
+            raise AdvfeatError(
+                f"afa: generator_source {source!r} must output a feature map (N, C, H, W)"
+            )
+        return seen[0]
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        if self.opts.stage == 2:
+            return model
+        return BranchInference(model, self.branches[self.opts.eval_branch])
+
+    # ------------------------------------------------------------------------------ training
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
+        if self.opts.stage == 1:
+            return self._stage1(model, x, y)
+        return self._stage2(model, x, y)
+
+    def _attack_settings(self) -> tuple[RandomStart, Literal["train", "eval"]]:
+        """Random start and BN mode of the stage-I attack: the options, else the base's."""
+        recipe = RECIPES[self.opts.base]
+        start = cast(RandomStart, self.opts.random_start or recipe.random_start)
+        bn_mode = cast(Literal["train", "eval"], self.opts.attack_bn_mode or recipe.bn_mode)
+        return start, bn_mode
+
+    def _stage1(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        o = self.opts
+        net = unwrap(model)
+        names = self.branches
+        batch, reps = x.shape[0], len(names) - 1
+        route = [(name, batch) for name in names[1:]]
+        start, bn_mode = self._attack_settings()
+        recipe = RECIPES[o.base]
+        own_reference = o.clean_reference == "own-branch" and o.base != "pgd-at"
+        x_rep, y_rep = x.repeat(reps, *([1] * (x.dim() - 1))), y.repeat(reps)
+        eps = torch.tensor(self.grid_255[1:], dtype=x.dtype, device=x.device) / 255
+        eps = eps.repeat_interleave(batch)
+
+        logits_clean: Tensor | None = None
+        target: Tensor | None = None
+        if recipe.loss == "kl":
+            if own_reference:
+                with split_branches(net, route):
+                    target = clean_reference_logits(net, x_rep, bn_mode=bn_mode)
+            elif bn_mode == "train":  # reuse the training forward's clean logits (same values)
+                with use_branch(net, names[0]):
+                    logits_clean = model(x)
+                target = logits_clean.detach().repeat(reps, 1)
+            else:
+                ref = clean_reference_logits(net, x, bn_mode="eval", branch=names[0])
+                target = ref.repeat(reps, 1)
+        with split_branches(net, route):
+            x_adv = pixel_attack(
+                net,
+                x_rep,
+                y_rep,
+                eps=eps,
+                alpha=o.alpha_ratio * eps,
+                steps=o.steps,
+                loss=recipe.loss,
+                clean_logits=target,
+                random_start=start,
+                init_std=o.init_std,
+                bn_mode=bn_mode,
+            )
+        if logits_clean is None:
+            with use_branch(net, names[0]):
+                logits_clean = model(x)
+        with split_branches(net, route):
+            logits_adv = model(x_adv)
+        if own_reference:
+            with split_branches(net, route):
+                logits_ref = model(x_rep)
+        else:
+            logits_ref = logits_clean.repeat(reps, 1)
+
+        loss_clean = F.cross_entropy(logits_clean, y)
+        weight = o.trades_beta if o.base == "trades" else o.mart_lambda
+        terms = [
+            adversarial_term(o.base, ref_k, adv_k, y, weight=weight)
+            for ref_k, adv_k in zip(logits_ref.split(batch), logits_adv.split(batch), strict=True)
+        ]
+        loss_adv = torch.stack(terms).sum()
+        logs = self.detach_logs(
+            loss_clean=loss_clean,
+            loss_adv=loss_adv,
+            **{f"loss_adv_{name}": term for name, term in zip(names[1:], terms, strict=True)},
+        )
+        return MethodOutput(loss=loss_clean + loss_adv, logits=logits_clean, logs=logs)
+
+    def _stage2_strengths(self, batch: int, like: Tensor) -> Tensor:
+        """Per-sample strengths in [0, 1] units, unknown to the model (Sec. 4.3, stage II)."""
+        grid = torch.tensor(self.grid_255, dtype=like.dtype, device=like.device) / 255
+        if self.opts.stage2_strengths == "grid":
+            return grid[torch.randint(len(grid), (batch,), device=like.device)]
+        return torch.rand(batch, dtype=like.dtype, device=like.device) * grid[-1]
+
+    def _stage2(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
+        o = self.opts
+        net = unwrap(model)
+        eps = self._stage2_strengths(x.shape[0], x)
+        attacked = (eps > 0).nonzero().squeeze(1)
+        x_adv = x
+        if attacked.numel():
+            chosen = eps[attacked]
+            adv = pixel_attack(
+                net,
+                x[attacked],
+                y[attacked],
+                eps=chosen,
+                alpha=o.alpha_ratio * chosen,
+                steps=o.steps,
+                loss="ce",
+                random_start="uniform",
+                bn_mode="eval",
+            )
+            x_adv = x.index_copy(0, attacked, adv)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+        values: dict[str, Tensor | float] = {"loss_adv": loss, "eps_mean_255": eps.mean() * 255}
+        w0 = getattr(net, "last_weight", None)
+        if isinstance(w0, Tensor):
+            values["w0_mean"] = w0.float().mean()
+        return MethodOutput(loss=loss, logits=logits, logs=self.detach_logs(**values))

@@ -1,0 +1,171 @@
+"""A-FAN: adversarial feature augmentation and normalization (Chen et al. 2021, "Adversarial
+Feature Augmentation and Normalization for Visual Recognition", Algorithm 1).
+
+1. Augmentation (Eq. 3-5): k strengths α^(1..k) sampled uniformly from [0, α] (Algorithm 1,
+   line 2); adversarial features ``f_adv^(i) = f + δ_i`` with δ_i from PGD at strength α^(i)
+   on the site feature. With PGD-1, one attack suffices: ``f_adv^(i) = f + (α^(i)/α^(1))·δ_1``
+   (appendix S1.1, :func:`advfeat.attacks.feature.rescale_strengths`).
+2. Normalization (Eq. 6): ``f_mix^(i) = σ_adv^(i)·(f − μ_clean)/σ_clean + μ_adv^(i)`` with the
+   per-channel batch statistics of batch normalization
+   (:func:`advfeat.methods.feature_aug.adversarial_feature_normalization`).
+3. Objective (Eq. 7): ``L_clean + λ·Σ_{i=1..k} L_adv^(i)`` — a sum over the k features, λ = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from advfeat.attacks.feature import FeaturePGD, rescale_strengths, sample_strengths
+from advfeat.errors import AdvfeatError
+from advfeat.methods.base import MethodOutput, cross_entropy, unwrap
+from advfeat.methods.feature_aug import (
+    AUTO_SITE,
+    FeatureAugmentation,
+    adversarial_feature_normalization,
+    check_choice,
+    check_common_options,
+)
+from advfeat.methods.registry import register_method
+
+__all__ = ["AFAN"]
+
+
+@register_method
+class AFAN(FeatureAugmentation):
+    """A-FAN (Algorithm 1, Eq. 5-7) on classifiers.
+
+    Options (defaults: §4 "CIFAR and ImageNet Results" — k = 3 strengths from [0, α],
+    α = 0.5/255, λ = 1 (Eq. 7) — with the efficient PGD-1 of appendix S1.1, the setting Fig. S5
+    finds best on CIFAR-10; the CIFAR-table preset ``afan-cifar`` uses §4's PGD-5):
+
+    * ``site`` / ``sites``: as ALFA ("the last block", §4 and §7); each site gets its own k
+      augmented features, all losses are summed.
+    * ``alpha``: upper end α of the strength interval; ``k``: number of strengths;
+      ``strength_spacing``: ``"random"`` (k uniform draws per step, Algorithm 1 line 2) or
+      ``"grid"`` (α·i/k, the other reading).
+    * ``steps``: PGD steps; ``eps``: the L∞ ball of the PGD (S1.1: "we by default use
+      ε = 8/255", never reached by small steps; ``None``: unbounded).
+    * ``rescale``: ``None`` (default) uses S1.1's rescaling when it is exact (``steps == 1`` and
+      α ≤ ε) and k separate attacks otherwise (Eq. 5 literally); ``True`` always rescales (an
+      approximation for multi-step PGD, which S1.1 says it is "not available" for); ``False``
+      always runs k attacks.
+    * ``afn``: ``False`` is the "AFA" row of Table S10 (augmentation only, no normalization).
+    * ``afn_stats``: ``"channel"`` (Eq. 6: per-channel batch statistics, "calculated in the
+      routine of batch normalization") or ``"positional"`` (statistics over the channels at each
+      position, what the authors' released code computes); ``afn_eps``: BN's ε.
+    * ``random_noise``: ``"gaussian"`` (Table 8, "Random Noise + AFN": each of the k
+      perturbations replaced by noise from N(0, α²)) or ``"uniform"`` (same std);
+      ``noise_std`` overrides the std (default α).
+    * ``attack_bn_mode``, ``adv_bn_stats``: see :class:`FeatureAugmentation`. The k adversarial
+      tail passes are separate forward passes: batching them into one pass of k·B samples would
+      change the batch statistics of every BN layer in the tail (one joint batch instead of k),
+      so it is not the same computation.
+    """
+
+    name = "afan"
+    paper = "Chen et al. 2021, Adversarial Feature Augmentation and Normalization (A-FAN)"
+
+    @dataclass
+    class Options:
+        site: str = AUTO_SITE  # §4: the last block
+        sites: list[str] | None = None
+        alpha: float = 0.5 / 255  # §4: strengths uniformly sampled from [0, α], α = 0.5/255
+        k: int = 3  # §4: three strengths
+        strength_spacing: str = "random"  # Algorithm 1, line 2
+        steps: int = 1  # S1.1: efficient PGD-1 (Fig. S5: best on CIFAR-10)
+        eps: float | None = 8 / 255  # S1.1: ε = 8/255
+        lam: float = 1.0  # Eq. 7: λ = 1
+        rescale: bool | None = None  # S1.1 when exact
+        afn: bool = True  # Table S10: False = AFA only
+        afn_stats: str = "channel"  # Eq. 6; "positional" = released code
+        afn_eps: float = 1e-5  # batch norm's ε
+        random_noise: str | None = None  # Table 8: "gaussian" + AFN
+        noise_std: float | None = None  # None: alpha
+        attack_bn_mode: str = "train"
+        adv_bn_stats: str = "update"
+
+    def validate_options(self) -> None:
+        opts = self.opts
+        check_common_options(opts)
+        if isinstance(opts.k, bool) or not isinstance(opts.k, int) or opts.k < 1:
+            raise AdvfeatError(f"k (number of perturbation strengths) must be >= 1, got {opts.k!r}")
+        check_choice("strength_spacing", opts.strength_spacing, ("random", "grid"))
+        check_choice("afn_stats", opts.afn_stats, ("channel", "positional"))
+        if opts.eps is not None and (
+            isinstance(opts.eps, bool)
+            or not isinstance(opts.eps, int | float)
+            or not 0 < opts.eps < math.inf
+        ):
+            raise AdvfeatError(f"eps must be a number > 0 or null (unbounded), got {opts.eps!r}")
+        afn_eps = opts.afn_eps
+        if isinstance(afn_eps, bool) or not isinstance(afn_eps, int | float) or not afn_eps >= 0:
+            raise AdvfeatError(f"afn_eps must be a number >= 0, got {afn_eps!r}")
+        if not isinstance(opts.afn, bool):
+            raise AdvfeatError(f"afn must be true or false, got {opts.afn!r}")
+        if opts.rescale is not None and not isinstance(opts.rescale, bool):
+            raise AdvfeatError(f"rescale must be true, false or null, got {opts.rescale!r}")
+        self.requested_sites()
+
+    @property
+    def uses_rescaling(self) -> bool:
+        """Whether one attack is rescaled to the k strengths (S1.1) instead of k attacks."""
+        opts = self.opts
+        if opts.rescale is not None:
+            return bool(opts.rescale)
+        return opts.steps == 1 and (opts.eps is None or opts.alpha <= opts.eps)
+
+    def feature_attack(
+        self, model: nn.Module, site: str, feature: Tensor, x: Tensor, y: Tensor, alpha: float
+    ) -> Tensor:
+        """δ of PGD-``steps`` with step ``alpha`` at ``site`` (only the tail runs)."""
+        atk = FeaturePGD(
+            unwrap(model),
+            site,
+            alpha=alpha,
+            steps=self.opts.steps,
+            eps=self.opts.eps,
+            norm="linf",
+            bn_mode=self.opts.attack_bn_mode,
+        )
+        return atk(x, y, feature=feature.detach())
+
+    def augmented_features(
+        self, model: nn.Module, site: str, feature: Tensor, x: Tensor, y: Tensor, alphas: Tensor
+    ) -> list[Tensor]:
+        """``f_adv^(i) = f + δ_i`` for each strength (Eq. 5); ``f`` keeps its graph, δ_i does not."""
+        if self.opts.random_noise is not None:
+            return [feature + self.noise(feature) for _ in range(alphas.numel())]
+        if self.uses_rescaling:
+            a1 = float(alphas[0])
+            delta1 = self.feature_attack(model, site, feature, x, y, a1)
+            return rescale_strengths(feature, delta1, a1, alphas)
+        return [feature + self.feature_attack(model, site, feature, x, y, float(a)) for a in alphas]
+
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
+        opts = self.opts
+        sites = self.resolve_sites(model)
+        logits, feats = self.clean_pass(model, x, sites)
+        loss_clean = cross_entropy(logits, y)
+        losses: list[Tensor] = []
+        sizes: list[Tensor] = []
+        for site in sites:
+            f = feats[site]
+            alphas = sample_strengths(opts.k, opts.alpha, spacing=opts.strength_spacing)
+            for f_adv in self.augmented_features(model, site, f, x, y, alphas):
+                sizes.append((f_adv - f).detach().flatten(1).norm(dim=1).mean())
+                f_in = (
+                    adversarial_feature_normalization(f, f_adv, opts.afn_stats, opts.afn_eps)
+                    if opts.afn
+                    else f_adv
+                )
+                losses.append(cross_entropy(self.tail(model, site, f_in, x), y))
+        loss_adv = torch.stack(losses).sum()
+        loss = loss_clean + opts.lam * loss_adv
+        logs = self.detach_logs(
+            loss_clean=loss_clean, loss_adv=loss_adv, delta_l2=torch.stack(sizes).mean()
+        )
+        return MethodOutput(loss=loss, logits=logits, logs=logs)

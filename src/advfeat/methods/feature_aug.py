@@ -1,0 +1,403 @@
+"""Shared parts of the feature-space methods ALFA, L-ALFA (Qin et al., "ALFA: Adversarial
+Feature Augmentation for Enhanced Image Recognition") and A-FAN (Chen et al. 2021,
+"Adversarial Feature Augmentation and Normalization for Visual Recognition").
+
+* :class:`FeatureAugmentation` — the base of the three methods: one clean forward that captures
+  the site features, the attack on a captured feature (only the tail after the site runs), and
+  the adversarial tail pass that re-uses the captured feature, so the gradient flows into the
+  part before the site through ``f + δ`` with ``δ`` a constant (ALFA Eq. 3, A-FAN Eq. 3).
+* :func:`last_stage` / :func:`stage_blocks` — the default sites ("the last block", ALFA §4.3,
+  A-FAN §7; L-ALFA's "by blocks", ALFA Table 9).
+* :func:`feature_moments` and :func:`adversarial_feature_normalization` — A-FAN Eq. 6.
+* :func:`project_simplex` — L-ALFA's projection of η (ALFA Algorithm 1, line 5).
+* :func:`random_feature_noise` — the random-noise ablations (ALFA Table 7, A-FAN Table 8).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Literal
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from advfeat.attacks.feature import MultiSiteFeaturePGD
+from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.methods.base import Method, cross_entropy, unwrap
+from advfeat.norm.stats import frozen_bn_statistics
+from advfeat.sites import SiteSplit, capture_features, resolve_site, site_order
+
+__all__ = [
+    "AUTO_SITE",
+    "AFNStats",
+    "FeatureAugmentation",
+    "adversarial_feature_normalization",
+    "feature_moments",
+    "last_stage",
+    "project_simplex",
+    "random_feature_noise",
+    "stage_blocks",
+    "stages",
+]
+
+AUTO_SITE = "auto"
+AFNStats = Literal["channel", "positional"]
+NOISE_KINDS = ("gaussian", "uniform")
+BN_STATS = ("update", "frozen")
+ATTACK_BN_MODES = ("train", "eval")
+
+
+# ------------------------------------------------------------------------------ default sites
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, _ConvNd) for m in module.modules())
+
+
+def _is_container(module: nn.Module) -> bool:
+    return next(module.children(), None) is not None
+
+
+def stages(model: nn.Module) -> list[str]:
+    """The model's *stages*: top-level children that contain submodules and a convolution.
+
+    For the CIFAR ResNets this is ``layer1..layer3``, for torchvision ResNets ``layer1..layer4``,
+    for torchvision EfficientNets ``features``, for timm EfficientNets ``blocks``; single layers
+    (``conv1``, ``bn``), pooling and classifier heads are not stages. Sorted in execution order.
+    """
+    inner = unwrap(model)
+    names = [n for n, m in inner.named_children() if _is_container(m) and _has_conv(m)]
+    return site_order(inner, names) if names else []
+
+
+def _no_stage_error(model: nn.Module) -> AdvfeatError:
+    children = ", ".join(repr(n) for n, _ in unwrap(model).named_children()) or "none"
+    return AdvfeatError(
+        f"cannot choose a default feature site for {type(unwrap(model)).__name__}: no top-level "
+        f"child contains a convolution; pass site=... (or sites=[...]) with dotted module names "
+        f"(top-level children: {children})"
+    )
+
+
+def last_stage(model: nn.Module) -> str:
+    """The default site of ALFA and A-FAN: the last stage (see :func:`stages`).
+
+    Both papers find the last block before the classifier best (ALFA §4.3, Fig. 2-3; A-FAN §7,
+    Fig. S5); its output is the output of the stage's last residual block.
+    """
+    found = stages(model)
+    if not found:
+        raise _no_stage_error(model)
+    return found[-1]
+
+
+def stage_blocks(model: nn.Module) -> list[str]:
+    """L-ALFA's default sites: every block of every stage, in execution order.
+
+    A stage whose children are themselves modules with children (residual blocks) contributes
+    those children that contain a convolution (``layer1.0`` … ``layer3.2``: the 9 blocks of
+    ResNet-20, i.e. "after each skip connection", ALFA Table 9); a stage of plain layers counts
+    as one block.
+    """
+    inner = unwrap(model)
+    blocks: list[str] = []
+    for name in stages(inner):
+        stage = inner.get_submodule(name)
+        children = list(stage.named_children())
+        if children and all(_is_container(m) for _, m in children):
+            blocks += [f"{name}.{c}" for c, m in children if _has_conv(m)]
+        else:
+            blocks.append(name)
+    if not blocks:
+        raise _no_stage_error(model)
+    return blocks
+
+
+# ---------------------------------------------------------------------- A-FAN normalization
+def feature_moments(
+    feature: Tensor, stats: AFNStats = "channel", eps: float = 1e-5
+) -> tuple[Tensor, Tensor]:
+    """First and second moments ``(μ, σ)`` of a feature, shaped to broadcast against it.
+
+    ``"channel"`` (A-FAN Eq. 6, "calculated in the routine of batch normalization"): per channel,
+    over the batch and every spatial position, ``σ = sqrt(Var + eps)`` with the biased variance,
+    as batch norm computes them in training. ``"positional"``: over the channels at each sample
+    and position, as the authors' released code does (not the paper's equation).
+    Computed in float32 whatever the input dtype (autocast), returned in the input dtype.
+    """
+    if feature.ndim < 2:
+        raise AdvfeatError(
+            f"feature statistics need a (N, C, ...) feature, got shape {tuple(feature.shape)}"
+        )
+    f = feature.float()
+    if stats == "channel":
+        dims: tuple[int, ...] = (0, *range(2, f.ndim))
+    elif stats == "positional":
+        dims = (1,)
+    else:
+        raise unknown_name("AFN statistics", str(stats), ["channel", "positional"])
+    var, mean = torch.var_mean(f, dim=dims, keepdim=True, correction=0)
+    return mean.to(feature.dtype), (var + eps).sqrt().to(feature.dtype)
+
+
+def adversarial_feature_normalization(
+    clean: Tensor, adversarial: Tensor, stats: AFNStats = "channel", eps: float = 1e-5
+) -> Tensor:
+    """A-FAN Eq. 6: ``f_mix = σ_adv · (f_clean − μ_clean) / σ_clean + μ_adv``.
+
+    The clean feature normalised with its own statistics and re-scaled with the adversarial
+    feature's, so ``f_mix`` carries the adversarial per-channel mean and standard deviation
+    (up to ``eps``) while keeping the clean feature's content. Differentiable in both inputs,
+    as batch normalization is.
+    """
+    if clean.shape != adversarial.shape:
+        raise AdvfeatError(
+            f"clean and adversarial features must have the same shape, got "
+            f"{tuple(clean.shape)} and {tuple(adversarial.shape)}"
+        )
+    mu_c, sigma_c = feature_moments(clean, stats, eps)
+    mu_a, sigma_a = feature_moments(adversarial, stats, eps)
+    return sigma_a * (clean - mu_c) / sigma_c + mu_a
+
+
+# ------------------------------------------------------------------------ simplex projection
+def project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of ``v`` (last dimension) onto ``{η : η ≥ 0, 1ᵀη = 1}``.
+
+    L-ALFA projects its strengths η after every SGD step (ALFA Algorithm 1, line 5). The paper
+    finds the threshold τ of ``η = max(v − τ, 0)`` by bisection (Wang et al. 2019b); here τ is
+    computed exactly by sorting (Held et al. 1974; Duchi et al. 2008), which gives the same
+    point: the projection is unique. (The authors' released code only shifts η so that it sums
+    to one and never clips negative entries.)
+    """
+    if v.ndim == 0 or v.shape[-1] == 0:
+        raise AdvfeatError(f"cannot project a tensor of shape {tuple(v.shape)} onto a simplex")
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    cumulative = u.cumsum(dim=-1) - 1
+    ks = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    support = (u - cumulative / ks) > 0
+    # the largest k with u_k > (Σ_{j≤k} u_j − 1) / k; k = 1 always qualifies
+    rho = (support * ks).argmax(dim=-1, keepdim=True)
+    tau = cumulative.gather(-1, rho) / (rho + 1).to(v.dtype)
+    return (v - tau).clamp_min(0)
+
+
+# -------------------------------------------------------------------------- random features
+def random_feature_noise(
+    like: Tensor, kind: str, std: float | Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Random perturbation of standard deviation ``std`` (ALFA Table 7, A-FAN Table 8).
+
+    ``"gaussian"``: ``N(0, std²)``, the papers' ablation; ``"uniform"``: ``U[−√3·std, √3·std]``,
+    the uniform law of the same standard deviation. ``std`` may be a scalar or per-sample ``(B,)``.
+    """
+    s = torch.as_tensor(std, dtype=like.dtype, device=like.device)
+    if s.ndim == 1:
+        s = s.view(-1, *([1] * (like.ndim - 1)))
+    if kind == "gaussian":
+        noise = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    elif kind == "uniform":
+        u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        noise = (2 * u - 1) * math.sqrt(3.0)
+    else:
+        raise unknown_name("random noise", str(kind), NOISE_KINDS)
+    return noise * s
+
+
+# ---------------------------------------------------------------------------- option checks
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def check_step_options(alpha: Any, steps: Any, lam: Any) -> None:
+    """Shared checks: ``alpha > 0``, ``steps ≥ 1`` (an integer), ``lam ≥ 0``."""
+    if not _is_number(alpha) or alpha <= 0:
+        raise AdvfeatError(f"alpha (the attack step size) must be a number > 0, got {alpha!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise AdvfeatError(f"steps (PGD steps) must be an integer >= 1, got {steps!r}")
+    if not _is_number(lam) or lam < 0:
+        raise AdvfeatError(f"lam (the weight of the adversarial loss) must be >= 0, got {lam!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """``value`` must be one of ``choices`` (unknown values list close matches)."""
+    if value not in choices:
+        raise unknown_name(f"value of {name}", str(value), choices)
+
+
+def check_noise_options(random_noise: Any, noise_std: Any) -> None:
+    if random_noise is not None:
+        check_choice("random_noise", random_noise, NOISE_KINDS)
+    if noise_std is not None and (not _is_number(noise_std) or noise_std < 0):
+        raise AdvfeatError(f"noise_std must be a number >= 0 (or null: alpha), got {noise_std!r}")
+
+
+def check_sites_option(site: Any, sites: Any) -> list[str] | None:
+    """Validate ``site`` / ``sites``; return the requested names, or ``None`` for the default."""
+    if not isinstance(site, str) or not site:
+        raise AdvfeatError(f"site must be a dotted module name or 'auto', got {site!r}")
+    if sites is None:
+        return None if site == AUTO_SITE else [site]
+    if site != AUTO_SITE:
+        raise AdvfeatError(f"give either site ({site!r}) or sites ({sites!r}), not both")
+    if isinstance(sites, str) or not isinstance(sites, list | tuple) or not sites:
+        raise AdvfeatError(f"sites must be a non-empty list of dotted module names, got {sites!r}")
+    if not all(isinstance(s, str) and s for s in sites):
+        raise AdvfeatError(f"sites must hold dotted module names (strings), got {sites!r}")
+    if len(set(sites)) != len(sites):
+        raise AdvfeatError(f"sites names a site twice: {sites!r}")
+    return list(sites)
+
+
+def check_common_options(opts: Any) -> None:
+    """The options every feature-augmentation method has."""
+    check_step_options(opts.alpha, opts.steps, opts.lam)
+    check_noise_options(opts.random_noise, opts.noise_std)
+    check_choice("attack_bn_mode", opts.attack_bn_mode, ATTACK_BN_MODES)
+    check_choice("adv_bn_stats", opts.adv_bn_stats, BN_STATS)
+
+
+# ------------------------------------------------------------------------------ the base class
+class FeatureAugmentation(Method):
+    """Base of ALFA, L-ALFA and A-FAN: clean pass with capture, feature attack, tail passes.
+
+    Subclass options include ``alpha``, ``steps``, ``lam``, ``random_noise``, ``noise_std``,
+    ``attack_bn_mode`` and ``adv_bn_stats``; subclasses say which sites they perturb
+    (:meth:`requested_sites`, :meth:`default_sites`).
+
+    Cost. The part of the network before a site runs once per step, in the clean pass; the
+    attack and the adversarial passes run only the tail after the site (when the model splits,
+    :attr:`advfeat.sites.SiteSplit.is_fast`), starting from the captured feature.
+
+    Gradients. The perturbation δ is a constant of the outer minimisation (it is the maximiser
+    of the inner problem, ALFA Eq. 3 / A-FAN Eq. 3, so by Danskin's theorem the gradient of the
+    max is the gradient at δ*); the adversarial loss reaches the part before the site through
+    the captured feature in ``f + δ``.
+
+    BN modes. The attack runs the tail with ``attack_bn_mode`` (default ``"train"``: the batch
+    statistics that the adversarial loss is computed with; an attack never moves running
+    statistics). The adversarial tail passes run in the model's mode: with
+    ``adv_bn_stats="update"`` (default) they update the tail's running statistics like any
+    train-mode forward — the papers train one set of BN layers on clean and adversarial
+    features with ordinary forward passes and mention no exception; with ``"frozen"`` only the
+    clean pass moves running statistics, so they describe clean features alone.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._site_cache: WeakKeyDictionary[nn.Module, list[str]] = WeakKeyDictionary()
+        self._multi_attack: MultiSiteFeaturePGD | None = None
+
+    # ------------------------------------------------------------------------------ sites
+    def requested_sites(self) -> list[str] | None:
+        """The sites named in the options, or ``None`` for :meth:`default_sites`."""
+        return check_sites_option(self.opts.site, self.opts.sites)
+
+    def default_sites(self, model: nn.Module) -> list[str]:
+        """The last stage (see :func:`last_stage`)."""
+        return [last_stage(model)]
+
+    def resolve_sites(self, model: nn.Module) -> list[str]:
+        """The sites perturbed in ``model``: validated, in execution order (cached per model)."""
+        inner = unwrap(model)
+        cached = self._site_cache.get(inner)
+        if cached is not None:
+            return cached
+        names = self.requested_sites()
+        if names is None:
+            names = self.default_sites(inner)
+        for name in names:
+            resolve_site(inner, name)  # unknown names list close matches
+        for a in names:
+            for b in names:
+                if b.startswith(a + "."):
+                    raise AdvfeatError(
+                        f"site {b!r} lies inside site {a!r}; perturb modules that do not "
+                        f"contain each other"
+                    )
+        ordered = site_order(inner, names)
+        self._site_cache[inner] = ordered
+        return ordered
+
+    # ----------------------------------------------------------------------------- passes
+    def clean_pass(
+        self, model: nn.Module, x: Tensor, sites: Sequence[str]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One forward of the (possibly wrapped) model, capturing the site features with graph."""
+        with capture_features(unwrap(model), list(sites)) as captured:
+            logits = model(x)
+        feats: dict[str, Tensor] = {}
+        for site in sites:
+            f = captured.get(site)
+            if not isinstance(f, Tensor):
+                raise AdvfeatError(
+                    f"feature site {site!r} did not output a tensor during the forward pass "
+                    f"(got {type(f).__name__}); choose a module that outputs a feature map"
+                )
+            feats[site] = f
+        return logits, feats
+
+    def adversarial_bn(self, model: nn.Module) -> AbstractContextManager[Any]:
+        """The context of the adversarial training passes (``adv_bn_stats``)."""
+        if self.opts.adv_bn_stats == "frozen":
+            return frozen_bn_statistics(unwrap(model))
+        return nullcontext()
+
+    def tail(self, model: nn.Module, site: str, feature: Tensor, x: Tensor) -> Tensor:
+        """The model output with ``feature`` at ``site`` (a training pass of the tail only)."""
+        with self.adversarial_bn(model):
+            out: Tensor = SiteSplit(unwrap(model), site).tail(feature, x=x)
+        return out
+
+    def noise(self, feature: Tensor) -> Tensor:
+        """The random-noise ablation's perturbation (``noise_std``, default ``alpha``)."""
+        std = self.opts.alpha if self.opts.noise_std is None else self.opts.noise_std
+        return random_feature_noise(feature.detach(), self.opts.random_noise, std)
+
+    def multi_site_attack(self, model: nn.Module, sites: list[str]) -> MultiSiteFeaturePGD:
+        """The (cached) PGD at ``sites``: unbounded sign steps, ALFA Eq. 4-5."""
+        inner = unwrap(model)
+        atk = self._multi_attack
+        if atk is None or atk.model is not inner or atk.sites != sites:
+            atk = MultiSiteFeaturePGD(
+                inner,
+                sites,
+                alpha=self.opts.alpha,
+                steps=self.opts.steps,
+                eps=None,
+                mode=self.opts.multi_site,
+                bn_mode=self.opts.attack_bn_mode,
+            )
+            self._multi_attack = atk
+        return atk
+
+    def site_losses(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        feats: dict[str, Tensor],
+        sites: list[str],
+        strengths: Tensor | None = None,
+    ) -> tuple[list[Tensor], Tensor]:
+        """ALFA / L-ALFA adversarial losses: ``L(tail(f_i + η_i·δ_i))`` and the mean ‖δ‖₂.
+
+        ``strengths=None`` means η = 1 (ALFA Eq. 3); otherwise L-ALFA's η (Eq. 5), kept in the
+        graph of the losses. With ``multi_site="separate"`` one loss per site (each site
+        perturbed alone, Eq. 3/5 term by term), with ``"joint"`` one loss with all sites
+        perturbed in one pass.
+        """
+        atk = self.multi_site_attack(model, sites)
+        if self.opts.random_noise is not None:
+            deltas = {s: self.noise(feats[s]) for s in sites}
+        else:
+            clean = {s: f.detach() for s, f in feats.items()}
+            eta = None if strengths is None else strengths.detach()
+            deltas = atk(x, y, features=clean, strengths=eta)
+        with self.adversarial_bn(model):
+            outputs = atk.adversarial_outputs(x, deltas, features=feats, strengths=strengths)
+        losses = [cross_entropy(out, y) for out in outputs]
+        size = torch.stack([d.flatten(1).norm(dim=1).mean() for d in deltas.values()]).mean()
+        return losses, size

@@ -1,0 +1,225 @@
+"""L-ALFA: learnable adversarial feature augmentation (Qin et al., "ALFA: Adversarial Feature
+Augmentation for Enhanced Image Recognition", §3.3, Eq. 5, Algorithm 1).
+
+Objective (Eq. 5)::
+
+    min_{Θ, η ∈ P}  L_std + λ · Σ_{i=1..r} max_{δ_i} L_at(tail_i(f_i(x) + η_i·δ_i), y) + γ·‖η‖₁
+
+with learnable strengths η, one per site, projected onto P after every SGD step (Algorithm 1,
+line 5). The paper writes P = {η | 1ᵀη = 1} and projects "via the bisection method" of Wang
+et al. (2019b), which is the projection onto the probability simplex {η ≥ 0, 1ᵀη = 1}; that is
+the set used here (:func:`project_simplex`, sort-based, same point as bisection).
+
+Note on γ: on the simplex ‖η‖₁ = 1ᵀη = 1, so γ‖η‖₁ adds a constant to the loss, and its
+gradient γ·1 is normal to the simplex: the projection removes it, and with SGD (momentum
+included) γ does not change the iterates. Sparsity of η comes from the projection, which sets
+coordinates to exactly zero. The term is kept, as in Eq. 5, and logged (``loss_l1``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from advfeat.errors import AdvfeatError
+from advfeat.methods.base import MethodOutput, cross_entropy, unwrap
+from advfeat.methods.feature_aug import (
+    AUTO_SITE,
+    FeatureAugmentation,
+    check_choice,
+    check_common_options,
+    check_sites_option,
+    project_simplex,
+    stage_blocks,
+)
+from advfeat.methods.registry import register_method
+
+__all__ = ["LALFA"]
+
+
+def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        need = ">= 0" if allow_zero else "> 0"
+        raise AdvfeatError(f"{name} must be a number {need}, got {value!r}")
+
+
+@register_method
+class LALFA(FeatureAugmentation):
+    """L-ALFA (Eq. 5, Algorithm 1): ALFA at r sites with learnable strengths η on the simplex.
+
+    Options (defaults: ALFA's CIFAR attack of Table 2 and γ of Table 10; the paper reports no
+    separate attack setting for L-ALFA):
+
+    * ``sites``: the r perturbed sites; ``None`` is every block of every stage
+      (:func:`stage_blocks`: the 9 blocks of ResNet-20, "after each skip connection", the
+      dim(η) = 9 of Tables 8-9).
+    * ``alpha``, ``steps``: PGD step size and steps (ε unbounded), δ_i ascended on
+      ``L(f_i + η_i·δ_i)`` at the current η (Algorithm 1, line 3).
+    * ``lam`` (λ), ``gamma`` (γ, Table 10: 1.0 best, "chosen from {0.5, 1.0, 2.0}").
+    * ``eta_init``: η_0 = (1, …, 1) (Algorithm 1, line 1); the first step uses it as is.
+    * ``eta_lr_scale``, ``eta_weight_decay``: η is optimised by the same SGD as the network
+      (Algorithm 1, line 4; the paper gives no separate learning rate) in its own parameter group,
+      whose lr is the network's times ``eta_lr_scale`` and whose weight decay is 0 by default (the
+      only regulariser of η in Eq. 5 is γ‖η‖₁).
+    * ``multi_site``: ``"separate"`` (default, Eq. 5 term by term: r attacks and r adversarial
+      tail passes) or ``"joint"`` (one pass with all sites perturbed).
+    * ``random_noise``, ``noise_std``, ``attack_bn_mode``, ``adv_bn_stats``: as in ALFA.
+
+    The projection. The trainer (and a user's loop) call ``loss.backward(); optimizer.step()``
+    without the method seeing the optimizer, so η is projected at the start of the next forward
+    whenever it changed since the last projection, and in :meth:`on_epoch_end` (before the
+    checkpoint is written) — the same iterates as projecting right after each step. Call
+    :meth:`project_strengths_` to project explicitly. ``on_epoch_end`` also returns η as
+    ``{"eta_<site>": value}`` so that its trajectory lands in the training history (Fig. 4).
+    """
+
+    name = "l-alfa"
+    paper = "Qin et al., ALFA: Adversarial Feature Augmentation for Enhanced Image Recognition"
+
+    eta: nn.Parameter | None
+    eta_seen: Tensor | None
+
+    @dataclass
+    class Options:
+        sites: list[str] | None = None  # None: every block (dim η = 9 on ResNet-20, Table 8)
+        alpha: float = 0.5 / 255  # ALFA Table 2, ResNet-20s
+        steps: int = 5  # ALFA Table 2: PGD-5, ε unbounded
+        lam: float = 1.0  # not reported; as ALFA
+        gamma: float = 1.0  # Table 10 (CIFAR-100, ResNet-56s)
+        eta_init: float = 1.0  # Algorithm 1: η_0 = (1, ..., 1)
+        eta_lr_scale: float = 1.0
+        eta_weight_decay: float = 0.0
+        multi_site: str = "separate"
+        random_noise: str | None = None
+        noise_std: float | None = None
+        attack_bn_mode: str = "train"
+        adv_bn_stats: str = "update"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.register_parameter("eta", None)
+        self.register_buffer("eta_seen", None, persistent=False)
+        self.eta_sites: list[str] | None = None
+        requested = self.requested_sites()
+        if requested is not None:
+            self._create_eta(requested, torch.device("cpu"))
+
+    def validate_options(self) -> None:
+        opts = self.opts
+        check_common_options(opts)
+        check_choice("multi_site", opts.multi_site, ("separate", "joint"))
+        _positive("gamma", opts.gamma, allow_zero=True)
+        _positive("eta_init", opts.eta_init)
+        _positive("eta_lr_scale", opts.eta_lr_scale)
+        _positive("eta_weight_decay", opts.eta_weight_decay, allow_zero=True)
+        self.requested_sites()
+
+    # ------------------------------------------------------------------------------ sites
+    def requested_sites(self) -> list[str] | None:
+        return check_sites_option(AUTO_SITE, self.opts.sites)
+
+    def default_sites(self, model: nn.Module) -> list[str]:
+        """Every block of every stage (:func:`stage_blocks`)."""
+        return stage_blocks(model)
+
+    # -------------------------------------------------------------------------------- η
+    def _create_eta(self, sites: list[str], device: torch.device) -> None:
+        eta = torch.full((len(sites),), float(self.opts.eta_init), device=device)
+        self.eta = nn.Parameter(eta)
+        self.eta_seen = eta.detach().clone()
+        self.eta_sites = list(sites)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+
+            def average(grad: Tensor) -> Tensor:  # η is not inside the DDP wrapper
+                grad = grad.clone()
+                dist.all_reduce(grad)
+                return grad / world
+
+            self.eta.register_hook(average)
+
+    def _ensure_eta(self, model: nn.Module) -> nn.Parameter:
+        """Create η for ``model``'s sites (default rule) or check the given sites exist in it."""
+        inner = unwrap(model)
+        sites = self.resolve_sites(inner)  # validates the names against the model
+        if self.eta is None or self.eta_sites is None:
+            device = next(inner.parameters(), torch.empty(0)).device
+            self._create_eta(self.default_sites(inner), device)
+        elif set(sites) != set(self.eta_sites):
+            raise AdvfeatError(
+                f"this L-ALFA instance learns strengths for sites {self.eta_sites}, but the "
+                f"model's sites are {sites}; build a new method for this model"
+            )
+        eta: nn.Parameter = self.eta  # type: ignore[assignment]
+        return eta
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Create the strengths η (one per site of ``model``)."""
+        self._ensure_eta(model)
+        return model
+
+    def parameter_groups(self, model: nn.Module, **group: Any) -> list[dict[str, Any]]:
+        """The model's parameters, and η in its own group (lr × ``eta_lr_scale``, own decay)."""
+        eta = self._ensure_eta(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise AdvfeatError(f"method {self.name!r} left no trainable parameter in the model")
+        eta_group: dict[str, Any] = {
+            **group,
+            "params": [eta],
+            "weight_decay": self.opts.eta_weight_decay,
+            "lr_scale": self.opts.eta_lr_scale,
+        }
+        if "lr" in group:
+            eta_group["lr"] = group["lr"] * self.opts.eta_lr_scale
+        return [{"params": params, **group}, eta_group]
+
+    @torch.no_grad()
+    def project_strengths_(self) -> None:
+        """Project η onto the simplex if it changed since the last projection (Alg. 1, line 5)."""
+        if self.eta is None or self.eta_seen is None:
+            return
+        if self.eta_seen.shape == self.eta.shape and torch.equal(self.eta_seen, self.eta):
+            return
+        self.eta.copy_(project_simplex(self.eta))
+        self.eta_seen = self.eta.detach().clone()
+
+    @property
+    def strengths(self) -> dict[str, float]:
+        """The current η per site (after projection)."""
+        self.project_strengths_()
+        if self.eta is None or self.eta_sites is None:
+            return {}
+        return {s: float(v) for s, v in zip(self.eta_sites, self.eta.detach(), strict=True)}
+
+    # -------------------------------------------------------------------------- training
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
+        if self.eta is None or self.eta_sites is None:
+            raise AdvfeatError(
+                "L-ALFA's strengths η depend on the model's sites and do not exist yet: call "
+                "method.prepare(model) or method.parameter_groups(model) before training, so "
+                "that the optimizer updates η"
+            )
+        self._ensure_eta(model)
+        self.project_strengths_()
+        sites = self.eta_sites
+        logits, feats = self.clean_pass(model, x, sites)
+        loss_clean = cross_entropy(logits, y)
+        losses, delta_l2 = self.site_losses(model, x, y, feats, sites, strengths=self.eta)
+        loss_adv = torch.stack(losses).sum()
+        loss_l1 = self.eta.abs().sum()
+        loss = loss_clean + self.opts.lam * loss_adv + self.opts.gamma * loss_l1
+        logs = self.detach_logs(
+            loss_clean=loss_clean, loss_adv=loss_adv, loss_l1=loss_l1, delta_l2=delta_l2
+        )
+        return MethodOutput(loss=loss, logits=logits, logs=logs)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        """Project η and report it: ``{"eta_<site>": value}`` (its trajectory, Fig. 4)."""
+        return {f"eta_{site}": value for site, value in self.strengths.items()}

@@ -1,0 +1,58 @@
+"""PGD adversarial training (Madry et al. 2018): minimise the loss of the worst-case example."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advfeat.methods.adversarial import PixelAdversarialTraining, pgd_at_loss
+from advfeat.methods.base import MethodOutput, unwrap
+from advfeat.methods.registry import register_method
+from advfeat.norm.stats import frozen_bn_statistics
+
+__all__ = ["PGDAT"]
+
+
+@register_method
+class PGDAT(PixelAdversarialTraining):
+    """Madry et al. 2018, Eq. (2.1): min_θ E[max_{‖δ‖∞≤ε} CE(f_θ(x + δ), y)].
+
+    The inner maximisation is L∞ PGD with a uniform random start, run with the model's BN layers
+    in train mode (batch statistics), as in the released CIFAR-10 code, whose attack runs in the
+    training graph; ``attack_bn_mode="eval"`` attacks with running statistics instead. The loss
+    is the adversarial cross-entropy only (no clean term). With ``log_clean`` (default) one extra
+    gradient-free clean forward, with BN statistics frozen, gives ``loss_clean`` and the clean
+    logits for the training accuracy; ``log_clean=False`` saves it (``logits`` is then ``None``).
+    """
+
+    name = "pgd-at"
+    paper = "Madry et al., ICLR 2018"
+    recipe = "pgd-at"
+
+    @dataclass
+    class Options:
+        # CIFAR-10 (Madry et al. 2018, §5 and the released cifar10_challenge config.json):
+        # ε = 8/255, step 2/255, random start. The released config runs 10 steps; §5 of the
+        # paper reports 7 steps for its CIFAR-10 training (set steps=7 for that reading).
+        eps: float = 8 / 255
+        alpha: float = 2 / 255
+        steps: int = 10
+        random_start: str = "uniform"
+        init_std: float = 0.001  # only used with random_start="normal"
+        attack_bn_mode: str = "train"
+        log_clean: bool = True
+
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
+        net = unwrap(model)
+        x_adv = self.adversarial_examples(net, x, y)
+        logits_adv = model(x_adv)
+        loss = pgd_at_loss(logits_adv, y)
+        if not self.opts.log_clean:
+            return MethodOutput(loss=loss, logits=None, logs=self.detach_logs(loss_adv=loss))
+        with torch.no_grad(), frozen_bn_statistics(net):
+            logits = model(x)
+        logs = self.detach_logs(loss_clean=F.cross_entropy(logits, y), loss_adv=loss)
+        return MethodOutput(loss=loss, logits=logits, logs=logs)
