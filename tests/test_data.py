@@ -395,6 +395,17 @@ def test_cifar10_jpeg_decodes_once_then_reads_the_cache(
     assert torch.equal(subset[0], first["test"][0][::2])
 
 
+def test_max_per_class_can_spare_the_test_split(tmp_path: Path) -> None:
+    _fake_jpeg_zip(tmp_path / "cifar10-jpeg.zip", per_class=3)
+    both = build_dataset("cifar10-jpeg", tmp_path, max_per_class=1, cache_dir=tmp_path / "c")
+    train_only = build_dataset(
+        "cifar10-jpeg", tmp_path, max_per_class=1, limit_test=False, cache_dir=tmp_path / "c"
+    )
+    assert (len(both.train), len(both.test)) == (10, 10)
+    assert (len(train_only.train), len(train_only.test)) == (10, 30)
+    assert torch.equal(storage(both.train), storage(train_only.train))
+
+
 def test_cifar10_jpeg_wrong_zip_is_explained(tmp_path: Path) -> None:
     bad = tmp_path / "cifar10-jpeg.zip"
     _fake_jpeg_zip(bad, per_class=1, classes=("cats", "dogs"))

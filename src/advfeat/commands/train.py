@@ -15,7 +15,7 @@ from advfeat.train.config import TrainConfig, apply_overrides, load_yaml, parse_
 
 __all__ = ["DEFAULT_METHODS", "add_parser", "config_from_args", "run"]
 
-DEFAULT_METHODS: tuple[str, ...] = ("standard",)
+DEFAULT_METHODS: tuple[str, ...] = ("standard", "afan")
 """Methods trained side by side (same seed, same data) by ``advfeat train`` without ``--method``."""
 
 _FLAG_KEYS = {

@@ -3,7 +3,7 @@
 Small datasets are kept in memory as ``uint8`` tensors and converted per item; the training
 split gets the standard CIFAR augmentation (4-pixel padded random crop, horizontal flip; no flip
 for SVHN digits). ``max_per_class`` keeps the first ``m`` items of each class in each split, for
-quick experiments. Without ``root`` the torchvision datasets live in ``~/.cache/advfeat/data``.
+quick experiments (``limit_test=False``: in the training split only). Without ``root`` the torchvision datasets live in ``~/.cache/advfeat/data``.
 """
 
 from __future__ import annotations
@@ -98,11 +98,17 @@ def array_bundle(
     augment: bool,
     flip: bool = True,
     max_per_class: int | None = None,
+    limit_test: bool = True,
 ) -> DatasetBundle:
-    """Bundle in-memory ``(uint8 images [N, C, H, W], int labels [N])`` train and test splits."""
+    """Bundle in-memory ``(uint8 images [N, C, H, W], int labels [N])`` train and test splits.
+
+    ``max_per_class`` limits the training split, and the test split too unless ``limit_test``
+    is false (quick training runs that are still scored on the full test set).
+    """
     splits = []
-    for images, labels in (train, test):
-        keep = first_per_class(labels, max_per_class)
+    for split, (images, labels) in (("train", train), ("test", test)):
+        limit = max_per_class if split == "train" or limit_test else None
+        keep = first_per_class(labels, limit)
         if keep is not None:
             images, labels = images[keep], labels[keep]
         splits.append(ArrayDataset(images.contiguous(), LabelTargets(labels)))
@@ -176,6 +182,7 @@ def cifar10(
     augment: bool = True,
     download: bool = False,
     max_per_class: int | None = None,
+    limit_test: bool = True,
 ) -> DatasetBundle:
     """CIFAR-10 (Krizhevsky 2009): 50,000 train / 10,000 test 32x32 images of 10 classes."""
     _check_limit(max_per_class)
@@ -190,6 +197,7 @@ def cifar10(
         val_fraction=val_fraction,
         augment=augment,
         max_per_class=max_per_class,
+        limit_test=limit_test,
     )
 
 
@@ -202,6 +210,7 @@ def cifar100(
     augment: bool = True,
     download: bool = False,
     max_per_class: int | None = None,
+    limit_test: bool = True,
 ) -> DatasetBundle:
     """CIFAR-100: 50,000 train / 10,000 test 32x32 images of 100 classes."""
     _check_limit(max_per_class)
@@ -216,6 +225,7 @@ def cifar100(
         val_fraction=val_fraction,
         augment=augment,
         max_per_class=max_per_class,
+        limit_test=limit_test,
     )
 
 
@@ -228,6 +238,7 @@ def svhn(
     augment: bool = True,
     download: bool = False,
     max_per_class: int | None = None,
+    limit_test: bool = True,
 ) -> DatasetBundle:
     """SVHN cropped digits (Netzer et al. 2011), train and test splits; no flip augmentation."""
     from torchvision.datasets import SVHN
@@ -261,6 +272,7 @@ def svhn(
         augment=augment,
         flip=False,
         max_per_class=max_per_class,
+        limit_test=limit_test,
     )
 
 
@@ -433,12 +445,12 @@ def _decode(
     return images, np.array([label for _, label in items], dtype=np.int64)
 
 
-def _cache_dir(path: Path, cache_dir: str | Path | None) -> Path:
+def _cache_dir(cache_dir: str | Path | None) -> Path:
+    """``cache_dir``, else ``$XDG_CACHE_HOME/advfeat`` (``~/.cache/advfeat``): never the data's
+    own folder, which may be shared or read-only."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    if os.access(path.parent, os.W_OK):
-        return path.parent
-    return Path.home() / ".cache" / "advfeat"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "advfeat"
 
 
 def _save_atomic(target: Path, array: np.ndarray) -> None:
@@ -472,7 +484,7 @@ def load_cifar10_jpeg(
     """Images ``uint8 [N, 3, 32, 32]`` and labels of the ``splits`` of the JPEG CIFAR-10 zip.
 
     Each split is decoded once with Pillow and cached as ``.npy`` in ``cache_dir`` (default:
-    next to the zip if writable, else ``~/.cache/advfeat``), keyed by the zip's size and
+    ``~/.cache/advfeat``), keyed by the zip's size and
     modification time. With ``max_per_class`` only the first ``m`` images of each class are
     read (from the cache when it exists, else decoded directly, without writing a cache).
     """
@@ -482,7 +494,7 @@ def load_cifar10_jpeg(
     path = _locate_zip(root)
     stat = path.stat()
     key = hashlib.sha1(f"{stat.st_size}-{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = _cache_dir(path, cache_dir)
+    folder = _cache_dir(cache_dir)
     caches = {
         split: [folder / f"{path.stem}-{key}-{split}-{part}.npy" for part in ("images", "labels")]
         for split in splits
@@ -535,6 +547,7 @@ def cifar10_jpeg(
     augment: bool = True,
     download: bool = False,
     max_per_class: int | None = None,
+    limit_test: bool = True,
     cache_dir: str | Path | None = None,
 ) -> DatasetBundle:
     """CIFAR-10 re-encoded as JPEG (quality 75) in one zip: same split and labels as CIFAR-10.
@@ -544,7 +557,9 @@ def cifar10_jpeg(
     CIFAR-10, so compare only against baselines trained on this same data.
     """
     _check_limit(max_per_class)
-    splits = load_cifar10_jpeg(root, max_per_class=max_per_class, cache_dir=cache_dir)
+    splits = load_cifar10_jpeg(root, ("train",), max_per_class=max_per_class, cache_dir=cache_dir)
+    test_limit = max_per_class if limit_test else None
+    splits |= load_cifar10_jpeg(root, ("test",), max_per_class=test_limit, cache_dir=cache_dir)
     return array_bundle(
         splits["train"],
         splits["test"],

@@ -2,7 +2,7 @@
 
 A :class:`Method` plugs into the project's trainer, into a user's own loop, or into Lightning::
 
-    method = advfeat.build_method("afan", model)      # paper defaults, validated options
+    method = advfeat.build_method("afan")              # paper defaults, validated options
     model = method.prepare(model)                      # e.g. converts BN to multi-branch BN
     opt = torch.optim.SGD(method.parameter_groups(model, lr=0.1), lr=0.1, momentum=0.9)
     for x, y in loader:
