@@ -157,3 +157,14 @@ def test_console_script_entry_point() -> None:
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "epochs must be a positive integer" in proc.stderr
+
+
+def test_checkpoint_options_are_recorded_as_absolute_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stage1.pt").write_bytes(b"")
+    args = ["train", "--method", "afa", "--set", "method_options.stage1_checkpoint=stage1.pt"]
+    assert main([*args, "--show-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["method_options"]["stage1_checkpoint"] == str(tmp_path / "stage1.pt")

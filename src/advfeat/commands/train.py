@@ -93,6 +93,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Tra
         cfg.method = method
     if args.quiet:
         cfg.progress = False
+    _absolute_paths(cfg)
     if (
         cfg.data_dir is not None
         and not Path(cfg.data_dir).exists()
@@ -101,6 +102,16 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Tra
         raise AdvfeatError(f"--data-dir {cfg.data_dir!r} does not exist")
     cfg.validate()
     return cfg
+
+
+def _absolute_paths(cfg: TrainConfig) -> None:
+    """Record checkpoint options and the data folder as absolute paths in the run's config, so
+    that the run can be evaluated or resumed from another working directory."""
+    for key, value in cfg.method_options.items():
+        if key.endswith("checkpoint") and isinstance(value, str) and Path(value).exists():
+            cfg.method_options[key] = str(Path(value).resolve())
+    if cfg.data_dir is not None and Path(cfg.data_dir).exists():
+        cfg.data_dir = str(Path(cfg.data_dir).resolve())
 
 
 def _default_out(cfg: TrainConfig) -> Path:

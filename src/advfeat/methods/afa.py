@@ -40,7 +40,9 @@ Readings of the paper (the other reading is an option where it is a real alterna
 * **Stage-II strengths** — "samples of various attacking strengths": by default ε ~ U[0, ε_{K−1}]
   per sample (``stage2_strengths="uniform"``); ``"grid"`` draws from the stage-I grid (clean
   included). Stage-II examples are L∞ PGD on the cross-entropy of the current stage-II model
-  (the evaluation attack of Tables 1–2), uniform start, BN in eval mode, α = ε/4.
+  (the evaluation attack of Tables 1–2), uniform start, BN in eval mode, α = ε/4, ``steps``
+  steps. (Sec. 5.3 generates the samples of Fig. 6 with a separately trained ResNet-34; that
+  transfer reading is not offered.)
 * **Generator** — see :mod:`advfeat.norm.afa`: one W_0 per sample shared by all fused layers,
   computed from the input images (``generator_source`` names an intermediate module instead;
   ``generator_per_layer`` gives one weight per fused layer).
@@ -153,8 +155,10 @@ class AFA(Method):
     # ------------------------------------------------------------------------------ options
     def validate_options(self) -> None:
         o = self.opts
-        if o.stage not in (1, 2) or isinstance(o.stage, bool):
-            raise AdvfeatError(f"afa: stage must be 1 or 2, got {o.stage!r}")
+        if isinstance(o.stage, bool) or not isinstance(o.stage, int) or o.stage not in (1, 2):
+            raise AdvfeatError(
+                f"afa: stage must be 1 (K BN branches) or 2 (weight generator), got {o.stage!r}"
+            )
         if o.base not in BASES:
             raise unknown_name("afa base", str(o.base), BASES)
         k = o.num_branches
@@ -185,11 +189,23 @@ class AFA(Method):
         gc = o.generator_channels
         if isinstance(gc, bool) or not isinstance(gc, int) or gc < 1:
             raise AdvfeatError(f"afa: generator_channels must be an integer >= 1, got {gc!r}")
+        pw = o.prefix_weight
+        if pw is not None and (not _number(pw) or not 0 <= pw <= 1):
+            raise AdvfeatError(
+                f"afa: prefix_weight (the fixed W_0 of BN layers that run before "
+                f"generator_source) must be a number in [0, 1] or null, got {pw!r}"
+            )
+        if not isinstance(o.generator_per_layer, bool):
+            raise AdvfeatError(
+                f"afa: generator_per_layer must be true or false, got {o.generator_per_layer!r}"
+            )
         self._validate_checkpoint_option()
 
     def _resolve_grid(self) -> tuple[float, ...]:
         o = self.opts
         k = o.num_branches
+        if o.grid_spacing not in GRID_SPACINGS:
+            raise unknown_name("afa grid_spacing", str(o.grid_spacing), GRID_SPACINGS)
         if o.eps_grid_255 is None:
             if not _number(o.eps_max_255) or not 0 < o.eps_max_255 <= 255:
                 raise AdvfeatError(
@@ -233,7 +249,10 @@ class AFA(Method):
                 "method_options.stage1_checkpoint=runs/afa-stage1/checkpoint.pt)"
             )
         if not Path(path).is_file():
-            raise AdvfeatError(f"afa: stage1_checkpoint {str(path)!r} does not exist")
+            raise AdvfeatError(
+                f"afa: stage1_checkpoint {str(path)!r} does not exist (a relative path is read "
+                "from the current directory)"
+            )
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -360,18 +379,23 @@ class AFA(Method):
         eps = eps.repeat_interleave(batch)
 
         logits_clean: Tensor | None = None
-        target: Tensor | None = None
-        if recipe.loss == "kl":
+        logits_ref: Tensor | None = None  # f_ref(x) of the loss when it is f_k(x) ("own-branch")
+        target: Tensor | None = None  # f_ref(x) as the KL attack of TRADES sees it (detached)
+        if recipe.loss == "kl" and bn_mode == "train":  # the training forward gives these values
             if own_reference:
                 with split_branches(net, route):
-                    target = clean_reference_logits(net, x_rep, bn_mode=bn_mode)
-            elif bn_mode == "train":  # reuse the training forward's clean logits (same values)
+                    logits_ref = model(x_rep)
+                target = logits_ref.detach()
+            else:
                 with use_branch(net, names[0]):
                     logits_clean = model(x)
                 target = logits_clean.detach().repeat(reps, 1)
-            else:
-                ref = clean_reference_logits(net, x, bn_mode="eval", branch=names[0])
-                target = ref.repeat(reps, 1)
+        elif recipe.loss == "kl" and own_reference:
+            with split_branches(net, route):
+                target = clean_reference_logits(net, x_rep, bn_mode="eval")
+        elif recipe.loss == "kl":
+            ref = clean_reference_logits(net, x, bn_mode="eval", branch=names[0])
+            target = ref.repeat(reps, 1)
         with split_branches(net, route):
             x_adv = pixel_attack(
                 net,
@@ -391,11 +415,11 @@ class AFA(Method):
                 logits_clean = model(x)
         with split_branches(net, route):
             logits_adv = model(x_adv)
-        if own_reference:
+        if not own_reference:
+            logits_ref = logits_clean.repeat(reps, 1)
+        elif logits_ref is None:
             with split_branches(net, route):
                 logits_ref = model(x_rep)
-        else:
-            logits_ref = logits_clean.repeat(reps, 1)
 
         loss_clean = F.cross_entropy(logits_clean, y)
         weight = o.trades_beta if o.base == "trades" else o.mart_lambda
