@@ -1,0 +1,265 @@
+"""AdvBN: fine-tuning on adversarial feature statistics (Shu et al., NeurIPS 2021).
+
+A pre-trained network g = g^{l+1,L} ∘ g^{1,l} is split at a feature site l. Per step
+(Algorithm 1, Eq. 1-3)::
+
+    f     = g^{1,l}(x)                                  frozen prefix: no update, no BN statistics
+    (δ_μ, δ_σ) = PGD, m sign steps of size τ, clip to [1 − ε, 1 + ε]   (Eq. 2)
+    f_adv = δ_σ·(f − μ(f)) + δ_μ·μ(f)                   per-channel batch mean μ (Eq. 1)
+    L     = L(g^{l+1,L}_aux(f_adv), y) + L(g^{l+1,L}_main(f), y)        (Eq. 3)
+
+Only θ of g^{l+1,L} is updated ("we only modify the parameters of later layers", Sec. 4); the
+adversarial features go through an auxiliary BN in the sub-network, the clean ones through the
+main BN (Sec. 4, after Xie et al. 2020). At test time either BN may be used (Appendix A.3).
+The attack is :class:`advfeat.attacks.feature.BNStatsAttack` on the clean feature captured once,
+so neither the attack nor the training passes re-run the prefix.
+
+Readings of the paper (the other reading is an option):
+
+* **Prefix BN mode** — the paper keeps g^{1,l} fixed but does not say in which BN mode it runs.
+  Default ``prefix_bn_mode="eval"``: the pre-trained running statistics, so the training
+  features are the features seen at test time. ``"train"``: batch statistics (running
+  statistics still never move).
+* **Strength** — ε = m·τ − 0.1 (Sec. 5.1, Sec. 5.2 "Adversarial strength"); ``eps`` overrides.
+  ResNet-50 on ImageNet uses m = 6, τ = 0.2 (ε = 1.1); no CIFAR setting is given, so the
+  defaults keep it. The multipliers start at 1 (Algorithm 1 leaves the start open;
+  ``random_start`` draws them uniformly in [1 − ε, 1 + ε]).
+* **Site** — conv2_3, the end of ResNet-50's first residual stage (Sec. 5.1); the CIFAR ResNets'
+  first stage is ``layer1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from advfeat.attacks.feature import BNStatsAttack
+from advfeat.errors import AdvfeatError
+from advfeat.methods.auxbn import (
+    ADV,
+    ATTACK_BN_MODES,
+    MAIN,
+    ROUTINGS,
+    AuxBNMethod,
+    check_choice,
+    check_number,
+    prepare_branches,
+    require_branches,
+)
+from advfeat.methods.base import MethodOutput, cross_entropy, unwrap
+from advfeat.methods.registry import register_method
+from advfeat.norm import split_branches, use_branch
+from advfeat.norm.stats import frozen_bn_statistics
+from advfeat.sites import SiteSplit, resolve_site
+
+__all__ = ["AdvBN", "advbn_eps", "load_init_checkpoint", "prefix_module_names"]
+
+_PREFIXES: WeakKeyDictionary[nn.Module, dict[str, tuple[str, ...]]] = WeakKeyDictionary()
+
+
+def advbn_eps(steps: int, tau: float) -> float:
+    """AdvBN's bound ε = m·τ − 0.1 (Sec. 5.1 and 5.2)."""
+    return steps * tau - 0.1
+
+
+def load_init_checkpoint(model: nn.Module, path: str, *, method: str = "advbn") -> None:
+    """Load the weights of an ``advfeat train`` checkpoint into the plain ``model``.
+
+    Auxiliary BN branches in the checkpoint (``....aux.<branch>....`` keys, e.g. of an AdvProp
+    run) are dropped: the main branch keeps the original keys (AdvBN Table 1, "AdvProp + AdvBN").
+    """
+    from advfeat.train.checkpoint import load_checkpoint  # the trainer imports the methods
+
+    state = load_checkpoint(path)
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        raise AdvfeatError(f"{method}: checkpoint {path!r} holds no model weights")
+    kept = {k: v for k, v in weights.items() if ".aux." not in f".{k}"}
+    result = unwrap(model).load_state_dict(kept, strict=False)
+    missing = [k for k in result.missing_keys if ".aux." not in f".{k}"]
+    if missing or result.unexpected_keys:
+        first = (missing or result.unexpected_keys)[:3]
+        config = state.get("config") or {}
+        raise AdvfeatError(
+            f"{method}: init_checkpoint {path!r} (model {config.get('model')!r}) does not fit "
+            f"this model: {len(missing)} missing and {len(result.unexpected_keys)} unexpected "
+            f"keys, e.g. {first}; give the checkpoint of a run with the same --model"
+        )
+
+
+def prefix_module_names(model: nn.Module, split: SiteSplit, x: Tensor) -> tuple[str, ...]:
+    """Names of the modules of g^{1,l}: those whose forward completes before the site's does.
+
+    Found by running the head on ``x`` once with forward hooks (no gradients, BN statistics
+    frozen, flags restored). Containers of the site never complete during the head and are not
+    part of the prefix; the site itself and all of its submodules are.
+    """
+    inner = unwrap(model)
+    done: list[str] = []
+    handles = []
+    for name, module in inner.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(lambda *_, n=name: done.append(n)))
+    try:
+        with torch.no_grad(), frozen_bn_statistics(inner):
+            split.head(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(dict.fromkeys(done))
+
+
+@register_method
+class AdvBN(AuxBNMethod):
+    """AdvBN fine-tuning (Algorithm 1): clean features through the main BN, adversarial ones
+    (PGD on per-channel mean/std multipliers) through the aux BN; the prefix stays frozen.
+
+    Options (defaults: Sec. 5.1, ResNet-50: m = 6, τ = 0.2, ε = m·τ − 0.1):
+
+    * ``init_checkpoint``: the pre-trained model (an ``advfeat train`` checkpoint; required).
+    * ``site``: dotted module name of layer l (``layer1``: the first stage, as conv2_3).
+    * ``steps`` (m), ``tau`` (τ), ``eps`` (ε; ``None`` → m·τ − 0.1), ``random_start``.
+    * ``stats``: ``"batch"`` per-channel batch mean (the paper) or ``"instance"`` (per sample).
+    * ``attack_bn_mode``: BN mode of the sub-network during the attack (running statistics are
+      never moved by it); ``"train"``: batch statistics of the features being trained on.
+    * ``prefix_bn_mode``: ``"eval"`` or ``"train"`` for the frozen prefix (see module docs).
+    * ``adv_weight``: weight of the adversarial term of Eq. 3 (1 in the paper).
+    * ``routing``: ``"split"`` [clean | adv] in one tail pass, or ``"separate"``.
+    * ``eval_branch``: ``"clean"`` (main BN) or ``"adv"`` (aux BN) at test time (Appendix A.3).
+    """
+
+    name = "advbn"
+    paper = "Shu et al. 2021, Encoding Robustness to Image Style via Adversarial Feature Perturbations (NeurIPS)"
+
+    @dataclass
+    class Options:
+        init_checkpoint: str | None = None  # Sec. 4: AdvBN fine-tunes a pre-trained model
+        site: str = "layer1"  # Sec. 5.1: conv2_3, the end of the first residual stage
+        steps: int = 6  # Sec. 5.1: m = 6
+        tau: float = 0.2  # Sec. 5.1: τ = 0.2
+        eps: float | None = None  # Sec. 5.1: ε = m·τ − 0.1
+        random_start: bool = False
+        stats: str = "batch"  # Eq. 1: per-channel batch statistics
+        attack_bn_mode: str = "train"
+        prefix_bn_mode: str = "eval"
+        adv_weight: float = 1.0  # Eq. 3
+        routing: str = "split"
+        eval_branch: str = MAIN  # Appendix A.3: main BN on data close to the training data
+
+    last_multipliers: tuple[Tensor, Tensor] | None = None
+    """(δ_μ, δ_σ) of the last step, each of shape (C,)."""
+
+    @property
+    def bound(self) -> float:
+        """ε: the ``eps`` option, or m·τ − 0.1."""
+        o = self.opts
+        return float(o.eps) if o.eps is not None else advbn_eps(o.steps, o.tau)
+
+    def validate_options(self) -> None:
+        o, name = self.opts, self.name
+        path = o.init_checkpoint
+        if not path or not isinstance(path, str):
+            raise AdvfeatError(
+                f"{name} fine-tunes a trained model (AdvBN Sec. 4): set init_checkpoint=PATH to "
+                "the checkpoint.pt of an `advfeat train` run (e.g. --set "
+                "method_options.init_checkpoint=runs/standard/checkpoint.pt)"
+            )
+        if not Path(path).is_file():
+            raise AdvfeatError(f"{name}: init_checkpoint {path!r} does not exist")
+        if not isinstance(o.site, str) or not o.site:
+            raise AdvfeatError(f"{name}: site must be a dotted module name, got {o.site!r}")
+        if isinstance(o.steps, bool) or not isinstance(o.steps, int) or o.steps < 1:
+            raise AdvfeatError(f"{name}: steps (m) must be an integer >= 1, got {o.steps!r}")
+        check_number(name, "tau", o.tau, low=0, open_low=True)
+        if o.eps is not None:
+            check_number(name, "eps", o.eps, low=0, open_low=False)
+        elif self.bound <= 0:
+            raise AdvfeatError(f"{name}: ε = m·τ − 0.1 = {self.bound:g} is not positive; set eps")
+        if not isinstance(o.random_start, bool):
+            raise AdvfeatError(f"{name}: random_start must be true or false")
+        check_choice(name, "stats", o.stats, ("batch", "instance"))
+        check_choice(name, "attack_bn_mode", o.attack_bn_mode, ATTACK_BN_MODES)
+        check_choice(name, "prefix_bn_mode", o.prefix_bn_mode, ATTACK_BN_MODES)
+        check_number(name, "adv_weight", o.adv_weight, low=0, open_low=False)
+        check_choice(name, "routing", o.routing, ROUTINGS)
+        super().validate_options()
+
+    # ------------------------------------------------------------------------------ model
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Check the site, load ``init_checkpoint``, then give every BN layer an aux branch."""
+        resolve_site(model, self.opts.site)
+        load_init_checkpoint(model, str(self.opts.init_checkpoint), method=self.name)
+        return prepare_branches(model, self.branches(), method=self.name)
+
+    def prefix_modules(self, model: nn.Module, split: SiteSplit, x: Tensor) -> list[nn.Module]:
+        """The modules of g^{1,l} (found once per model); their parameters stop requiring grad."""
+        inner = unwrap(model)
+        known = _PREFIXES.setdefault(inner, {})
+        if self.opts.site not in known:
+            known[self.opts.site] = prefix_module_names(inner, split, x)
+            for name in known[self.opts.site]:
+                for p in inner.get_submodule(name).parameters():
+                    p.requires_grad_(False)
+        return [inner.get_submodule(name) for name in known[self.opts.site]]
+
+    @contextmanager
+    def frozen_prefix(self, modules: list[nn.Module]) -> Iterator[None]:
+        """g^{1,l} in ``prefix_bn_mode`` with its BN running statistics frozen; flags restored."""
+        subs = {m for module in modules for m in module.modules()}
+        flags = {m: m.training for m in subs}
+        try:
+            with ExitStack() as stack:
+                for m in subs:
+                    if self.opts.prefix_bn_mode == "eval":
+                        m.training = False
+                    elif isinstance(m, _BatchNorm):
+                        stack.enter_context(frozen_bn_statistics(m))
+                yield
+        finally:
+            for m, training in flags.items():
+                m.training = training
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
+        o = self.opts
+        net = require_branches(model, self.name)
+        split = SiteSplit(net, o.site)
+        with self.frozen_prefix(self.prefix_modules(net, split, x)):
+            with torch.no_grad():
+                f = split.head(x)
+            if not isinstance(f, Tensor):
+                raise AdvfeatError(f"{self.name}: site {o.site!r} must output a tensor")
+            attack = BNStatsAttack(
+                net, o.site, eps=self.bound, alpha=o.tau, steps=o.steps,
+                random_start=o.random_start, stats=o.stats,  # type: ignore[arg-type]
+                bn_mode=o.attack_bn_mode, branch=ADV,  # type: ignore[arg-type]
+            )  # fmt: skip
+            f_adv = attack(x, y, feature=f.detach())
+            self.last_multipliers = attack.last_multipliers
+            logits, logits_adv = self.tails(net, split, f.detach(), f_adv, x)
+        loss_clean, loss_adv = cross_entropy(logits, y), cross_entropy(logits_adv, y)
+        loss = loss_clean + o.adv_weight * loss_adv
+        logs = self.detach_logs(loss_clean=loss_clean, loss_adv=loss_adv)
+        return MethodOutput(loss=loss, logits=logits, logs=logs)
+
+    def tails(
+        self, net: nn.Module, split: SiteSplit, f: Tensor, f_adv: Tensor, x: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """g^{l+1,L}: the clean feature through the main BN, the adversarial one through the aux."""
+        n = f.shape[0]
+        if self.opts.routing == "split":
+            with split_branches(net, [(MAIN, n), (ADV, n)]):
+                out = split.tail(torch.cat([f, f_adv]), x=torch.cat([x, x]))
+            return out[:n], out[n:]
+        with use_branch(net, MAIN):
+            clean = split.tail(f, x=x)
+        with use_branch(net, ADV):
+            adv = split.tail(f_adv, x=x)
+        return clean, adv
