@@ -88,7 +88,7 @@ def corrupt_batch(images: Tensor, name: str, severity: int, seeds: Sequence[int]
             image = array[..., 0] if channels == 1 else array
             extra = {"seed": seed} if kwargs_for_seed else {}
             corrupted = ic.corrupt(image, corruption_name=name, severity=severity, **extra)
-            corrupted = np.asarray(corrupted, dtype=np.uint8)
+            corrupted = np.array(corrupted, dtype=np.uint8)  # a writable copy
             if channels == 1 and corrupted.ndim == 3:
                 corrupted = corrupted.mean(axis=2, keepdims=True)
             elif corrupted.ndim == 2:
@@ -117,6 +117,8 @@ def corruption_errors(
 
     ``accuracy[c][str(s)]`` is top-1 accuracy under corruption c at severity s; ``baseline`` the
     same for the normalising model. Every (c, s) of ``accuracy`` must be in ``baseline``.
+    CE_c is ``None`` where the baseline's error sum is zero, and mCE averages the defined CE_c
+    (the undefined ones are listed under ``ce_undefined``).
     """
     missing = [
         f"{c}@{s}" for c, row in accuracy.items() for s in row if s not in baseline.get(c, {})
@@ -127,18 +129,28 @@ def corruption_errors(
             f"{' ...' if len(missing) > 6 else ''}; evaluate it with the same corruptions and "
             "severities"
         )
-    ce: dict[str, float] = {}
-    rel: dict[str, float] = {}
+    ce: dict[str, float | None] = {}
+    rel: dict[str, float | None] = {}
     for c, row in accuracy.items():
         err = sum(1 - a for a in row.values())
         base = sum(1 - baseline[c][s] for s in row)
-        ce[c] = err / base if base > 0 else float("inf")
+        ce[c] = err / base if base > 0 else None
         if clean_accuracy is not None and baseline_clean_accuracy is not None:
             num = sum((1 - a) - (1 - clean_accuracy) for a in row.values())
             den = sum((1 - baseline[c][s]) - (1 - baseline_clean_accuracy) for s in row)
-            rel[c] = num / den if den > 0 else float("inf")
-    out: dict[str, Any] = {"ce": ce, "mce": sum(ce.values()) / len(ce) if ce else None}
+            rel[c] = num / den if den > 0 else None
+    out: dict[str, Any] = {"ce": ce, "mce": _mean_defined(ce)}
+    undefined = [c for c, v in ce.items() if v is None]
+    if undefined:
+        out["ce_undefined"] = undefined
     if rel:
         out["relative_ce"] = rel
-        out["relative_mce"] = sum(rel.values()) / len(rel)
+        out["relative_mce"] = _mean_defined(rel)
     return out
+
+
+def _mean_defined(values: dict[str, float | None]) -> float | None:
+    """Mean over the defined values; a CE is undefined (``None``) when the baseline makes no
+    error on that corruption (the normalising denominator is zero)."""
+    defined = [v for v in values.values() if v is not None]
+    return sum(defined) / len(defined) if defined else None

@@ -11,7 +11,8 @@ A channel that is (nearly) constant on one dataset — a ReLU channel that is de
 Eq. 5 infinite or astronomically large and would swamp the mean over channels. Such channels
 (standard deviation below ``rel_min_std`` × the layer's median channel standard deviation, on
 either dataset) are left out of the mean, and their number is reported
-(:func:`near_constant_channels`); with ``rel_min_std=0`` every channel is kept.
+(:func:`near_constant_channels`); with ``rel_min_std=0`` only exactly constant channels
+(where Eq. 5 is undefined) are left out.
 """
 
 from __future__ import annotations

@@ -98,6 +98,14 @@ def _build_data(
         ) from None
 
 
+def _options_for(name: str, cfg: TrainConfig, given: dict[str, Any] | None) -> dict[str, Any]:
+    """Options of the evaluation dataset: the given ones, else the run's own when it is the
+    run's dataset (another dataset does not inherit options meant for the training one)."""
+    if given is not None:
+        return dict(given)
+    return dict(cfg.dataset_options) if name == cfg.dataset else {}
+
+
 def load_run(
     checkpoint: str | Path,
     *,
@@ -145,7 +153,7 @@ def load_run(
             data_dir if data_dir is not None else cfg.data_dir,
             cfg.seed,
             cfg.val_fraction,
-            dict(dataset_options) if dataset_options is not None else dict(cfg.dataset_options),
+            _options_for(dataset or cfg.dataset, cfg, dataset_options),
         )
         if data.num_classes != train_data.num_classes:
             raise AdvfeatError(

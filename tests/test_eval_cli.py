@@ -1,0 +1,136 @@
+"""``advfeat eval`` on a checkpoint written by ``advfeat train``: every suite from the command
+line, the JSON/Markdown/PNG outputs, resume, and the errors of bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from advfeat.cli import main
+
+DATA = "dataset_options={n_train: 96, n_test: 32, image_size: 32}"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    args = ["train", "--method", "standard", "--model", "resnet20", "--dataset", "shapes"]
+    args += ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--quiet"]
+    args += ["--out", str(run), "--set", DATA, "--set", "eval_shifted=false"]
+    assert main(args) == 0
+    return run / "checkpoint.pt"
+
+
+def _eval(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", "--checkpoint", str(checkpoint), "--out", str(out), "--quiet", *extra]
+
+
+SMALL = [
+    "--max-images", "16", "--batch-size", "16", "--pgd-steps", "2", "--cw-steps", "3",
+    "--corruption-subset", "fog,gaussian_noise", "--severities", "1,5",
+    "--corruption-max-images", "4", "--hessian-batches", "1", "--hutchinson-samples", "2",
+    "--set", "hessian_batch_size=8", "--set", "hessian_iters=3", "--set", "feature_images=2",
+]  # fmt: skip
+
+
+def test_every_suite_runs_and_writes_json_report_and_plots(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval.json"
+    assert main(_eval(checkpoint, out, "--suite", "all", *SMALL)) == 0
+    printed = capsys.readouterr().out
+    assert "clean top-1" in printed and f"results: {out}" in printed
+    res = json.loads(out.read_text())
+    assert res["format"] == "advfeat-eval/1"
+    assert res["run"]["method"] == "standard" and res["run"]["model"] == "resnet20"
+    assert res["config"]["pgd_steps"] == 2 and res["config"]["severities"] == [1, 5]
+    assert res["environment"]["torch"] and "imagecorruptions" in res["environment"]
+    suites = res["suites"]
+    assert list(suites) == [
+        "clean", "attacks", "corruptions", "shift", "bn", "divergence", "hessian", "features"
+    ]  # fmt: skip
+    clean = suites["clean"]["top1"]
+    assert "top5" in suites["clean"]  # shapes has more than five classes
+    for name in ("pgd", "fgsm", "cw"):
+        assert suites["attacks"][name]["accuracy"] <= clean
+    curve = suites["attacks"]["curve"]["accuracy"]
+    assert all(b <= a for a, b in itertools.pairwise(curve))
+    assert set(suites["shift"]["domains"]) == {"colour", "fog", "noise", "style"}
+    assert "skipped" in suites["bn"]  # a standard model has one BN branch
+    assert set(suites["divergence"]["pairs"]) == {f"test|{d}" for d in suites["shift"]["domains"]}
+    assert suites["hessian"]["parameters"] > 0
+    plots = {Path(p).name for p in res["plots"].values()}
+    assert plots == {
+        "accuracy_vs_eps.png",
+        "corruptions.png",
+        "divergence.png",
+        "feature_maps.png",
+        "training_curves.png",
+    }
+    for rel in res["plots"].values():
+        assert (out.parent / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = out.with_suffix(".md").read_text()
+    for heading in ("## Summary", "## Attacks", "## Corruptions", "## Shifted domains",
+                    "## Feature divergence", "## Hessian", "## Plots", "## Configuration"):  # fmt: skip
+        assert heading in report
+
+
+def test_resume_reuses_finished_units(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e.json"
+    args = _eval(checkpoint, out, "--suite", "clean", "--max-images", "8", "--no-plots")
+    assert main(args) == 0
+    first = json.loads(out.read_text())
+    # an interrupted run leaves its partial file behind: fake one holding a finished unit
+    partial = out.with_name("e.json.partial")
+    from advfeat.eval import EvalConfig
+
+    fingerprint = EvalConfig(max_images=8).validate().fingerprint()
+    partial.write_text(json.dumps({
+        "format": "advfeat-eval-partial/1", "fingerprint": fingerprint,
+        "units": {"clean": first["suites"]["clean"]},
+    }))  # fmt: skip
+    assert main([*args, "--resume"]) == 0
+    resumed = json.loads(out.read_text())
+    assert resumed["reused_units"] == 1 and resumed["suites"] == first["suites"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--suite", "atacks"], "did you mean 'attacks'"),
+        (["--model", "resnet32"], "do not fit this architecture"),
+        (["--suite", "corruptions", "--severities", "0,3"], "1 to 5"),
+        (["--eps", "3"], r"in \[0, 1\]"),
+        (["--eps", "eight"], "8/255"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent/data"], "CIFAR-10 not found"),
+        (["--dataset", "shapez"], "did you mean 'shapes'"),
+        (["--autoattack"], "pip install"),
+        (["--domain", "x=/nonexistent/folder", "--suite", "shift"], "does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    if extra == ["--autoattack"]:
+        from advfeat.eval.autoattack import autoattack_backend
+
+        if autoattack_backend() is not None:
+            pytest.skip("an AutoAttack package is installed here")
+    assert main(_eval(checkpoint, tmp_path / "e.json", *extra)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert pytest.importorskip("re").search(message, err), err
+
+
+def test_missing_checkpoint_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_eval(tmp_path / "none.pt", tmp_path / "e.json")) == 2
+    assert "does not exist" in capsys.readouterr().err
