@@ -72,7 +72,9 @@ def test_plain_loop_updates_only_the_tail(make_tiny_bn_cnn, init_ckpt: str) -> N
 
 
 def test_clean_through_main_adversarial_through_aux(make_tiny_bn_cnn, init_ckpt: str) -> None:
-    method = build_method("advbn", init_checkpoint=init_ckpt, site="block1", steps=1, tau=0.3)
+    method = build_method(
+        "advbn", init_checkpoint=init_ckpt, site="block1", steps=1, tau=0.3, routing="split"
+    )
     model = method.prepare(make_tiny_bn_cnn()).train()
     x, y = _batch()
     main_bn, aux_bn = model.block2[1], model.block2[1].aux["adv"]
@@ -90,7 +92,9 @@ def test_clean_through_main_adversarial_through_aux(make_tiny_bn_cnn, init_ckpt:
 
 def test_perturbed_statistics_stay_within_bounds(make_tiny_bn_cnn, init_ckpt: str) -> None:
     """Eq. 1-2: the adversarial feature's channel mean/std are δ·(clean), δ ∈ [1 − ε, 1 + ε]."""
-    method = build_method("advbn", init_checkpoint=init_ckpt, site="block1", steps=3, tau=0.2)
+    method = build_method(
+        "advbn", init_checkpoint=init_ckpt, site="block1", steps=3, tau=0.2, routing="split"
+    )
     eps = method.bound
     assert eps == pytest.approx(3 * 0.2 - 0.1) and advbn_eps(6, 0.2) == pytest.approx(1.1)
     model = method.prepare(make_tiny_bn_cnn()).train()

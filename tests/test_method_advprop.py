@@ -100,6 +100,38 @@ def test_advprop_routes_clean_to_main_and_adversarial_to_aux(make_tiny_bn_cnn) -
             assert torch.allclose(p.grad, q.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["advprop", "fast-advprop"])
+def test_split_and_separate_routing_are_the_same_step(make_tiny_bn_cnn, name: str) -> None:
+    """One [clean | adv] pass with split BN = one pass per branch: loss, gradients, statistics."""
+    base = make_tiny_bn_cnn()
+    results = []
+    for routing in ("split", "separate", "auto"):
+        torch.manual_seed(0)
+        method = build_method(name, eps=1, routing=routing)
+        model = method.prepare(copy.deepcopy(base)).train()
+        out = method(model, *_batch())
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((out.loss.detach(), grads, copy.deepcopy(model.state_dict())))
+    (loss, grads, state), others = results[0], results[1:]
+    for other_loss, other_grads, other_state in others:
+        torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, other_grads, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        for key, value in state.items():
+            torch.testing.assert_close(other_state[key].float(), value.float(), msg=key)
+
+
+def test_auto_routing_splits_only_where_one_pass_pays() -> None:
+    from advfeat.methods.auxbn import resolve_routing
+
+    cpu = torch.zeros(2, 3)
+    assert resolve_routing("auto", nn.Linear(3, 3), cpu) == "separate"
+    assert resolve_routing("split", nn.Linear(3, 3), cpu) == "split"
+    if torch.cuda.is_available():
+        assert resolve_routing("auto", nn.Linear(3, 3), cpu.cuda()) == "split"
+
+
 def test_pgd_n_rule() -> None:
     """AdvProp Sec. 5.1: n = ε + 1 steps (n = 1 at ε = 1), step size 1/255."""
     for eps, n in [(1, 1), (2, 3), (3, 4), (4, 5), (6, 7)]:

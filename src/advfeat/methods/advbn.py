@@ -52,6 +52,7 @@ from advfeat.methods.auxbn import (
     check_number,
     prepare_branches,
     require_branches,
+    resolve_routing,
 )
 from advfeat.methods.base import MethodOutput, cross_entropy, unwrap
 from advfeat.methods.registry import register_method
@@ -131,7 +132,8 @@ class AdvBN(AuxBNMethod):
       never moved by it); ``"train"``: batch statistics of the features being trained on.
     * ``prefix_bn_mode``: ``"eval"`` or ``"train"`` for the frozen prefix (see module docs).
     * ``adv_weight``: weight of the adversarial term of Eq. 3 (1 in the paper).
-    * ``routing``: ``"split"`` [clean | adv] in one tail pass, or ``"separate"``.
+    * ``routing``: ``"split"`` [clean | adv] in one tail pass, ``"separate"``, or ``"auto"``
+      (split on GPUs and under DDP, separate on CPUs).
     * ``eval_branch``: ``"clean"`` (main BN) or ``"adv"`` (aux BN) at test time (Appendix A.3).
     """
 
@@ -150,7 +152,7 @@ class AdvBN(AuxBNMethod):
         attack_bn_mode: str = "train"
         prefix_bn_mode: str = "eval"
         adv_weight: float = 1.0  # Eq. 3
-        routing: str = "split"
+        routing: str = "auto"
         eval_branch: str = MAIN  # Appendix A.3: main BN on data close to the training data
 
     last_multipliers: tuple[Tensor, Tensor] | None = None
@@ -254,7 +256,7 @@ class AdvBN(AuxBNMethod):
     ) -> tuple[Tensor, Tensor]:
         """g^{l+1,L}: the clean feature through the main BN, the adversarial one through the aux."""
         n = f.shape[0]
-        if self.opts.routing == "split":
+        if resolve_routing(self.opts.routing, net, f) == "split":
             with split_branches(net, [(MAIN, n), (ADV, n)]):
                 out = split.tail(torch.cat([f, f_adv]), x=torch.cat([x, x]))
             return out[:n], out[n:]

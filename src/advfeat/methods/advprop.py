@@ -58,7 +58,9 @@ class AdvProp(AuxBNMethod):
     * ``attack_branch``: the BN branch the attack runs through (``"adv"``, Algorithm 1).
     * ``routing``: ``"split"`` — [clean | adv] in ONE forward pass, each chunk through its own
       BN branch (:func:`advfeat.norm.split_branches`); ``"separate"`` — one pass per branch.
-      Same losses, gradients and statistics; split is the default (fewer, larger kernels).
+      Same losses, gradients and statistics; ``"auto"`` (default) splits on GPUs and under
+      DDP, and runs separate passes on CPUs, where they are faster
+      (:func:`advfeat.methods.auxbn.resolve_routing`).
     * ``adv_weight``: weight of L^a (1 in Algorithm 1).
     * ``eval_branch``: BN branch kept for evaluation (``"clean"``: aux BNs dropped, Sec. 4.3;
       ``"adv"``: Table 3's auxiliary-BN evaluation).
@@ -83,7 +85,7 @@ class AdvProp(AuxBNMethod):
         alpha: float = 1.0  # 0-255 units; Sec. 5.1: step size fixed to 1
         attack_bn_mode: str = "train"
         attack_branch: str = ADV  # Algorithm 1: attack through the auxiliary BNs
-        routing: str = "split"
+        routing: str = "auto"
         adv_weight: float = 1.0  # Algorithm 1: L^a + L^c
         eval_branch: str = MAIN  # Sec. 4.3: aux BNs dropped at test time
         fine_grained: bool = False  # Sec. 5.4, Table 5

@@ -52,6 +52,7 @@ __all__ = [
     "check_number",
     "model_mode",
     "prepare_branches",
+    "resolve_routing",
     "strong_augment",
 ]
 
@@ -59,7 +60,7 @@ MAIN = "clean"
 """The main BN branch (clean images; kept at test time)."""
 ADV = "adv"
 """The auxiliary BN branch of adversarial examples / features."""
-ROUTINGS = ("split", "separate")
+ROUTINGS = ("auto", "split", "separate")
 ATTACK_BN_MODES = ("train", "eval")
 
 
@@ -127,21 +128,34 @@ def require_branches(model: nn.Module, method: str) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- forwarding
+def resolve_routing(routing: str, model: nn.Module, images: Tensor) -> str:
+    """``"auto"`` → ``"split"`` on GPUs and under DDP (one larger forward keeps the device busy;
+    DDP expects one forward per backward), ``"separate"`` on CPUs, where two passes of half the
+    batch are faster than one pass of the whole (measured with ``advfeat bench``)."""
+    if routing != "auto":
+        return routing
+    if images.is_cuda or isinstance(model, nn.parallel.DistributedDataParallel):
+        return "split"
+    return "separate"
+
+
 def branch_forward(
-    model: nn.Module, chunks: Sequence[tuple[str, Tensor]], *, routing: str = "split"
+    model: nn.Module, chunks: Sequence[tuple[str, Tensor]], *, routing: str = "auto"
 ) -> list[Tensor]:
     """Model outputs for ``[(branch, images), ...]``, each chunk through its own BN branch.
 
     AdvProp Algorithm 1: the clean mini-batch through the main BNs, the adversarial mini-batch
     through the auxiliary BNs. ``routing="split"`` concatenates the chunks and runs ONE forward
     pass of the (possibly wrapped) model with :func:`advfeat.norm.split_branches`;
-    ``"separate"`` runs one pass per chunk with :func:`advfeat.norm.use_branch`. Outputs,
+    ``"separate"`` runs one pass per chunk with :func:`advfeat.norm.use_branch`; ``"auto"`` picks
+    with :func:`resolve_routing`. Outputs,
     gradients and running statistics are the same either way. Empty chunks are skipped.
     """
     inner = unwrap(model)
     present = [(name, images) for name, images in chunks if images.shape[0] > 0]
     if not present:
         raise AdvfeatError("branch_forward needs at least one non-empty chunk of images")
+    routing = resolve_routing(routing, model, present[0][1])
     if routing == "separate" or len(present) == 1:
         outputs = []
         for name, images in present:

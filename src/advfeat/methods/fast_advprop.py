@@ -98,7 +98,8 @@ class FastAdvProp(AuxBNMethod):
       the released recipe; ``"clean"``: main BN, the other reading).
     * ``reuse_attack_grad``: keep the attack pass's weight gradient (True) or discard it.
     * ``clean_weight``, ``attack_weight``, ``adv_weight``: w_c, w_att, w_adv above.
-    * ``routing``: ``"split"`` (one forward for the joint pass) or ``"separate"``.
+    * ``routing``: ``"split"`` (one forward for the joint pass), ``"separate"``, or ``"auto"``
+      (split on GPUs and under DDP, separate on CPUs).
     * ``eval_branch``: BN branch kept for evaluation (main: aux BNs dropped, as in AdvProp).
     """
 
@@ -121,7 +122,7 @@ class FastAdvProp(AuxBNMethod):
         clean_weight: float = 1.0  # loss_strategy clean:1
         attack_weight: float = 0.5  # loss_strategy attack:0.5
         adv_weight: float = 0.5  # loss_strategy adv:0.5
-        routing: str = "split"
+        routing: str = "auto"
         eval_branch: str = MAIN
 
     def validate_options(self) -> None:
