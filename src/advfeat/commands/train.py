@@ -97,7 +97,7 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Tra
     if (
         cfg.data_dir is not None
         and not Path(cfg.data_dir).exists()
-        and cfg.dataset not in ("cifar10", "cifar100", "svhn")
+        and cfg.dataset not in ("cifar10", "cifar100", "svhn", "voc-det", "voc-seg")
     ):
         raise AdvfeatError(f"--data-dir {cfg.data_dir!r} does not exist")
     cfg.validate()
@@ -160,15 +160,26 @@ def _preset_methods(args: argparse.Namespace) -> list[str]:
     return list(DEFAULT_METHODS)
 
 
+# the headline metric of each kind of run: (metrics.json key, column title, shifted key)
+HEADLINE = (
+    ("clean_acc", "clean acc", "shifted_acc"),
+    ("clean_ap50", "clean AP50", "shifted_ap50"),
+    ("clean_miou", "clean mIoU", "shifted_miou"),
+)
+
+
 def result_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table: one row per run, clean and shifted-domain accuracy, training time."""
-    shifted = sorted({k for r in rows for k in r.get("shifted_acc", {})})
-    head = ["method", "model", "clean acc", *[f"{s} acc" for s in shifted], "train time"]
+    """A Markdown table: one row per run, clean and shifted-domain accuracy (AP50 / mIoU for
+    detection / segmentation runs), training time."""
+    key, title, shifted_key = next((h for h in HEADLINE if rows and h[0] in rows[0]), HEADLINE[0])
+    shifted = sorted({k for r in rows for k in r.get(shifted_key, {})})
+    name = title.removeprefix("clean ")
+    head = ["method", "model", title, *[f"{s} {name}" for s in shifted], "train time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r["method"], r["model"], f"{100 * r['clean_acc']:.1f} %"]
+        cells = [r["method"], r["model"], f"{100 * r[key]:.1f} %" if key in r else "-"]
         cells += [
-            f"{100 * r['shifted_acc'][s]:.1f} %" if s in r.get("shifted_acc", {}) else "-"
+            f"{100 * r[shifted_key][s]:.1f} %" if s in r.get(shifted_key, {}) else "-"
             for s in shifted
         ]
         cells.append(f"{r['train_time_s']:.0f} s")

@@ -18,6 +18,9 @@ from advfeat.data.bundle import (
 )
 from advfeat.data.transforms import CifarAugment, HorizontalFlip, random_crop_flip
 
+# registers the real detection / segmentation datasets voc-det, coco, voc-seg and cityscapes
+from advfeat.tasks import datasets as _dense  # noqa: F401
+
 __all__ = [
     "DATASETS",
     "ArrayDataset",

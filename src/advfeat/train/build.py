@@ -1,4 +1,10 @@
-"""Build the dataset, model and method of a run from its configuration (train and eval share it)."""
+"""Build the dataset, model and method of a run from its configuration (train and eval share it).
+
+Classification runs use :func:`advfeat.models.build_model` and :func:`advfeat.methods.build_method`.
+Detection and segmentation datasets (``bundle.task``) get a :class:`~advfeat.tasks.DenseTask`, a
+detector / segmenter from :mod:`advfeat.tasks.models` and the task's version of the method
+(:func:`advfeat.tasks.build_task_method`: ``standard``, ``alfa``, ``afan``).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,27 @@ from typing import Any
 from torch import nn
 
 from advfeat.data import DatasetBundle, build_dataset
+from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods import Method, build_method
 from advfeat.models import build_model
+from advfeat.tasks import (
+    DETECTORS,
+    SEGMENTERS,
+    TASK_METHODS,
+    DenseTask,
+    DetectionTask,
+    SegmentationTask,
+    build_detector,
+    build_segmenter,
+    build_task_method,
+)
 from advfeat.train.config import TrainConfig
 
-__all__ = ["RunParts", "build_data", "build_parts"]
+__all__ = ["RunParts", "build_data", "build_dense_parts", "build_parts"]
+
+SMALL_DETECTION_IMAGES = 256
+"""Detection images up to this size are square generated ones: the detector keeps their size and
+scales its anchors to it; larger sizes are the shorter side torchvision resizes real photos to."""
 
 
 @dataclass
@@ -20,6 +42,8 @@ class RunParts:
     data: DatasetBundle
     model: nn.Module
     method: Method
+    task: DenseTask | None = None
+    """``None`` for classification."""
 
 
 def build_data(cfg: TrainConfig, **extra: Any) -> DatasetBundle:
@@ -34,9 +58,11 @@ def build_data(cfg: TrainConfig, **extra: Any) -> DatasetBundle:
 
 
 def build_parts(cfg: TrainConfig, data: DatasetBundle | None = None) -> RunParts:
-    """Dataset, model (already prepared by the method) and method for ``cfg``."""
+    """Dataset, model (already prepared by the method), method and, for dense data, task."""
     cfg.validate()
     data = data if data is not None else build_data(cfg)
+    if data.task != "classification":
+        return build_dense_parts(cfg, data)
     method = build_method(cfg.method, **cfg.method_options)
     model = build_model(
         cfg.model,
@@ -48,3 +74,30 @@ def build_parts(cfg: TrainConfig, data: DatasetBundle | None = None) -> RunParts
     )
     model = method.prepare(model)
     return RunParts(data=data, model=model, method=method)
+
+
+def build_dense_parts(cfg: TrainConfig, data: DatasetBundle) -> RunParts:
+    """Task, detector / segmenter and dense method for a detection or segmentation dataset."""
+    if cfg.method not in TASK_METHODS:
+        raise AdvfeatError(
+            f"method {cfg.method!r} has no {data.task} version; {data.task} datasets "
+            f"({cfg.dataset!r}) train with: {', '.join(TASK_METHODS)}"
+        )
+    task: DenseTask
+    model: nn.Module
+    if data.task == "detection":
+        if cfg.model not in DETECTORS:
+            raise unknown_name("detection model", cfg.model, DETECTORS)
+        task = DetectionTask(data.num_classes)
+        size_key = "image_size" if data.image_size <= SMALL_DETECTION_IMAGES else "min_size"
+        options = {size_key: data.image_size, **cfg.model_options}
+        model = build_detector(cfg.model, data.num_classes, mean=data.mean, std=data.std, **options)
+    else:
+        if cfg.model not in SEGMENTERS:
+            raise unknown_name("segmentation model", cfg.model, SEGMENTERS)
+        task = SegmentationTask(data.num_classes)
+        model = build_segmenter(
+            cfg.model, data.num_classes, mean=data.mean, std=data.std, **cfg.model_options
+        )
+    method = build_task_method(cfg.method, task, **cfg.method_options)
+    return RunParts(data=data, model=method.prepare(model), method=method, task=task)

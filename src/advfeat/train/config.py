@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ import yaml
 
 from advfeat.errors import AdvfeatError, unknown_name
 
-__all__ = ["TrainConfig", "apply_overrides", "load_yaml", "parse_override"]
+__all__ = ["SCHEDULES", "TrainConfig", "apply_overrides", "load_yaml", "parse_override"]
+
+SCHEDULES = ("cosine", "multistep", "constant", "poly")
 
 
 @dataclass
@@ -20,8 +23,9 @@ class TrainConfig:
 
     The optimiser and schedule defaults follow the CIFAR recipe shared by the papers
     (SGD, momentum 0.9, weight decay 5e-4, lr 0.1); ``schedule="multistep"`` with
-    ``milestones=[0.5, 0.75]`` gives their step schedule, ``"cosine"`` a cosine decay; both
-    accept a linear warm-up (``warmup_epochs``), as in the ImageNet recipes.
+    ``milestones=[0.5, 0.75]`` gives their step schedule, ``"cosine"`` a cosine decay, ``"poly"``
+    DeepLab's ``(1 - t)^poly_power`` decay (the segmentation recipes); all accept a linear warm-up
+    (``warmup_epochs``), as in the ImageNet recipes.
     """
 
     method: str = "standard"
@@ -41,6 +45,7 @@ class TrainConfig:
     schedule: str = "cosine"
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
+    poly_power: float = 0.9
     warmup_epochs: float = 0.0
     val_fraction: float = 0.0
     select_best: bool = False
@@ -63,8 +68,10 @@ class TrainConfig:
             raise AdvfeatError(f"batch sizes must be positive, got {self.batch_size}")
         if self.lr <= 0:
             raise AdvfeatError(f"lr must be positive, got {self.lr}")
-        if self.schedule not in ("cosine", "multistep", "constant"):
-            raise unknown_name("schedule", self.schedule, ["cosine", "multistep", "constant"])
+        if self.schedule not in SCHEDULES:
+            raise unknown_name("schedule", self.schedule, SCHEDULES)
+        if not self.poly_power > 0 or not math.isfinite(self.poly_power):
+            raise AdvfeatError(f"poly_power must be a number > 0, got {self.poly_power}")
         if not 0 <= self.val_fraction < 1:
             raise AdvfeatError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.select_best and self.val_fraction == 0:

@@ -9,6 +9,13 @@
   ``clean_acc``, ``train_time_s``, ``history``, and accuracy on shifted domains where the dataset
   has them).
 
+Detection and segmentation datasets train through their task (:mod:`advfeat.tasks`): batches are
+collated by the task, the running loss is averaged over images (there is no training accuracy),
+and evaluation is the task's: ``metrics.json`` holds ``clean_ap``, ``clean_ap50``, ``clean_ap75``
+(detection) or ``clean_miou``, ``clean_pixel_acc`` (segmentation) instead of ``clean_acc``, the
+history ``test_ap50`` / ``test_miou`` and the other metrics, and ``shifted_ap50`` /
+``shifted_miou`` per shifted domain. Detection never runs under autocast.
+
 Reproducibility: the model is initialised from ``seed``; each epoch re-seeds the global RNG and the
 sampler from ``(seed, epoch)``, so a run killed after epoch *k* and resumed ends with the same
 weights as one that never stopped.
@@ -33,6 +40,7 @@ from torch.utils.data import DataLoader
 from advfeat.errors import AdvfeatError
 from advfeat.eval.accuracy import evaluate_accuracy
 from advfeat.methods import unwrap
+from advfeat.tasks import DenseTask
 from advfeat.train.build import build_parts
 from advfeat.train.checkpoint import (
     atomic_write_json,
@@ -67,6 +75,15 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch * 7919 + 1
 
 
+PRIMARY_METRIC = {"detection": "ap50", "segmentation": "miou"}
+"""The metric of a dense task that selects the best epoch and names the shifted-domain results
+(VOC mAP@0.5, A-FAN Table 5; mIoU, Table 6)."""
+
+
+def _batch_size(images: Any) -> int:
+    return len(images) if isinstance(images, list | tuple) else int(images.shape[0])
+
+
 class Trainer:
     """Train one run described by a :class:`TrainConfig` into ``out_dir``."""
 
@@ -95,10 +112,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         parts = build_parts(cfg)
         self.data, self.method = parts.data, parts.method
-        if self.data.task != "classification":
-            raise AdvfeatError(
-                f"dataset {cfg.dataset!r} is a {self.data.task} dataset; this trainer trains classifiers"
-            )
+        self.task: DenseTask | None = parts.task
         self.model = parts.model.to(self.device)
         self.method.to(self.device)
         if cfg.channels_last:
@@ -111,6 +125,8 @@ class Trainer:
             weight_decay=cfg.weight_decay,
         )
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.amp else None
+        if self.task is not None and self.task.name == "detection":
+            self.amp_dtype = None  # torchvision's box coder and ROI pooling want float32
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -186,6 +202,7 @@ class Trainer:
             warmup_epochs=cfg.warmup_epochs,
             milestones=cfg.milestones,
             gamma=cfg.gamma,
+            power=cfg.poly_power,
         )
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * factor * group.get("lr_scale", 1.0)
@@ -203,6 +220,7 @@ class Trainer:
             generator=g,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            collate_fn=self.task.collate if self.task is not None else None,
         )
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -228,9 +246,12 @@ class Trainer:
             if step >= steps:
                 break
             lr = self._set_lr(epoch + step / steps)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if cfg.channels_last:
+            if self.task is not None:
+                x, y = self.task.to_device(x, y, self.device)
+            else:
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+            if cfg.channels_last and isinstance(x, torch.Tensor):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(
                 self.device.type,
@@ -247,7 +268,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             self.optimizer.step()
-            n = y.shape[0]
+            n = _batch_size(x)
             seen += n
             if out.logits is not None:
                 correct += int((out.logits.detach().argmax(1) == y).sum())
@@ -256,11 +277,10 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v * n
             if bar is not None:
                 rate = seen * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(
-                    loss=f"{sums['loss'] / seen:.3f}",
-                    acc=f"{correct / seen:.3f}",
-                    img_s=f"{rate:.0f}",
-                )
+                shown = {"loss": f"{sums['loss'] / seen:.3f}"}
+                if self.task is None:
+                    shown["acc"] = f"{correct / seen:.3f}"
+                bar.set_postfix(**shown, img_s=f"{rate:.0f}")
                 bar.update(1)
         if bar is not None:
             bar.close()
@@ -274,7 +294,8 @@ class Trainer:
             sums = {k: float(v) for k, v in zip(keys, packed[2:].tolist(), strict=True)}
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
         row.update({f"train_{k}" if k == "loss" else k: v / seen for k, v in sums.items()})
-        row["train_acc"] = correct / seen
+        if self.task is None:
+            row["train_acc"] = correct / seen
         row["epoch_time_s"] = time.perf_counter() - start
         return row
 
@@ -304,6 +325,27 @@ class Trainer:
         )
         return result["top1"]
 
+    def _evaluate_dense(self, task: DenseTask, dataset: Any) -> dict[str, float]:
+        """The task's metrics (AP, AP50, AP75 / mIoU, pixel accuracy) on ``dataset``."""
+        model = self.method.eval_model(unwrap(self.model))
+        loader = DataLoader(
+            dataset,
+            batch_size=self.cfg.eval_batch_size,
+            num_workers=self.cfg.workers,
+            collate_fn=task.collate,
+        )
+        result = task.evaluate(model, loader, device=self.device)
+        return {k: float(v) for k, v in result.items() if isinstance(v, int | float)}
+
+    def _evaluate_into(self, row: dict[str, Any], split: str, dataset: Any) -> float:
+        """Add ``{split}_acc`` (or the dense metrics) to ``row``; return the selection metric."""
+        if self.task is None:
+            row[f"{split}_acc"] = self._evaluate(dataset)
+            return float(row[f"{split}_acc"])
+        result = self._evaluate_dense(self.task, dataset)
+        row.update({f"{split}_{k}": v for k, v in result.items()})
+        return result[PRIMARY_METRIC[self.task.name]]
+
     def fit(self) -> dict[str, Any]:
         """Train (or finish training) and return the metrics written to ``metrics.json``."""
         if self.resume:
@@ -314,13 +356,14 @@ class Trainer:
             self.train_time += row["epoch_time_s"]
             row.update(self.method.on_epoch_end(unwrap(self.model), epoch))
             if self.dist.is_main:
+                val = -math.inf
                 if self.data.val is not None:
-                    row["val_acc"] = self._evaluate(self.data.val)
-                row["test_acc"] = self._evaluate(self.data.test)
+                    val = self._evaluate_into(row, "val", self.data.val)
+                self._evaluate_into(row, "test", self.data.test)
                 self.history.append(row)
-                improved = self.data.val is not None and row["val_acc"] > self.best_val
+                improved = self.data.val is not None and val > self.best_val
                 if improved:
-                    self.best_val = row["val_acc"]
+                    self.best_val = val
                 state = self._state(epoch)
                 save_checkpoint(self.out / "checkpoint.pt", state)
                 if cfg.select_best and improved:
@@ -334,14 +377,17 @@ class Trainer:
     def _log_epoch(self, row: dict[str, Any]) -> None:
         if not self.cfg.progress:
             return
-        parts = [
-            f"epoch {row['epoch']}/{self.cfg.epochs}",
-            f"loss {row['train_loss']:.4f}",
-            f"train {row['train_acc']:.3f}",
-        ]
-        if "val_acc" in row:
-            parts.append(f"val {row['val_acc']:.3f}")
-        parts.append(f"test {row['test_acc']:.3f}")
+        parts = [f"epoch {row['epoch']}/{self.cfg.epochs}", f"loss {row['train_loss']:.4f}"]
+        if self.task is None:
+            parts.append(f"train {row['train_acc']:.3f}")
+            if "val_acc" in row:
+                parts.append(f"val {row['val_acc']:.3f}")
+            parts.append(f"test {row['test_acc']:.3f}")
+        else:
+            key = PRIMARY_METRIC[self.task.name]
+            if f"val_{key}" in row:
+                parts.append(f"val {key} {row[f'val_{key}']:.3f}")
+            parts.append(f"test {key} {row[f'test_{key}']:.3f}")
         parts.append(f"{row['epoch_time_s']:.1f}s")
         print("  ".join(parts), file=sys.stderr, flush=True)
 
@@ -365,6 +411,49 @@ class Trainer:
             best = load_checkpoint(self.out / "best.pt", map_location=self.device)
             unwrap(self.model).load_state_dict(best["model"])
             self.method.load_state_dict(best["method"])
+        if self.task is not None:
+            metrics = self._dense_metrics(self.task)
+        else:
+            metrics = self._classification_metrics()
+        metrics["history"] = self.history
+        metrics["config"] = cfg.to_dict()
+        metrics["environment"] = {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": str(self.device),
+            "world_size": self.dist.world_size,
+        }
+        atomic_write_json(self.out / "metrics.json", metrics)
+        return metrics
+
+    def _run_summary(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "method": cfg.method,
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "epochs": cfg.epochs,
+            "seed": cfg.seed,
+        }
+
+    def _dense_metrics(self, task: DenseTask) -> dict[str, Any]:
+        """``clean_<metric>`` for each of the task's metrics, and the primary one per shifted domain."""
+        cfg = self.cfg
+        metrics = self._run_summary()
+        clean = self._evaluate_dense(task, self.data.test)
+        metrics.update({f"clean_{k}": v for k, v in clean.items()})
+        metrics["train_time_s"] = round(self.train_time, 3)
+        key = PRIMARY_METRIC[task.name]
+        if cfg.select_best and self.data.val is not None:
+            metrics[f"best_val_{key}"] = self.best_val
+        if cfg.eval_shifted and self.data.shifted:
+            metrics[f"shifted_{key}"] = {
+                name: self._evaluate_dense(task, ds)[key] for name, ds in self.data.shifted.items()
+            }
+        return metrics
+
+    def _classification_metrics(self) -> dict[str, Any]:
+        cfg = self.cfg
         model = self.method.eval_model(unwrap(self.model))
         clean = evaluate_accuracy(
             model,
@@ -373,15 +462,9 @@ class Trainer:
             device=self.device,
             topk=(1, 5) if self.data.num_classes > 5 else (1,),
         )
-        metrics: dict[str, Any] = {
-            "method": cfg.method,
-            "model": cfg.model,
-            "dataset": cfg.dataset,
-            "epochs": cfg.epochs,
-            "seed": cfg.seed,
-            "clean_acc": clean["top1"],
-            "train_time_s": round(self.train_time, 3),
-        }
+        metrics = self._run_summary()
+        metrics["clean_acc"] = clean["top1"]
+        metrics["train_time_s"] = round(self.train_time, 3)
         if "top5" in clean:
             metrics["clean_top5"] = clean["top5"]
         if cfg.select_best and self.data.val is not None:
@@ -393,13 +476,4 @@ class Trainer:
                 )["top1"]
                 for name, ds in self.data.shifted.items()
             }
-        metrics["history"] = self.history
-        metrics["config"] = cfg.to_dict()
-        metrics["environment"] = {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "device": str(self.device),
-            "world_size": self.dist.world_size,
-        }
-        atomic_write_json(self.out / "metrics.json", metrics)
         return metrics

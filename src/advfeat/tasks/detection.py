@@ -1,0 +1,159 @@
+"""Object detection with torchvision's Faster R-CNN (A-FAN §5).
+
+Batches are ``(list of [3, H, W] images in [0, 1], list of {"boxes", "labels"})``, boxes xyxy in
+pixels, labels ``1..num_classes-1`` (0 is the background). The training loss is the sum of
+Faster R-CNN's loss dict (RPN objectness and box regression, ROI classification and box
+regression: "detection models adopt regression and classification loss", A-FAN §3.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from advfeat.data.bundle import detection_collate
+from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.tasks.base import DenseTask, check_images, last_child
+from advfeat.tasks.metrics import DetectionMeter
+
+__all__ = ["ROI_TERMS", "RPN_TERMS", "DetectionTask", "check_detection_targets"]
+
+RPN_TERMS = ("loss_objectness", "loss_rpn_box_reg")
+ROI_TERMS = ("loss_classifier", "loss_box_reg")
+
+
+def check_detection_targets(images: Sequence[Tensor], targets: Any, num_classes: int) -> None:
+    """Boxes ``[n, 4]`` float xyxy with positive width and height, labels in ``1..num_classes-1``."""
+    if not isinstance(targets, Sequence) or len(targets) != len(images):
+        n = len(targets) if isinstance(targets, Sequence) else type(targets).__name__
+        raise AdvfeatError(
+            f"detection needs one target dict per image: {len(images)} images, {n} targets"
+        )
+    for i, t in enumerate(targets):
+        if not isinstance(t, dict) or "boxes" not in t or "labels" not in t:
+            raise AdvfeatError(f"target {i} must be a dict with 'boxes' [n, 4] and 'labels' [n]")
+        boxes, labels = t["boxes"], t["labels"]
+        if (
+            not isinstance(boxes, Tensor)
+            or not boxes.is_floating_point()
+            or boxes.ndim != 2
+            or boxes.shape[1] != 4
+        ):
+            got = (
+                f"{boxes.dtype} {tuple(boxes.shape)}"
+                if isinstance(boxes, Tensor)
+                else type(boxes).__name__
+            )
+            raise AdvfeatError(
+                f"target {i}: boxes must be a float tensor [n, 4] (x1, y1, x2, y2), got {got}"
+            )
+        if (
+            not isinstance(labels, Tensor)
+            or labels.dtype != torch.int64
+            or labels.shape != (boxes.shape[0],)
+        ):
+            got = (
+                f"{labels.dtype} {tuple(labels.shape)}"
+                if isinstance(labels, Tensor)
+                else type(labels).__name__
+            )
+            raise AdvfeatError(
+                f"target {i}: labels must be int64 [{boxes.shape[0]}] (one per box), got {got}"
+            )
+        if not bool(torch.isfinite(boxes).all()):
+            raise AdvfeatError(f"target {i}: boxes contain NaN or infinite coordinates")
+        bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            raise AdvfeatError(
+                f"target {i}: box {j} {boxes[j].tolist()} is degenerate; boxes are (x1, y1, x2, y2) "
+                f"with x2 > x1 and y2 > y1 (drop empty boxes before training)"
+            )
+        if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) >= num_classes):
+            raise AdvfeatError(
+                f"target {i}: labels {sorted(set(labels.tolist()))} out of range; the model has "
+                f"{num_classes} classes, so object labels are 1..{num_classes - 1} (0 is the background)"
+            )
+
+
+class DetectionTask(DenseTask):
+    """Faster R-CNN training loss, attack objective and COCO/VOC evaluation.
+
+    ``attack_terms``: ``"all"`` (default: the whole loss dict, "regression and classification
+    loss", §3.3) or ``"roi"`` (only the ROI head's classification + box regression, the terms a
+    ROI-head feature perturbation reaches).
+    """
+
+    name = "detection"
+    stacked_images = False
+
+    def __init__(self, num_classes: int, *, attack_terms: str = "all") -> None:
+        super().__init__(num_classes)
+        if attack_terms not in ("all", "roi"):
+            raise unknown_name("detection attack terms", str(attack_terms), ["all", "roi"])
+        self.terms = attack_terms
+
+    def loss_parts(self, model: nn.Module, images: Any, targets: Any) -> dict[str, Tensor]:
+        if not model.training:
+            raise AdvfeatError(
+                "Faster R-CNN returns its losses in training mode: call model.train() first"
+            )
+        parts = model(list(images), list(targets))
+        if not isinstance(parts, dict):
+            raise AdvfeatError(
+                f"the detector returned {type(parts).__name__}, expected torchvision's loss dict"
+            )
+        return dict(parts)
+
+    def attack_terms(self, parts: dict[str, Tensor]) -> Tensor:
+        keys = ROI_TERMS if self.terms == "roi" else tuple(parts)
+        return torch.stack([parts[k] for k in keys]).sum()
+
+    def check(self, images: Any, targets: Any) -> None:
+        check_images(images, stacked=False)
+        check_detection_targets(images, targets, self.num_classes)
+
+    def collate(self, batch: Sequence[tuple[Tensor, Any]]) -> tuple[list[Tensor], list[Any]]:
+        return detection_collate(batch)
+
+    def to_device(self, images: Any, targets: Any, device: torch.device) -> tuple[Any, Any]:
+        return [x.to(device) for x in images], [
+            {k: v.to(device) for k, v in t.items()} for t in targets
+        ]
+
+    def default_sites(self, model: nn.Module) -> list[str]:
+        """``backbone.body.<last stage>`` and ``roi_heads.box_head`` (A-FAN §5: "the last layer of
+        backbone and ROI networks of Faster RCNN")."""
+        return [last_child(model, "backbone.body"), "roi_heads.box_head"]
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections ``{"boxes", "scores", "labels"}`` per image (model in eval mode)."""
+        model.eval()
+        return list(model(list(images)))
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: Any,
+        *,
+        device: torch.device | str = "cpu",
+        attack: Any = None,
+    ) -> dict[str, Any]:
+        """COCO AP, AP50 (VOC mAP@0.5) and AP75 on ``loader``; ``attack(model, images, targets)``
+        perturbs the images first (robust AP, A-FAN Table 5)."""
+        device = torch.device(device)
+        was_training = model.training
+        meter = DetectionMeter()
+        try:
+            for images, targets in loader:
+                images, targets = self.to_device(images, targets, device)
+                if attack is not None:
+                    images = attack(model, images, targets)
+                meter.update(self.predict(model, images), targets)
+        finally:
+            model.train(was_training)
+        return meter.compute()

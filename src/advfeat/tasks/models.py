@@ -1,0 +1,263 @@
+"""Detectors and segmenters by name: torchvision Faster R-CNN, DeepLabV3 and our DeepLabV3+.
+
+Every model takes images in ``[0, 1]``. Faster R-CNN normalises inside its own
+``GeneralizedRCNNTransform`` (``image_mean``/``image_std`` set from the dataset); segmenters get
+advfeat's ``normalize`` child (:func:`advfeat.models.attach_normalize`).
+
+Weights. Nothing downloads unless asked: ``pretrained=True`` uses torchvision's default weights
+(downloaded on first use); ``weights=PATH`` loads a full state dict from disk and
+``backbone_weights=PATH`` an ImageNet classification state dict into the backbone (its ``fc`` is
+ignored). When any pretrained weights are used the ResNet backbone's batch norms are
+``FrozenBatchNorm2d`` and only the last three stages train, as torchvision builds its detectors
+(``trainable_layers``); from scratch they are ordinary ``BatchNorm2d`` and everything trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import detection as tv_det
+from torchvision.models import resnet as tv_resnet
+from torchvision.models import segmentation as tv_seg
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.models.normalize import ChannelStats, attach_normalize
+from advfeat.tasks.deeplab_plus import DeepLabV3Plus, TinyResNetBody
+
+__all__ = [
+    "DETECTORS",
+    "SEGMENTERS",
+    "build_detector",
+    "build_segmenter",
+    "load_state_file",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DETECTORS = (
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet101_fpn",
+    "fasterrcnn_resnet18_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_tiny",
+)
+SEGMENTERS = (
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large",
+    "deeplabv3plus_resnet50",
+    "deeplabv3plus_resnet101",
+    "deeplabv3plus_tiny",
+)
+
+
+def load_state_file(path: str | Path) -> dict[str, Any]:
+    """A state dict from disk (``weights_only=True``); a checkpoint's ``"model"`` entry is used."""
+    file = Path(path)
+    if not file.is_file():
+        raise AdvfeatError(f"weights file {str(file)!r} does not exist")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise AdvfeatError(f"{str(file)!r} does not hold a state dict")
+    return state
+
+
+def _load_into(module: nn.Module, path: str | Path, *, ignore: Sequence[str] = ()) -> None:
+    state = {k: v for k, v in load_state_file(path).items() if not k.startswith(tuple(ignore))}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise AdvfeatError(
+            f"weights {str(path)!r} do not fit {type(module).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def _check_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise AdvfeatError(
+            f"num_classes counts the background and must be an integer >= 2, got {num_classes!r}"
+        )
+
+
+def _tiny_anchors(image_size: int, levels: int) -> AnchorGenerator:
+    base = max(image_size // 8, 4)
+    sizes = tuple((base * 2**i,) for i in range(levels))
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
+
+
+def _fasterrcnn_tiny(num_classes: int, image_size: int, **kw: Any) -> tv_det.FasterRCNN:
+    body = TinyResNetBody(widths=(8, 16, 24, 32), strides=(1, 2, 2, 2))
+    layers = {f"layer{i}": str(i - 1) for i in range(1, 5)}
+    backbone = BackboneWithFPN(body, layers, list(body.widths), out_channels=32)
+    pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    opts: dict[str, Any] = {
+        "rpn_anchor_generator": _tiny_anchors(image_size, 5),
+        "box_roi_pool": pooler,
+        "box_head": TwoMLPHead(32 * 7 * 7, 64),
+        "box_predictor": FastRCNNPredictor(64, num_classes),
+        "rpn_pre_nms_top_n_train": 300,
+        "rpn_post_nms_top_n_train": 100,
+        "rpn_pre_nms_top_n_test": 200,
+        "rpn_post_nms_top_n_test": 50,
+        "rpn_batch_size_per_image": 64,
+        "box_batch_size_per_image": 64,
+        "box_detections_per_img": 20,
+    }
+    opts.update(kw)
+    return tv_det.FasterRCNN(backbone, num_classes=None, **opts)
+
+
+def build_detector(
+    name: str,
+    num_classes: int,
+    *,
+    image_size: int | None = None,
+    mean: ChannelStats = IMAGENET_MEAN,
+    std: ChannelStats = IMAGENET_STD,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    backbone_weights: str | Path | None = None,
+    **kw: Any,
+) -> nn.Module:
+    """Faster R-CNN ``name`` (see :data:`DETECTORS`) for ``num_classes`` classes (background
+    included), taking a list of ``[0, 1]`` images.
+
+    ``image_size`` sets ``min_size = max_size`` of torchvision's resize (no resize for square
+    images of that size) and, below 256 px, anchors scaled to the image; other keyword options go
+    to ``torchvision.models.detection.FasterRCNN`` (e.g. ``min_size``, ``box_batch_size_per_image``).
+    """
+    _check_classes(num_classes)
+    if name not in DETECTORS:
+        raise unknown_name("detector", name, DETECTORS)
+    mean_l = [float(v) for v in torch.as_tensor(mean).reshape(-1).tolist()]
+    std_l = [float(v) for v in torch.as_tensor(std).reshape(-1).tolist()]
+    kw = {"image_mean": mean_l, "image_std": std_l, **kw}
+    if image_size is not None:
+        kw.setdefault("min_size", image_size)
+        kw.setdefault("max_size", image_size)
+    if name == "fasterrcnn_tiny":
+        if pretrained or backbone_weights is not None:
+            raise AdvfeatError(
+                "fasterrcnn_tiny has no pretrained weights; use weights=PATH of a run"
+            )
+        model: nn.Module = _fasterrcnn_tiny(num_classes, image_size or 64, **kw)
+    elif name == "fasterrcnn_mobilenet_v3_large_fpn":
+        if backbone_weights is not None:
+            raise AdvfeatError("backbone_weights applies to the ResNet detectors")
+        model = tv_det.fasterrcnn_mobilenet_v3_large_fpn(
+            weights="DEFAULT" if pretrained else None, weights_backbone=None,
+            num_classes=None if pretrained else num_classes, **kw,
+        )  # fmt: skip
+        if pretrained:
+            _replace_predictor(model, num_classes)
+    elif name == "fasterrcnn_resnet50_fpn" and pretrained:
+        model = tv_det.fasterrcnn_resnet50_fpn(weights="DEFAULT", **kw)
+        _replace_predictor(model, num_classes)
+    else:
+        if pretrained:
+            raise AdvfeatError(
+                f"torchvision has no detection weights for {name!r}; use backbone_weights=PATH"
+            )
+        arch = name.removeprefix("fasterrcnn_").removesuffix("_fpn")
+        trained = backbone_weights is not None or weights is not None
+        backbone = resnet_fpn_backbone(
+            backbone_name=arch, weights=None,
+            norm_layer=FrozenBatchNorm2d if trained else nn.BatchNorm2d,
+            trainable_layers=3 if trained else 5,
+        )  # fmt: skip
+        if backbone_weights is not None:
+            _load_into(backbone.body, backbone_weights, ignore=("fc.",))
+        if image_size is not None and image_size < 256:
+            kw.setdefault("rpn_anchor_generator", _tiny_anchors(image_size, 5))
+        model = tv_det.FasterRCNN(backbone, num_classes=num_classes, **kw)
+    if weights is not None:
+        _load_into(model, weights)
+    return model
+
+
+def _replace_predictor(model: nn.Module, num_classes: int) -> None:
+    roi_heads: Any = model.roi_heads
+    roi_heads.box_predictor = FastRCNNPredictor(
+        roi_heads.box_predictor.cls_score.in_features, num_classes
+    )
+
+
+def _resnet_body(arch: str, output_stride: int) -> nn.Module:
+    dilation = {16: [False, False, True], 8: [False, True, True]}
+    if output_stride not in dilation:
+        raise AdvfeatError(f"output_stride must be 8 or 16, got {output_stride!r}")
+    factory: Callable[..., nn.Module] = getattr(tv_resnet, arch)
+    return factory(weights=None, replace_stride_with_dilation=dilation[output_stride])
+
+
+def build_segmenter(
+    name: str,
+    num_classes: int,
+    *,
+    mean: ChannelStats = IMAGENET_MEAN,
+    std: ChannelStats = IMAGENET_STD,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    backbone_weights: str | Path | None = None,
+    output_stride: int = 16,
+    aux_loss: bool = False,
+    **kw: Any,
+) -> nn.Module:
+    """Segmenter ``name`` (see :data:`SEGMENTERS`); ``model(x)["out"]`` are ``[N, C, H, W]`` logits.
+
+    DeepLabV3 is torchvision's (output stride 8); DeepLabV3+ (:class:`DeepLabV3Plus`) uses a
+    dilated ResNet at ``output_stride`` 16 (ASPP rates 6, 12, 18) or 8 (12, 24, 36).
+    """
+    _check_classes(num_classes)
+    if name not in SEGMENTERS:
+        raise unknown_name("segmenter", name, SEGMENTERS)
+    model: nn.Module
+    if name.startswith("deeplabv3plus"):
+        if pretrained:
+            raise AdvfeatError("DeepLabV3+ has no torchvision weights; use backbone_weights=PATH")
+        rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+        body: nn.Module
+        if name == "deeplabv3plus_tiny":
+            body = TinyResNetBody(
+                widths=(8, 16, 24, 32), strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4)
+            )
+            model = DeepLabV3Plus(
+                body, low_channels=8, high_channels=32, num_classes=num_classes,
+                atrous_rates=(2, 4, 6), aspp_channels=32, low_channels_out=8, **kw,
+            )  # fmt: skip
+        else:
+            arch = name.removeprefix("deeplabv3plus_")
+            body = _resnet_body(arch, output_stride)
+            if backbone_weights is not None:
+                _load_into(body, backbone_weights)
+            model = DeepLabV3Plus(
+                body, low_channels=256, high_channels=2048, num_classes=num_classes,
+                atrous_rates=rates, **kw,
+            )  # fmt: skip
+    else:
+        factory: Callable[..., nn.Module] = getattr(tv_seg, name)
+        model = factory(
+            weights="DEFAULT" if pretrained else None, weights_backbone=None,
+            num_classes=None if pretrained else num_classes, aux_loss=aux_loss or None, **kw,
+        )  # fmt: skip
+        if backbone_weights is not None:
+            _load_into(model.backbone, backbone_weights, ignore=("fc.",))  # type: ignore[arg-type]
+        if pretrained:
+            head: Any = model.classifier
+            head[-1] = nn.Conv2d(head[-1].in_channels, num_classes, 1)
+    if weights is not None:
+        _load_into(model, weights)
+    return attach_normalize(model, mean, std)

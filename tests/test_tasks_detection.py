@@ -1,0 +1,188 @@
+"""Faster R-CNN task: losses, A-FAN/ALFA objectives, metrics, image PGD and input checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from advfeat.data import build_dataset
+from advfeat.errors import AdvfeatError
+from advfeat.tasks import (
+    DensePGD,
+    DetectionMeter,
+    DetectionTask,
+    build_detector,
+    build_task_method,
+)
+from advfeat.tasks.base import RngReplay
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def det_data() -> tuple[
+    DetectionTask, list[Tensor], list[dict[str, Tensor]], tuple[float, ...], tuple[float, ...]
+]:
+    bundle = build_dataset(
+        "shapes-det", n_train=8, n_test=4, image_size=64, max_objects=2, augment=False
+    )
+    task = DetectionTask(bundle.num_classes)
+    images, targets = task.collate([bundle.train[i] for i in range(2)])
+    return task, images, targets, bundle.mean, bundle.std
+
+
+def tiny_detector(
+    num_classes: int, mean: tuple[float, ...], std: tuple[float, ...], seed: int = 0
+) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_detector(
+            "fasterrcnn_tiny", num_classes, image_size=64, mean=mean, std=std
+        ).train()
+
+
+def clean_loss(task: DetectionTask, model: nn.Module, images: list[Tensor], targets: list) -> float:
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(123)
+        return float(task.loss(model.train(), images, targets)[0])
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("standard", {}),
+        ("afan", {"k": 2, "alpha": 0.05, "sites": ["backbone.body.layer4", "roi_heads.box_head"]}),
+    ],
+)
+def test_training_lowers_the_detection_loss(det_data, method: str, options: dict) -> None:
+    task, images, targets, mean, std = det_data
+    model = tiny_detector(task.num_classes, mean, std)
+    objective = build_task_method(method, task, **options)
+    before = clean_loss(task, model, images, targets)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(6):
+        out = objective(model.train(), images, targets)
+        assert torch.isfinite(out.loss)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    if method == "afan":
+        assert out.logs["loss_adv"] > 0 and out.logs["delta_l2"] > 0
+    assert clean_loss(task, model, images, targets) < 0.8 * before
+
+
+def test_afan_loss_is_clean_plus_lambda_times_adversarial(det_data) -> None:
+    task, images, targets, mean, std = det_data
+    model = tiny_detector(task.num_classes, mean, std)
+    afan = build_task_method("afan", task, k=2, lam=0.5, sites=["roi_heads.box_head"])
+    torch.manual_seed(1)
+    out = afan(model, images, targets)
+    assert out.loss.item() == pytest.approx(
+        out.logs["loss_clean"] + 0.5 * out.logs["loss_adv"], rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("site", ["backbone.body.layer2", "roi_heads.box_head"])
+def test_site_perturbation_reaches_the_loss_and_attack_keeps_bn(det_data, site: str) -> None:
+    task, images, targets, mean, std = det_data
+    model = tiny_detector(task.num_classes, mean, std)
+    bn = {
+        k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k
+    }
+    flags = [p.requires_grad for p in model.parameters()]
+    alfa = build_task_method("alfa", task, steps=2, alpha=0.1, sites=[site])
+    rng = RngReplay(torch.device("cpu"))
+    delta = alfa.feature_attack(model, images, targets, site, 0.1, rng)
+    assert delta.abs().max() > 0  # nonzero gradient w.r.t. the perturbation reached the site
+    assert delta.abs().max() <= 0.2 + 1e-6  # two unbounded sign steps of 0.1
+    for k, v in model.state_dict().items():
+        if k in bn:
+            assert torch.equal(v, bn[k]), k
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+    assert all(p.grad is None for p in model.parameters())
+    # the perturbation increases the attacked loss (sign ascent)
+    with rng.replay(), torch.no_grad():
+        base = float(task.attack_objective(model, images, targets))
+    with rng.replay(), torch.no_grad():
+        attacked = float(task.attack_objective(model, images, targets, {site: lambda f: f + delta}))
+    assert attacked > base
+
+
+def test_image_pgd_stays_in_the_ball_and_raises_the_loss(det_data) -> None:
+    task, images, targets, mean, std = det_data
+    model = tiny_detector(task.num_classes, mean, std)
+    originals = [x.clone() for x in images]
+    bn = copy.deepcopy(model.state_dict())
+    attack = DensePGD(task, eps=8 / 255, alpha=2 / 255, steps=3)
+    adv = attack(model, images, targets)
+    for x, x0, a in zip(images, originals, adv, strict=True):
+        assert torch.equal(x, x0)
+        assert (a - x).abs().max() <= 8 / 255 + 1e-6 and a.min() >= 0 and a.max() <= 1
+    assert all(torch.equal(v, bn[k]) for k, v in model.state_dict().items())
+
+    def objective(xs: list[Tensor]) -> float:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), task.attack_mode(model, "eval"):
+            torch.manual_seed(5)
+            return float(task.attack_objective(model, xs, targets))
+
+    assert objective(adv) > objective(images)
+    model.train()
+
+
+def test_map_of_perfect_shuffled_and_hand_computed_predictions() -> None:
+    gt = [
+        {
+            "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]]),
+            "labels": torch.tensor([1, 2]),
+        },
+        {"boxes": torch.tensor([[5.0, 5, 30, 30]]), "labels": torch.tensor([1])},
+    ]
+    perfect = [{**t, "scores": torch.ones(len(t["labels"]))} for t in gt]
+    meter = DetectionMeter()
+    meter.update(perfect, gt)
+    assert meter.compute() == {"ap": 1.0, "ap50": 1.0, "ap75": 1.0}
+    shuffled = [{**p, "labels": p["labels"].flip(0)} for p in perfect]
+    meter = DetectionMeter()
+    meter.update(shuffled, gt)
+    assert meter.compute()["ap50"] < 1.0
+    # one class, two objects: one found (score 0.9), one false positive (0.8), one missed.
+    # precision 1 up to recall 0.5, then 0: COCO's 101-point AP = 51/101.
+    one = [
+        {
+            "boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]),
+            "labels": torch.tensor([1, 1]),
+        }
+    ]
+    pred = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [80, 80, 90, 90]]), "labels": torch.tensor([1, 1]),
+             "scores": torch.tensor([0.9, 0.8])}]  # fmt: skip
+    meter = DetectionMeter()
+    meter.update(pred, one)
+    assert meter.compute()["ap50"] == pytest.approx(51 / 101, abs=1e-4)
+
+
+def test_bad_detection_input_raises_clear_errors(det_data) -> None:
+    task, images, targets, mean, std = det_data
+    afan = build_task_method("afan", task, k=1)
+    model = tiny_detector(task.num_classes, mean, std)
+    degenerate = [{"boxes": torch.tensor([[10.0, 10, 10, 20]]), "labels": torch.tensor([1])}] * 2
+    with pytest.raises(AdvfeatError, match="degenerate"):
+        afan(model, images, degenerate)
+    beyond = [
+        {"boxes": torch.tensor([[1.0, 1, 9, 9]]), "labels": torch.tensor([task.num_classes])}
+    ] * 2
+    with pytest.raises(AdvfeatError, match="out of range"):
+        afan(model, images, beyond)
+    with pytest.raises(AdvfeatError, match="one target dict per image"):
+        afan(model, images, targets[:1])
+    with pytest.raises(AdvfeatError, match=r"\[0, 1\]"):
+        afan(model, [x * 255 for x in images], targets)
+    with pytest.raises(AdvfeatError, match=r"roi_heads\.box_head"):
+        build_task_method("afan", task, sites=["roi_heads.box_heda"])(model, images, targets)
+    with pytest.raises(AdvfeatError, match="k"):
+        build_task_method("afan", task, k=0)
+    with pytest.raises(AdvfeatError, match="standard"):
+        build_task_method("standrd", task)

@@ -1,0 +1,151 @@
+"""DeepLab task: pixel loss with ignore index, A-FAN/ALFA objectives, mIoU, image PGD, checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from advfeat.data import build_dataset
+from advfeat.errors import AdvfeatError
+from advfeat.norm.stats import frozen_bn_statistics
+from advfeat.tasks import (
+    DensePGD,
+    SegmentationMeter,
+    SegmentationTask,
+    build_segmenter,
+    build_task_method,
+    confusion_matrix,
+    iou_from_confusion,
+)
+from advfeat.tasks.base import RngReplay
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def seg_data() -> tuple[SegmentationTask, Tensor, Tensor, tuple[float, ...], tuple[float, ...]]:
+    bundle = build_dataset("shapes-seg", n_train=8, n_test=4, image_size=32, max_objects=1,
+                           ignore_boundary=True, augment=False)  # fmt: skip
+    task = SegmentationTask(bundle.num_classes)
+    images, masks = task.collate([bundle.train[i] for i in range(4)])
+    return task, images, masks, bundle.mean, bundle.std
+
+
+def tiny_segmenter(num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_segmenter("deeplabv3plus_tiny", num_classes, mean=mean, std=std).train()
+
+
+def clean_loss(task: SegmentationTask, model: nn.Module, images: Tensor, masks: Tensor) -> float:
+    """Training-mode loss (batch statistics, fixed dropout), moving no running statistic."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), frozen_bn_statistics(model.train()):
+        torch.manual_seed(7)
+        return float(task.loss(model, images, masks)[0])
+
+
+@pytest.mark.parametrize(
+    ("method", "options"), [("standard", {}), ("afan", {"alpha": 0.05}), ("alfa", {"steps": 1})]
+)
+def test_training_lowers_the_segmentation_loss(seg_data, method: str, options: dict) -> None:
+    task, images, masks, mean, std = seg_data
+    model = tiny_segmenter(task.num_classes, mean, std)
+    objective = build_task_method(method, task, **options)
+    if method != "standard":
+        assert objective.sites(model) == ["backbone.layer4", "decoder"]
+    before = clean_loss(task, model, images, masks)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(8):
+        out = objective(model.train(), images, masks)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert clean_loss(task, model, images, masks) < 0.7 * before
+
+
+def test_miou_matches_a_hand_computation_with_ignore_index() -> None:
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 1]])
+    m = confusion_matrix(pred, target, num_classes=3, ignore_index=255)
+    # class 0: TP 1, FP 1 (a 2 predicted 0), FN 1 → 1/3; class 1: TP 3, FP 1, FN 0 → 3/4;
+    # class 2: TP 1, FP 0 (the ignored pixel does not count), FN 1 → 1/2
+    miou, iou = iou_from_confusion(m)
+    assert iou.tolist() == pytest.approx([1 / 3, 3 / 4, 1 / 2])
+    assert miou == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    meter = SegmentationMeter(4)
+    meter.update(pred[None], target[None])
+    result = meter.compute()
+    assert math.isnan(result["iou_per_class"][3])  # absent class left out of the mean
+    assert result["miou"] == pytest.approx(miou) and result["pixel_acc"] == pytest.approx(5 / 7)
+
+
+def test_decoder_perturbation_reaches_the_loss_and_keeps_bn(seg_data) -> None:
+    task, images, masks, mean, std = seg_data
+    model = tiny_segmenter(task.num_classes, mean, std)
+    bn = {
+        k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k
+    }
+    alfa = build_task_method("alfa", task, steps=1, alpha=0.1, sites=["decoder"])
+    rng = RngReplay(torch.device("cpu"))
+    delta = alfa.feature_attack(model, images, masks, "decoder", 0.1, rng)
+    assert delta.abs().max() == pytest.approx(0.1)
+    assert (delta != 0).float().mean() > 0.5  # gradient reached most of the feature
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in bn.items())
+    assert model.training and all(p.grad is None for p in model.parameters())
+    pgd = DensePGD(task, eps=8 / 255, alpha=2 / 255, steps=2)
+    adv = pgd(model, images, masks)
+    assert (adv - images).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in bn.items())
+    with torch.no_grad():
+        assert task.loss(model.eval(), adv, masks)[0] > task.loss(model.eval(), images, masks)[0]
+
+
+def test_afn_feeds_the_adversarial_channel_statistics(seg_data) -> None:
+    task, images, masks, mean, std = seg_data
+    model = tiny_segmenter(task.num_classes, mean, std)
+    afan = build_task_method("afan", task, k=1, alpha=0.5, sites=["decoder"])
+    fed: list[Tensor] = []
+    handle = model.classifier.register_forward_pre_hook(lambda _m, a: fed.append(a[0].detach()))
+    try:
+        afan(model, images, masks)
+    finally:
+        handle.remove()
+    clean, mixed = fed[0], fed[-1]
+    dims = (0, 2, 3)
+    # AFN keeps the clean feature's normalised content: the per-channel z-scores agree
+    z = lambda f: (f - f.mean(dims, keepdim=True)) / f.std(dims, keepdim=True)  # noqa: E731
+    assert torch.allclose(z(clean), z(mixed), atol=1e-3)
+    assert not torch.allclose(clean.mean(dims), mixed.mean(dims), atol=1e-4)
+
+
+def test_bad_segmentation_input_raises_clear_errors(seg_data) -> None:
+    task, images, masks, mean, std = seg_data
+    model = tiny_segmenter(task.num_classes, mean, std)
+    standard = build_task_method("standard", task)
+    with pytest.raises(AdvfeatError, match="same height and width"):
+        standard(model, images, masks[:, :16, :16])
+    with pytest.raises(AdvfeatError, match="classes"):
+        standard(model, images, torch.full_like(masks, task.num_classes))
+    with pytest.raises(AdvfeatError, match="integer"):
+        standard(model, images, masks.float())
+    with pytest.raises(AdvfeatError, match="model has 3 classes"):
+        confusion_matrix(torch.tensor([0, 5]), torch.tensor([0, 1]), 3)
+    with pytest.raises(AdvfeatError, match="deeplabv3plus_tiny"):
+        build_segmenter("deeplabv3plus_tiyn", 3)
+    all_ignored = torch.full_like(masks, 255)
+    assert standard(model, images, all_ignored).loss.item() == 0.0
+
+
+def test_torchvision_deeplab_and_deeplabv3plus_have_the_afan_sites() -> None:
+    task = SegmentationTask(5)
+    for name, sites in (
+        ("deeplabv3_resnet50", ["backbone.layer4", "classifier.3"]),
+        ("deeplabv3plus_resnet50", ["backbone.layer4", "decoder"]),
+    ):
+        model = build_segmenter(name, 5)
+        assert task.default_sites(model) == sites
+        assert hasattr(model, "normalize")
