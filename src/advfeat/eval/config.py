@@ -21,7 +21,10 @@ __all__ = [
     "ATTACK_NAMES",
     "CORRUPTION_NAMES",
     "DEFAULT_SUITES",
+    "DENSE_ATTACK_NAMES",
+    "DENSE_SUITE_NAMES",
     "SUITE_NAMES",
+    "TASK_NAMES",
     "EvalConfig",
     "check_eps",
 ]
@@ -39,6 +42,18 @@ SUITE_NAMES: tuple[str, ...] = (
 """Every suite, in the order they run."""
 
 DEFAULT_SUITES: tuple[str, ...] = ("clean", "attacks")
+
+TASK_NAMES: tuple[str, ...] = ("classification", "detection", "segmentation")
+"""The kinds of model an evaluation knows (``EvalConfig.task``)."""
+
+DENSE_SUITE_NAMES: tuple[str, ...] = ("clean", "attacks", "shift")
+"""The suites that apply to detection and segmentation (AP / mIoU clean, under PGD, shifted)."""
+
+DENSE_ATTACK_NAMES: tuple[str, ...] = ("pgd",)
+"""Detection and segmentation are attacked with image-space PGD on the task loss (A-FAN §5-6)."""
+
+DENSE_BATCH_SIZE = 8
+"""Default evaluation batch size of detection and segmentation (whole images, large models)."""
 
 ATTACK_NAMES: tuple[str, ...] = ("pgd", "fgsm", "cw", "curve", "transfer", "autoattack", "adaptive")
 """Attacks of the ``attacks`` suite; ``transfer`` needs a surrogate, ``adaptive`` an AFA model."""
@@ -122,6 +137,8 @@ class EvalConfig:
     """
 
     suites: tuple[str, ...] = DEFAULT_SUITES
+    task: str = "classification"
+    """``classification``, ``detection`` or ``segmentation``: which suites and attacks apply."""
     batch_size: int = 256
     max_images: int | None = None
     """Evaluate a seeded random subset of this many test images (``None``: all)."""
@@ -165,11 +182,15 @@ class EvalConfig:
 
     def validate(self) -> EvalConfig:
         """Check every value; raise :class:`AdvfeatError` naming the bad one. Returns ``self``."""
+        if self.task not in TASK_NAMES:
+            raise unknown_name("evaluation task", str(self.task), TASK_NAMES)
         self.suites = _names(self.suites, "suite", SUITE_NAMES)
         if not self.suites:
             raise AdvfeatError(f"choose at least one suite ({', '.join(SUITE_NAMES)})")
         self.suites = tuple(s for s in SUITE_NAMES if s in self.suites)
         self.attacks = _names(self.attacks, "attack", ATTACK_NAMES)
+        if self.task != "classification":
+            self._check_dense()
         self.corruptions = _names(self.corruptions, "corruption", CORRUPTION_NAMES)
         self.bn_suites = _names(
             self.bn_suites,
@@ -229,6 +250,48 @@ class EvalConfig:
         self.feature_images = _positive_int(self.feature_images, "feature_images")
         self.feature_magnify = _positive_float(self.feature_magnify, "feature_magnify")
         return self
+
+    def _check_dense(self) -> None:
+        """Detection / segmentation: only the suites and attacks that measure AP or mIoU."""
+        for kind, chosen, allowed in (
+            ("suite", self.suites, DENSE_SUITE_NAMES),
+            ("attack", self.attacks, DENSE_ATTACK_NAMES),
+        ):
+            wrong = [n for n in chosen if n not in allowed]
+            if wrong:
+                raise AdvfeatError(
+                    f"{kind} {', '.join(map(repr, wrong))} does not apply to {self.task} models "
+                    f"(they report AP / mIoU, not class accuracy); {self.task} {kind}s: "
+                    f"{', '.join(allowed)}"
+                )
+
+    @classmethod
+    def for_task(cls, task: str, **options: Any) -> EvalConfig:
+        """A validated config for ``task`` whose unset options take the task's protocol.
+
+        Classification keeps the field defaults (CIFAR protocol). Detection and segmentation
+        default to A-FAN's robustness protocol (§5-6): PGD-10 with ε = 2/255, α = 0.3/255
+        (detection) or ε = 8/255, α = 1/255 (segmentation), no random start; only the ``pgd``
+        attack; batch size :data:`DENSE_BATCH_SIZE`. Options given here win (``eps=4/255``).
+        """
+        if task not in TASK_NAMES:
+            raise unknown_name("evaluation task", str(task), TASK_NAMES)
+        given = options.pop("task", task)
+        if given != task:
+            raise AdvfeatError(f"this is a {task} model; task={given!r} does not fit it")
+        if task != "classification":
+            from advfeat.tasks.robust import DETECTION_PGD, SEGMENTATION_PGD
+
+            pgd = DETECTION_PGD if task == "detection" else SEGMENTATION_PGD
+            defaults: dict[str, Any] = {
+                "eps": pgd["eps"],
+                "pgd_alpha": pgd["alpha"],
+                "pgd_steps": pgd["steps"],
+                "attacks": DENSE_ATTACK_NAMES,
+                "batch_size": DENSE_BATCH_SIZE,
+            }
+            options = {**defaults, **options}
+        return cls.from_options(task=task, **options)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (tuples become lists)."""

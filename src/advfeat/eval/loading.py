@@ -3,7 +3,9 @@
 A run's model is rebuilt exactly as the trainer built it (``build_parts(cfg)``: architecture,
 then ``method.prepare``), its weights loaded, and ``method.eval_model`` applied — the model the
 trainer itself evaluated. The prepared model (every BN branch kept) is returned too, for the
-``bn`` suite. Checkpoints are read with ``weights_only=True``.
+``bn`` suite. Detection and segmentation runs also return their task
+(:class:`~advfeat.tasks.DetectionTask` / :class:`~advfeat.tasks.SegmentationTask`), which the
+dense suites evaluate with. Checkpoints are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -18,10 +20,26 @@ from torch import nn
 from advfeat.data import DatasetBundle, build_dataset
 from advfeat.errors import AdvfeatError
 from advfeat.eval.context import EvalData
+from advfeat.tasks import DenseTask, DetectionTask, SegmentationTask
 from advfeat.train.checkpoint import load_checkpoint
 from advfeat.train.config import TrainConfig
 
-__all__ = ["LoadedRun", "eval_data", "load_run", "load_weights"]
+__all__ = ["DenseEvalData", "LoadedRun", "dense_task_for", "eval_data", "load_run", "load_weights"]
+
+
+@dataclass
+class DenseEvalData(EvalData):
+    """:class:`EvalData` of a detection or segmentation model: items are ``(image, target)``
+    as the task collates them, and ``task`` computes the metrics (AP / mIoU)."""
+
+    task: DenseTask | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task, DenseTask):
+            raise AdvfeatError(
+                "DenseEvalData needs task=DetectionTask(...) or SegmentationTask(...), got "
+                f"{type(self.task).__name__}"
+            )
 
 
 @dataclass
@@ -35,6 +53,8 @@ class LoadedRun:
     data: DatasetBundle
     epoch: int
     info: dict[str, Any] = field(default_factory=dict)
+    task: DenseTask | None = None
+    """The run's detection / segmentation task (``None`` for classification)."""
 
     @property
     def run_dir(self) -> Path:
@@ -169,15 +189,42 @@ def load_run(
         "seed": cfg.seed,
         "epochs_trained": int(state.get("epoch", -1)) + 1,
     }
-    return LoadedRun(path, cfg, model, raw, data, int(state.get("epoch", -1)), info)
+    if parts.task is not None:
+        info["task"] = parts.task.name
+    epoch = int(state.get("epoch", -1))
+    return LoadedRun(path, cfg, model, raw, data, epoch, info, task=parts.task)
 
 
-def eval_data(bundle: DatasetBundle) -> EvalData:
-    """The evaluation view of a dataset bundle (test, un-augmented train, shifted domains)."""
+def dense_task_for(bundle: DatasetBundle) -> DenseTask:
+    """The task ``advfeat train`` builds for a detection / segmentation bundle (its defaults)."""
+    if bundle.task == "detection":
+        return DetectionTask(bundle.num_classes)
+    if bundle.task == "segmentation":
+        return SegmentationTask(bundle.num_classes)
+    raise AdvfeatError(f"{bundle.task} data has no detection / segmentation task")
+
+
+def eval_data(bundle: DatasetBundle, task: DenseTask | None = None) -> EvalData:
+    """The evaluation view of a dataset bundle (test, un-augmented train, shifted domains).
+
+    A detection / segmentation bundle gives :class:`DenseEvalData` with ``task`` (default: the
+    task ``advfeat train`` builds for it).
+    """
     if bundle.task != "classification":
-        raise AdvfeatError(
-            f"evaluation suites need a classification dataset, this one is {bundle.task}"
+        task = task if task is not None else dense_task_for(bundle)
+        if task.name != bundle.task:
+            raise AdvfeatError(f"a {task.name} task cannot evaluate {bundle.task} data")
+        return DenseEvalData(
+            test=bundle.test,
+            num_classes=bundle.num_classes,
+            class_names=list(bundle.class_names),
+            image_size=bundle.image_size,
+            train=bundle.train,
+            shifted=dict(bundle.shifted),
+            task=task,
         )
+    if task is not None:
+        raise AdvfeatError("a detection / segmentation task cannot evaluate classification data")
     return EvalData(
         test=bundle.test,
         num_classes=bundle.num_classes,

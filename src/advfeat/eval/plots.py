@@ -286,9 +286,14 @@ def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[
 
 
 def plot_training(history: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
-    """Training loss, train / validation / test accuracy and learning rate over epochs."""
+    """Training loss, train / validation / test accuracy (AP50 or mIoU for detection or
+    segmentation runs) and learning rate over epochs."""
     if not history:
         return None
+    metric, label = "acc", "accuracy"
+    for key, name in (("ap50", "AP50"), ("miou", "mIoU")):
+        if any(f"test_{key}" in row for row in history):
+            metric, label = key, name
     fig = _figure(10.5, 3.6)
     axes = fig.subplots(1, 3)
     for key, colour in (
@@ -301,16 +306,16 @@ def plot_training(history: list[dict[str, Any]], path: Path, title: str = "") ->
             axes[0].plot(xs, ys, "o-", color=colour, label=key.replace("_", " "), ms=3)
     axes[0].set_title("loss")
     for key, colour in (
-        ("train_acc", COLOURS[0]),
-        ("val_acc", COLOURS[3]),
-        ("test_acc", COLOURS[1]),
+        (f"train_{metric}", COLOURS[0]),
+        (f"val_{metric}", COLOURS[3]),
+        (f"test_{metric}", COLOURS[1]),
     ):
         xs, ys = _series(history, key)
         if xs:
             axes[1].plot(
                 xs, [100 * y for y in ys], "o-", color=colour, label=key.replace("_", " "), ms=3
             )
-    axes[1].set_title("accuracy (%)")
+    axes[1].set_title(f"{label} (%)")
     _percent_axis(axes[1])
     xs, ys = _series(history, "lr")
     if xs:

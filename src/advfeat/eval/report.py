@@ -1,11 +1,34 @@
-"""A Markdown report of evaluation results (written next to the JSON as ``<stem>.md``)."""
+"""A Markdown report of evaluation results (written next to the JSON as ``<stem>.md``).
+
+Classification results show accuracies; detection and segmentation results (``config.task``)
+show AP / AP50 / AP75 or mIoU / pixel accuracy, clean, under PGD and on shifted domains.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-__all__ = ["markdown_report"]
+__all__ = ["markdown_report", "summary_rows"]
+
+DENSE_METRICS = {
+    "ap": "AP",
+    "ap50": "AP50",
+    "ap75": "AP75",
+    "miou": "mIoU",
+    "pixel_acc": "pixel acc.",
+}
+"""The scalar metrics of detection and segmentation, in report order, with their labels."""
+
+ROBUST_ACCURACY_NOTE = (
+    "Robust accuracy counts a test image as robust only if the model is correct on it both "
+    "clean and attacked, so it never exceeds clean accuracy; the ε-curve takes, per image, "
+    "the worst case over all smaller budgets, so it never increases with ε."
+)
+DENSE_ROBUST_NOTE = (
+    "Robust {metrics} are the metrics on the PGD-attacked test images (A-FAN Tables 5-6); unlike "
+    "robust accuracy they are not capped by the clean value, so the drop is reported as well."
+)
 
 
 def _pct(v: Any) -> str:
@@ -20,6 +43,38 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 def _skip(res: dict[str, Any]) -> list[str] | None:
     return [f"*Skipped: {res['skipped']}.*", ""] if "skipped" in res else None
+
+
+def _task(results: dict[str, Any]) -> str:
+    return str(results.get("config", {}).get("task", "classification"))
+
+
+def _scalars(res: dict[str, Any]) -> list[str]:
+    return [k for k in DENSE_METRICS if k in res]
+
+
+def _budget(res: dict[str, Any]) -> str:
+    return f"ε = {255 * res['eps']:.3g}/255, step {255 * res['alpha']:.3g}/255"
+
+
+def _dense_summary(suites: dict[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+    clean = suites.get("clean", {})
+    rows += [[f"clean {DENSE_METRICS[k]}", _pct(clean[k])] for k in _scalars(clean)]
+    pgd = suites.get("attacks", {}).get("pgd", {})
+    label = f"PGD-{pgd.get('steps', '')} ({_budget(pgd)})" if "eps" in pgd else ""
+    rows += [[f"{label} {DENSE_METRICS[k]}", _pct(pgd[k])] for k in _scalars(pgd)]
+    shift = suites.get("shift", {})
+    metric = shift.get("metric")
+    if metric is not None:
+        rows.append([f"mean shifted-domain {DENSE_METRICS[metric]}", _pct(shift[f"mean_{metric}"])])
+    return rows
+
+
+def summary_rows(results: dict[str, Any]) -> list[list[str]]:
+    """``[metric, value]`` rows of the report's summary table (and of ``advfeat eval``'s output)."""
+    suites = results.get("suites", {})
+    return _dense_summary(suites) if _task(results) != "classification" else _summary(suites)
 
 
 def _summary(suites: dict[str, Any]) -> list[list[str]]:
@@ -182,6 +237,57 @@ def _bn(bn: dict[str, Any]) -> list[str]:
     return _table(["BN branch", "clean top-1", "PGD", "mean shifted"], rows)
 
 
+def _dense_clean(c: dict[str, Any]) -> list[str]:
+    values = ", ".join(f"{DENSE_METRICS[k]} {_pct(c[k])}" for k in _scalars(c))
+    lines = [f"{values} on {c['n']} images.", ""]
+    if "iou_per_class" in c:
+        ious = ", ".join("–" if v is None else f"{v:.3f}" for v in c["iou_per_class"])
+        lines += [f"IoU per class (class 0 first): {ious}.", ""]
+    return lines
+
+
+def _dense_attacks(att: dict[str, Any]) -> list[str]:
+    pgd = att.get("pgd", {})
+    if "eps" not in pgd:
+        return _skip(pgd) or []
+    rows = [
+        [
+            DENSE_METRICS[k],
+            _pct(pgd["clean"].get(k)),
+            _pct(pgd[k]),
+            _pct(pgd["drop"].get(k)),
+        ]
+        for k in _scalars(pgd)
+    ]
+    start = "random start" if pgd.get("random_start") else "no random start"
+    return [
+        f"PGD-{pgd['steps']} on the images ({_budget(pgd)}, L∞, {start}), ascending the "
+        f"{pgd['loss']}; {pgd['n']} images.",
+        "",
+        *_table(["metric", "clean", "PGD", "drop"], rows),
+    ]
+
+
+def _dense_shift(sh: dict[str, Any]) -> list[str]:
+    domains = sh["domains"]
+    keys = _scalars(next(iter(domains.values())))
+    rows = [[d, *[_pct(r.get(k)) for k in keys], str(r["n"])] for d, r in domains.items()]
+    return _table(["domain", *[DENSE_METRICS[k] for k in keys], "images"], rows)
+
+
+def _dense_sections(suites: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if "clean" in suites:
+        lines += ["## Clean", "", *(_skip(suites["clean"]) or _dense_clean(suites["clean"]))]
+    if "attacks" in suites:
+        att = suites["attacks"]
+        lines += ["## Attacks", "", *(_skip(att) or _dense_attacks(att))]
+    if "shift" in suites:
+        sh = suites["shift"]
+        lines += ["## Shifted domains", "", *(_skip(sh) or _dense_shift(sh))]
+    return lines
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     """The report: summary, one section per suite, plots, configuration and versions."""
     run = results.get("run", {})
@@ -200,15 +306,15 @@ def markdown_report(results: dict[str, Any]) -> str:
     facts.append(f"device {results['environment']['device']}")
     facts.append(f"{results['timing_s']['total']:.1f} s")
     lines += ["; ".join(facts) + ".", ""]
-    summary = _summary(suites)
+    summary = summary_rows(results)
     if summary:
         lines += ["## Summary", "", *_table(["metric", "value"], summary)]
-    lines += [
-        "Robust accuracy counts a test image as robust only if the model is correct on it both "
-        "clean and attacked, so it never exceeds clean accuracy; the ε-curve takes, per image, "
-        "the worst case over all smaller budgets, so it never increases with ε.",
-        "",
-    ]
+    task = _task(results)
+    if task != "classification":
+        names = "AP / AP50 / AP75" if task == "detection" else "mIoU / pixel accuracy"
+        lines += [DENSE_ROBUST_NOTE.format(metrics=names), "", *_dense_sections(suites)]
+        return "\n".join([*lines, *_tail(results)])
+    lines += [ROBUST_ACCURACY_NOTE, ""]
     if "clean" in suites:
         c = suites["clean"]
         lines += ["## Clean", ""]
@@ -257,6 +363,12 @@ def markdown_report(results: dict[str, Any]) -> str:
             f"Site `{f['site']}`, feature attack α = {f['alpha']:g} × {f['steps']} step(s), shown ×{f['magnify']:g}.",
             "",
         ]
+    return "\n".join([*lines, *_tail(results)])
+
+
+def _tail(results: dict[str, Any]) -> list[str]:
+    """Plots, configuration and environment."""
+    lines: list[str] = []
     plots = results.get("plots", {})
     if plots:
         lines += ["## Plots", ""]
@@ -266,4 +378,4 @@ def markdown_report(results: dict[str, Any]) -> str:
         json.dumps({"config": results["config"], "environment": results["environment"]}, indent=2)
     ]
     lines += ["```", ""]
-    return "\n".join(lines)
+    return lines

@@ -1,4 +1,5 @@
-"""Run evaluation suites on any classifier and write JSON, a Markdown report and plots.
+"""Run evaluation suites on any classifier, detector or segmenter and write JSON, a Markdown
+report and plots.
 
 Two entry points:
 
@@ -9,6 +10,13 @@ Two entry points:
       results["suites"]["attacks"]["pgd"]["accuracy"]
 
 * :func:`evaluate_checkpoint` — a run written by ``advfeat train`` (what ``advfeat eval`` calls).
+
+Detection and segmentation models are evaluated through their task
+(:class:`~advfeat.tasks.DetectionTask` / :class:`~advfeat.tasks.SegmentationTask`): pass a
+detection / segmentation ``DatasetBundle`` (its task is built), a
+:class:`~advfeat.eval.loading.DenseEvalData`, or a ``Dataset`` with ``task=...``. Their suites
+are ``clean``, ``attacks`` and ``shift`` (AP / mIoU), with A-FAN's PGD-10 protocol as default
+(:meth:`EvalConfig.for_task`).
 
 The model is put in eval mode for the evaluation and every module's flag is restored afterwards.
 With ``out=FILE.json`` every finished unit of work is saved atomically to ``FILE.json.partial``;
@@ -35,10 +43,11 @@ from torch.utils.data import Dataset
 from advfeat.data import DatasetBundle
 from advfeat.errors import AdvfeatError
 from advfeat.eval.accuracy import eval_mode
-from advfeat.eval.config import DEFAULT_SUITES, EvalConfig
+from advfeat.eval.config import DEFAULT_SUITES, DENSE_SUITE_NAMES, SUITE_NAMES, EvalConfig
 from advfeat.eval.context import EvalContext, EvalData, PartialStore
 from advfeat.eval.folders import ImageFolderDomain
-from advfeat.eval.loading import eval_data, load_run
+from advfeat.eval.loading import DenseEvalData, eval_data, load_run
+from advfeat.tasks import DenseTask
 from advfeat.train.checkpoint import atomic_write_json
 
 __all__ = ["RESULT_FORMAT", "environment", "evaluate", "evaluate_checkpoint", "partial_path"]
@@ -82,12 +91,22 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def _as_data(
-    dataset: DatasetBundle | EvalData | Dataset, model: nn.Module, device: torch.device
+    dataset: DatasetBundle | EvalData | Dataset,
+    model: nn.Module,
+    device: torch.device,
+    task: DenseTask | None = None,
 ) -> EvalData:
+    if task is not None and not isinstance(task, DenseTask):
+        raise AdvfeatError(
+            "task must be a DetectionTask or SegmentationTask (advfeat.tasks), got "
+            f"{type(task).__name__}"
+        )
     if isinstance(dataset, EvalData):
+        if task is not None and getattr(dataset, "task", None) is not task:
+            raise AdvfeatError("pass the task inside DenseEvalData(task=...) or with a Dataset")
         return dataset
     if isinstance(dataset, DatasetBundle):
-        return eval_data(dataset)
+        return eval_data(dataset, task)
     if not isinstance(dataset, Dataset):
         raise AdvfeatError(
             "dataset must be an advfeat DatasetBundle, an EvalData or a torch Dataset of "
@@ -95,6 +114,8 @@ def _as_data(
         )
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise AdvfeatError("the dataset is empty")
+    if task is not None:
+        return DenseEvalData(test=dataset, num_classes=task.num_classes, task=task)
     image, _ = dataset[0]
     with torch.no_grad(), eval_mode(model):
         classes = int(model(image[None].to(device)).shape[1])
@@ -118,6 +139,32 @@ def _add_domains(data: EvalData, domains: dict[str, str] | None) -> EvalData:
     return EvalData(
         data.test, data.num_classes, data.class_names, data.image_size, data.train, shifted
     )
+
+
+def _task_name(data: EvalData) -> str:
+    task = getattr(data, "task", None)
+    return task.name if isinstance(task, DenseTask) else "classification"
+
+
+def _suite_list(suites: Iterable[str] | str, task: str) -> tuple[str, ...]:
+    """Suite names; ``all`` is every suite that applies to ``task``."""
+    names = [s.strip() for s in suites.split(",")] if isinstance(suites, str) else list(suites)
+    names = [s for s in names if s]
+    if "all" in names:
+        return SUITE_NAMES if task == "classification" else DENSE_SUITE_NAMES
+    return tuple(names)
+
+
+def _check_dense_extras(task: str, **given: Any) -> None:
+    """Surrogates, mCE baselines and image-folder domains are classification-only."""
+    if task == "classification":
+        return
+    for name, value in given.items():
+        if value:
+            raise AdvfeatError(
+                f"{name} applies to classification models only; a {task} model is evaluated "
+                "with the suites clean, attacks and shift"
+            )
 
 
 def _check_ready(cfg: EvalConfig, surrogate: Any) -> None:
@@ -175,37 +222,46 @@ def evaluate(
     run_dir: str | Path | None = None,
     report: bool = True,
     plots: bool = True,
+    task: DenseTask | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (images in [0, 1] → logits) on ``dataset`` with the named suites.
 
     Args:
         dataset: a :class:`~advfeat.data.DatasetBundle` (test, train and shifted domains), an
-            :class:`EvalData`, or a plain test ``Dataset`` of ``(image, label)``.
+            :class:`EvalData` (:class:`~advfeat.eval.loading.DenseEvalData` for detection /
+            segmentation), or a plain test ``Dataset`` of ``(image, label)`` (of
+            ``(image, target)`` with ``task``).
         suites: names from :data:`advfeat.eval.SUITES` (``clean``, ``attacks``, ``corruptions``,
-            ``shift``, ``bn``, ``divergence``, ``hessian``, ``features``).
+            ``shift``, ``bn``, ``divergence``, ``hessian``, ``features``; ``all``); detection and
+            segmentation take ``clean``, ``attacks``, ``shift``.
         config / options: an :class:`EvalConfig`, or its fields as keywords
-            (``max_images=500``, ``eps=8/255``, ``corruptions=["fog"]``, ...).
+            (``max_images=500``, ``eps=8/255``, ``corruptions=["fog"]``, ...). Unset options of
+            a detection / segmentation evaluation follow A-FAN (:meth:`EvalConfig.for_task`).
         out: write the results JSON there, with a Markdown report and PNG plots beside it.
         resume: reuse the partial results of an interrupted run with the same settings.
         surrogate: model (or checkpoint path) for the black-box transfer attack.
         baseline: eval JSON, checkpoint path or model normalising the corruption error (mCE).
         domains: extra shifted domains, ``{name: image folder}``.
+        task: the :class:`~advfeat.tasks.DetectionTask` / :class:`~advfeat.tasks.SegmentationTask`
+            that evaluates ``model`` on a plain ``Dataset`` (a bundle's is built from it).
 
     Returns the results (the JSON written to ``out``).
     """
-    if isinstance(suites, str):
-        suites = [s.strip() for s in suites.split(",") if s.strip()]
     if config is not None and options:
         raise AdvfeatError("pass either config=EvalConfig(...) or keyword options, not both")
-    cfg = (
-        EvalConfig.from_options(suites=tuple(suites), **options)
-        if config is None
-        else config.replace(suites=tuple(suites))
-    )
     dev = torch.device(device) if device is not None else _device_of(model)
     model.to(dev)
-    data = _add_domains(_as_data(dataset, model, dev), domains)
+    data = _as_data(dataset, model, dev, task)
+    kind = _task_name(data)
+    _check_dense_extras(kind, surrogate=surrogate, baseline=baseline, domains=domains)
+    names = _suite_list(suites, kind)
+    cfg = (
+        EvalConfig.for_task(kind, suites=names, **options)
+        if config is None
+        else config.replace(suites=names, task=kind)
+    )
+    data = _add_domains(data, domains)
     _check_ready(cfg, surrogate)
     surrogate_model, surrogate_label = _load_surrogate(surrogate, dev)
     baseline_value, baseline_label = _load_baseline(baseline, dev)
@@ -242,6 +298,7 @@ def evaluate(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "run": dict(run_info or {"model": type(model).__name__}),
         "data": {
+            "task": kind,
             "num_classes": data.num_classes,
             "test_size": len(data.test),  # type: ignore[arg-type]
             "shifted_domains": sorted(data.shifted),
@@ -299,7 +356,10 @@ def evaluate_checkpoint(
     dataset_options: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint written by ``advfeat train`` (see :func:`evaluate` for the rest)."""
+    """Evaluate a checkpoint written by ``advfeat train`` (see :func:`evaluate` for the rest).
+
+    Detection and segmentation runs are evaluated with their task (AP / mIoU).
+    """
     run = load_run(
         checkpoint,
         device=device,
@@ -316,5 +376,6 @@ def evaluate_checkpoint(
         device=device,
         raw_model=run.raw_model,
         run_info=run.info,
+        task=run.task,
         **kwargs,
     )

@@ -14,6 +14,13 @@
   models only.
 
 Robust accuracy everywhere = correct on the clean image AND on the attacked one (≤ clean).
+
+Detection and segmentation (A-FAN §5-6, Tables 5-6): ``pgd`` only — image-space PGD on the
+task's training loss (:class:`advfeat.tasks.DensePGD`), PGD-10 with ε = 2/255, α = 0.3/255
+(detection) or ε = 8/255, α = 1/255 (segmentation) unless ``eps`` / ``pgd_alpha`` /
+``pgd_steps`` say otherwise; the robust AP / mIoU is the task's metric on the attacked images
+(the paper's definition: it is not capped by the clean value), reported with the clean value on
+the same images and the drop.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from advfeat.eval.autoattack import (
 )
 from advfeat.eval.context import EvalContext
 from advfeat.eval.robust import Outcome, attack_outcome, summarize, worst_case_curve
+from advfeat.eval.suites.dense import dense_task, task_metrics
 from advfeat.eval.suites.registry import register_suite, skipped
+from advfeat.tasks import DensePGD, DenseTask
 
 __all__ = ["run"]
 
@@ -207,9 +216,40 @@ def _adaptive(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]
     }
 
 
+def _dense(ctx: EvalContext, task: DenseTask) -> dict[str, Any]:
+    """Robust AP / mIoU under image-space PGD on the task loss (A-FAN Tables 5-6)."""
+    cfg = ctx.config
+    if "pgd" not in cfg.attacks:
+        return skipped(f"no attack chosen ({task.name} models are attacked with pgd)")
+    dataset = ctx.test_set()
+    attack = DensePGD(
+        task, eps=cfg.eps, alpha=cfg.pgd_alpha, steps=cfg.pgd_steps, seed=ctx.seed_for("pgd")
+    )
+    clean = ctx.unit("attacks/clean", lambda: task_metrics(ctx, task, dataset, "attacks/clean"))
+    robust = ctx.unit(
+        "attacks/pgd", lambda: task_metrics(ctx, task, dataset, "attacks/pgd", attack)
+    )
+    scalars = [k for k, v in robust.items() if isinstance(v, float) and k not in ("n", "seed")]
+    drop = {k: clean[k] - robust[k] for k in scalars if clean.get(k) is not None}
+    pgd = {
+        **robust,
+        "clean": {k: clean[k] for k in scalars},
+        "drop": drop,
+        "eps": cfg.eps,
+        "alpha": cfg.pgd_alpha,
+        "steps": cfg.pgd_steps,
+        "random_start": False,
+        "loss": f"{task.name} training loss against the ground truth",
+    }
+    return {"eps": cfg.eps, "pgd": pgd}
+
+
 @register_suite("attacks", "PGD-20, FGSM, C&W-L2, ε-curve, transfer, AutoAttack, AFA adaptive")
 def run(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.config
+    task = dense_task(ctx)
+    if task is not None:
+        return _dense(ctx, task)
     dataset = ctx.test_set()
     fusion = find_fusion(ctx.model)
     results: dict[str, Any] = {"eps": cfg.eps}

@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from advfeat.eval.context import EvalContext
+from advfeat.eval.suites.dense import refuse_dense
 from advfeat.eval.suites.registry import SUITES, register_suite, skipped
 from advfeat.norm import MultiBatchNorm, branch_names, use_branch
 
@@ -33,6 +34,7 @@ class BranchModel(nn.Module):
 
 @register_suite("bn", "the chosen suites under each BN branch of a multi-branch model")
 def run(ctx: EvalContext) -> dict[str, Any]:
+    refuse_dense(ctx, "bn")
     model = ctx.raw_model
     if not any(isinstance(m, MultiBatchNorm) for m in model.modules()):
         return skipped("the model has a single BN branch (not converted with convert_multibn)")

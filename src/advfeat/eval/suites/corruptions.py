@@ -20,6 +20,7 @@ from advfeat.eval.corruption import (
     require_imagecorruptions,
 )
 from advfeat.eval.robust import correct
+from advfeat.eval.suites.dense import refuse_dense
 from advfeat.eval.suites.registry import register_suite
 
 __all__ = ["corruption_table", "run"]
@@ -90,6 +91,7 @@ def _baseline(ctx: EvalContext) -> dict[str, Any] | None:
 
 @register_suite("corruptions", "15 common corruptions × 5 severities (CIFAR-10-C style), mCE")
 def run(ctx: EvalContext) -> dict[str, Any]:
+    refuse_dense(ctx, "corruptions")
     result = corruption_table(ctx)
     table = result["accuracy"]
     per_type = {c: sum(row.values()) / len(row) for c, row in table.items()}

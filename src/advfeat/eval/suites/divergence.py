@@ -15,6 +15,7 @@ from advfeat.eval.divergence import (
     near_constant_channels,
     symmetric_kl_divergence,
 )
+from advfeat.eval.suites.dense import refuse_dense
 from advfeat.eval.suites.registry import register_suite, skipped
 
 __all__ = ["run"]
@@ -24,6 +25,7 @@ REL_MIN_STD = 1e-3
 
 @register_suite("divergence", "AdvBN Eq. 4-5 symmetric KL feature divergence per layer")
 def run(ctx: EvalContext) -> dict[str, Any]:
+    refuse_dense(ctx, "divergence")
     if not ctx.data.shifted:
         return skipped("no second dataset: the dataset has no shifted domain (use --domain)")
     cfg = ctx.config

@@ -9,6 +9,7 @@ from torch import nn
 
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.feature_maps import feature_grid
+from advfeat.eval.suites.dense import refuse_dense
 from advfeat.eval.suites.registry import register_suite, skipped
 
 __all__ = ["default_site", "run"]
@@ -34,6 +35,7 @@ def default_site(model: nn.Module) -> str | None:
 
 @register_suite("features", "clean / perturbed / re-normalized feature maps (A-FAN Fig. S6)")
 def run(ctx: EvalContext) -> dict[str, Any]:
+    refuse_dense(ctx, "features")
     cfg = ctx.config
     site = cfg.feature_site or default_site(ctx.model)
     if site is None:

@@ -9,6 +9,7 @@ import torch
 
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.hessian import hessian_trace, top_eigenvalue, weights_of
+from advfeat.eval.suites.dense import refuse_dense
 from advfeat.eval.suites.registry import register_suite
 
 __all__ = ["run"]
@@ -16,6 +17,7 @@ __all__ = ["run"]
 
 @register_suite("hessian", "top Hessian eigenvalue (power iteration) and trace (Hutchinson)")
 def run(ctx: EvalContext) -> dict[str, Any]:
+    refuse_dense(ctx, "hessian")
     cfg = ctx.config
     source = "train" if ctx.data.train is not None else "test"
     dataset = ctx.data.train if ctx.data.train is not None else ctx.data.test

@@ -1,7 +1,9 @@
-"""``shift``: accuracy on shifted test domains.
+"""``shift``: accuracy on shifted test domains (for detection and segmentation: the task's
+metrics per domain, and the mean of the headline one, AP50 or mIoU).
 
-The domains are the dataset's own (``shapes``: ``colour``, ``fog``, ``noise``, ``style``) and any
-image folder the user adds (``--domain NAME=PATH``, see :mod:`advfeat.eval.folders`).
+The domains are the dataset's own (``shapes``, ``shapes-det``, ``shapes-seg``: ``colour``,
+``fog``, ``noise``, ``style``) and, for classification, any image folder the user adds
+(``--domain NAME=PATH``, see :mod:`advfeat.eval.folders`).
 """
 
 from __future__ import annotations
@@ -10,30 +12,42 @@ from typing import Any
 
 from advfeat.eval.accuracy import evaluate_accuracy
 from advfeat.eval.context import EvalContext, seeded_subset
+from advfeat.eval.suites.dense import PRIMARY_METRIC, dense_task, task_metrics
 from advfeat.eval.suites.registry import register_suite, skipped
 
 __all__ = ["run"]
 
 
-@register_suite("shift", "accuracy on shifted test domains (dataset's own and image folders)")
+@register_suite("shift", "accuracy (AP50 / mIoU for dense tasks) on shifted test domains")
 def run(ctx: EvalContext) -> dict[str, Any]:
+    task = dense_task(ctx)
     if not ctx.data.shifted:
+        if task is not None:
+            return skipped(f"the {task.name} dataset has no shifted domains")
         return skipped("the dataset has no shifted domains; add one with --domain NAME=PATH")
     results: dict[str, Any] = {}
     bar = ctx.bar(len(ctx.data.shifted), "shift")
     try:
         for name, domain in ctx.data.shifted.items():
             dataset = seeded_subset(domain, ctx.config.max_images, ctx.config.seed)
+            key = f"shift/{name}"
 
-            def compute(dataset: Any = dataset) -> dict[str, Any]:
+            def compute(dataset: Any = dataset, key: str = key) -> dict[str, Any]:
+                if task is not None:
+                    return task_metrics(ctx, task, dataset, key)
                 acc: dict[str, Any] = evaluate_accuracy(
                     ctx.model, dataset, batch_size=ctx.config.batch_size, device=ctx.device
                 )
                 return {"accuracy": acc["top1"], "n": len(dataset)}
 
-            results[name] = ctx.unit(f"shift/{name}", compute)
+            results[name] = ctx.unit(key, compute)
             bar.update(1)
     finally:
         bar.close()
-    accs = [r["accuracy"] for r in results.values()]
-    return {"domains": results, "mean_accuracy": sum(accs) / len(accs)}
+    if task is None:
+        accs = [r["accuracy"] for r in results.values()]
+        return {"domains": results, "mean_accuracy": sum(accs) / len(accs)}
+    metric = PRIMARY_METRIC[task.name]
+    values = [r[metric] for r in results.values() if r.get(metric) is not None]
+    mean = sum(values) / len(values) if values else None
+    return {"domains": results, "metric": metric, f"mean_{metric}": mean}
