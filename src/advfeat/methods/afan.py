@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from advfeat.attacks.feature import FeaturePGD, rescale_strengths, sample_strengths
+from advfeat.attacks.feature import FeaturePGD, sample_strengths
 from advfeat.errors import AdvfeatError
 from advfeat.methods.base import MethodOutput, cross_entropy, unwrap
 from advfeat.methods.feature_aug import (
     AUTO_SITE,
+    AdversarialFeatureNormalization,
     FeatureAugmentation,
-    adversarial_feature_normalization,
     check_choice,
     check_common_options,
 )
@@ -40,7 +40,8 @@ class AFAN(FeatureAugmentation):
 
     Options (defaults: §4 "CIFAR and ImageNet Results" — k = 3 strengths from [0, α],
     α = 0.5/255, λ = 1 (Eq. 7) — with the efficient PGD-1 of appendix S1.1, the setting Fig. S5
-    finds best on CIFAR-10; the CIFAR-table preset ``afan-cifar`` uses §4's PGD-5):
+    finds best on CIFAR-10; the Table 2 presets ``afan-resnet{20,56}-cifar{10,100}`` use §4's
+    PGD-5, with k separate attacks as S1.1 says the rescaling is not exact for them):
 
     * ``site`` / ``sites``: as ALFA ("the last block", §4 and §7); each site gets its own k
       augmented features, all losses are summed.
@@ -133,17 +134,29 @@ class AFAN(FeatureAugmentation):
         )
         return atk(x, y, feature=feature.detach())
 
+    def perturbations(
+        self, model: nn.Module, site: str, feature: Tensor, x: Tensor, y: Tensor, alphas: Tensor
+    ) -> list[tuple[Tensor, float]]:
+        """``(δ, s)`` pairs with ``f_adv^(i) = f + s·δ`` for each strength (Eq. 5).
+
+        Rescaling (S1.1): one δ_1 at ``alphas[0]`` and ``s_i = α_i/α_1``
+        (:func:`advfeat.attacks.feature.rescale_strengths`); otherwise one attack (or one draw
+        of noise) per strength and ``s_i = 1``. δ is detached; ``f`` keeps its graph.
+        """
+        if self.opts.random_noise is not None:
+            return [(self.noise(feature), 1.0) for _ in range(alphas.numel())]
+        if self.uses_rescaling:
+            a1 = float(alphas[0])
+            delta1 = self.feature_attack(model, site, feature, x, y, a1)
+            return [(delta1, float(a) / a1) for a in alphas]
+        return [(self.feature_attack(model, site, feature, x, y, float(a)), 1.0) for a in alphas]
+
     def augmented_features(
         self, model: nn.Module, site: str, feature: Tensor, x: Tensor, y: Tensor, alphas: Tensor
     ) -> list[Tensor]:
         """``f_adv^(i) = f + δ_i`` for each strength (Eq. 5); ``f`` keeps its graph, δ_i does not."""
-        if self.opts.random_noise is not None:
-            return [feature + self.noise(feature) for _ in range(alphas.numel())]
-        if self.uses_rescaling:
-            a1 = float(alphas[0])
-            delta1 = self.feature_attack(model, site, feature, x, y, a1)
-            return rescale_strengths(feature, delta1, a1, alphas)
-        return [feature + self.feature_attack(model, site, feature, x, y, float(a)) for a in alphas]
+        pairs = self.perturbations(model, site, feature, x, y, alphas)
+        return [feature + s * d for d, s in pairs]
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
         opts = self.opts
@@ -155,13 +168,18 @@ class AFAN(FeatureAugmentation):
         for site in sites:
             f = feats[site]
             alphas = sample_strengths(opts.k, opts.alpha, spacing=opts.strength_spacing)
-            for f_adv in self.augmented_features(model, site, f, x, y, alphas):
-                sizes.append((f_adv - f).detach().flatten(1).norm(dim=1).mean())
-                f_in = (
-                    adversarial_feature_normalization(f, f_adv, opts.afn_stats, opts.afn_eps)
-                    if opts.afn
-                    else f_adv
-                )
+            pairs = self.perturbations(model, site, f, x, y, alphas)
+            afn = (
+                AdversarialFeatureNormalization(f, opts.afn_stats, opts.afn_eps)
+                if opts.afn
+                else None
+            )
+            norms: dict[int, Tensor] = {}
+            for delta, scale in pairs:
+                if id(delta) not in norms:
+                    norms[id(delta)] = delta.flatten(1).norm(dim=1).mean()
+                sizes.append(abs(scale) * norms[id(delta)])
+                f_in = afn(delta, scale) if afn is not None else f + scale * delta
                 losses.append(cross_entropy(self.tail(model, site, f_in, x), y))
         loss_adv = torch.stack(losses).sum()
         loss = loss_clean + opts.lam * loss_adv

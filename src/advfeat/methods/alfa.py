@@ -36,7 +36,11 @@ class ALFA(FeatureAugmentation):
     Options (defaults: Table 2, ResNet-20s on CIFAR-10):
 
     * ``site``: dotted module name; ``"auto"`` is the last stage (:func:`last_stage`:
-      ``layer3`` of the CIFAR ResNets), "the last residual block" of Table 2.
+      ``layer3`` of the CIFAR ResNets), "the last residual block" of Table 2 (its output is the
+      last block's output). Footnote 2 says perturbations "usually are applied to the normalized
+      feature from batch normalization": name a BN layer (e.g. ``layer3.2.bn2``) for that reading;
+      a site inside a residual block runs the slower fallback of
+      :class:`advfeat.sites.SiteSplit` (the skip connection crosses the cut).
     * ``sites``: several sites at once (Fig. 2-3 combine blocks), instead of ``site``.
     * ``alpha``, ``steps``: step size and number of sign steps (PGD-5, α = 0.5/255).
     * ``lam``: λ of Eq. 3. The paper tunes it by grid search without reporting a value; 1 is

@@ -8,7 +8,9 @@ Feature Augmentation for Enhanced Image Recognition") and A-FAN (Chen et al. 202
   part before the site through ``f + δ`` with ``δ`` a constant (ALFA Eq. 3, A-FAN Eq. 3).
 * :func:`last_stage` / :func:`stage_blocks` — the default sites ("the last block", ALFA §4.3,
   A-FAN §7; L-ALFA's "by blocks", ALFA Table 9).
-* :func:`feature_moments` and :func:`adversarial_feature_normalization` — A-FAN Eq. 6.
+* :func:`feature_moments`, :func:`adversarial_feature_normalization` and
+  :class:`AdversarialFeatureNormalization` (the same, clean statistics shared by the k
+  strengths) — A-FAN Eq. 6.
 * :func:`project_simplex` — L-ALFA's projection of η (ALFA Algorithm 1, line 5).
 * :func:`random_feature_noise` — the random-noise ablations (ALFA Table 7, A-FAN Table 8).
 """
@@ -34,6 +36,7 @@ from advfeat.sites import SiteSplit, capture_features, resolve_site, site_order
 __all__ = [
     "AUTO_SITE",
     "AFNStats",
+    "AdversarialFeatureNormalization",
     "FeatureAugmentation",
     "adversarial_feature_normalization",
     "feature_moments",
@@ -116,6 +119,23 @@ def stage_blocks(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------- A-FAN normalization
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (statistics of half-precision features under autocast)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _moment_dims(feature: Tensor, stats: str) -> tuple[int, ...]:
+    if feature.ndim < 2:
+        raise AdvfeatError(
+            f"feature statistics need a (N, C, ...) feature, got shape {tuple(feature.shape)}"
+        )
+    if stats == "channel":
+        return (0, *range(2, feature.ndim))
+    if stats == "positional":
+        return (1,)
+    raise unknown_name("AFN statistics", str(stats), ["channel", "positional"])
+
+
 def feature_moments(
     feature: Tensor, stats: AFNStats = "channel", eps: float = 1e-5
 ) -> tuple[Tensor, Tensor]:
@@ -125,20 +145,10 @@ def feature_moments(
     over the batch and every spatial position, ``σ = sqrt(Var + eps)`` with the biased variance,
     as batch norm computes them in training. ``"positional"``: over the channels at each sample
     and position, as the authors' released code does (not the paper's equation).
-    Computed in float32 whatever the input dtype (autocast), returned in the input dtype.
+    Computed in at least float32 (autocast), returned in the input dtype.
     """
-    if feature.ndim < 2:
-        raise AdvfeatError(
-            f"feature statistics need a (N, C, ...) feature, got shape {tuple(feature.shape)}"
-        )
-    f = feature.float()
-    if stats == "channel":
-        dims: tuple[int, ...] = (0, *range(2, f.ndim))
-    elif stats == "positional":
-        dims = (1,)
-    else:
-        raise unknown_name("AFN statistics", str(stats), ["channel", "positional"])
-    var, mean = torch.var_mean(f, dim=dims, keepdim=True, correction=0)
+    dims = _moment_dims(feature, stats)
+    var, mean = torch.var_mean(_wide(feature), dim=dims, keepdim=True, correction=0)
     return mean.to(feature.dtype), (var + eps).sqrt().to(feature.dtype)
 
 
@@ -150,7 +160,8 @@ def adversarial_feature_normalization(
     The clean feature normalised with its own statistics and re-scaled with the adversarial
     feature's, so ``f_mix`` carries the adversarial per-channel mean and standard deviation
     (up to ``eps``) while keeping the clean feature's content. Differentiable in both inputs,
-    as batch normalization is.
+    as batch normalization is. The literal formula; training uses the equivalent, cheaper
+    :class:`AdversarialFeatureNormalization`.
     """
     if clean.shape != adversarial.shape:
         raise AdvfeatError(
@@ -160,6 +171,58 @@ def adversarial_feature_normalization(
     mu_c, sigma_c = feature_moments(clean, stats, eps)
     mu_a, sigma_a = feature_moments(adversarial, stats, eps)
     return sigma_a * (clean - mu_c) / sigma_c + mu_a
+
+
+class AdversarialFeatureNormalization:
+    """A-FAN Eq. 6 for several adversarial versions ``f + s·δ`` of one clean feature ``f``.
+
+    ``afn = AdversarialFeatureNormalization(f); f_mix = afn(delta, scale)`` equals
+    ``adversarial_feature_normalization(f, f + scale * delta)`` (same statistics, same
+    gradients with respect to ``f``), but the clean statistics and the normalised clean feature
+    ``(f − μ_clean)/σ_clean`` are computed once, and the adversarial moments follow from
+    ``μ_adv = μ_f + s·μ_δ`` and ``Var_adv = Var_f + 2s·Cov(f, δ) + s²·Var_δ``: with A-FAN's
+    rescaled strengths (one δ, k scales; appendix S1.1) the k adversarial features are never
+    materialised. Moments are taken in at least float32; results have the clean feature's dtype.
+    """
+
+    def __init__(self, clean: Tensor, stats: AFNStats = "channel", eps: float = 1e-5) -> None:
+        self.dims = _moment_dims(clean, stats)
+        self.eps = eps
+        self.dtype = clean.dtype
+        f = _wide(clean)
+        self.mean = f.mean(dim=self.dims, keepdim=True)
+        self.centered = f - self.mean
+        self.var = self.centered.square().mean(dim=self.dims, keepdim=True)
+        self.normalized = self.centered / (self.var + eps).sqrt()
+        self._cache: tuple[Tensor, tuple[Tensor, Tensor, Tensor]] | None = None
+
+    def _moments_of(self, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(μ_δ, Var_δ, Cov(f, δ))``, cached for the last δ (rescaled strengths share it)."""
+        if self._cache is None or self._cache[0] is not delta:
+            if delta.shape != self.centered.shape:
+                raise AdvfeatError(
+                    f"the perturbation has shape {tuple(delta.shape)}, the clean feature "
+                    f"{tuple(self.centered.shape)}; they must match"
+                )
+            d = delta.detach().to(self.centered.dtype)
+            mu = d.mean(dim=self.dims, keepdim=True)
+            d = d - mu
+            var = d.square().mean(dim=self.dims, keepdim=True)
+            cov = (self.centered * d).mean(dim=self.dims, keepdim=True)
+            self._cache = (delta, (mu, var, cov))
+        return self._cache[1]
+
+    def adversarial_moments(self, delta: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """``(μ_adv, σ_adv)`` of ``f + scale·δ`` (σ includes ``eps``, as batch norm's)."""
+        mu_d, var_d, cov = self._moments_of(delta)
+        mean = self.mean + scale * mu_d
+        var = (self.var + (2 * scale) * cov + (scale * scale) * var_d).clamp_min(0)
+        return mean, (var + self.eps).sqrt()
+
+    def __call__(self, delta: Tensor, scale: float = 1.0) -> Tensor:
+        """``f_mix`` for the adversarial feature ``f + scale·δ`` (δ is a constant)."""
+        mean, sigma = self.adversarial_moments(delta, scale)
+        return (sigma * self.normalized + mean).to(self.dtype)
 
 
 # ------------------------------------------------------------------------ simplex projection
@@ -346,9 +409,15 @@ class FeatureAugmentation(Method):
         return nullcontext()
 
     def tail(self, model: nn.Module, site: str, feature: Tensor, x: Tensor) -> Tensor:
-        """The model output with ``feature`` at ``site`` (a training pass of the tail only)."""
+        """The model output with ``feature`` at ``site`` (a training pass of the tail only).
+
+        L_adv is a loss of every weight (ALFA Eq. 3): for a site that a skip connection jumps
+        over (inside a residual block), the full-model fallback runs the part before the site
+        with gradients, so L_adv also reaches earlier layers through the skip path.
+        """
         with self.adversarial_bn(model):
-            out: Tensor = SiteSplit(unwrap(model), site).tail(feature, x=x)
+            split = SiteSplit(unwrap(model), site, prefix_grad=True)
+            out: Tensor = split.tail(feature, x=x)
         return out
 
     def noise(self, feature: Tensor) -> Tensor:

@@ -8,7 +8,9 @@ Objective (Eq. 5)::
 with learnable strengths η, one per site, projected onto P after every SGD step (Algorithm 1,
 line 5). The paper writes P = {η | 1ᵀη = 1} and projects "via the bisection method" of Wang
 et al. (2019b), which is the projection onto the probability simplex {η ≥ 0, 1ᵀη = 1}; that is
-the set used here (:func:`project_simplex`, sort-based, same point as bisection).
+the set used here by default (:func:`project_simplex`, sort-based, same point as bisection).
+``projection="hyperplane"`` is the other reading, P taken literally as the hyperplane
+{1ᵀη = 1} (η shifted to sum to one, negative entries kept: what the authors' released code does).
 
 Note on γ: on the simplex ‖η‖₁ = 1ᵀη = 1, so γ‖η‖₁ adds a constant to the loss, and its
 gradient γ·1 is normal to the simplex: the projection removes it, and with SGD (momentum
@@ -41,6 +43,8 @@ from advfeat.methods.registry import register_method
 
 __all__ = ["LALFA"]
 
+PROJECTIONS = ("simplex", "hyperplane")
+
 
 def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
@@ -69,6 +73,8 @@ class LALFA(FeatureAugmentation):
       only regulariser of η in Eq. 5 is γ‖η‖₁).
     * ``multi_site``: ``"separate"`` (default, Eq. 5 term by term: r attacks and r adversarial
       tail passes) or ``"joint"`` (one pass with all sites perturbed).
+    * ``projection``: ``"simplex"`` (default, the Euclidean projection onto {η ≥ 0, 1ᵀη = 1})
+      or ``"hyperplane"`` (onto {1ᵀη = 1}, Eq. 5's P read literally; η may turn negative).
     * ``random_noise``, ``noise_std``, ``attack_bn_mode``, ``adv_bn_stats``: as in ALFA.
 
     The projection. The trainer (and a user's loop) call ``loss.backward(); optimizer.step()``
@@ -96,6 +102,7 @@ class LALFA(FeatureAugmentation):
         eta_lr_scale: float = 1.0
         eta_weight_decay: float = 0.0
         multi_site: str = "separate"
+        projection: str = "simplex"  # Alg. 1 line 5; "hyperplane": P = {1ᵀη = 1} literally
         random_noise: str | None = None
         noise_std: float | None = None
         attack_bn_mode: str = "train"
@@ -118,6 +125,7 @@ class LALFA(FeatureAugmentation):
         _positive("eta_init", opts.eta_init)
         _positive("eta_lr_scale", opts.eta_lr_scale)
         _positive("eta_weight_decay", opts.eta_weight_decay, allow_zero=True)
+        check_choice("projection", opts.projection, PROJECTIONS)
         self.requested_sites()
 
     # ------------------------------------------------------------------------------ sites
@@ -182,12 +190,15 @@ class LALFA(FeatureAugmentation):
 
     @torch.no_grad()
     def project_strengths_(self) -> None:
-        """Project η onto the simplex if it changed since the last projection (Alg. 1, line 5)."""
+        """Project η onto P if it changed since the last projection (Alg. 1, line 5)."""
         if self.eta is None or self.eta_seen is None:
             return
         if self.eta_seen.shape == self.eta.shape and torch.equal(self.eta_seen, self.eta):
             return
-        self.eta.copy_(project_simplex(self.eta))
+        if self.opts.projection == "simplex":
+            self.eta.copy_(project_simplex(self.eta))
+        else:
+            self.eta.sub_((self.eta.sum() - 1) / self.eta.numel())
         self.eta_seen = self.eta.detach().clone()
 
     @property
