@@ -207,7 +207,7 @@ def test_stage1_routes_each_strength_to_its_own_branch(
     tiny_batch: tuple[Tensor, Tensor],
 ) -> None:
     x, y = tiny_batch
-    method = build_method("afa", base=base, num_branches=3, **options)
+    method = build_method("afa", base=base, num_branches=3, routing="split", **options)
     model = method.prepare(input_bn_net())
     initial = copy.deepcopy(model)
     model.train()
@@ -235,6 +235,32 @@ def test_stage1_routes_each_strength_to_its_own_branch(
             mean = 0.1 * (x.mean(dim=(0, 2, 3)) + GRID_255[k] / 255 * pattern(x).mean(dim=(1, 2)))
             assert torch.allclose(got["bn_in.running_mean"], mean, atol=1e-6)
             assert int(got["bn_in.num_batches_tracked"]) == 1
+
+
+@pytest.mark.parametrize("base", ["pgd-at", "trades", "mart"])
+def test_stage1_split_and_separate_routing_are_the_same_step(
+    base: str, tiny_batch: tuple[Tensor, Tensor]
+) -> None:
+    """One split pass over the K−1 strengths = one pass per branch: loss, gradients, statistics."""
+    x, y = tiny_batch
+    start = input_bn_net()
+    runs = []
+    for routing in ("split", "separate"):
+        method = build_method(
+            "afa", base=base, num_branches=3, steps=2, random_start="none", routing=routing
+        )
+        model = method.prepare(copy.deepcopy(start)).train()
+        out = method(model, x, y)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((out.loss.detach(), grads, copy.deepcopy(model.state_dict())))
+    (loss, grads, state), (loss2, grads2, state2) = runs
+    torch.testing.assert_close(loss2, loss)
+    assert grads.keys() == grads2.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads2[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for key, value in state.items():
+        torch.testing.assert_close(state2[key].float(), value.float(), msg=key)
 
 
 def test_stage1_real_attack_stays_within_each_branchs_strength(

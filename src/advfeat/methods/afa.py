@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -73,6 +74,7 @@ from advfeat.methods.adversarial import (
     clean_reference_logits,
     pixel_attack,
 )
+from advfeat.methods.auxbn import ROUTINGS, resolve_routing
 from advfeat.methods.base import Method, MethodOutput, unwrap
 from advfeat.methods.registry import register_method
 from advfeat.norm import (
@@ -151,10 +153,13 @@ class AFA(Method):
         generator_per_layer: bool = False
         generator_channels: int = 64
         prefix_weight: float | None = None
+        routing: str = "auto"  # stage I: one split pass over the K−1 strengths, or one per branch
 
     # ------------------------------------------------------------------------------ options
     def validate_options(self) -> None:
         o = self.opts
+        if o.routing not in ROUTINGS:
+            raise unknown_name("afa routing", str(o.routing), ROUTINGS)
         if isinstance(o.stage, bool) or not isinstance(o.stage, int) or o.stage not in (1, 2):
             raise AdvfeatError(
                 f"afa: stage must be 1 (K BN branches) or 2 (weight generator), got {o.stage!r}"
@@ -378,48 +383,71 @@ class AFA(Method):
         eps = torch.tensor(self.grid_255[1:], dtype=x.dtype, device=x.device) / 255
         eps = eps.repeat_interleave(batch)
 
+        routing = resolve_routing(o.routing, model, x)
+
+        def per_branch(fn: Callable[..., Tensor], *chunked: Tensor | None) -> Tensor:
+            """``fn`` on the K−1 repeated copies, each through its own BN branch: one split
+            pass (``routing="split"``) or one pass per branch (``"separate"``; faster on CPUs).
+            ``chunked`` arguments are split per branch alongside the images."""
+            if routing == "split":
+                with split_branches(net, route):
+                    return fn(None, *chunked)
+            outs = []
+            for i, (name, _) in enumerate(route):
+                part = [c if c is None else c[i * batch : (i + 1) * batch] for c in chunked]
+                with use_branch(net, name):
+                    outs.append(fn(name, *part))
+            return torch.cat(outs)
+
+        def attack(
+            branch: str | None, x_k: Tensor, y_k: Tensor, eps_k: Tensor, t: Tensor | None
+        ) -> Tensor:
+            return pixel_attack(
+                net,
+                x_k,
+                y_k,
+                eps=eps_k,
+                alpha=o.alpha_ratio * eps_k,
+                steps=o.steps,
+                loss=recipe.loss,
+                clean_logits=t,
+                random_start=start,
+                init_std=o.init_std,
+                bn_mode=bn_mode,
+                branch=branch,
+            )
+
+        def forward(_branch: str | None, images: Tensor) -> Tensor:
+            return cast(Tensor, model(images))
+
+        def reference(_branch: str | None, images: Tensor) -> Tensor:
+            return clean_reference_logits(net, images, bn_mode="eval")
+
         logits_clean: Tensor | None = None
         logits_ref: Tensor | None = None  # f_ref(x) of the loss when it is f_k(x) ("own-branch")
         target: Tensor | None = None  # f_ref(x) as the KL attack of TRADES sees it (detached)
         if recipe.loss == "kl" and bn_mode == "train":  # the training forward gives these values
             if own_reference:
-                with split_branches(net, route):
-                    logits_ref = model(x_rep)
+                logits_ref = per_branch(forward, x_rep)
                 target = logits_ref.detach()
             else:
                 with use_branch(net, names[0]):
                     logits_clean = model(x)
                 target = logits_clean.detach().repeat(reps, 1)
         elif recipe.loss == "kl" and own_reference:
-            with split_branches(net, route):
-                target = clean_reference_logits(net, x_rep, bn_mode="eval")
+            target = per_branch(reference, x_rep)
         elif recipe.loss == "kl":
             ref = clean_reference_logits(net, x, bn_mode="eval", branch=names[0])
             target = ref.repeat(reps, 1)
-        with split_branches(net, route):
-            x_adv = pixel_attack(
-                net,
-                x_rep,
-                y_rep,
-                eps=eps,
-                alpha=o.alpha_ratio * eps,
-                steps=o.steps,
-                loss=recipe.loss,
-                clean_logits=target,
-                random_start=start,
-                init_std=o.init_std,
-                bn_mode=bn_mode,
-            )
+        x_adv = per_branch(attack, x_rep, y_rep, eps, target)
         if logits_clean is None:
             with use_branch(net, names[0]):
                 logits_clean = model(x)
-        with split_branches(net, route):
-            logits_adv = model(x_adv)
+        logits_adv = per_branch(forward, x_adv)
         if not own_reference:
             logits_ref = logits_clean.repeat(reps, 1)
         elif logits_ref is None:
-            with split_branches(net, route):
-                logits_ref = model(x_rep)
+            logits_ref = per_branch(forward, x_rep)
 
         loss_clean = F.cross_entropy(logits_clean, y)
         weight = o.trades_beta if o.base == "trades" else o.mart_lambda
