@@ -18,6 +18,9 @@ __all__ = ["DEFAULT_METHODS", "add_parser", "config_from_args", "run"]
 DEFAULT_METHODS: tuple[str, ...] = ("standard", "afan")
 """Methods trained side by side (same seed, same data) by ``advfeat train`` without ``--method``."""
 
+DEFAULT_PRESET = "default"
+"""The preset under ``advfeat train`` when no method, preset or config file is given."""
+
 _FLAG_KEYS = {
     "method": "method",
     "model": "model",
@@ -80,6 +83,8 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Tra
     cfg = TrainConfig()
     if args.preset:
         apply_overrides(cfg, load_preset(args.preset))
+    elif not (args.method or args.config):
+        apply_overrides(cfg, load_preset(DEFAULT_PRESET))
     if args.config:
         apply_overrides(cfg, load_yaml(args.config))
     flags = {
