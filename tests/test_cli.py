@@ -168,3 +168,17 @@ def test_checkpoint_options_are_recorded_as_absolute_paths(
     assert main([*args, "--show-config"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["method_options"]["stage1_checkpoint"] == str(tmp_path / "stage1.pt")
+
+
+def test_default_run_trains_standard_and_afan_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = "dataset_options={n_train: 64, n_test: 32, image_size: 16}"
+    args = ["train", "--epochs", "1", "--set", tiny, "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    for method in ("standard", "afan"):
+        metrics = json.loads((tmp_path / method / "metrics.json").read_text())
+        assert metrics["method"] == method and metrics["config"]["batch_size"] == 64
+        assert set(metrics["shifted_acc"]) == {"colour", "fog", "noise", "style"}
+        assert f"| {method} | resnet20 |" in table
