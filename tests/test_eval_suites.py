@@ -92,7 +92,7 @@ def test_bn_suite_evaluates_every_branch(trained_tiny_model: nn.Module, tiny_tas
 def test_features_suite_maps_and_normalization(
     trained_tiny_model: nn.Module, tiny_task: Any
 ) -> None:
-    from advfeat.eval.feature_maps import adversarial_feature_normalization
+    from advfeat.methods.feature_aug import adversarial_feature_normalization
 
     res = evaluate(
         copy.deepcopy(trained_tiny_model), _data(tiny_task), ["features"], feature_images=3

@@ -23,17 +23,10 @@ from torch import Tensor, nn
 
 from advfeat.attacks.base import attack_guard
 from advfeat.errors import AdvfeatError
+from advfeat.methods.feature_aug import adversarial_feature_normalization
 from advfeat.sites import capture_features, replace_features
 
-__all__ = ["adversarial_feature_normalization", "feature_grid", "perturb_feature"]
-
-
-def adversarial_feature_normalization(clean: Tensor, adv: Tensor, eps: float = 1e-5) -> Tensor:
-    """A-FAN Eq. 6 with per-channel batch statistics over (N, H, W)."""
-    dims = [0, *range(2, clean.ndim)]
-    mu_c, sd_c = clean.mean(dims, keepdim=True), clean.var(dims, unbiased=False, keepdim=True)
-    mu_a, sd_a = adv.mean(dims, keepdim=True), adv.var(dims, unbiased=False, keepdim=True)
-    return (sd_a + eps).sqrt() * (clean - mu_c) / (sd_c + eps).sqrt() + mu_a
+__all__ = ["feature_grid", "perturb_feature"]
 
 
 def perturb_feature(
