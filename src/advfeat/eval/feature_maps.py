@@ -18,13 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advfeat.attacks.base import attack_guard
+from advfeat.attacks.feature import FeaturePGD
 from advfeat.errors import AdvfeatError
 from advfeat.methods.feature_aug import adversarial_feature_normalization
-from advfeat.sites import capture_features, replace_features
+from advfeat.sites import capture_features
 
 __all__ = ["feature_grid", "perturb_feature"]
 
@@ -42,19 +42,7 @@ def perturb_feature(
         raise AdvfeatError(
             f"feature site {site!r} must output a feature map (N, C, H, W), got {shape}"
         )
-    delta = torch.zeros_like(clean)
-    with attack_guard(model), torch.enable_grad():
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            perturbed = clean + delta
-
-            def _perturbed(_out: Tensor, f: Tensor = perturbed) -> Tensor:
-                return f
-
-            with replace_features(model, {site: _perturbed}):
-                loss = F.cross_entropy(model(x), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, delta)
-            delta = (delta + alpha * grad.sign()).detach()
+    delta = FeaturePGD(model, site, alpha=alpha, steps=steps)(x, y, feature=clean)
     return clean, delta
 
 
