@@ -43,6 +43,20 @@ def add_parser(sub: Any) -> None:
         "and prints a result table.",
     )
     p.add_argument("--method", help="training method (see `advfeat methods`)")
+    add_protocol_arguments(p)
+    p.add_argument("--seed", type=int, help="random seed (data, initialisation, order)")
+    p.add_argument("--out", help="run folder (default: runs/<method>-<model>-<dataset>-s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument(
+        "--show-config", action="store_true", help="print the resolved configuration and exit"
+    )
+    p.set_defaults(handler=run)
+
+
+def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that describe a run's protocol (shared by ``train`` and ``compare``)."""
     p.add_argument(
         "--model",
         help="architecture: resnet20, preact_resnet18, wrn28_10, torchvision:NAME, timm:NAME",
@@ -54,9 +68,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--epochs", type=int, help="number of epochs (> 0)")
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--lr", type=float, help="base learning rate")
-    p.add_argument("--seed", type=int, help="random seed (data, initialisation, order)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--out", help="run folder (default: runs/<method>-<model>-<dataset>-s<seed>)")
     p.add_argument(
         "--preset", help="start from a packaged preset of a paper's setting (see `advfeat methods`)"
     )
@@ -69,34 +81,49 @@ def add_parser(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set lr=0.05 --set method_options.alpha=0.01",
     )
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    p.add_argument(
-        "--show-config", action="store_true", help="print the resolved configuration and exit"
-    )
-    p.set_defaults(handler=run)
 
 
-def config_from_args(args: argparse.Namespace, method: str | None = None) -> TrainConfig:
-    """Defaults ← ``--preset`` ← ``--config`` file ← explicit flags ← ``--set`` overrides."""
-    cfg = TrainConfig()
+def config_from_args(
+    args: argparse.Namespace,
+    method: str | None = None,
+    *,
+    recipe: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults ← method recipe ← ``--preset`` ← ``--config`` file ← explicit flags ← ``--set``
+    ← ``extra`` (an ``advfeat compare`` arm).
+
+    The method's paper recipe (:attr:`advfeat.methods.Method.training_recipe`) fills only the
+    keys that none of the other sources sets; ``recipe=False`` leaves it out (``advfeat compare``
+    trains every arm under one protocol).
+    """
+    layers: list[dict[str, Any]] = []
     if args.preset:
-        apply_overrides(cfg, load_preset(args.preset))
-    elif not (args.method or args.config):
-        apply_overrides(cfg, load_preset(DEFAULT_PRESET))
+        layers.append(load_preset(args.preset))
+    elif not (getattr(args, "method", None) or args.config):
+        layers.append(load_preset(DEFAULT_PRESET))
     if args.config:
-        apply_overrides(cfg, load_yaml(args.config))
-    flags = {
-        key: getattr(args, attr)
-        for attr, key in _FLAG_KEYS.items()
-        if getattr(args, attr) is not None
-    }
-    apply_overrides(cfg, flags)
-    apply_overrides(cfg, dict(parse_override(o) for o in args.overrides))
+        layers.append(load_yaml(args.config))
+    layers.append(
+        {
+            key: getattr(args, attr, None)
+            for attr, key in _FLAG_KEYS.items()
+            if getattr(args, attr, None) is not None
+        }
+    )
+    layers.append(dict(parse_override(o) for o in args.overrides))
+    if extra:
+        layers.append(dict(extra))
     if method is not None:
-        cfg.method = method
-    if args.quiet:
+        layers.append({"method": method})
+    cfg = TrainConfig()
+    for layer in layers:
+        apply_overrides(cfg, layer)
+    if recipe:
+        given = {key.partition(".")[0] for layer in layers for key in layer}
+        paper = {k: v for k, v in method_recipe(cfg.method).items() if k not in given}
+        apply_overrides(cfg, paper)
+    if getattr(args, "quiet", False):
         cfg.progress = False
     _absolute_paths(cfg)
     if (
@@ -107,6 +134,16 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Tra
         raise AdvfeatError(f"--data-dir {cfg.data_dir!r} does not exist")
     cfg.validate()
     return cfg
+
+
+def method_recipe(name: str) -> dict[str, Any]:
+    """The training recipe declared by method ``name`` (empty for unknown names: the trainer
+    reports those)."""
+    from advfeat.methods import METHODS
+
+    if name not in METHODS:
+        return {}
+    return dict(METHODS.get(name).training_recipe)
 
 
 def _absolute_paths(cfg: TrainConfig) -> None:

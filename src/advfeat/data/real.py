@@ -99,11 +99,13 @@ def array_bundle(
     flip: bool = True,
     max_per_class: int | None = None,
     limit_test: bool = True,
+    padding_mode: str = "zeros",
 ) -> DatasetBundle:
     """Bundle in-memory ``(uint8 images [N, C, H, W], int labels [N])`` train and test splits.
 
     ``max_per_class`` limits the training split, and the test split too unless ``limit_test``
-    is false (quick training runs that are still scored on the full test set).
+    is false (quick training runs that are still scored on the full test set). ``padding_mode``
+    is the random crop's padding (``"zeros"`` or ``"reflect"``).
     """
     splits = []
     for split, (images, labels) in (("train", train), ("test", test)):
@@ -112,7 +114,9 @@ def array_bundle(
         if keep is not None:
             images, labels = images[keep], labels[keep]
         splits.append(ArrayDataset(images.contiguous(), LabelTargets(labels)))
-    augmentation = CifarAugment(padding=4, flip=flip) if augment else None
+    augmentation = (
+        CifarAugment(padding=4, flip=flip, padding_mode=padding_mode) if augment else None
+    )
     train_set, val_set = train_val_views(
         splits[0], val_fraction=val_fraction, seed=seed, train_transform=augmentation
     )
@@ -183,6 +187,7 @@ def cifar10(
     download: bool = False,
     max_per_class: int | None = None,
     limit_test: bool = True,
+    padding_mode: str = "zeros",
 ) -> DatasetBundle:
     """CIFAR-10 (Krizhevsky 2009): 50,000 train / 10,000 test 32x32 images of 10 classes."""
     _check_limit(max_per_class)
@@ -198,6 +203,7 @@ def cifar10(
         augment=augment,
         max_per_class=max_per_class,
         limit_test=limit_test,
+        padding_mode=padding_mode,
     )
 
 
@@ -211,6 +217,7 @@ def cifar100(
     download: bool = False,
     max_per_class: int | None = None,
     limit_test: bool = True,
+    padding_mode: str = "zeros",
 ) -> DatasetBundle:
     """CIFAR-100: 50,000 train / 10,000 test 32x32 images of 100 classes."""
     _check_limit(max_per_class)
@@ -226,6 +233,7 @@ def cifar100(
         augment=augment,
         max_per_class=max_per_class,
         limit_test=limit_test,
+        padding_mode=padding_mode,
     )
 
 
@@ -239,6 +247,7 @@ def svhn(
     download: bool = False,
     max_per_class: int | None = None,
     limit_test: bool = True,
+    padding_mode: str = "zeros",
 ) -> DatasetBundle:
     """SVHN cropped digits (Netzer et al. 2011), train and test splits; no flip augmentation."""
     from torchvision.datasets import SVHN
@@ -273,6 +282,7 @@ def svhn(
         flip=False,
         max_per_class=max_per_class,
         limit_test=limit_test,
+        padding_mode=padding_mode,
     )
 
 
@@ -549,6 +559,7 @@ def cifar10_jpeg(
     max_per_class: int | None = None,
     limit_test: bool = True,
     cache_dir: str | Path | None = None,
+    padding_mode: str = "zeros",
 ) -> DatasetBundle:
     """CIFAR-10 re-encoded as JPEG (quality 75) in one zip: same split and labels as CIFAR-10.
 
@@ -569,4 +580,5 @@ def cifar10_jpeg(
         seed=seed,
         val_fraction=val_fraction,
         augment=augment,
+        padding_mode=padding_mode,
     )

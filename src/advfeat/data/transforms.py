@@ -13,11 +13,14 @@ from torch import Tensor
 
 from advfeat.errors import AdvfeatError
 
-__all__ = ["CifarAugment", "HorizontalFlip", "flip_boxes", "random_crop_flip"]
+__all__ = ["PADDING_MODES", "CifarAugment", "HorizontalFlip", "flip_boxes", "random_crop_flip"]
 
 
 def _coin(generator: torch.Generator | None) -> bool:
     return bool(torch.rand((), generator=generator) < 0.5)
+
+
+PADDING_MODES = ("zeros", "reflect")
 
 
 def random_crop_flip(
@@ -25,18 +28,31 @@ def random_crop_flip(
     *,
     padding: int = 4,
     flip: bool = True,
+    padding_mode: str = "zeros",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The standard CIFAR augmentation: zero-pad by ``padding``, random crop back, random h-flip.
+    """The standard CIFAR augmentation: pad by ``padding``, random crop back, random h-flip.
 
-    Equivalent to ``RandomCrop(size, padding)`` followed by ``RandomHorizontalFlip()`` on a CHW
-    float tensor, without allocating the padded image.
+    Equivalent to ``RandomCrop(size, padding, padding_mode=...)`` followed by
+    ``RandomHorizontalFlip()`` on a CHW float tensor. ``"zeros"`` (He et al. 2016) does not
+    allocate the padded image; ``"reflect"`` mirrors the border (the fast CIFAR training scripts).
     """
     if image.ndim != 3:
         raise AdvfeatError(f"expected one CHW image, got shape {tuple(image.shape)}")
+    if padding_mode not in PADDING_MODES:
+        raise AdvfeatError(
+            f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}"
+        )
     _, h, w = image.shape
     dy = int(torch.randint(-padding, padding + 1, (), generator=generator))
     dx = int(torch.randint(-padding, padding + 1, (), generator=generator))
+    if padding_mode == "reflect" and padding > 0:
+        padded = torch.nn.functional.pad(image[None], (padding,) * 4, mode="reflect")[0]
+        out = padded[:, padding + dy : padding + dy + h, padding + dx : padding + dx + w]
+        out = out.contiguous()
+        if flip and _coin(generator):
+            out = out.flip(-1)
+        return out
     out = torch.zeros_like(image)
     # the crop window starts at (dy, dx) relative to the original image
     y0, y1 = max(0, dy), min(h, h + dy)
@@ -54,15 +70,26 @@ class CifarAugment:
     ``flip=False`` is the usual choice for digits (SVHN), where mirroring changes the meaning.
     """
 
-    def __init__(self, padding: int = 4, flip: bool = True) -> None:
+    def __init__(self, padding: int = 4, flip: bool = True, padding_mode: str = "zeros") -> None:
+        if padding_mode not in PADDING_MODES:
+            raise AdvfeatError(
+                f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}"
+            )
         self.padding = padding
         self.flip = flip
+        self.padding_mode = padding_mode
 
     def __call__(self, image: Tensor, target: Any) -> tuple[Tensor, Any]:
-        return random_crop_flip(image, padding=self.padding, flip=self.flip), target
+        out = random_crop_flip(
+            image, padding=self.padding, flip=self.flip, padding_mode=self.padding_mode
+        )
+        return out, target
 
     def __repr__(self) -> str:
-        return f"CifarAugment(padding={self.padding}, flip={self.flip})"
+        return (
+            f"CifarAugment(padding={self.padding}, flip={self.flip}, "
+            f"padding_mode={self.padding_mode!r})"
+        )
 
 
 def flip_boxes(boxes: Tensor, width: int) -> Tensor:

@@ -38,10 +38,12 @@ __all__ = ["AFAN"]
 class AFAN(FeatureAugmentation):
     """A-FAN (Algorithm 1, Eq. 5-7) on classifiers.
 
-    Options (defaults: §4 "CIFAR and ImageNet Results" — k = 3 strengths from [0, α],
-    α = 0.5/255, λ = 1 (Eq. 7) — with the efficient PGD-1 of appendix S1.1, the setting Fig. S5
-    finds best on CIFAR-10; the Table 2 presets ``afan-resnet{20,56}-cifar{10,100}`` use §4's
-    PGD-5, with k separate attacks as S1.1 says the rescaling is not exact for them):
+    Options (defaults: one setting the paper ran on CIFAR-10 — appendix S2 / Fig. S5, ResNet-18:
+    PGD-1 with step α = 1.0/255 and k = 3 strengths from [0, α], "superior performance" —, with
+    S1.1's exact rescaling of one attack to the k strengths, and λ = 1 of Eq. 7. §4's Table 2
+    setting (PGD-5, α = 0.5/255, k separate attacks, as S1.1 says the rescaling is not exact for
+    multi-step PGD) is the ``afan-resnet{20,56}-cifar{10,100}`` presets. The loss weighting and
+    gradient path are chosen by measurement: see ``docs/results.md``):
 
     * ``site`` / ``sites``: as ALFA ("the last block", §4 and §7); each site gets its own k
       augmented features, all losses are summed.
@@ -54,6 +56,9 @@ class AFAN(FeatureAugmentation):
       α ≤ ε) and k separate attacks otherwise (Eq. 5 literally); ``True`` always rescales (an
       approximation for multi-step PGD, which S1.1 says it is "not available" for); ``False``
       always runs k attacks.
+    * ``loss_weighting``, ``adv_grad``: as ALFA (``"sum"`` / ``"mean"``: Eq. 7 as written or
+      the convex combination of the released code; ``"full"`` / ``"tail"``: whether L_adv
+      reaches the layers before the site).
     * ``afn``: ``False`` is the "AFA" row of Table S10 (augmentation only, no normalization).
     * ``afn_stats``: ``"channel"`` (Eq. 6: per-channel batch statistics, "calculated in the
       routine of batch normalization") or ``"positional"`` (statistics over the channels at each
@@ -74,12 +79,14 @@ class AFAN(FeatureAugmentation):
     class Options:
         site: str = AUTO_SITE  # §4: the last block
         sites: list[str] | None = None
-        alpha: float = 0.5 / 255  # §4: strengths uniformly sampled from [0, α], α = 0.5/255
+        alpha: float = 1.0 / 255  # S2 / Fig. S5: PGD-1 with α = 1.0/255 (CIFAR-10)
         k: int = 3  # §4: three strengths
         strength_spacing: str = "random"  # Algorithm 1, line 2
-        steps: int = 1  # S1.1: efficient PGD-1 (Fig. S5: best on CIFAR-10)
+        steps: int = 1  # S1.1 / Fig. S5: PGD-1
         eps: float | None = 8 / 255  # S1.1: ε = 8/255
         lam: float = 1.0  # Eq. 7: λ = 1
+        loss_weighting: str = "sum"  # Eq. 7 as written; "mean": convex combination
+        adv_grad: str = "full"  # Eq. 7: L_adv trains every weight; "tail": only after the site
         rescale: bool | None = None  # S1.1 when exact
         afn: bool = True  # Table S10: False = AFA only
         afn_stats: str = "channel"  # Eq. 6; "positional" = released code
@@ -166,7 +173,7 @@ class AFAN(FeatureAugmentation):
         losses: list[Tensor] = []
         sizes: list[Tensor] = []
         for site in sites:
-            f = feats[site]
+            f = self.adv_feature(feats[site])
             alphas = sample_strengths(opts.k, opts.alpha, spacing=opts.strength_spacing)
             pairs = self.perturbations(model, site, f, x, y, alphas)
             afn = (
@@ -181,8 +188,7 @@ class AFAN(FeatureAugmentation):
                 sizes.append(abs(scale) * norms[id(delta)])
                 f_in = afn(delta, scale) if afn is not None else f + scale * delta
                 losses.append(cross_entropy(self.tail(model, site, f_in, x), y))
-        loss_adv = torch.stack(losses).sum()
-        loss = loss_clean + opts.lam * loss_adv
+        loss, loss_adv = self.combine(loss_clean, losses)
         logs = self.detach_logs(
             loss_clean=loss_clean, loss_adv=loss_adv, delta_l2=torch.stack(sizes).mean()
         )

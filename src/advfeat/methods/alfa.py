@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from advfeat.methods.base import MethodOutput, cross_entropy
@@ -48,6 +47,11 @@ class ALFA(FeatureAugmentation):
     * ``multi_site`` (several sites): ``"separate"`` reads Eq. 3 term by term (the sum is
       outside the max: each site is attacked and evaluated with the others clean, one loss per
       site); ``"joint"`` perturbs all sites in one pass (one loss), as Fig. 1 can be read.
+    * ``loss_weighting``: ``"sum"`` (Eq. 3: ``L_clean + λ·Σ L_adv``) or ``"mean"`` (the convex
+      combination of the authors' released code, ``(L_clean + L_adv)/2`` for one site); see
+      :func:`advfeat.methods.feature_aug.combine_losses`.
+    * ``adv_grad``: ``"full"`` (Eq. 3: L_adv reaches the layers before the site through ``f``)
+      or ``"tail"`` (the released code detaches ``f``: L_adv trains only the layers after it).
     * ``random_noise``: ``"gaussian"`` or ``"uniform"`` replaces the attack by random noise of
       standard deviation ``noise_std`` (default α), the "Random Noise" row of Table 7
       (``N(0, (1/255)²)`` next to α = 1/255).
@@ -65,6 +69,8 @@ class ALFA(FeatureAugmentation):
         steps: int = 5  # Table 2: PGD-5, ε unbounded
         lam: float = 1.0  # not reported (grid search); A-FAN Eq. 7 uses λ = 1
         multi_site: str = "separate"
+        loss_weighting: str = "sum"  # Eq. 3 as written; "mean": the released code's average
+        adv_grad: str = "full"  # Eq. 3: L_adv trains every weight; "tail": only after the site
         random_noise: str | None = None  # Table 7 ablation: "gaussian" / "uniform"
         noise_std: float | None = None  # None: alpha
         attack_bn_mode: str = "train"
@@ -80,7 +86,6 @@ class ALFA(FeatureAugmentation):
         logits, feats = self.clean_pass(model, x, sites)
         loss_clean = cross_entropy(logits, y)
         losses, delta_l2 = self.site_losses(model, x, y, feats, sites)
-        loss_adv = torch.stack(losses).sum()
-        loss = loss_clean + self.opts.lam * loss_adv
+        loss, loss_adv = self.combine(loss_clean, losses)
         logs = self.detach_logs(loss_clean=loss_clean, loss_adv=loss_adv, delta_l2=delta_l2)
         return MethodOutput(loss=loss, logits=logits, logs=logs)

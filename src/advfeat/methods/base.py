@@ -55,13 +55,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 class Method(nn.Module):
     """Base class of all training methods.
 
-    Subclasses set ``name`` and ``paper``, declare their options as a nested dataclass
+    Subclasses set ``name``, ``paper`` and optionally ``training_recipe``, declare their options as a nested dataclass
     ``Options`` whose defaults are the paper's defaults, and implement :meth:`forward`.
     ``self.opts`` holds the validated options.
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    training_recipe: ClassVar[dict[str, Any]] = {}
+    """The training recipe of the method's paper (``TrainConfig`` keys, e.g. schedule and
+    warm-up); ``advfeat train --method NAME`` applies it to the keys the user did not set."""
 
     @dataclass
     class Options:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from weakref import WeakKeyDictionary
 
 import torch
@@ -39,10 +39,12 @@ __all__ = [
     "AdversarialFeatureNormalization",
     "FeatureAugmentation",
     "adversarial_feature_normalization",
+    "combine_losses",
     "feature_moments",
     "last_stage",
     "project_simplex",
     "random_feature_noise",
+    "spread_blocks",
     "stage_blocks",
     "stages",
 ]
@@ -52,6 +54,8 @@ AFNStats = Literal["channel", "positional"]
 NOISE_KINDS = ("gaussian", "uniform")
 BN_STATS = ("update", "frozen")
 ATTACK_BN_MODES = ("train", "eval")
+LOSS_WEIGHTINGS = ("sum", "mean")
+ADV_GRADS = ("full", "tail")
 
 
 # ------------------------------------------------------------------------------ default sites
@@ -116,6 +120,37 @@ def stage_blocks(model: nn.Module) -> list[str]:
     if not blocks:
         raise _no_stage_error(model)
     return blocks
+
+
+def spread_blocks(model: nn.Module, count: int) -> list[str]:
+    """``count`` of :func:`stage_blocks`, spread evenly over each stage, each stage's last kept.
+
+    L-ALFA's default: dim(η) = 9 in ALFA Table 8 for every ResNet ("after each skip
+    connection", Table 9). ResNet-20 has 9 blocks, all kept; ResNet-56 has 27 (3 stages of 9):
+    every third block, the last of each group (``layer1.2``, ``layer1.5``, ``layer1.8``, …,
+    ``layer3.8``). With fewer than ``count`` blocks, all of them.
+    """
+    blocks = stage_blocks(model)
+    if count >= len(blocks):
+        return blocks
+    groups: dict[str, list[str]] = {}
+    for b in blocks:
+        groups.setdefault(b.rsplit(".", 1)[0] if "." in b else b, []).append(b)
+    per_stage = [len(g) for g in groups.values()]
+    # share ``count`` between stages in proportion to their blocks (largest remainders)
+    exact = [count * n / len(blocks) for n in per_stage]
+    share = [max(1, math.floor(e)) for e in exact]
+    order = sorted(range(len(exact)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
+    for i in order:
+        if sum(share) >= count:
+            break
+        share[i] += 1
+    chosen: list[str] = []
+    for group, k in zip(groups.values(), share, strict=True):
+        k = min(k, len(group))
+        # the last block of each of k equal consecutive groups
+        chosen += [group[math.ceil((j + 1) * len(group) / k) - 1] for j in range(k)]
+    return chosen
 
 
 # ---------------------------------------------------------------------- A-FAN normalization
@@ -269,6 +304,28 @@ def random_feature_noise(
     return noise * s
 
 
+# ---------------------------------------------------------------------------- the objective
+def combine_losses(
+    loss_clean: Tensor, adv_losses: Sequence[Tensor], lam: float, weighting: str = "sum"
+) -> tuple[Tensor, Tensor]:
+    """The training loss of ALFA / L-ALFA / A-FAN and ``Σ L_adv``, in one of two readings.
+
+    * ``"sum"``: ``L_clean + λ·Σ_j L_adv^(j)`` — the papers' objective as written (ALFA Eq. 3,
+      A-FAN Eq. 7). With n adversarial terms the gradient is up to (1 + λn) times standard
+      training's, so the learning rate that suits standard training is effectively larger.
+    * ``"mean"``: ``(L_clean + λ·Σ_j L_adv^(j)) / (1 + λ·n)`` — the convex combination the
+      authors' released code trains with (ALFA classification: (L_clean + L_adv)/2); at λ = 1,
+      ``(L_clean + Σ L_adv) / (1 + n)``. Same minimisers as ``"sum"`` for a fixed n, the
+      gradient scale of standard training.
+    """
+    check_choice("loss_weighting", weighting, LOSS_WEIGHTINGS)
+    loss_adv = torch.stack(list(adv_losses)).sum() if adv_losses else loss_clean.new_zeros(())
+    total = loss_clean + lam * loss_adv
+    if weighting == "mean":
+        total = total / (1 + lam * len(adv_losses))
+    return total, loss_adv
+
+
 # ---------------------------------------------------------------------------- option checks
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
@@ -318,6 +375,8 @@ def check_common_options(opts: Any) -> None:
     """The options every feature-augmentation method has."""
     check_step_options(opts.alpha, opts.steps, opts.lam)
     check_noise_options(opts.random_noise, opts.noise_std)
+    check_choice("loss_weighting", opts.loss_weighting, LOSS_WEIGHTINGS)
+    check_choice("adv_grad", opts.adv_grad, ADV_GRADS)
     check_choice("attack_bn_mode", opts.attack_bn_mode, ATTACK_BN_MODES)
     check_choice("adv_bn_stats", opts.adv_bn_stats, BN_STATS)
 
@@ -336,8 +395,15 @@ class FeatureAugmentation(Method):
 
     Gradients. The perturbation δ is a constant of the outer minimisation (it is the maximiser
     of the inner problem, ALFA Eq. 3 / A-FAN Eq. 3, so by Danskin's theorem the gradient of the
-    max is the gradient at δ*); the adversarial loss reaches the part before the site through
-    the captured feature in ``f + δ``.
+    max is the gradient at δ*). With ``adv_grad="full"`` (the papers' objective: L_adv is a
+    loss of every weight) the adversarial loss reaches the part before the site through the
+    captured feature in ``f + δ``; with ``adv_grad="tail"`` (the authors' released ALFA
+    classification code, which detaches the feature) it trains only the layers after the site,
+    and the part before the site gets exactly zero gradient from it.
+
+    Loss. ``loss_weighting`` chooses between ``L_clean + λ·Σ L_adv`` (``"sum"``, the papers'
+    equations) and its convex combination (``"mean"``, the released code); see
+    :func:`combine_losses`.
 
     BN modes. The attack runs the tail with ``attack_bn_mode`` (default ``"train"``: the batch
     statistics that the adversarial loss is computed with; an attack never moves running
@@ -347,6 +413,15 @@ class FeatureAugmentation(Method):
     features with ordinary forward passes and mention no exception; with ``"frozen"`` only the
     clean pass moves running statistics, so they describe clean features alone.
     """
+
+    training_recipe: ClassVar[dict[str, Any]] = {
+        # ALFA §4.1 / A-FAN S2.1 (CIFAR): lr 0.1 decayed ×0.1 at epochs 50 and 150 of 200,
+        # linear warm-up over the first 200 iterations
+        "schedule": "multistep",
+        "milestones": [0.25, 0.75],
+        "gamma": 0.1,
+        "warmup_steps": 200,
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -408,15 +483,30 @@ class FeatureAugmentation(Method):
             return frozen_bn_statistics(unwrap(model))
         return nullcontext()
 
+    @property
+    def adv_reaches_prefix(self) -> bool:
+        """Whether L_adv trains the layers before the site (``adv_grad="full"``)."""
+        return bool(self.opts.adv_grad == "full")
+
+    def adv_feature(self, feature: Tensor) -> Tensor:
+        """The clean feature as the adversarial passes use it: with its graph for
+        ``adv_grad="full"``, detached for ``"tail"``."""
+        return feature if self.adv_reaches_prefix else feature.detach()
+
+    def combine(self, loss_clean: Tensor, adv_losses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(loss, Σ L_adv)`` under ``lam`` and ``loss_weighting`` (:func:`combine_losses`)."""
+        return combine_losses(loss_clean, adv_losses, self.opts.lam, self.opts.loss_weighting)
+
     def tail(self, model: nn.Module, site: str, feature: Tensor, x: Tensor) -> Tensor:
         """The model output with ``feature`` at ``site`` (a training pass of the tail only).
 
-        L_adv is a loss of every weight (ALFA Eq. 3): for a site that a skip connection jumps
-        over (inside a residual block), the full-model fallback runs the part before the site
-        with gradients, so L_adv also reaches earlier layers through the skip path.
+        With ``adv_grad="full"`` L_adv is a loss of every weight (ALFA Eq. 3): for a site that a
+        skip connection jumps over (inside a residual block), the full-model fallback runs the
+        part before the site with gradients, so L_adv also reaches earlier layers through the
+        skip path. With ``"tail"`` that part runs without gradients.
         """
         with self.adversarial_bn(model):
-            split = SiteSplit(unwrap(model), site, prefix_grad=True)
+            split = SiteSplit(unwrap(model), site, prefix_grad=self.adv_reaches_prefix)
             out: Tensor = split.tail(feature, x=x)
         return out
 
@@ -450,6 +540,7 @@ class FeatureAugmentation(Method):
         feats: dict[str, Tensor],
         sites: list[str],
         strengths: Tensor | None = None,
+        clean_logits: Tensor | None = None,
     ) -> tuple[list[Tensor], Tensor]:
         """ALFA / L-ALFA adversarial losses: ``L(tail(f_i + η_i·δ_i))`` and the mean ‖δ‖₂.
 
@@ -457,16 +548,47 @@ class FeatureAugmentation(Method):
         graph of the losses. With ``multi_site="separate"`` one loss per site (each site
         perturbed alone, Eq. 3/5 term by term), with ``"joint"`` one loss with all sites
         perturbed in one pass.
+
+        Sites with η_i = 0 exactly are skipped, with the same losses and gradients as not
+        skipping them: their δ_i is 0 (the attack's gradient carries the factor η_i, and
+        ``sgn 0 = 0``), so ``f_i + η_i·δ_i = f_i``. In ``"joint"`` mode the pass starts at the
+        earliest live site; in ``"separate"`` mode the dead site's loss is the clean loss
+        (``clean_logits``, when L_adv reaches the prefix) or one tail pass from ``f_i``, with no
+        attack. The only difference: a skipped pass does not repeat the update of the tail's BN
+        running statistics with the clean batch.
         """
-        atk = self.multi_site_attack(model, sites)
-        if self.opts.random_noise is not None:
-            deltas = {s: self.noise(feats[s]) for s in sites}
-        else:
-            clean = {s: f.detach() for s, f in feats.items()}
-            eta = None if strengths is None else strengths.detach()
-            deltas = atk(x, y, features=clean, strengths=eta)
-        with self.adversarial_bn(model):
-            outputs = atk.adversarial_outputs(x, deltas, features=feats, strengths=strengths)
-        losses = [cross_entropy(out, y) for out in outputs]
-        size = torch.stack([d.flatten(1).norm(dim=1).mean() for d in deltas.values()]).mean()
+        feats = {s: self.adv_feature(f) for s, f in feats.items()}
+        live = list(sites)
+        if strengths is not None:
+            values = strengths.detach().tolist()
+            live = [s for s, v in zip(sites, values, strict=True) if v != 0.0]
+        dead = [s for s in sites if s not in live]
+        losses: list[Tensor] = []
+        sizes: list[Tensor] = []
+        if live:
+            live_eta = None
+            if strengths is not None:
+                keep = torch.tensor([s in live for s in sites], device=strengths.device)
+                live_eta = strengths[keep]
+            atk = self.multi_site_attack(model, live)
+            if self.opts.random_noise is not None:
+                deltas = {s: self.noise(feats[s]) for s in live}
+            else:
+                clean = {s: feats[s].detach() for s in live}
+                eta = None if live_eta is None else live_eta.detach()
+                deltas = atk(x, y, features=clean, strengths=eta)
+            with self.adversarial_bn(model):
+                outputs = atk.adversarial_outputs(
+                    x, deltas, features={s: feats[s] for s in live}, strengths=live_eta
+                )
+            losses += [cross_entropy(out, y) for out in outputs]
+            sizes += [d.flatten(1).norm(dim=1).mean() for d in deltas.values()]
+        if self.opts.multi_site == "separate" or not live:
+            for s in dead[: len(dead) if self.opts.multi_site == "separate" else 1]:
+                if clean_logits is not None and self.adv_reaches_prefix:
+                    losses.append(cross_entropy(clean_logits, y))
+                else:
+                    losses.append(cross_entropy(self.tail(model, s, feats[s], x), y))
+        sizes += [feats[s].new_zeros(()) for s in dead]
+        size = torch.stack(sizes).mean()
         return losses, size

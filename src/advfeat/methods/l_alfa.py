@@ -12,10 +12,13 @@ the set used here by default (:func:`project_simplex`, sort-based, same point as
 ``projection="hyperplane"`` is the other reading, P taken literally as the hyperplane
 {1ᵀη = 1} (η shifted to sum to one, negative entries kept: what the authors' released code does).
 
-Note on γ: on the simplex ‖η‖₁ = 1ᵀη = 1, so γ‖η‖₁ adds a constant to the loss, and its
-gradient γ·1 is normal to the simplex: the projection removes it, and with SGD (momentum
-included) γ does not change the iterates. Sparsity of η comes from the projection, which sets
-coordinates to exactly zero. The term is kept, as in Eq. 5, and logged (``loss_l1``).
+Note on γ: on the simplex ‖η‖₁ = 1ᵀη = 1, so γ‖η‖₁ adds a constant to the loss. Its gradient
+must then be γ·1, which is normal to the simplex: the projection removes it and γ does not change
+the iterates; sparsity of η comes from the projection, which sets coordinates to exactly zero.
+(Differentiating ``|η|`` instead gives the subgradient 0 at the coordinates that are exactly 0,
+so SGD-then-project would *raise* them: γ would make η denser, against Eq. 5's purpose.) Under
+``projection="simplex"`` the term is therefore computed as ``1ᵀη`` (equal to ‖η‖₁ on the set).
+On the hyperplane ‖η‖₁ is not constant: γ‖η‖₁ pulls negative strengths back towards zero.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from advfeat.methods.feature_aug import (
     check_common_options,
     check_sites_option,
     project_simplex,
-    stage_blocks,
+    spread_blocks,
 )
 from advfeat.methods.registry import register_method
 
@@ -60,9 +63,10 @@ class LALFA(FeatureAugmentation):
     Options (defaults: ALFA's CIFAR attack of Table 2 and γ of Table 10; the paper reports no
     separate attack setting for L-ALFA):
 
-    * ``sites``: the r perturbed sites; ``None`` is every block of every stage
-      (:func:`stage_blocks`: the 9 blocks of ResNet-20, "after each skip connection", the
-      dim(η) = 9 of Tables 8-9).
+    * ``sites``: the r perturbed sites; ``None`` is ``num_sites`` blocks spread over the stages
+      (:func:`spread_blocks`, the last of each group: all 9 blocks of ResNet-20, every third
+      block of ResNet-56, "after each skip connection"), the dim(η) = 9 of Tables 8-9;
+      ``num_sites: null`` takes every block.
     * ``alpha``, ``steps``: PGD step size and steps (ε unbounded), δ_i ascended on
       ``L(f_i + η_i·δ_i)`` at the current η (Algorithm 1, line 3).
     * ``lam`` (λ), ``gamma`` (γ, Table 10: 1.0 best, "chosen from {0.5, 1.0, 2.0}").
@@ -71,8 +75,11 @@ class LALFA(FeatureAugmentation):
       (Algorithm 1, line 4; the paper gives no separate learning rate) in its own parameter group,
       whose lr is the network's times ``eta_lr_scale`` and whose weight decay is 0 by default (the
       only regulariser of η in Eq. 5 is γ‖η‖₁).
-    * ``multi_site``: ``"separate"`` (default, Eq. 5 term by term: r attacks and r adversarial
-      tail passes) or ``"joint"`` (one pass with all sites perturbed).
+    * ``multi_site``: ``"joint"`` (default, Algorithm 1 line 3: *one* PGD generates the tuple
+      δ = (δ¹…δʳ), one adversarial pass with all sites perturbed) or ``"separate"`` (Eq. 5 term
+      by term: r attacks and r adversarial tail passes, r times the cost).
+    * ``loss_weighting``, ``adv_grad``: as ALFA. Sites whose η is exactly 0 are skipped with the
+      same loss and gradients (:meth:`FeatureAugmentation.site_losses`).
     * ``projection``: ``"simplex"`` (default, the Euclidean projection onto {η ≥ 0, 1ᵀη = 1})
       or ``"hyperplane"`` (onto {1ᵀη = 1}, Eq. 5's P read literally; η may turn negative).
     * ``random_noise``, ``noise_std``, ``attack_bn_mode``, ``adv_bn_stats``: as in ALFA.
@@ -93,7 +100,8 @@ class LALFA(FeatureAugmentation):
 
     @dataclass
     class Options:
-        sites: list[str] | None = None  # None: every block (dim η = 9 on ResNet-20, Table 8)
+        sites: list[str] | None = None  # None: num_sites blocks (Table 8: dim η = 9)
+        num_sites: int | None = 9  # Tables 8-9; null: every block
         alpha: float = 0.5 / 255  # ALFA Table 2, ResNet-20s
         steps: int = 5  # ALFA Table 2: PGD-5, ε unbounded
         lam: float = 1.0  # not reported; as ALFA
@@ -101,7 +109,9 @@ class LALFA(FeatureAugmentation):
         eta_init: float = 1.0  # Algorithm 1: η_0 = (1, ..., 1)
         eta_lr_scale: float = 1.0
         eta_weight_decay: float = 0.0
-        multi_site: str = "separate"
+        multi_site: str = "joint"  # Algorithm 1, line 3: one PGD for the tuple δ
+        loss_weighting: str = "sum"  # Eq. 5 as written
+        adv_grad: str = "full"  # Eq. 5: L_adv trains every weight
         projection: str = "simplex"  # Alg. 1 line 5; "hyperplane": P = {1ᵀη = 1} literally
         random_noise: str | None = None
         noise_std: float | None = None
@@ -126,6 +136,11 @@ class LALFA(FeatureAugmentation):
         _positive("eta_lr_scale", opts.eta_lr_scale)
         _positive("eta_weight_decay", opts.eta_weight_decay, allow_zero=True)
         check_choice("projection", opts.projection, PROJECTIONS)
+        n = opts.num_sites
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise AdvfeatError(
+                f"num_sites must be an integer >= 1 or null (every block), got {n!r}"
+            )
         self.requested_sites()
 
     # ------------------------------------------------------------------------------ sites
@@ -133,8 +148,9 @@ class LALFA(FeatureAugmentation):
         return check_sites_option(AUTO_SITE, self.opts.sites)
 
     def default_sites(self, model: nn.Module) -> list[str]:
-        """Every block of every stage (:func:`stage_blocks`)."""
-        return stage_blocks(model)
+        """``num_sites`` blocks spread over the stages (:func:`spread_blocks`), or every block."""
+        n = self.opts.num_sites
+        return spread_blocks(model, n if n is not None else 10**9)
 
     # -------------------------------------------------------------------------------- η
     def _create_eta(self, sites: list[str], device: torch.device) -> None:
@@ -222,10 +238,13 @@ class LALFA(FeatureAugmentation):
         sites = self.eta_sites
         logits, feats = self.clean_pass(model, x, sites)
         loss_clean = cross_entropy(logits, y)
-        losses, delta_l2 = self.site_losses(model, x, y, feats, sites, strengths=self.eta)
-        loss_adv = torch.stack(losses).sum()
-        loss_l1 = self.eta.abs().sum()
-        loss = loss_clean + self.opts.lam * loss_adv + self.opts.gamma * loss_l1
+        losses, delta_l2 = self.site_losses(
+            model, x, y, feats, sites, strengths=self.eta, clean_logits=logits
+        )
+        loss, loss_adv = self.combine(loss_clean, losses)
+        # ‖η‖₁; on the simplex it equals 1ᵀη, whose gradient the projection removes (module doc)
+        loss_l1 = self.eta.sum() if self.opts.projection == "simplex" else self.eta.abs().sum()
+        loss = loss + self.opts.gamma * loss_l1
         logs = self.detach_logs(
             loss_clean=loss_clean, loss_adv=loss_adv, loss_l1=loss_l1, delta_l2=delta_l2
         )

@@ -25,7 +25,13 @@ forward hook (:func:`advfeat.sites.replace_features`):
   where only the tail runs, advfeat's default is ``"update"``).
 
 Sites default to :meth:`DenseTask.default_sites` (last backbone stage + ROI box head / decoder,
-A-FAN Table 7 "both"); each site gets its own attacks and losses, all summed.
+A-FAN Table 7 "both"); each site gets its own attacks and losses. ``loss_weighting`` combines
+them (:func:`advfeat.methods.feature_aug.combine_losses`): ``"mean"`` (default), the convex
+combination that the authors' released detection and segmentation code trains with, or
+``"sum"``, ``L_clean + λ·Σ L_adv`` as Eq. 7 is written, which sums 1 + 2·5 task losses for
+Faster R-CNN with two sites and k = 5 and diverged in our measurement (``docs/results.md``).
+``adv_grad="tail"`` detaches the site's output in the adversarial passes, so L_adv trains only
+what follows the site.
 """
 
 from __future__ import annotations
@@ -42,7 +48,13 @@ from advfeat.attacks.base import attack_guard
 from advfeat.attacks.feature import sample_strengths
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.base import Method, MethodOutput, unwrap
-from advfeat.methods.feature_aug import adversarial_feature_normalization, random_feature_noise
+from advfeat.methods.feature_aug import (
+    ADV_GRADS,
+    LOSS_WEIGHTINGS,
+    adversarial_feature_normalization,
+    combine_losses,
+    random_feature_noise,
+)
 from advfeat.norm.stats import frozen_bn_statistics
 from advfeat.sites import resolve_site
 from advfeat.tasks.base import DenseTask, RngReplay
@@ -110,6 +122,8 @@ class DenseFeatureAugmentation(DenseMethod):
         if not _number(o.lam) or o.lam < 0:
             raise AdvfeatError(f"lam must be a number >= 0, got {o.lam!r}")
         for key, choices in (
+            ("loss_weighting", LOSS_WEIGHTINGS),
+            ("adv_grad", ADV_GRADS),
             ("attack_bn_mode", ("train", "eval")),
             ("adv_bn_stats", ("frozen", "update")),
         ):
@@ -196,6 +210,8 @@ class DenseFeatureAugmentation(DenseMethod):
             for pert in self.perturbations(model, images, targets, site, rng):
 
                 def replace(out: Tensor, pert: Tensor | float = pert, site: str = site) -> Tensor:
+                    if self.opts.adv_grad == "tail":
+                        out = out.detach()
                     if isinstance(pert, Tensor):
                         delta = _same_shape(pert, out, site)
                     else:
@@ -212,8 +228,7 @@ class DenseFeatureAugmentation(DenseMethod):
                 with rng.replay(), self.adversarial_bn(model):
                     loss_adv_i, _ = self.task.loss(model, images, targets, {site: replace})
                 losses.append(loss_adv_i)
-        loss_adv = torch.stack(losses).sum()
-        loss = loss_clean + self.opts.lam * loss_adv
+        loss, loss_adv = combine_losses(loss_clean, losses, self.opts.lam, self.opts.loss_weighting)
         logs = self.detach_logs(
             loss_clean=loss_clean,
             loss_adv=loss_adv,
@@ -250,6 +265,8 @@ class DenseALFA(DenseFeatureAugmentation):
         steps: int = 5
         eps: float | None = None  # ALFA §3.2: unbounded
         lam: float = 1.0
+        loss_weighting: str = "mean"  # docs/results.md: "sum" diverges on detection
+        adv_grad: str = "full"  # Eq. 3
         random_noise: str | None = None  # Table 7 ablation
         noise_std: float | None = None
         attack_bn_mode: str = "train"
@@ -280,6 +297,8 @@ class DenseAFAN(DenseFeatureAugmentation):
         steps: int = 1  # §5: PGD-1
         eps: float | None = None  # unbounded
         lam: float = 1.0  # Eq. 7
+        loss_weighting: str = "mean"  # released code: convex combination; "sum" diverges
+        adv_grad: str = "full"  # Eq. 7
         afn: bool = True  # Table 7: False = "+ AFA"
         afn_stats: str = "channel"  # Eq. 6
         afn_eps: float = 1e-5

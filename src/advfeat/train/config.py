@@ -25,7 +25,11 @@ class TrainConfig:
     (SGD, momentum 0.9, weight decay 5e-4, lr 0.1); ``schedule="multistep"`` with
     ``milestones=[0.5, 0.75]`` gives their step schedule, ``"cosine"`` a cosine decay, ``"poly"``
     DeepLab's ``(1 - t)^poly_power`` decay (the segmentation recipes); all accept a linear warm-up
-    (``warmup_epochs``), as in the ImageNet recipes.
+    over ``warmup_epochs`` or ``warmup_steps`` optimiser steps (the longer of the two; ALFA and
+    A-FAN warm up over the first 200 iterations).
+
+    A method may declare the recipe its paper trains with (:attr:`advfeat.methods.Method.training_recipe`);
+    ``advfeat train`` applies it to the keys that no preset, config file, flag or ``--set`` gave.
     """
 
     method: str = "standard"
@@ -38,6 +42,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int = 256
+    eval_every: int = 1
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -47,6 +52,7 @@ class TrainConfig:
     gamma: float = 0.1
     poly_power: float = 0.9
     warmup_epochs: float = 0.0
+    warmup_steps: int = 0
     val_fraction: float = 0.0
     select_best: bool = False
     augment: bool = True
@@ -80,6 +86,13 @@ class TrainConfig:
             raise AdvfeatError(
                 f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}"
             )
+        if isinstance(self.eval_every, bool) or self.eval_every < 1:
+            raise AdvfeatError(
+                f"eval_every (test evaluation every N epochs, and after the last) must be an "
+                f"integer >= 1, got {self.eval_every}"
+            )
+        if self.warmup_steps < 0:
+            raise AdvfeatError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if any(not 0 < m <= 1 for m in self.milestones):
             raise AdvfeatError(
                 f"milestones are fractions of the run in (0, 1], got {self.milestones}"

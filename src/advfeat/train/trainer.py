@@ -193,13 +193,14 @@ class Trainer:
         self.train_time = float(state["train_time_s"])
 
     # ----------------------------------------------------------------------------- training
-    def _set_lr(self, progress: float) -> float:
+    def _set_lr(self, progress: float, steps_per_epoch: int = 1) -> float:
         cfg = self.cfg
+        warmup = max(cfg.warmup_epochs, cfg.warmup_steps / max(steps_per_epoch, 1))
         factor = lr_factor(
             progress,
             total_epochs=cfg.epochs,
             schedule=cfg.schedule,
-            warmup_epochs=cfg.warmup_epochs,
+            warmup_epochs=min(warmup, cfg.epochs),
             milestones=cfg.milestones,
             gamma=cfg.gamma,
             power=cfg.poly_power,
@@ -245,7 +246,7 @@ class Trainer:
         for step, (x, y) in enumerate(loader):
             if step >= steps:
                 break
-            lr = self._set_lr(epoch + step / steps)
+            lr = self._set_lr(epoch + step / steps, steps)
             if self.task is not None:
                 x, y = self.task.to_device(x, y, self.device)
             else:
@@ -359,7 +360,9 @@ class Trainer:
                 val = -math.inf
                 if self.data.val is not None:
                     val = self._evaluate_into(row, "val", self.data.val)
-                self._evaluate_into(row, "test", self.data.test)
+                last = epoch == cfg.epochs - 1
+                if last or (epoch + 1) % cfg.eval_every == 0:
+                    self._evaluate_into(row, "test", self.data.test)
                 self.history.append(row)
                 improved = self.data.val is not None and val > self.best_val
                 if improved:
@@ -382,12 +385,14 @@ class Trainer:
             parts.append(f"train {row['train_acc']:.3f}")
             if "val_acc" in row:
                 parts.append(f"val {row['val_acc']:.3f}")
-            parts.append(f"test {row['test_acc']:.3f}")
+            if "test_acc" in row:
+                parts.append(f"test {row['test_acc']:.3f}")
         else:
             key = PRIMARY_METRIC[self.task.name]
             if f"val_{key}" in row:
                 parts.append(f"val {key} {row[f'val_{key}']:.3f}")
-            parts.append(f"test {key} {row[f'test_{key}']:.3f}")
+            if f"test_{key}" in row:
+                parts.append(f"test {key} {row[f'test_{key}']:.3f}")
         parts.append(f"{row['epoch_time_s']:.1f}s")
         print("  ".join(parts), file=sys.stderr, flush=True)
 

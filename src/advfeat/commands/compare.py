@@ -1,0 +1,137 @@
+"""``advfeat compare``: several methods (or variants) × several seeds under one protocol."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from advfeat.commands.train import add_protocol_arguments, config_from_args
+from advfeat.compare import Arm, PlannedRun, aggregate, collect, markdown, parse_arm, plot, run_all
+from advfeat.errors import AdvfeatError
+from advfeat.train.checkpoint import atomic_write_json, atomic_write_text
+
+__all__ = ["add_parser", "plan", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="train methods × seeds under one protocol; mean ± std and paired differences",
+        description="Train every arm (a method, or a variant given by --arm) with every seed "
+        "under one protocol (the train flags below; default: the default preset), as many runs "
+        "at once as --jobs, each an ordinary `advfeat train` run folder under OUT/runs. "
+        "Finished runs are kept and interrupted ones resumed, so the command can be re-run. "
+        "Writes OUT/compare.json, OUT/compare.md and OUT/compare.png: per arm the mean ± std "
+        "of every metric and the difference to the baseline arm paired by seed with its 95 %% "
+        "Student-t interval. Method recipes are not applied: every arm trains under the same "
+        "schedule.",
+    )
+    p.add_argument(
+        "--methods", help="comma-separated methods, one arm each (e.g. standard,alfa,afan)"
+    )
+    p.add_argument(
+        "--arm",
+        dest="arms",
+        action="append",
+        default=[],
+        metavar="'LABEL: KEY=VALUE ...'",
+        help="an arm with its own config keys, e.g. "
+        "--arm 'afan-mean: method=afan method_options.loss_weighting=mean'",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--baseline", help="the arm differences refer to (default: the first)")
+    add_protocol_arguments(p)
+    p.add_argument("--out", required=True, help="folder of the comparison")
+    p.add_argument(
+        "--jobs", type=int, help="runs trained at once (default: CPU cores // --threads)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate the runs finished so far",
+    )
+    p.set_defaults(handler=run)
+
+
+def _arms(args: argparse.Namespace) -> list[Arm]:
+    arms = [
+        Arm(m.strip(), {"method": m.strip()}) for m in (args.methods or "").split(",") if m.strip()
+    ]
+    arms += [parse_arm(text) for text in args.arms]
+    if not arms:
+        raise AdvfeatError("give the arms: --methods standard,afan and/or --arm 'LABEL: key=value'")
+    labels = [a.label for a in arms]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise AdvfeatError(f"arm labels must be unique, {', '.join(twice)} appears twice")
+    return arms
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Arm], list[PlannedRun]]:
+    """Validate every run's configuration (before anything is written) and place it."""
+    arms = _arms(args)
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise AdvfeatError(f"--seeds must be distinct integers >= 0, got {args.seeds}")
+    if args.threads < 1 or (args.jobs is not None and args.jobs < 1):
+        raise AdvfeatError(f"--jobs and --threads must be >= 1, got {args.jobs}, {args.threads}")
+    out = Path(args.out)
+    runs = []
+    for seed in args.seeds:
+        for arm in arms:
+            extra = {**arm.overrides, "seed": seed, "progress": False}
+            cfg = config_from_args(args, recipe=False, extra=extra)
+            name = f"{arm.label}-s{seed}"
+            runs.append(
+                PlannedRun(
+                    arm=arm.label,
+                    seed=seed,
+                    config=cfg,
+                    folder=out / "runs" / name,
+                    config_file=out / "configs" / f"{name}.yaml",
+                    log_file=out / "logs" / f"{name}.log",
+                )
+            )
+    return arms, runs
+
+
+def run(args: argparse.Namespace) -> int:
+    arms, runs = plan(args)
+    labels = [a.label for a in arms]
+    baseline = args.baseline or labels[0]
+    if baseline not in labels:
+        raise AdvfeatError(f"--baseline {baseline!r} is not an arm ({', '.join(labels)})")
+    out = Path(args.out)
+    failed = []
+    if not args.report_only:
+        jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
+        results = run_all(runs, jobs=jobs, threads=args.threads)
+        failed = [r for r in results if r.returncode != 0]
+    summary = aggregate(collect(runs), labels, baseline)
+    summary["protocol"] = {
+        k: v
+        for k, v in runs[0].config.to_dict().items()
+        if k not in ("method", "method_options", "seed", "progress")
+    }
+    summary["arm_overrides"] = {a.label: a.overrides for a in arms}
+    summary["seeds"] = list(args.seeds)
+    summary["command"] = (
+        "advfeat " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    )
+    summary["missing"] = [f"{r.arm}-s{r.seed}" for r in runs if not r.finished]
+    table = markdown(summary)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "compare.json", summary)
+    atomic_write_text(out / "compare.md", table)
+    drawn = plot(summary, out / "compare.png")
+    print(table)
+    print(
+        f"comparison: {out / 'compare.json'}, {out / 'compare.md'}"
+        + (f", {out / 'compare.png'}" if drawn else "")
+    )
+    if summary["missing"]:
+        print(f"not finished: {', '.join(summary['missing'])}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,367 @@
+"""Compare methods the way papers do: several arms × several seeds under one protocol.
+
+An *arm* is a label and the config keys that distinguish it (``method=afan``,
+``method_options.loss_weighting=mean``); every arm shares the *protocol* (dataset, model,
+schedule, epochs: everything else). Each (arm, seed) is an ordinary run folder trained by
+``advfeat train`` in its own process, so a comparison can be killed and started again (finished
+runs are kept, interrupted ones resumed) and any run can be inspected or re-evaluated alone.
+
+:func:`collect` reads the run folders, :func:`aggregate` gives per arm the mean ± standard
+deviation of every metric and the difference to the baseline arm paired by seed with its 95 %
+Student-t interval (:mod:`advfeat.stats`); :func:`markdown` and :func:`plot` render them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from advfeat.errors import AdvfeatError
+from advfeat.stats import paired_difference, summarize
+from advfeat.train.config import TrainConfig
+
+__all__ = [
+    "Arm",
+    "PlannedRun",
+    "RunResult",
+    "aggregate",
+    "collect",
+    "flatten_metrics",
+    "markdown",
+    "parse_arm",
+    "plot",
+    "run_all",
+]
+
+# metrics.json keys reported per run (when present), in this order
+SCALAR_METRICS = (
+    "clean_acc",
+    "clean_ap50",
+    "clean_ap",
+    "clean_miou",
+    "best_val_acc",
+    "train_time_s",
+)
+SHIFTED_METRICS = ("shifted_acc", "shifted_ap50", "shifted_miou")
+# keys of the configuration that never change a result
+_NEUTRAL_KEYS = {"progress", "workers", "device"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a comparison: a label and the config overrides that define it."""
+
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_arm(text: str) -> Arm:
+    """``"LABEL: key=value key=value"`` → :class:`Arm` (values parsed as YAML)."""
+    from advfeat.train.config import parse_override
+
+    label, sep, rest = text.partition(":")
+    label = label.strip()
+    if not sep or not label or any(c in label for c in "/\\ "):
+        raise AdvfeatError(
+            f"--arm expects 'LABEL: key=value ...' with a label without spaces or slashes, got "
+            f"{text!r} (e.g. --arm 'afan-mean: method=afan method_options.loss_weighting=mean')"
+        )
+    overrides = dict(parse_override(item) for item in rest.split())
+    if not overrides:
+        raise AdvfeatError(f"arm {label!r} sets no config key (e.g. '{label}: method=afan')")
+    return Arm(label, overrides)
+
+
+@dataclass
+class PlannedRun:
+    """One (arm, seed) of a comparison and where it lives."""
+
+    arm: str
+    seed: int
+    config: TrainConfig
+    folder: Path
+    config_file: Path
+    log_file: Path
+
+    @property
+    def finished(self) -> bool:
+        return (self.folder / "metrics.json").is_file()
+
+    @property
+    def interrupted(self) -> bool:
+        return not self.finished and (self.folder / "checkpoint.pt").is_file()
+
+    def command(self) -> list[str]:
+        """The ``advfeat train`` command line of this run (``--resume`` if interrupted)."""
+        cmd = [sys.executable, "-m", "advfeat.cli", "train", "--config", str(self.config_file)]
+        cmd += ["--out", str(self.folder), "--quiet"]
+        return cmd + (["--resume"] if self.interrupted else [])
+
+    def check_folder(self) -> None:
+        """Refuse a run folder that holds another experiment (listing what differs)."""
+        saved_file = self.folder / "config.yaml"
+        if not saved_file.is_file():
+            return
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+        planned = self.config.to_dict()
+        diffs = [
+            f"{k}: {saved.get(k)!r} there, {v!r} now"
+            for k, v in planned.items()
+            if k not in _NEUTRAL_KEYS and saved.get(k) != v
+        ]
+        if diffs:
+            raise AdvfeatError(
+                f"{self.folder} holds a run of another protocol ({'; '.join(diffs[:4])}); "
+                f"choose another --out, or delete that folder to re-run it"
+            )
+
+
+@dataclass
+class RunResult:
+    """A run's status after :func:`run_all`."""
+
+    arm: str
+    seed: int
+    folder: Path
+    returncode: int
+    seconds: float
+
+
+def run_all(
+    runs: Sequence[PlannedRun],
+    *,
+    jobs: int,
+    threads: int,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> list[RunResult]:
+    """Train every unfinished run, ``jobs`` processes at a time with ``threads`` threads each."""
+    for run in runs:
+        run.check_folder()
+    for run in runs:
+        run.config_file.parent.mkdir(parents=True, exist_ok=True)
+        run.config_file.write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+    todo = [r for r in runs if not r.finished]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    done = len(runs) - len(todo)
+    if done:
+        log(f"advfeat compare: {done} of {len(runs)} runs already finished")
+
+    def one(run: PlannedRun) -> RunResult:
+        start = time.time()
+        how = "resuming" if run.interrupted else "training"
+        log(f"advfeat compare: {how} {run.arm} seed {run.seed} → {run.folder}")
+        run.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with run.log_file.open("a") as out:
+            code = subprocess.call(run.command(), stdout=out, stderr=subprocess.STDOUT, env=env)
+        seconds = time.time() - start
+        state = "done" if code == 0 else f"FAILED (exit {code}, log: {run.log_file})"
+        log(f"advfeat compare: {run.arm} seed {run.seed} {state} in {seconds:.0f} s")
+        return RunResult(run.arm, run.seed, run.folder, code, seconds)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, todo))
+
+
+def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a run's ``metrics.json`` (and ``eval.json``) as ``name → value``.
+
+    Scalars keep their key; shifted domains become ``shifted_acc/<domain>`` plus their mean
+    ``shifted_acc/mean``; robust accuracies of ``advfeat eval`` become ``robust/<attack>``.
+    """
+    flat: dict[str, float] = {}
+    for key in SCALAR_METRICS:
+        value = metrics.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            flat[key] = float(value)
+    for key in SHIFTED_METRICS:
+        domains = metrics.get(key)
+        if isinstance(domains, Mapping) and domains:
+            values = {d: float(v) for d, v in domains.items() if isinstance(v, int | float)}
+            flat |= {f"{key}/{d}": v for d, v in sorted(values.items())}
+            if values:
+                flat[f"{key}/mean"] = sum(values.values()) / len(values)
+    robust = metrics.get("robust")
+    if isinstance(robust, Mapping):
+        for name, value in robust.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                flat[f"robust/{name}"] = float(value)
+    return flat
+
+
+def collect(runs: Sequence[PlannedRun]) -> dict[str, dict[int, dict[str, float]]]:
+    """``arm → seed → metrics`` of the finished runs."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for run in runs:
+        if not run.finished:
+            continue
+        metrics = json.loads((run.folder / "metrics.json").read_text())
+        evaluation = run.folder / "eval.json"
+        if evaluation.is_file():
+            metrics = {**metrics, **json.loads(evaluation.read_text())}
+        out.setdefault(run.arm, {})[run.seed] = flatten_metrics(metrics)
+    return out
+
+
+def aggregate(
+    results: Mapping[str, Mapping[int, Mapping[str, float]]], arms: Sequence[str], baseline: str
+) -> dict[str, Any]:
+    """Per arm and metric: values by seed, mean, std; and the paired difference to ``baseline``.
+
+    Differences use the seeds that both arms finished; the interval is the two-sided 95 %
+    Student-t interval of the mean per-seed difference (``None`` below two pairs).
+    """
+    metrics: list[str] = []
+    for arm in arms:
+        for seed_metrics in results.get(arm, {}).values():
+            metrics += [m for m in seed_metrics if m not in metrics]
+    metrics.sort(key=lambda m: m == "train_time_s")  # time last
+    base = results.get(baseline, {})
+    table: dict[str, Any] = {}
+    for arm in arms:
+        runs = results.get(arm, {})
+        entry: dict[str, Any] = {"seeds": sorted(runs), "metrics": {}}
+        for metric in metrics:
+            by_seed = {s: m[metric] for s, m in sorted(runs.items()) if metric in m}
+            if not by_seed:
+                continue
+            summary = summarize(list(by_seed.values()))
+            item: dict[str, Any] = {
+                "values": {str(s): v for s, v in by_seed.items()},
+                "n": summary.n,
+                "mean": summary.mean,
+                "std": summary.std,
+            }
+            paired = [s for s in by_seed if metric in base.get(s, {})]
+            if arm != baseline and paired:
+                diff = paired_difference(
+                    [by_seed[s] for s in paired], [base[s][metric] for s in paired]
+                )
+                item["diff_vs_baseline"] = {
+                    "n": diff.n,
+                    "mean": diff.mean,
+                    "std": diff.std,
+                    "ci95": None if diff.low is None else [diff.low, diff.high],
+                    "seeds": paired,
+                }
+            entry["metrics"][metric] = item
+        table[arm] = entry
+    return {"baseline": baseline, "arms": list(arms), "metrics": metrics, "results": table}
+
+
+def _is_rate(metric: str) -> bool:
+    return metric != "train_time_s"
+
+
+def _fmt(value: float | None, metric: str, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if _is_rate(metric):
+        value = 100 * value + 0.0  # no "-0.00"
+        return f"{value:+.2f}" if signed else f"{value:.2f}"
+    return f"{value:+.0f}" if signed else f"{value:.0f}"
+
+
+def markdown(summary: Mapping[str, Any], metrics: Sequence[str] | None = None) -> str:
+    """Two Markdown tables: mean ± std per arm, and the paired difference to the baseline.
+
+    Rates are in percent (points for differences); ``train_time_s`` in seconds.
+    """
+    names = list(metrics or summary["metrics"])
+    baseline = summary["baseline"]
+    head = ["arm", "seeds", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for arm in summary["arms"]:
+        entry = summary["results"].get(arm, {"seeds": [], "metrics": {}})
+        cells = [arm, str(len(entry["seeds"]))]
+        for m in names:
+            item = entry["metrics"].get(m)
+            if item is None:
+                cells.append("–")
+            elif item["std"] is None:
+                cells.append(_fmt(item["mean"], m))
+            else:
+                cells.append(f"{_fmt(item['mean'], m)} ± {_fmt(item['std'], m)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Paired difference to `{baseline}` (same seeds), mean [95 % CI]:", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for arm in summary["arms"]:
+        if arm == baseline:
+            continue
+        entry = summary["results"].get(arm, {"seeds": [], "metrics": {}})
+        cells = [arm, ""]
+        for m in names:
+            diff = entry["metrics"].get(m, {}).get("diff_vs_baseline")
+            if diff is None:
+                cells.append("–")
+                continue
+            cells[1] = str(diff["n"])
+            ci = diff["ci95"]
+            text = _fmt(diff["mean"], m, signed=True)
+            if ci is not None:
+                text += f" [{_fmt(ci[0], m, signed=True)}, {_fmt(ci[1], m, signed=True)}]"
+                if ci[0] > 0 or ci[1] < 0:
+                    text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Rates in %, differences in points, time in seconds; **bold**: the 95 % interval "
+        "excludes 0.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Mapping[str, Any], path: Path, metrics: Sequence[str] | None = None) -> bool:
+    """One panel per metric: each seed's value and the mean ± std per arm (needs matplotlib).
+
+    Returns whether the figure was written.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = [m for m in (metrics or summary["metrics"]) if m != "train_time_s"][:8]
+    if not names:
+        return False
+    arms = summary["arms"]
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, names, strict=False):
+        for i, arm in enumerate(arms):
+            item = summary["results"].get(arm, {}).get("metrics", {}).get(metric)
+            if item is None:
+                continue
+            values = [100 * v for v in item["values"].values()]
+            ax.scatter([i] * len(values), values, s=14, color="0.55", zorder=2)
+            std = 0.0 if item["std"] is None else 100 * item["std"]
+            ax.errorbar(
+                i + 0.18, 100 * item["mean"], yerr=std, fmt="o", color=f"C{i}", capsize=4, zorder=3
+            )
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels(arms, rotation=30, ha="right", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+        ax.set_ylabel("%", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle("grey: one seed; colour: mean ± std", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
