@@ -100,7 +100,7 @@ def config_from_args(
     layers: list[dict[str, Any]] = []
     if args.preset:
         layers.append(load_preset(args.preset))
-    elif not (getattr(args, "method", None) or args.config):
+    elif not (getattr(args, "method", None) or args.config or args.dataset):
         layers.append(load_preset(DEFAULT_PRESET))
     if args.config:
         layers.append(load_yaml(args.config))
