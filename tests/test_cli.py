@@ -170,15 +170,21 @@ def test_checkpoint_options_are_recorded_as_absolute_paths(
     assert shown["method_options"]["stage1_checkpoint"] == str(tmp_path / "stage1.pt")
 
 
-def test_default_run_trains_standard_and_afan_side_by_side(
+def test_default_run_compares_the_default_methods_over_seeds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from advfeat.commands.train import DEFAULT_METHODS, DEFAULT_SEEDS
+
+    assert len(DEFAULT_SEEDS) >= 3 and DEFAULT_METHODS[0] == "standard"
     tiny = "dataset_options={n_train: 64, n_test: 32, image_size: 16}"
-    args = ["train", "--epochs", "1", "--set", tiny, "--out", str(tmp_path), "--quiet"]
-    assert main(args) == 0
+    args = ["train", "--epochs", "1", "--seed", "0", "--set", tiny, "--out", str(tmp_path)]
+    assert main([*args, "--quiet"]) == 0
     table = capsys.readouterr().out
-    for method in ("standard", "afan"):
-        metrics = json.loads((tmp_path / method / "metrics.json").read_text())
-        assert metrics["method"] == method and metrics["config"]["batch_size"] == 64
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    assert summary["arms"] == list(DEFAULT_METHODS) and summary["seeds"] == [0]
+    for method in DEFAULT_METHODS:
+        metrics = json.loads((tmp_path / "runs" / f"{method}-s0" / "metrics.json").read_text())
+        assert metrics["method"] == method and metrics["config"]["batch_size"] == 32
         assert set(metrics["shifted_acc"]) == {"colour", "fog", "noise", "style"}
-        assert f"| {method} | resnet20 |" in table
+        assert f"| {method} | 1 | {100 * metrics['clean_acc']:.2f} |" in table
+    assert "no spread, no verdict" in table  # one seed is a hint, not a result

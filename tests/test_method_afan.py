@@ -328,5 +328,5 @@ def test_preset_show_config(name: str, capsys: pytest.CaptureFixture[str]) -> No
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["method"] == "afan" and cfg == {**cfg, **load_preset(name)}
     method = build_method("afan", **cfg["method_options"])  # the options validate
-    assert method.opts.k == 3 and method.opts.alpha == pytest.approx(0.5 / 255)
+    assert method.opts.k == 3 and method.opts.alpha == pytest.approx(0.5 / 255)  # §4, Table 2
     assert method.opts.steps == 5 and not method.uses_rescaling  # §4: PGD-5 on CIFAR

@@ -109,7 +109,9 @@ def test_loss_is_eq5_and_eta_gets_its_gradient(tiny_bn_cnn: nn.Module) -> None:
     eta = torch.tensor([0.7, 0.3])
     hand_model = copy.deepcopy(tiny_bn_cnn).train()
     model = tiny_bn_cnn.train()
-    method = LALFA(sites=SITES, alpha=ALPHA, steps=steps, lam=lam, gamma=gamma)
+    method = LALFA(
+        sites=SITES, alpha=ALPHA, steps=steps, lam=lam, gamma=gamma, multi_site="separate"
+    )
     with torch.no_grad():
         method.eta.copy_(eta)  # a point of the simplex: the projection keeps it
     out = method(model, x, y)
@@ -147,7 +149,7 @@ def test_zero_strength_site_is_not_perturbed(tiny_bn_cnn: nn.Module) -> None:
     model = tiny_bn_cnn.train()
     x, y = batch()
     reference = copy.deepcopy(model)
-    method = LALFA(sites=SITES, alpha=ALPHA, steps=2, lam=1.0, gamma=0.0)
+    method = LALFA(sites=SITES, alpha=ALPHA, steps=2, lam=1.0, gamma=0.0, multi_site="separate")
     with torch.no_grad():
         method.eta.copy_(torch.tensor([0.0, 1.0]))
     out = method(model, x, y)

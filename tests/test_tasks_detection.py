@@ -75,15 +75,39 @@ def test_training_lowers_the_detection_loss(det_data, method: str, options: dict
     assert clean_loss(task, model, images, targets) < 0.8 * before
 
 
-def test_afan_loss_is_clean_plus_lambda_times_adversarial(det_data) -> None:
+@pytest.mark.parametrize("weighting", ["sum", "mean"])
+def test_afan_loss_is_clean_plus_lambda_times_adversarial(det_data, weighting: str) -> None:
     task, images, targets, mean, std = det_data
     model = tiny_detector(task.num_classes, mean, std)
-    afan = build_task_method("afan", task, k=2, lam=0.5, sites=["roi_heads.box_head"])
+    afan = build_task_method(
+        "afan", task, k=2, lam=0.5, sites=["roi_heads.box_head"], loss_weighting=weighting
+    )
     torch.manual_seed(1)
     out = afan(model, images, targets)
-    assert out.loss.item() == pytest.approx(
-        out.logs["loss_clean"] + 0.5 * out.logs["loss_adv"], rel=1e-5
-    )
+    total = out.logs["loss_clean"] + 0.5 * out.logs["loss_adv"]
+    if weighting == "mean":  # convex combination: 2 adversarial terms of weight λ = 0.5
+        total /= 1 + 0.5 * 2
+    assert out.loss.item() == pytest.approx(total, rel=1e-5)
+
+
+def test_dense_tail_only_reading_gives_the_backbone_no_adversarial_gradient(det_data) -> None:
+    task, images, targets, mean, std = det_data
+    model = tiny_detector(task.num_classes, mean, std).train()
+    site = "roi_heads.box_head"
+    afan = build_task_method("afan", task, k=2, sites=[site], adv_grad="tail", lam=1.0)
+    torch.manual_seed(1)
+    out = afan(model, images, targets)
+    model.zero_grad()
+    out.loss.backward()
+    with_adv = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # the clean loss alone, same weighting factor (mean of 1 + k terms)
+    model.zero_grad()
+    torch.manual_seed(1)
+    clean, _ = task.loss(model, images, targets)
+    (clean / 3).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("backbone") and p.grad is not None:
+            torch.testing.assert_close(with_adv[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("site", ["backbone.body.layer2", "roi_heads.box_head"])

@@ -42,6 +42,7 @@ __all__ = [
     "parse_arm",
     "plot",
     "run_all",
+    "verdicts",
 ]
 
 # metrics.json keys reported per run (when present), in this order
@@ -113,7 +114,7 @@ class PlannedRun:
         saved_file = self.folder / "config.yaml"
         if not saved_file.is_file():
             return
-        saved = yaml.safe_load(saved_file.read_text()) or {}
+        saved = TrainConfig.from_dict(yaml.safe_load(saved_file.read_text()) or {}).to_dict()
         planned = self.config.to_dict()
         diffs = [
             f"{k}: {saved.get(k)!r} there, {v!r} now"
@@ -318,8 +319,46 @@ def markdown(summary: Mapping[str, Any], metrics: Sequence[str] | None = None) -
         "",
         "Rates in %, differences in points, time in seconds; **bold**: the 95 % interval "
         "excludes 0.",
+        "",
+        *[f"- {line}" for line in verdicts(summary)],
     ]
     return "\n".join(lines) + "\n"
+
+
+_HEADLINES = ("clean_acc", "clean_ap50", "clean_miou", "shifted_acc/mean", "shifted_ap50/mean")
+
+
+def verdicts(summary: Mapping[str, Any]) -> list[str]:
+    """One plain sentence per non-baseline arm and headline metric (clean, shifted mean)."""
+    baseline = summary["baseline"]
+    lines = []
+    for arm in summary["arms"]:
+        if arm == baseline:
+            continue
+        found = summary["results"].get(arm, {}).get("metrics", {})
+        for metric in _HEADLINES:
+            diff = found.get(metric, {}).get("diff_vs_baseline")
+            if diff is None:
+                continue
+            points = f"{100 * diff['mean'] + 0.0:+.2f} points"
+            if diff["ci95"] is None:
+                lines.append(
+                    f"{arm} vs {baseline}, {metric}: {points} from {diff['n']} seed(s); "
+                    f"no spread, no verdict"
+                )
+                continue
+            low, high = diff["ci95"]
+            if low > 0:
+                word = f"better than {baseline}"
+            elif high < 0:
+                word = f"worse than {baseline}"
+            else:
+                word = "no difference shown at this noise level"
+            lines.append(
+                f"{arm} vs {baseline}, {metric}: {points} "
+                f"[{100 * low:+.2f}, {100 * high:+.2f}] over {diff['n']} seeds: {word}"
+            )
+    return lines
 
 
 def plot(summary: Mapping[str, Any], path: Path, metrics: Sequence[str] | None = None) -> bool:

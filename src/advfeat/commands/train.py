@@ -16,7 +16,12 @@ from advfeat.train.config import TrainConfig, apply_overrides, load_yaml, parse_
 __all__ = ["DEFAULT_METHODS", "add_parser", "config_from_args", "run"]
 
 DEFAULT_METHODS: tuple[str, ...] = ("standard", "afan")
-"""Methods trained side by side (same seed, same data) by ``advfeat train`` without ``--method``."""
+"""Methods trained side by side (same seeds, same data) by ``advfeat train`` without
+``--method``: standard training and the method that ``docs/results.md`` supports on this
+protocol."""
+
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
+"""Seeds of the default run: a difference between methods is shown with its seed spread."""
 
 DEFAULT_PRESET = "default"
 """The preset under ``advfeat train`` when no method, preset or config file is given."""
@@ -170,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         for cfg in configs:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    if len(configs) > 1:
+        return _default_comparison(args)
     results = []
     for cfg in configs:
         if len(configs) > 1:
@@ -189,6 +196,24 @@ def run(args: argparse.Namespace) -> int:
         for out, _ in results:
             print(f"run folder: {out}")
     return 0
+
+
+def _default_comparison(args: argparse.Namespace) -> int:
+    """The default run: :data:`DEFAULT_METHODS` × :data:`DEFAULT_SEEDS` (or ``--seed``) on the
+    default preset, as ``advfeat compare`` does it, into ``--out`` (default ``runs/default``)."""
+    from advfeat.commands import compare
+
+    ns = argparse.Namespace(**vars(args))
+    ns.methods = ",".join(DEFAULT_METHODS)
+    ns.arms = []
+    ns.seeds = [args.seed] if args.seed is not None else list(DEFAULT_SEEDS)
+    ns.seed = None
+    ns.baseline = None
+    ns.out = args.out or "runs/default"
+    ns.jobs = None
+    ns.threads = 1
+    ns.report_only = False
+    return compare.run(ns)
 
 
 def _preset_methods(args: argparse.Namespace) -> list[str]:

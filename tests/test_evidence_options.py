@@ -1,0 +1,204 @@
+"""The readings that the evidence chooses between: loss weighting, the gradient path of L_adv,
+L-ALFA's exact skipping of zero-strength sites, its default sites, method training recipes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from advfeat.attacks.feature import MultiSiteFeaturePGD
+from advfeat.cli import main
+from advfeat.data.transforms import random_crop_flip
+from advfeat.errors import AdvfeatError
+from advfeat.methods import build_method
+from advfeat.methods.feature_aug import combine_losses, spread_blocks, stage_blocks
+from advfeat.methods.l_alfa import LALFA
+from advfeat.models import build_model
+
+ALPHA = 0.05
+SITES = ["block1", "block2"]
+
+
+def batch(n: int = 8, size: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def grads(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ------------------------------------------------------------------------- loss weighting
+def test_combine_losses_sum_and_mean_are_the_stated_formulas() -> None:
+    clean = torch.tensor(1.0)
+    adv = [torch.tensor(2.0), torch.tensor(4.0), torch.tensor(6.0)]
+    total, adv_sum = combine_losses(clean, adv, lam=0.5, weighting="sum")
+    assert total.item() == pytest.approx(1.0 + 0.5 * 12.0) and adv_sum.item() == 12.0
+    total, _ = combine_losses(clean, adv, lam=1.0, weighting="mean")
+    assert total.item() == pytest.approx((1.0 + 12.0) / 4)  # (L_clean + Σ L_adv) / (1 + n)
+    total, _ = combine_losses(clean, adv, lam=0.5, weighting="mean")
+    assert total.item() == pytest.approx((1.0 + 6.0) / 2.5)  # weights sum to one
+    with pytest.raises(AdvfeatError, match="loss_weighting"):
+        combine_losses(clean, adv, lam=1.0, weighting="average")
+
+
+@pytest.mark.parametrize("name", ["alfa", "afan"])
+def test_mean_weighting_divides_the_papers_sum(tiny_bn_cnn: nn.Module, name: str) -> None:
+    x, y = batch()
+    k = {"afan": {"k": 3}, "alfa": {}}[name]
+    n_adv = 3 if name == "afan" else 1
+    torch.manual_seed(0)
+    summed = build_method(name, site="block2", alpha=ALPHA, **k)(copy.deepcopy(tiny_bn_cnn), x, y)
+    torch.manual_seed(0)
+    method = build_method(name, site="block2", alpha=ALPHA, loss_weighting="mean", **k)
+    mean = method(copy.deepcopy(tiny_bn_cnn), x, y)
+    assert summed.loss.item() == pytest.approx(
+        summed.logs["loss_clean"] + summed.logs["loss_adv"], rel=1e-6
+    )
+    assert mean.loss.item() == pytest.approx(summed.loss.item() / (1 + n_adv), rel=1e-5)
+
+
+# ------------------------------------------------------------------------ gradient path
+@pytest.mark.parametrize("name", ["alfa", "afan", "l-alfa"])
+def test_tail_only_reading_gives_the_prefix_exactly_the_clean_gradient(
+    tiny_bn_cnn: nn.Module, name: str
+) -> None:
+    """adv_grad="tail": L_adv trains only the layers after the site (released ALFA code)."""
+    x, y = batch()
+    opts = {"sites": ["block2"]} if name == "l-alfa" else {"site": "block2"}
+    model = copy.deepcopy(tiny_bn_cnn).train()
+    method = build_method(name, alpha=ALPHA, adv_grad="tail", **opts)
+    method.prepare(model)
+    out = method(model, x, y)
+    out.loss.backward()
+    got = grads(model)
+    reference = copy.deepcopy(tiny_bn_cnn).train()
+    F.cross_entropy(reference(x), y).backward()
+    want = grads(reference)
+    prefix = [n for n in want if n.startswith("block1")]
+    assert prefix
+    for n in prefix:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+    # the layers after the site do get L_adv's gradient
+    assert not torch.allclose(got["fc.weight"], want["fc.weight"])
+    # and the papers' reading sends L_adv into the prefix too
+    full_model = copy.deepcopy(tiny_bn_cnn).train()
+    full = build_method(name, alpha=ALPHA, **opts)
+    full.prepare(full_model)
+    full(full_model, x, y).loss.backward()
+    assert not torch.allclose(grads(full_model)["block1.0.weight"], want["block1.0.weight"])
+
+
+# ---------------------------------------------------------------- L-ALFA zero-η skipping
+@pytest.mark.parametrize("mode", ["joint", "separate"])
+def test_zero_strength_sites_are_skipped_with_the_same_loss_and_gradients(
+    tiny_bn_cnn: nn.Module, mode: str
+) -> None:
+    x, y = batch()
+    eta = torch.tensor([0.0, 1.0])
+    model = copy.deepcopy(tiny_bn_cnn).train()
+    method = LALFA(sites=SITES, alpha=ALPHA, steps=2, gamma=0.5, multi_site=mode)
+    with torch.no_grad():
+        method.eta.copy_(eta)
+    out = method(model, x, y)
+    out.loss.backward()
+
+    # the same objective computed without skipping: every site attacked and passed
+    ref = copy.deepcopy(tiny_bn_cnn).train()
+    eta_ref = eta.clone().requires_grad_(True)
+    logits = ref(x)
+    f1 = ref.block1(x)
+    feats = {"block1": f1, "block2": ref.block2(f1)}
+    atk = MultiSiteFeaturePGD(ref, SITES, alpha=ALPHA, steps=2, mode=mode, bn_mode="train")
+    deltas = atk(x, y, features={s: f.detach() for s, f in feats.items()}, strengths=eta)
+    assert float(deltas["block1"].abs().max()) == 0.0  # η = 0: the attack does not move δ
+    outputs = atk.adversarial_outputs(x, deltas, features=feats, strengths=eta_ref)
+    expected = F.cross_entropy(logits, y) + sum(F.cross_entropy(o, y) for o in outputs)
+    expected = expected + 0.5 * eta_ref.sum()
+    expected.backward()
+
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
+    assert method.eta.grad is not None and eta_ref.grad is not None
+    torch.testing.assert_close(method.eta.grad, eta_ref.grad, rtol=1e-5, atol=1e-6)
+    got, want = grads(model), grads(ref)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
+
+
+def test_gamma_does_not_densify_eta_on_the_simplex(tiny_bn_cnn: nn.Module) -> None:
+    """With the true simplex γ‖η‖₁ is constant: a zero strength stays zero under γ alone."""
+    model = copy.deepcopy(tiny_bn_cnn).train()
+    method = LALFA(sites=SITES, alpha=ALPHA, steps=1, lam=0.0, gamma=1.0)
+    with torch.no_grad():
+        method.eta.copy_(torch.tensor([0.0, 1.0]))
+    opt = torch.optim.SGD(method.parameter_groups(model, lr=0.1), lr=0.1)
+    x, y = batch()
+    out = method(model, x, y)
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
+    method.project_strengths_()
+    torch.testing.assert_close(method.eta.detach(), torch.tensor([0.0, 1.0]))
+
+
+def test_l_alfa_default_sites_are_nine_spread_blocks() -> None:
+    r20 = build_model("resnet20", num_classes=3, image_size=8)
+    assert spread_blocks(r20, 9) == stage_blocks(r20)  # ResNet-20 has exactly 9 blocks
+    r56 = build_model("resnet56", num_classes=3, image_size=8)
+    assert len(stage_blocks(r56)) == 27
+    expected = [f"layer{s}.{b}" for s in (1, 2, 3) for b in (2, 5, 8)]
+    assert spread_blocks(r56, 9) == expected  # dim(η) = 9 (ALFA Table 8), each stage's last kept
+    method = build_method("l-alfa")
+    method.prepare(r56)
+    assert method.eta_sites == expected and method.opts.multi_site == "joint"
+    every = build_method("l-alfa", num_sites=None)
+    every.prepare(build_model("resnet56", num_classes=3, image_size=8))
+    assert every.eta_sites is not None and len(every.eta_sites) == 27
+
+
+# --------------------------------------------------------------------------- recipes
+def _config(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    assert main(["train", *args, "--show-config"]) == 0
+    return dict(yaml.safe_load(capsys.readouterr().out))
+
+
+def test_method_recipe_fills_only_the_keys_the_user_did_not_set(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = _config(capsys, "--method", "afan")
+    assert cfg["schedule"] == "multistep" and cfg["milestones"] == [0.25, 0.75]
+    assert cfg["warmup_steps"] == 200  # ALFA §4.1 / A-FAN S2.1: 200 warm-up iterations
+    cfg = _config(capsys, "--method", "afan", "--set", "schedule=cosine")
+    assert cfg["schedule"] == "cosine" and cfg["warmup_steps"] == 200
+    cfg = _config(capsys, "--method", "standard")
+    assert cfg["schedule"] == "cosine" and cfg["warmup_steps"] == 0
+    cfg = _config(capsys, "--preset", "afan-resnet20-cifar10")
+    assert cfg["warmup_steps"] == 200
+
+
+def test_afan_default_is_a_setting_the_paper_ran() -> None:
+    opts = build_method("afan").opts
+    assert opts.steps == 1 and opts.alpha == pytest.approx(1.0 / 255)  # Fig. S5: PGD-1, 1/255
+    assert opts.k == 3
+
+
+# ------------------------------------------------------------------- reflect padding
+def test_reflect_padding_crop_mirrors_the_border() -> None:
+    image = torch.arange(1, 3 * 6 * 6 + 1, dtype=torch.float32).reshape(3, 6, 6)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        out = random_crop_flip(image, padding=2, flip=False, padding_mode="reflect", generator=g)
+        g = torch.Generator().manual_seed(seed)
+        dy = int(torch.randint(-2, 3, (), generator=g))
+        dx = int(torch.randint(-2, 3, (), generator=g))
+        padded = F.pad(image[None], (2, 2, 2, 2), mode="reflect")[0]
+        torch.testing.assert_close(out, padded[:, 2 + dy : 8 + dy, 2 + dx : 8 + dx])
+        assert out.min() > 0  # no zero fill
+    with pytest.raises(AdvfeatError, match="padding_mode"):
+        random_crop_flip(image, padding_mode="wrap")
