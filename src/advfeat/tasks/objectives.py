@@ -30,8 +30,9 @@ them (:func:`advfeat.methods.feature_aug.combine_losses`): ``"mean"`` (default),
 combination that the authors' released detection and segmentation code trains with, or
 ``"sum"``, ``L_clean + λ·Σ L_adv`` as Eq. 7 is written, which sums 1 + 2·5 task losses for
 Faster R-CNN with two sites and k = 5 and diverged in our measurement (``docs/results.md``).
-``adv_grad="tail"`` detaches the site's output in the adversarial passes, so L_adv trains only
-what follows the site.
+``adv_grad="tail"`` runs the adversarial passes without gradients up to the site and with them
+from the site's (detached) output on, so L_adv trains only what runs after the site (for a
+ROI-head site, not the backbone or the RPN, whose losses in that pass are then constants).
 """
 
 from __future__ import annotations
@@ -206,11 +207,13 @@ class DenseFeatureAugmentation(DenseMethod):
         loss_clean, parts = self.task.loss(model, images, targets)
         losses: list[Tensor] = []
         sizes: list[float] = []
+        tail_only = self.opts.adv_grad == "tail" and torch.is_grad_enabled()
         for site in sites:
             for pert in self.perturbations(model, images, targets, site, rng):
 
                 def replace(out: Tensor, pert: Tensor | float = pert, site: str = site) -> Tensor:
-                    if self.opts.adv_grad == "tail":
+                    if tail_only:  # what runs from here on trains; what ran before did not
+                        torch.set_grad_enabled(True)
                         out = out.detach()
                     if isinstance(pert, Tensor):
                         delta = _same_shape(pert, out, site)
@@ -225,7 +228,11 @@ class DenseFeatureAugmentation(DenseMethod):
                     )
                     return self.mix(out, out + delta)
 
-                with rng.replay(), self.adversarial_bn(model):
+                with (
+                    rng.replay(),
+                    self.adversarial_bn(model),
+                    torch.set_grad_enabled(not tail_only and torch.is_grad_enabled()),
+                ):
                     loss_adv_i, _ = self.task.loss(model, images, targets, {site: replace})
                 losses.append(loss_adv_i)
         loss, loss_adv = combine_losses(loss_clean, losses, self.opts.lam, self.opts.loss_weighting)
