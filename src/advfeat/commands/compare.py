@@ -11,6 +11,7 @@ from typing import Any
 from advfeat.commands.train import add_protocol_arguments, config_from_args
 from advfeat.compare import Arm, PlannedRun, aggregate, collect, markdown, parse_arm, plot, run_all
 from advfeat.errors import AdvfeatError
+from advfeat.train.build import check_config
 from advfeat.train.checkpoint import atomic_write_json, atomic_write_text
 
 __all__ = ["add_parser", "plan", "run"]
@@ -80,6 +81,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Arm], list[PlannedRun]]:
         raise AdvfeatError(f"--jobs and --threads must be >= 1, got {args.jobs}, {args.threads}")
     out = Path(args.out)
     runs = []
+    for arm in arms:  # names and options of every arm, before any run starts
+        check_config(config_from_args(args, recipe=False, extra={**arm.overrides, "seed": 0}))
     for seed in args.seeds:
         for arm in arms:
             extra = {**arm.overrides, "seed": seed, "progress": False}

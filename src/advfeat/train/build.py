@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from advfeat.data import DatasetBundle, build_dataset
+from advfeat.data import DATASETS, DatasetBundle, build_dataset
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods import Method, build_method
 from advfeat.models import build_model
@@ -30,7 +30,7 @@ from advfeat.tasks import (
 )
 from advfeat.train.config import TrainConfig
 
-__all__ = ["RunParts", "build_data", "build_dense_parts", "build_parts"]
+__all__ = ["RunParts", "build_data", "build_dense_parts", "build_parts", "check_config"]
 
 SMALL_DETECTION_IMAGES = 256
 """Detection images up to this size are square generated ones: the detector keeps their size and
@@ -55,6 +55,21 @@ def build_data(cfg: TrainConfig, **extra: Any) -> DatasetBundle:
         augment=cfg.augment,
         **{**cfg.dataset_options, **extra},
     )
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Check what can be checked without loading data: the values, the names of dataset, model
+    and method, and the method's options (``advfeat compare`` checks every arm this way before
+    it starts a run)."""
+    cfg.validate()
+    if cfg.dataset not in DATASETS:
+        raise unknown_name("dataset", cfg.dataset, DATASETS.names())
+    if cfg.model in DETECTORS or cfg.model in SEGMENTERS:
+        if cfg.method not in TASK_METHODS:
+            raise unknown_name("detection/segmentation method", cfg.method, list(TASK_METHODS))
+        return
+    build_method(cfg.method, **cfg.method_options)
+    build_model(cfg.model, num_classes=10, **cfg.model_options)
 
 
 def build_parts(cfg: TrainConfig, data: DatasetBundle | None = None) -> RunParts:
