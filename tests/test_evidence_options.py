@@ -180,6 +180,10 @@ def test_method_recipe_fills_only_the_keys_the_user_did_not_set(
     assert cfg["schedule"] == "cosine" and cfg["warmup_steps"] == 0
     cfg = _config(capsys, "--preset", "afan-resnet20-cifar10")
     assert cfg["warmup_steps"] == 200
+    # the classification recipe is not a detector's: dense recipes are the presets
+    det = ("--dataset", "shapes-det", "--model", "fasterrcnn_mobilenet_v3_large_fpn")
+    cfg = _config(capsys, "--method", "afan", *det)
+    assert cfg["schedule"] == "cosine" and cfg["warmup_steps"] == 0
 
 
 def test_afan_default_is_a_setting_the_paper_ran() -> None:

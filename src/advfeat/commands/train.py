@@ -126,7 +126,7 @@ def config_from_args(
         apply_overrides(cfg, layer)
     if recipe:
         given = {key.partition(".")[0] for layer in layers for key in layer}
-        paper = {k: v for k, v in method_recipe(cfg.method).items() if k not in given}
+        paper = {k: v for k, v in method_recipe(cfg.method, cfg.model).items() if k not in given}
         apply_overrides(cfg, paper)
     if getattr(args, "quiet", False):
         cfg.progress = False
@@ -141,12 +141,14 @@ def config_from_args(
     return cfg
 
 
-def method_recipe(name: str) -> dict[str, Any]:
-    """The training recipe declared by method ``name`` (empty for unknown names: the trainer
-    reports those)."""
+def method_recipe(name: str, model: str = "") -> dict[str, Any]:
+    """The classification training recipe declared by method ``name`` (empty for unknown names,
+    which the trainer reports, and for detection / segmentation models, whose papers' recipes
+    are the presets)."""
     from advfeat.methods import METHODS
+    from advfeat.tasks import DETECTORS, SEGMENTERS
 
-    if name not in METHODS:
+    if name not in METHODS or model in DETECTORS or model in SEGMENTERS:
         return {}
     return dict(METHODS.get(name).training_recipe)
 
