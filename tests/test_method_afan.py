@@ -167,7 +167,14 @@ def test_loss_is_clean_plus_lambda_sum_over_k_strengths(tiny_bn_cnn: nn.Module, 
     hand_model = copy.deepcopy(tiny_bn_cnn).train()
     model = tiny_bn_cnn.train()
     method = AFAN(
-        site="block1", k=k, lam=lam, strength_spacing="grid", alpha=alpha, afn=afn, eps=None
+        site="block1",
+        k=k,
+        lam=lam,
+        strength_spacing="grid",
+        alpha=alpha,
+        afn=afn,
+        eps=None,
+        loss_weighting="sum",  # Eq. 7 as written (the default is the convex combination)
     )
     out = method(model, x, y)
 
