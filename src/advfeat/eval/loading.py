@@ -21,7 +21,7 @@ from advfeat.data import DatasetBundle, build_dataset
 from advfeat.errors import AdvfeatError
 from advfeat.eval.context import EvalData
 from advfeat.tasks import DenseTask, DetectionTask, SegmentationTask
-from advfeat.train.checkpoint import load_checkpoint
+from advfeat.train.checkpoint import checkpoint_digest, load_checkpoint
 from advfeat.train.config import TrainConfig
 
 __all__ = ["DenseEvalData", "LoadedRun", "dense_task_for", "eval_data", "load_run", "load_weights"]
@@ -150,6 +150,9 @@ def load_run(
     cfg = TrainConfig.from_dict(state["config"])
     if model_name is not None:
         cfg.model = model_name
+    same_dataset = dataset is None or dataset == cfg.dataset
+    if same_dataset and data_dir is not None:
+        cfg.data_dir = data_dir  # the data moved since training: read it where it is now
     train_data = _build_data(
         cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction, cfg.dataset_options
     )
@@ -167,7 +170,7 @@ def load_run(
     parts.method.to(device)
     model = parts.method.eval_model(raw).to(device)
     data = train_data
-    if dataset is not None or data_dir is not None or dataset_options:
+    if not same_dataset or dataset_options:
         data = _build_data(
             dataset or cfg.dataset,
             data_dir if data_dir is not None else cfg.data_dir,
@@ -188,7 +191,10 @@ def load_run(
         "trained_on": cfg.dataset,
         "seed": cfg.seed,
         "epochs_trained": int(state.get("epoch", -1)) + 1,
+        "checkpoint_digest": checkpoint_digest(state),
     }
+    if dataset_options:
+        info["dataset_options"] = dict(dataset_options)
     if parts.task is not None:
         info["task"] = parts.task.name
     epoch = int(state.get("epoch", -1))
