@@ -145,8 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     methods = [args.method] if args.method else _resumed_methods(args) or _preset_methods(args)
     configs = [config_from_args(args, m) for m in methods]
-    runs = [(cfg, _out_dir(args, cfg, len(configs))) for cfg in configs]
-    runs = [_resume_plan(args, cfg, out) for cfg, out in runs]
+    runs = [_resume_plan(args, cfg, _out_dir(args, cfg, len(configs))) for cfg in configs]
     if args.show_config:
         for cfg, _, _ in runs:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

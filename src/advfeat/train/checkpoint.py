@@ -90,7 +90,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
     Call it only while no other process writes there (the run folder's lock is held).
     """
-    removed = []
+    removed: list[Path] = []
     root = Path(folder)
     if not root.is_dir():
         return removed

@@ -27,7 +27,9 @@ def _check_number(
     ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
     if not ok:
         left = "(" if low_open else "["
-        raise AdvfeatError(f"{key} must be a finite number in {left}{low:g}, {high:g}], got {value}")
+        raise AdvfeatError(
+            f"{key} must be a finite number in {left}{low:g}, {high:g}], got {value}"
+        )
 
 
 @dataclass

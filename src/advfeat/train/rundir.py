@@ -243,9 +243,7 @@ def resume_refusal(folder: Path, diffs: list[str]) -> AdvfeatError:
     )
 
 
-def resumed_config(
-    folder: Path, given: TrainConfig, explicit: Iterable[str]
-) -> TrainConfig:
+def resumed_config(folder: Path, given: TrainConfig, explicit: Iterable[str]) -> TrainConfig:
     """The saved configuration of the run in ``folder``, with the keys the command line set
     explicitly (``explicit``: ``lr``, ``method_options.alpha``, ...) taken from ``given`` when they
     do not change the result; a change of any other key is refused, listing them all."""

@@ -27,7 +27,9 @@ import csv
 import io
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,11 +61,23 @@ from advfeat.train.rundir import (
 )
 from advfeat.train.schedule import lr_factor
 
-__all__ = ["Trainer", "TrainingDiverged", "resolve_device"]
+__all__ = ["PREEMPTED_EXIT", "Preempted", "Trainer", "TrainingDiverged", "resolve_device"]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM / SIGUSR1 arrived: a checkpoint was written (mid-epoch) and the run stopped;
+    ``--resume`` continues it exactly. The command line exits with :data:`PREEMPTED_EXIT`."""
+
+
+PREEMPTED_EXIT = 75
+"""Exit status of a preempted run (``EX_TEMPFAIL``: try again, e.g. re-queue with --resume)."""
+
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+"""Signals that make the trainer checkpoint at the next step and stop (cluster preemption)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,6 +172,8 @@ class Trainer:
         self.best_epoch = -1
         self.train_time = 0.0
         self._resume_stat: tuple[int, int, int] | None = None
+        self._partial: dict[str, Any] | None = None
+        self._signal: int | None = None
         self._resume_state = self._read_resume() if resume else None
 
     # ----------------------------------------------------------------------------- run folder
@@ -237,6 +253,7 @@ class Trainer:
         self.best_val = float(state["best_val"])
         self.best_epoch = int(state.get("best_epoch", -1))
         self.train_time = float(state["train_time_s"])
+        self._partial = state.get("partial")
 
     # ----------------------------------------------------------------------------- training
     def _set_lr(self, progress: float) -> float:
@@ -272,6 +289,7 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
         torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+        self.sampler.skip = 0
         loader = self._loader(epoch)
         steps = (
             len(loader)
@@ -286,9 +304,25 @@ class Trainer:
         self.train_model.train()
         sums: dict[str, float] = {}
         seen = correct = 0
+        first = 0
+        elapsed = 0.0
+        partial, self._partial = self._partial, None
+        if partial is not None and int(partial["epoch"]) == epoch:
+            # resumed mid-epoch: skip the batches already trained on, restore the RNG and sums
+            first = int(partial["step"])
+            self.sampler.skip = first * (cfg.batch_size // self.dist.world_size)
+            sums = {str(k): float(v) for k, v in partial["sums"].items()}
+            seen, correct = int(partial["seen"]), int(partial["correct"])
+            elapsed = float(partial["elapsed_s"])
+            torch.set_rng_state(partial["rng"])
+            if self.device.type == "cuda" and partial.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(partial["cuda_rng"], self.device)
         bar = self._progress(steps, epoch)
-        start = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
+        if bar is not None and first:
+            bar.update(first)
+        start = time.perf_counter() - elapsed
+        lr = self._set_lr(epoch + first / steps)
+        for step, (x, y) in enumerate(loader, start=first):
             if step >= steps:
                 break
             lr = self._set_lr(epoch + step / steps)
@@ -335,6 +369,13 @@ class Trainer:
                     shown["acc"] = f"{correct / seen:.3f}"
                 bar.set_postfix(**shown, img_s=f"{rate:.0f}")
                 bar.update(1)
+            if step + 1 < steps and self._preemption_requested():
+                self._save_preempted(
+                    epoch,
+                    step + 1,
+                    {"sums": sums, "seen": seen, "correct": correct},
+                    time.perf_counter() - start,
+                )
         if bar is not None:
             bar.close()
         if self.dist.enabled:  # history holds global averages, as one process would log them
@@ -364,7 +405,9 @@ class Trainer:
     def _check_finite_state(self, epoch: int) -> None:
         """Refuse to checkpoint weights or buffers (BN statistics) that are not finite."""
         for name, t in unwrap(self.model).state_dict().items():
-            if t.is_floating_point() and not math.isfinite(float(torch.linalg.vector_norm(t.float()))):
+            if t.is_floating_point() and not math.isfinite(
+                float(torch.linalg.vector_norm(t.float()))
+            ):
                 raise TrainingDiverged(
                     f"{name} became non-finite or too large after epoch {epoch + 1}; stopped "
                     "(lower the lr). " + self._kept_message()
@@ -422,6 +465,7 @@ class Trainer:
 
         The run folder's lock is held from the first write to the last.
         """
+        previous = self._catch_preemption()
         try:
             if self.dist.is_main:
                 self._open_run_folder()
@@ -432,7 +476,58 @@ class Trainer:
                 self._resume_state = None
             return self._train()
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self._lock.release()
+
+    # ----------------------------------------------------------------------------- preemption
+    def _catch_preemption(self) -> dict[int, Any]:
+        """Install handlers that ask for a checkpoint at the next step; return the old ones."""
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous
+
+        def request(signum: int, frame: Any) -> None:
+            self._signal = signum
+
+        for name in PREEMPTION_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                previous[signum] = signal.signal(signum, request)
+        return previous
+
+    def _preemption_requested(self) -> bool:
+        if not self.dist.enabled:
+            return self._signal is not None
+        flag = torch.tensor([float(self._signal is not None)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _save_preempted(self, epoch: int, step: int, sums: dict[str, Any], elapsed: float) -> None:
+        """Checkpoint in the middle of ``epoch`` after ``step`` steps, then raise
+        :class:`Preempted`: everything needed to continue bit-identically is saved (the last
+        finished epoch's record, the weights, optimiser and method state now, the sampler's
+        position, the RNG states and the epoch's running sums)."""
+        if self.dist.is_main:
+            state = self._state(epoch - 1)
+            state["partial"] = {
+                "epoch": epoch,
+                "step": step,
+                **sums,
+                "elapsed_s": elapsed,
+                "rng": torch.get_rng_state(),
+                "cuda_rng": (
+                    torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+                ),
+            }
+            save_checkpoint(self.out / "checkpoint.pt", state)
+        if self.dist.enabled:
+            torch.distributed.barrier()
+        name = signal.Signals(self._signal).name if self._signal else "a signal"
+        raise Preempted(
+            f"{name} received: checkpoint written at epoch {epoch + 1}, step {step}; continue "
+            f"with `advfeat train --out {self.out} --resume`"
+        )
 
     def _train(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -461,6 +556,14 @@ class Trainer:
                 self._log_epoch(row)
             else:
                 self.history.append(row)
+            if epoch + 1 < cfg.epochs and self._preemption_requested():
+                if self.dist.enabled:
+                    torch.distributed.barrier()
+                raise Preempted(
+                    f"{signal.Signals(self._signal or signal.SIGTERM).name} received: epoch "
+                    f"{epoch + 1} finished and checkpointed; continue with "
+                    f"`advfeat train --out {self.out} --resume`"
+                )
         return self._finish()
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
