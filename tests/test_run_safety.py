@@ -21,13 +21,14 @@ import pytest
 import torch
 import yaml
 
+import advfeat
 from advfeat.cli import main
 from advfeat.errors import AdvfeatError
 from advfeat.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint, save_checkpoint
 from advfeat.train.checkpoint import FORMAT, remove_stale_temporaries
 from advfeat.train.trainer import PREEMPTED_EXIT, Preempted
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(advfeat.__file__).resolve().parents[1])  # the advfeat under test, for subprocesses
 TINY = ["--set", "dataset_options={n_train: 64, n_test: 32, image_size: 16}"]
 TINY += ["--set", "eval_shifted=false", "--set", "max_steps_per_epoch=2"]
 
@@ -545,11 +546,14 @@ def test_13_truncated_decoded_cache_is_rebuilt(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ preemption
+@pytest.mark.parametrize("method", ["standard", "l-alfa"])
 def test_sigterm_mid_epoch_then_resume_is_bit_identical(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    cfg = tiny_config(max_steps_per_epoch=3, epochs=2)
-    Trainer(tiny_config(max_steps_per_epoch=3, epochs=2), tmp_path / "straight").fit()
+    cfg = tiny_config(max_steps_per_epoch=3, epochs=2, method=method)
+    Trainer(
+        tiny_config(max_steps_per_epoch=3, epochs=2, method=method), tmp_path / "straight"
+    ).fit()
     original = Trainer._set_lr
     sent = {"done": False}
 
@@ -573,6 +577,11 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(
     h2 = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert [r["train_loss"] for r in h1] == [r["train_loss"] for r in h2]
     assert [r["train_acc"] for r in h1] == [r["train_acc"] for r in h2]
+    m1 = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["method"]
+    m2 = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["method"]
+    assert m1.keys() == m2.keys()
+    for key in m1:  # L-ALFA's learnable strengths η among them
+        assert torch.equal(m1[key], m2[key]) if torch.is_tensor(m1[key]) else m1[key] == m2[key]
 
 
 def test_sigterm_from_outside_exits_75_and_resumes(tmp_path: Path) -> None:
