@@ -7,6 +7,7 @@ training images, one or two steps per epoch).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -375,33 +376,62 @@ def test_09_nothing_is_written_before_the_run_is_validated(
 
 
 # ------------------------------------------------------------------------------ item 10
-def test_10_eval_follows_moved_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from advfeat.data import DATASETS
+def record_dataset_builds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
+    """Record ``(dataset name, root)`` of every dataset built from now on."""
+    import advfeat.data.bundle as bundle
 
-    calls: list[object] = []
-    factory = DATASETS.get("shapes")
+    built: list[tuple[str, object]] = []
+    real_get = bundle.DATASETS.get
 
-    def spy(root: object = None, **kw: object) -> object:
-        calls.append(root)
-        return factory(None, **kw)
+    def get(name: str) -> object:
+        factory = real_get(name)
 
+        def recorded(root: object = None, **kw: object) -> object:
+            built.append((name, root))
+            return factory(None if name == "shapes" else root, **kw)  # shapes is generated
+
+        recorded.__signature__ = inspect.signature(factory)  # type: ignore[attr-defined]
+        return recorded
+
+    monkeypatch.setattr(bundle.DATASETS, "get", get)
+    return built
+
+
+def test_10_eval_follows_moved_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     old, new = tmp_path / "old_data", tmp_path / "new_data"
     old.mkdir()
     assert cli([*train_args(run, epochs=1), "--data-dir", str(old)], capsys)[0] == 0
     old.rename(new)
-    import advfeat.data.bundle as bundle
+    built = record_dataset_builds(monkeypatch)
+    args = ["eval", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "e.json")]
+    assert main([*args, "--data-dir", str(new), "--suite", "clean", "--no-plots", "--quiet"]) == 0
+    assert built == [("shapes", str(new))]  # built once, from where the data lies now
 
-    real_get = bundle.DATASETS.get
-    try:
-        bundle.DATASETS.get = lambda name: spy if name == "shapes" else real_get(name)  # type: ignore[method-assign]
-        out = tmp_path / "e.json"
-        args = ["eval", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out)]
-        code = main([*args, "--data-dir", str(new), "--suite", "clean", "--no-plots", "--quiet"])
-    finally:
-        bundle.DATASETS.get = real_get  # type: ignore[method-assign]
-    assert code == 0
-    assert calls == [str(new)]  # built once, from the new place
+
+def test_10_eval_on_another_dataset_does_not_rebuild_the_training_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    run = tmp_path / "run"
+    assert cli(train_args(run, epochs=1), capsys)[0] == 0
+    folder = tmp_path / "folder"
+    names = load_checkpoint(run / "checkpoint.pt")["class_names"]
+    for split in ("train", "val"):
+        for k, name in enumerate(names):
+            (folder / split / name).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (30 * k, 90, 20)).save(folder / split / name / "0.png")
+    built = record_dataset_builds(monkeypatch)
+    args = ["eval", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "e.json")]
+    args += ["--dataset", "imagefolder", "--data-dir", str(folder), "--suite", "clean"]
+    args += ["--dataset-option", "image_size=16", "--no-plots", "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert built == [("imagefolder", str(folder))]  # the training dataset was not rebuilt
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["data"]["test_size"] == len(names) and result["run"]["dataset"] == "imagefolder"
 
 
 # ------------------------------------------------------------------------------ item 11

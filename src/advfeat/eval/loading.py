@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from advfeat.data import DatasetBundle, build_dataset
 from advfeat.errors import AdvfeatError
@@ -118,6 +119,28 @@ def _build_data(
         ) from None
 
 
+def _described_data(state: dict[str, Any]) -> DatasetBundle | None:
+    """A stand-in for the training data from what the checkpoint records of it (classes, image
+    size, normalisation), so that evaluating on another dataset does not rebuild the training one;
+    ``None`` for checkpoints that do not record it."""
+    info = state.get("data")
+    names = state.get("class_names")
+    if not isinstance(info, dict) or "num_classes" not in state or not isinstance(names, list):
+        return None
+    empty = TensorDataset(torch.empty(0))
+    return DatasetBundle(
+        train=empty,
+        val=None,
+        test=empty,
+        num_classes=int(state["num_classes"]),
+        image_size=int(info["image_size"]),
+        mean=tuple(float(v) for v in info["mean"]),
+        std=tuple(float(v) for v in info["std"]),
+        task=info["task"],
+        class_names=[str(n) for n in names],
+    )
+
+
 def _options_for(name: str, cfg: TrainConfig, given: dict[str, Any] | None) -> dict[str, Any]:
     """Options of the evaluation dataset: the given ones, else the run's own when it is the
     run's dataset (another dataset does not inherit options meant for the training one)."""
@@ -153,7 +176,8 @@ def load_run(
     same_dataset = dataset is None or dataset == cfg.dataset
     if same_dataset and data_dir is not None:
         cfg.data_dir = data_dir  # the data moved since training: read it where it is now
-    train_data = _build_data(
+    described = None if same_dataset else _described_data(state)
+    train_data = described or _build_data(
         cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction, cfg.dataset_options
     )
     saved_classes = state.get("num_classes")

@@ -242,6 +242,12 @@ class Trainer:
             "train_time_s": self.train_time,
             "num_classes": self.data.num_classes,
             "class_names": list(self.data.class_names),
+            "data": {  # what the model needs of its data: evaluation elsewhere need not rebuild it
+                "task": self.data.task,
+                "image_size": int(self.data.image_size),
+                "mean": [float(v) for v in self.data.mean],
+                "std": [float(v) for v in self.data.std],
+            },
         }
 
     def _load_resume(self, state: dict[str, Any]) -> None:
