@@ -89,13 +89,17 @@ def run_state(folder: Path) -> str:
     return "new"
 
 
-def check_run_folder(folder: Path, *, resume: bool, force: bool) -> None:
-    """Whether a run may write into ``folder`` with these flags (reads only)."""
+def check_run_folder(folder: Path, *, resume: bool, force: bool, locked: bool = False) -> None:
+    """Whether a run may write into ``folder`` with these flags (reads only); ``locked``: this
+    process holds the folder's lock (so does not test it)."""
     if resume and force:
         raise AdvfeatError(
             "--resume continues the run in --out and --force discards it: pass only one of them"
         )
     check_writable(folder)
+    holder = None if locked else lock_holder(folder)
+    if holder is not None:
+        raise in_use(folder, holder)
     state = run_state(folder)
     if resume:
         if not (folder / "checkpoint.pt").exists():
@@ -134,6 +138,33 @@ def clear_run(folder: Path) -> list[Path]:
     return removed
 
 
+def in_use(folder: Path, holder: str) -> AdvfeatError:
+    return AdvfeatError(
+        f"{str(folder)!r} is in use by another advfeat process (pid {holder}); wait for it to "
+        "finish or choose another --out"
+    )
+
+
+def lock_holder(folder: Path) -> str | None:
+    """The pid (as written in the lock file) of the process holding ``folder``'s lock, or
+    ``None`` when nobody holds it (reads only: a missing lock file is not created)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)  # drops the shared lock taken to test
+    return None
+
+
 class RunLock:
     """An exclusive lock on a run folder, held while one process writes into it.
 
@@ -165,10 +196,7 @@ class RunLock:
         except OSError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise AdvfeatError(
-                f"{str(self.folder)!r} is in use by another advfeat process (pid {holder}); wait "
-                "for it to finish or choose another --out"
-            ) from None
+            raise in_use(self.folder, holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -194,7 +194,7 @@ class Trainer:
         """Take the run folder's lock and prepare it (main process): re-check it under the lock,
         clear the old run on ``--force``, repair ``best.pt``, write ``config.yaml``."""
         self._lock.acquire()
-        check_run_folder(self.out, resume=self.resume, force=self.force)
+        check_run_folder(self.out, resume=self.resume, force=self.force, locked=True)
         if self.resume and _stat_key(self.out / "checkpoint.pt") != self._resume_stat:
             self._resume_state = self._read_resume()  # another process wrote it meanwhile
         if self.force:
