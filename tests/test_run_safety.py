@@ -347,16 +347,36 @@ def test_07_two_concurrent_trainings_one_wins(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ item 8
-def test_08_exploded_weights_are_never_checkpointed(tmp_path: Path) -> None:
-    # lr 1e30: one step per epoch makes the weights ~1e29 while the loss is still finite
+def test_08_exploded_weights_are_never_checkpointed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Trainer._train_epoch
+
+    def explode_in_epoch_two(self: Trainer, epoch: int) -> dict:
+        if epoch == 1:  # huge but finite weights: the loss stays finite, their norm does not
+            with torch.no_grad():
+                self.model.fc.weight.mul_(1e25)
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", explode_in_epoch_two)
+    with pytest.raises(TrainingDiverged, match=r"too large.*epoch 2, step 1.*last good checkpoint"):
+        Trainer(tiny_config(max_steps_per_epoch=1), tmp_path / "run").fit()
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 0
+    for t in state["model"].values():
+        if t.is_floating_point():
+            assert torch.isfinite(torch.linalg.vector_norm(t.float()))
+    metrics = Trainer(tiny_config(max_steps_per_epoch=1), tmp_path / "run", resume=True).fit()
+    assert len(metrics["history"]) == 3  # the kept checkpoint resumes
+
+
+def test_08_a_huge_learning_rate_stops_at_the_first_step(tmp_path: Path) -> None:
+    # lr 1e30: one step makes the weights ~1e29 while the loss is still finite
     cfg = tiny_config(lr=1e30, max_steps_per_epoch=1, epochs=3, momentum=0.0)
-    with pytest.raises(TrainingDiverged, match=r"too large|non-finite"):
+    with pytest.raises(TrainingDiverged, match=r"too large.*epoch 1, step 1"):
         Trainer(cfg, tmp_path / "run").fit()
-    ckpt = tmp_path / "run" / "checkpoint.pt"
-    if ckpt.exists():  # whatever is kept is finite, small enough to use, and resumable
-        for t in load_checkpoint(ckpt)["model"].values():
-            if t.is_floating_point():
-                assert torch.isfinite(torch.linalg.vector_norm(t.float()))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 # ------------------------------------------------------------------------------ item 9
