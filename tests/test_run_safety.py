@@ -493,7 +493,11 @@ def test_12_stale_temporaries_are_removed_and_files_respect_the_umask(
     assert not stale.exists()
     for name in ("checkpoint.pt", "metrics.json", "config.yaml", "history.csv"):
         assert stat.S_IMODE((run / name).stat().st_mode) == 0o664, name
-    assert remove_stale_temporaries(run) == []
+    assert remove_stale_temporaries(run, ["checkpoint.pt"]) == []
+    other = run / ".eval.json.xyz.tmp"  # another command's write in progress: not ours to remove
+    other.write_text("{}")
+    stale.write_bytes(b"half")
+    assert remove_stale_temporaries(run, ["checkpoint.pt"]) == [stale] and other.exists()
 
 
 # ------------------------------------------------------------------------------ item 13

@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -462,15 +461,11 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
 
 
 def _save_atomic(target: Path, array: np.ndarray) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from advfeat.train.checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(target, buffer.getvalue())  # temp file + rename, mode from the umask
 
 
 def _from_cache(files: Sequence[Path], max_per_class: int | None) -> tuple[Tensor, Tensor] | None:

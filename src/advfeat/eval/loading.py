@@ -219,6 +219,9 @@ def load_run(
     }
     if dataset_options:
         info["dataset_options"] = dict(dataset_options)
+    partial = state.get("partial")
+    if isinstance(partial, dict):  # a preempted run: weights from the middle of an epoch
+        info["stopped_mid_epoch"] = {"epoch": int(partial["epoch"]) + 1, "step": partial["step"]}
     if parts.task is not None:
         info["task"] = parts.task.name
     epoch = int(state.get("epoch", -1))

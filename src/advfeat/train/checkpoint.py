@@ -12,12 +12,13 @@ the permissions of a newly created file (``0666`` less the umask), not ``mkstemp
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -85,19 +86,21 @@ def _atomic_replace(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         os.close(dir_fd)
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files (``.NAME.*.tmp``) that killed writers left in ``folder``.
+def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files (``.NAME.*.tmp``) that killed writers of the files ``names``
+    left in ``folder``.
 
-    Call it only while no other process writes there (the run folder's lock is held).
+    Call it only while no other process writes those files (the run folder's lock is held).
     """
     removed: list[Path] = []
     root = Path(folder)
     if not root.is_dir():
         return removed
-    for p in root.glob(f".*{_TMP_SUFFIX}"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    for name in names:
+        for p in root.glob(f".{glob.escape(name)}.*{_TMP_SUFFIX}"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
     return removed
 
 

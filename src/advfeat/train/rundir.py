@@ -10,7 +10,7 @@
   overwritten without ``--force``, and the message says ``--resume``;
 * ``--force`` clears the old run's outputs (``metrics.json`` first, so that the folder never
   reads as finished with a new checkpoint) before the new run writes anything;
-* temporary files of killed writers are removed once the lock is held.
+* temporary files of killed writers of the run's files are removed once the lock is held.
 
 ``--resume`` resumes *the saved experiment*: :func:`resumed_config` starts from the saved
 configuration and refuses, listing them, changes of the keys that affect the result.
@@ -200,7 +200,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
-        remove_stale_temporaries(self.folder)
+        remove_stale_temporaries(self.folder, RUN_OUTPUTS)
         return self
 
     def release(self) -> None:
