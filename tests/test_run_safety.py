@@ -126,7 +126,7 @@ def test_02_eval_resume_never_reuses_another_models_results(
     capsys.readouterr()
     args = ["eval", "--checkpoint", str(b / "checkpoint.pt"), "--out", str(out), *base]
     code, err = cli([*args, "--resume"], capsys)
-    assert code == 2 and "other settings" in one_line_error(err)
+    assert code == 2 and "another checkpoint" in one_line_error(err)
     # the same checkpoint still resumes
     args_a = ["eval", "--checkpoint", str(a / "checkpoint.pt"), "--out", str(out), *base]
     assert main([*args_a, "--resume"]) == 0
