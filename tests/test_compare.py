@@ -105,10 +105,10 @@ def test_arm_syntax_and_errors() -> None:
 def test_interrupted_run_is_resumed_and_another_protocol_refused(tmp_path: Path) -> None:
     cfg = TrainConfig(method="standard", epochs=2)
     run = PlannedRun("standard", 0, cfg, tmp_path / "r", tmp_path / "c.yaml", tmp_path / "l.log")
-    assert "--resume" not in run.command()
+    assert run.command()[-1] == "--auto-resume" and not run.interrupted
     run.folder.mkdir()
     (run.folder / "checkpoint.pt").write_bytes(b"x")
-    assert run.interrupted and run.command()[-1] == "--resume"
+    assert run.interrupted and not run.finished
     (run.folder / "config.yaml").write_text("method: standard\nepochs: 5\n")
     with pytest.raises(AdvfeatError, match=r"another protocol.*epochs"):
         run.check_folder()

@@ -62,7 +62,8 @@ def seg_loaded(seg_run: Path) -> LoadedRun:
 def _cli_eval(run: Path, *extra: str) -> dict[str, Any]:
     out = run / "eval.json"
     args = ["eval", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out), "--quiet"]
-    assert main([*args, "--no-plots", *extra]) == 0
+    # --force: each test re-evaluates the shared run into the same file
+    assert main([*args, "--no-plots", "--force", *extra]) == 0
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 

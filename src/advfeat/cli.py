@@ -1,7 +1,8 @@
 """The ``advfeat`` command line: ``train``, ``eval``, ``bench``, ``methods``.
 
 User mistakes print one line (``advfeat: error: ...``) and exit with status 2; a diverged run
-exits with status 3 and keeps its last good checkpoint.
+exits with status 3 and keeps its last good checkpoint; a run stopped by SIGTERM / SIGUSR1
+(preemption) writes a checkpoint mid-epoch and exits with status 75 (resume it with --resume).
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     except Exception as err:
-        from advfeat.train.trainer import TrainingDiverged
+        from advfeat.train.trainer import PREEMPTED_EXIT, Preempted, TrainingDiverged
 
         if isinstance(err, TrainingDiverged):
             print(f"advfeat: {err}", file=sys.stderr)
             return 3
+        if isinstance(err, Preempted):
+            print(f"advfeat: {err}", file=sys.stderr)
+            return PREEMPTED_EXIT
         raise
 
 

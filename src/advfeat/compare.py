@@ -104,10 +104,10 @@ class PlannedRun:
         return not self.finished and (self.folder / "checkpoint.pt").is_file()
 
     def command(self) -> list[str]:
-        """The ``advfeat train`` command line of this run (``--resume`` if interrupted)."""
+        """The ``advfeat train`` command line of this run (``--auto-resume``: an interrupted run
+        continues, a new one starts)."""
         cmd = [sys.executable, "-m", "advfeat.cli", "train", "--config", str(self.config_file)]
-        cmd += ["--out", str(self.folder), "--quiet"]
-        return cmd + (["--resume"] if self.interrupted else [])
+        return [*cmd, "--out", str(self.folder), "--quiet", "--auto-resume"]
 
     def check_folder(self) -> None:
         """Refuse a run folder that holds another experiment (listing what differs)."""

@@ -54,6 +54,15 @@ def run(args: argparse.Namespace) -> int:
             raise AdvfeatError(f"--set for bench expects METHOD.OPTION=VALUE, got {text!r}")
         options.setdefault(method, {})[option] = value
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.json:
+        from pathlib import Path
+
+        from advfeat.train.rundir import check_writable
+
+        target = Path(args.json)
+        if target.is_dir():
+            raise AdvfeatError(f"--json {args.json!r} is a folder; --json names the results file")
+        check_writable(target.parent)
     results = run_bench(
         methods,
         model_name=args.model,

@@ -109,7 +109,14 @@ def add_parser(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="any evaluation option, e.g. --set feature_site=layer2",
     )
-    p.add_argument("--resume", action="store_true", help="reuse the partial results of --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted evaluation of --out (same checkpoint and settings only)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="overwrite --out and discard its partial results"
+    )
     p.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
     p.add_argument("--no-report", action="store_true", help="do not write the Markdown report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -171,6 +178,31 @@ def _summary(results: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in table)
 
 
+def _check_outputs(out: Path, *, resume: bool, force: bool) -> None:
+    """Never overwrite results or discard partial ones unless asked (``--force``)."""
+    from advfeat.eval.runner import partial_path
+    from advfeat.train.rundir import check_writable
+
+    if resume and force:
+        raise AdvfeatError("--resume continues the evaluation and --force discards it: pass one")
+    check_writable(out.parent)
+    if out.is_dir():
+        raise AdvfeatError(f"--out {str(out)!r} is a folder; --out names the results .json file")
+    partial = partial_path(out)
+    if force:
+        partial.unlink(missing_ok=True)
+        return
+    if partial.is_file() and not resume:
+        raise AdvfeatError(
+            f"{str(partial)!r} holds the partial results of an interrupted evaluation: continue "
+            "it with --resume, or pass --force to discard them"
+        )
+    if out.exists() and not (resume and partial.is_file()):
+        raise AdvfeatError(
+            f"{str(out)!r} already exists; pass --force to overwrite it or choose another --out"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from advfeat.eval.config import DEFAULT_SUITES
     from advfeat.eval.folders import parse_domain
@@ -185,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else checkpoint.with_name("eval.json")
     if out.suffix != ".json":
         raise AdvfeatError(f"--out must name a .json file, got {str(out)!r}")
+    _check_outputs(out, resume=args.resume, force=args.force)
     domains = dict(parse_domain(t) for t in args.domains)
     dataset_options = dict(parse_override(t) for t in args.dataset_options) or None
     results = evaluate_checkpoint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,23 @@ def add_parser(sub: Any) -> None:
     add_protocol_arguments(p)
     p.add_argument("--seed", type=int, help="random seed (data, initialisation, order)")
     p.add_argument("--out", help="run folder (default: runs/<method>-<model>-<dataset>-s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    p.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --out as it was saved (no other flags needed; flags that "
+        "change the result are refused)",
+    )
+    p.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="for re-queued jobs: resume when --out holds a checkpoint, start fresh otherwise, "
+        "and exit 0 at once when the run there is finished",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="discard the run in --out (finished or interrupted) and start again",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument(
         "--show-config", action="store_true", help="print the resolved configuration and exit"
@@ -171,26 +187,28 @@ def _default_out(cfg: TrainConfig) -> Path:
 def run(args: argparse.Namespace) -> int:
     from advfeat.train.trainer import Trainer
 
-    methods = [args.method] if args.method else _preset_methods(args)
+    methods = [args.method] if args.method else _resumed_methods(args) or _preset_methods(args)
     configs = [config_from_args(args, m) for m in methods]
+    if len(configs) > 1 and not args.show_config:
+        return _default_comparison(args)
+    runs = [_resume_plan(args, cfg, _out_dir(args, cfg, len(configs))) for cfg in configs]
     if args.show_config:
-        for cfg in configs:
+        for cfg, _, _ in runs:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    if len(configs) > 1:
-        return _default_comparison(args)
     results = []
-    for cfg in configs:
-        if len(configs) > 1:
-            out = Path(args.out or "runs/default") / cfg.method
-        else:
-            out = Path(args.out) if args.out else _default_out(cfg)
+    for cfg, out, resume in runs:
+        if args.auto_resume and (out / "metrics.json").is_file():
+            print(f"advfeat: {out} holds a finished run; nothing to do", file=sys.stderr)
+            results.append((out, json.loads((out / "metrics.json").read_text())))
+            continue
         if cfg.progress:
+            verb = "resuming" if resume else "training"
             print(
-                f"advfeat: training {cfg.method} / {cfg.model} / {cfg.dataset} → {out}",
+                f"advfeat: {verb} {cfg.method} / {cfg.model} / {cfg.dataset} → {out}",
                 file=sys.stderr,
             )
-        metrics = Trainer(cfg, out, resume=args.resume, force=args.force).fit()
+        metrics = Trainer(cfg, out, resume=resume, force=args.force).fit()
         if metrics:
             results.append((out, metrics))
     if results:
@@ -216,6 +234,46 @@ def _default_comparison(args: argparse.Namespace) -> int:
     ns.threads = 1
     ns.report_only = False
     return compare.run(ns)
+
+
+def _out_dir(args: argparse.Namespace, cfg: TrainConfig, n_runs: int) -> Path:
+    if n_runs > 1:
+        return Path(args.out or "runs/default") / cfg.method
+    return Path(args.out) if args.out else _default_out(cfg)
+
+
+def explicit_keys(args: argparse.Namespace) -> list[str]:
+    """The config keys the command line sets: flags, ``--set``, ``--config`` and ``--preset``."""
+    keys = [key for attr, key in _FLAG_KEYS.items() if getattr(args, attr) is not None]
+    keys += [parse_override(o)[0] for o in args.overrides]
+    if args.config:
+        keys += list(load_yaml(args.config))
+    if args.preset:
+        keys += list(load_preset(args.preset))
+    return keys
+
+
+def _resumed_methods(args: argparse.Namespace) -> list[str]:
+    """``--resume`` / ``--auto-resume`` of one run folder without ``--method``: its method."""
+    from advfeat.train.rundir import read_saved_config
+
+    if not ((args.resume or args.auto_resume) and args.out):
+        return []
+    checkpoint = Path(args.out) / "checkpoint.pt"
+    return [read_saved_config(checkpoint).method] if checkpoint.is_file() else []
+
+
+def _resume_plan(
+    args: argparse.Namespace, cfg: TrainConfig, out: Path
+) -> tuple[TrainConfig, Path, bool]:
+    """``(config, run folder, resume?)``: a resumed run takes the saved configuration, with only
+    the keys that do not change the result taken from the command line."""
+    from advfeat.train.rundir import resumed_config
+
+    resume = args.resume or (args.auto_resume and (out / "checkpoint.pt").is_file())
+    if resume and (out / "checkpoint.pt").is_file():
+        cfg = resumed_config(out, cfg, explicit_keys(args))
+    return cfg, out, resume
 
 
 def _preset_methods(args: argparse.Namespace) -> list[str]:

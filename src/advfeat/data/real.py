@@ -12,9 +12,9 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -444,8 +444,15 @@ def _decode(
 
     images = np.empty((len(items), 32, 32, 3), dtype=np.uint8)
     for i, (name, _) in enumerate(items):
-        with Image.open(io.BytesIO(archive.read(name))) as img:
-            array = np.asarray(img.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(archive.read(name))) as img:
+                array = np.asarray(img.convert("RGB"))
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise AdvfeatError(
+                f"{str(path)!r}: entry {name!r} cannot be read ({first[:120]}); the zip is "
+                f"damaged: replace it with an intact copy of {_JPEG_EXPECTED}"
+            ) from None
         if array.shape != (32, 32, 3):
             raise AdvfeatError(
                 f"{str(path)!r}: {name!r} is {array.shape[1]}x{array.shape[0]}, expected 32x32 "
@@ -464,20 +471,30 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
 
 
 def _save_atomic(target: Path, array: np.ndarray) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    from advfeat.train.checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(target, buffer.getvalue())  # temp file + rename, mode from the umask
+
+
+def _from_cache(files: Sequence[Path], max_per_class: int | None) -> tuple[Tensor, Tensor] | None:
+    """The cached split, or ``None`` (the damaged cache files removed) when they cannot be read:
+    the split is then decoded from the zip again."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _from_cache(files: Sequence[Path], max_per_class: int | None) -> tuple[Tensor, Tensor]:
-    images = np.load(files[0], mmap_mode="r")
-    labels = torch.from_numpy(np.load(files[1]))
+        images = np.load(files[0], mmap_mode="r")
+        labels = torch.from_numpy(np.load(files[1]))
+        if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(images) != len(labels):
+            raise ValueError(f"shapes {images.shape} and {tuple(labels.shape)}")
+    except (OSError, ValueError, EOFError) as err:
+        warnings.warn(
+            f"the decoded cifar10-jpeg cache {str(files[0])!r} is damaged ({err}); decoding "
+            "the zip again",
+            stacklevel=3,
+        )
+        for f in files:
+            f.unlink(missing_ok=True)
+        return None
     keep = first_per_class(labels, max_per_class)
     if keep is not None:
         images, labels = images[keep.numpy()], labels[keep]
@@ -509,11 +526,12 @@ def load_cifar10_jpeg(
         split: [folder / f"{path.stem}-{key}-{split}-{part}.npy" for part in ("images", "labels")]
         for split in splits
     }
-    out = {
-        split: _from_cache(files, max_per_class)
-        for split, files in caches.items()
-        if all(f.is_file() for f in files)
-    }
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for split, files in caches.items():
+        if all(f.is_file() for f in files):
+            cached = _from_cache(files, max_per_class)
+            if cached is not None:
+                out[split] = cached
     missing = [split for split in splits if split not in out]
     if not missing:
         return out

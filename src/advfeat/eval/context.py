@@ -75,8 +75,9 @@ class PartialStore:
             raise AdvfeatError(f"{str(path)!r} is not an advfeat partial-results file")
         if saved.get("fingerprint") != self.fingerprint:
             raise AdvfeatError(
-                f"the partial results in {str(path)!r} were made with other settings; resume with "
-                "the same options, or run without --resume to start again"
+                f"the partial results in {str(path)!r} were made for another checkpoint, other data "
+                "or other settings; resume with the same ones, or pass --force (instead of "
+                "--resume) to start again"
             )
         self.units = dict(saved.get("units", {}))
 

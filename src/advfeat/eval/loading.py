@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from advfeat.data import DatasetBundle, build_dataset
 from advfeat.errors import AdvfeatError
 from advfeat.eval.context import EvalData
 from advfeat.tasks import DenseTask, DetectionTask, SegmentationTask
-from advfeat.train.checkpoint import load_checkpoint
+from advfeat.train.checkpoint import checkpoint_digest, load_checkpoint
 from advfeat.train.config import TrainConfig
 
 __all__ = ["DenseEvalData", "LoadedRun", "dense_task_for", "eval_data", "load_run", "load_weights"]
@@ -118,6 +119,28 @@ def _build_data(
         ) from None
 
 
+def _described_data(state: dict[str, Any]) -> DatasetBundle | None:
+    """A stand-in for the training data from what the checkpoint records of it (classes, image
+    size, normalisation), so that evaluating on another dataset does not rebuild the training one;
+    ``None`` for checkpoints that do not record it."""
+    info = state.get("data")
+    names = state.get("class_names")
+    if not isinstance(info, dict) or "num_classes" not in state or not isinstance(names, list):
+        return None
+    empty = TensorDataset(torch.empty(0))
+    return DatasetBundle(
+        train=empty,
+        val=None,
+        test=empty,
+        num_classes=int(state["num_classes"]),
+        image_size=int(info["image_size"]),
+        mean=tuple(float(v) for v in info["mean"]),
+        std=tuple(float(v) for v in info["std"]),
+        task=info["task"],
+        class_names=[str(n) for n in names],
+    )
+
+
 def _options_for(name: str, cfg: TrainConfig, given: dict[str, Any] | None) -> dict[str, Any]:
     """Options of the evaluation dataset: the given ones, else the run's own when it is the
     run's dataset (another dataset does not inherit options meant for the training one)."""
@@ -150,7 +173,11 @@ def load_run(
     cfg = TrainConfig.from_dict(state["config"])
     if model_name is not None:
         cfg.model = model_name
-    train_data = _build_data(
+    same_dataset = dataset is None or dataset == cfg.dataset
+    if same_dataset and data_dir is not None:
+        cfg.data_dir = data_dir  # the data moved since training: read it where it is now
+    described = None if same_dataset else _described_data(state)
+    train_data = described or _build_data(
         cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction, cfg.dataset_options
     )
     saved_classes = state.get("num_classes")
@@ -167,7 +194,7 @@ def load_run(
     parts.method.to(device)
     model = parts.method.eval_model(raw).to(device)
     data = train_data
-    if dataset is not None or data_dir is not None or dataset_options:
+    if not same_dataset or dataset_options:
         data = _build_data(
             dataset or cfg.dataset,
             data_dir if data_dir is not None else cfg.data_dir,
@@ -188,7 +215,13 @@ def load_run(
         "trained_on": cfg.dataset,
         "seed": cfg.seed,
         "epochs_trained": int(state.get("epoch", -1)) + 1,
+        "checkpoint_digest": checkpoint_digest(state),
     }
+    if dataset_options:
+        info["dataset_options"] = dict(dataset_options)
+    partial = state.get("partial")
+    if isinstance(partial, dict):  # a preempted run: weights from the middle of an epoch
+        info["stopped_mid_epoch"] = {"epoch": int(partial["epoch"]) + 1, "step": partial["step"]}
     if parts.task is not None:
         info["task"] = parts.task.name
     epoch = int(state.get("epoch", -1))

@@ -50,7 +50,14 @@ from advfeat.eval.loading import DenseEvalData, eval_data, load_run
 from advfeat.tasks import DenseTask
 from advfeat.train.checkpoint import atomic_write_json
 
-__all__ = ["RESULT_FORMAT", "environment", "evaluate", "evaluate_checkpoint", "partial_path"]
+__all__ = [
+    "RESULT_FORMAT",
+    "environment",
+    "evaluate",
+    "evaluate_checkpoint",
+    "partial_path",
+    "resume_key",
+]
 
 RESULT_FORMAT = "advfeat-eval/1"
 
@@ -59,6 +66,21 @@ def partial_path(out: str | Path) -> Path:
     """Where the partial results of ``out`` are kept while it runs."""
     p = Path(out)
     return p.with_name(p.name + ".partial")
+
+
+def resume_key(cfg: EvalConfig, run_info: dict[str, Any] | None, data: EvalData) -> str:
+    """What partial results are keyed by: the evaluation settings, the evaluated weights (the
+    checkpoint's digest) and the data, so ``--resume`` never reuses another model's results."""
+    import hashlib
+
+    identity = {
+        "config": cfg.fingerprint(),
+        "run": {k: v for k, v in (run_info or {}).items() if k != "checkpoint"},
+        "data": [type(data.test).__name__, len(data.test), data.num_classes],  # type: ignore[arg-type]
+        "shifted": sorted(data.shifted),
+    }
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _version(dist: str) -> str | None:
@@ -269,7 +291,8 @@ def evaluate(
         cfg.extra["surrogate"] = surrogate_label
     if baseline_label:
         cfg.extra["baseline"] = baseline_label
-    store = PartialStore(partial_path(out) if out else None, cfg.fingerprint(), resume=resume)
+    key = resume_key(cfg, run_info, data)
+    store = PartialStore(partial_path(out) if out else None, key, resume=resume)
     ctx = EvalContext(
         model,
         data,
@@ -308,6 +331,7 @@ def evaluate(
         "suites": results,
         "timing_s": {**timings, "total": round(time.perf_counter() - started, 3)},
         "reused_units": store.reused,
+        "resume_key": key,
     }
     if out is not None:
         write_outputs(output, out, run_dir=run_dir, report=report, plots=plots)

@@ -16,6 +16,21 @@ __all__ = ["SCHEDULES", "TrainConfig", "apply_overrides", "load_yaml", "parse_ov
 
 SCHEDULES = ("cosine", "multistep", "constant", "poly")
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""Learning rates and weights are float32 tensors: larger values overflow to ``inf``."""
+
+
+def _check_number(
+    key: str, value: float, *, low: float, high: float, low_open: bool = False
+) -> None:
+    """Refuse a value that is not a finite number in ``[low, high]`` (``(low, high]``)."""
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        left = "(" if low_open else "["
+        raise AdvfeatError(
+            f"{key} must be a finite number in {left}{low:g}, {high:g}], got {value}"
+        )
+
 
 @dataclass
 class TrainConfig:
@@ -70,10 +85,26 @@ class TrainConfig:
         """Raise :class:`AdvfeatError` on values no run could use."""
         if self.epochs <= 0:
             raise AdvfeatError(f"epochs must be a positive integer, got {self.epochs}")
-        if self.batch_size <= 0 or self.eval_batch_size <= 0:
-            raise AdvfeatError(f"batch sizes must be positive, got {self.batch_size}")
-        if self.lr <= 0:
-            raise AdvfeatError(f"lr must be positive, got {self.lr}")
+        for key in ("batch_size", "eval_batch_size"):
+            if getattr(self, key) <= 0:
+                raise AdvfeatError(
+                    f"batch sizes must be positive integers, got {key}={getattr(self, key)}"
+                )
+        _check_number("lr", self.lr, low=0.0, low_open=True, high=FLOAT32_MAX)
+        _check_number("momentum", self.momentum, low=0.0, high=1.0)
+        _check_number("weight_decay", self.weight_decay, low=0.0, high=FLOAT32_MAX)
+        _check_number("gamma", self.gamma, low=0.0, low_open=True, high=FLOAT32_MAX)
+        if not 0 <= self.seed < 2**32:
+            raise AdvfeatError(f"seed must be an integer in [0, 2**32), got {self.seed}")
+        if self.max_steps_per_epoch is not None and (
+            isinstance(self.max_steps_per_epoch, bool)
+            or not isinstance(self.max_steps_per_epoch, int)
+            or self.max_steps_per_epoch <= 0
+        ):
+            raise AdvfeatError(
+                "max_steps_per_epoch must be a positive integer (or null for whole epochs), "
+                f"got {self.max_steps_per_epoch!r}"
+            )
         if self.schedule not in SCHEDULES:
             raise unknown_name("schedule", self.schedule, SCHEDULES)
         if not self.poly_power > 0 or not math.isfinite(self.poly_power):
@@ -82,7 +113,7 @@ class TrainConfig:
             raise AdvfeatError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.select_best and self.val_fraction == 0:
             raise AdvfeatError("select_best needs a validation split: set val_fraction (e.g. 0.1)")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+        if not 0 <= self.warmup_epochs < self.epochs:
             raise AdvfeatError(
                 f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}"
             )
@@ -164,7 +195,7 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise AdvfeatError(f"{key} must be a number, got {value!r}")
-        if kind is int and float(value) != int(value):
+        if kind is int and not (math.isfinite(value) and float(value) == int(value)):
             raise AdvfeatError(f"{key} must be an integer, got {value!r}")
         return kind(value)
     if kind is list and not isinstance(value, list):

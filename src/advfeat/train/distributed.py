@@ -60,6 +60,9 @@ class EpochSampler(Sampler[int]):
         self.shuffle = shuffle
         self.info = info or DistInfo()
         self.epoch = 0
+        self.skip = 0
+        """Indices of this rank to leave out at the start of the epoch (a run resumed mid-epoch
+        continues where it stopped); ``len()`` still counts the whole epoch."""
         if n < self.info.world_size:
             raise AdvfeatError(
                 f"dataset of {n} items is smaller than the {self.info.world_size} processes"
@@ -78,4 +81,4 @@ class EpochSampler(Sampler[int]):
         else:
             order = list(range(self.n))
         usable = len(self) * self.info.world_size
-        return iter(order[self.info.rank : usable : self.info.world_size])
+        return iter(order[self.info.rank : usable : self.info.world_size][self.skip :])

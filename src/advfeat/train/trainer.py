@@ -27,7 +27,9 @@ import csv
 import io
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,13 +52,32 @@ from advfeat.train.checkpoint import (
 )
 from advfeat.train.config import TrainConfig
 from advfeat.train.distributed import EpochSampler, init_distributed
+from advfeat.train.rundir import (
+    RunLock,
+    check_run_folder,
+    clear_run,
+    config_differences,
+    resume_refusal,
+)
 from advfeat.train.schedule import lr_factor
 
-__all__ = ["Trainer", "TrainingDiverged", "resolve_device"]
+__all__ = ["PREEMPTED_EXIT", "Preempted", "Trainer", "TrainingDiverged", "resolve_device"]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM / SIGUSR1 arrived: a checkpoint was written (mid-epoch) and the run stopped;
+    ``--resume`` continues it exactly. The command line exits with :data:`PREEMPTED_EXIT`."""
+
+
+PREEMPTED_EXIT = 75
+"""Exit status of a preempted run (``EX_TEMPFAIL``: try again, e.g. re-queue with --resume)."""
+
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+"""Signals that make the trainer checkpoint at the next step and stop (cluster preemption)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,6 +90,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AdvfeatError(f"device {name!r} asked for, but CUDA is not available here (use cpu)")
     return device
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -108,7 +134,9 @@ class Trainer:
             raise AdvfeatError(
                 f"batch_size {cfg.batch_size} must be divisible by the {self.dist.world_size} processes"
             )
-        self._check_out_dir(force)
+        self.force = force
+        check_run_folder(self.out, resume=resume, force=force)
+        self._lock = RunLock(self.out)
         torch.manual_seed(cfg.seed)
         parts = build_parts(cfg)
         self.data, self.method = parts.data, parts.method
@@ -141,25 +169,65 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.best_val = -1.0
+        self.best_epoch = -1
         self.train_time = 0.0
+        self._resume_stat: tuple[int, int, int] | None = None
+        self._partial: dict[str, Any] | None = None
+        self._signal: int | None = None
+        self._resume_state = self._read_resume() if resume else None
 
     # ----------------------------------------------------------------------------- run folder
-    def _check_out_dir(self, force: bool) -> None:
-        metrics = self.out / "metrics.json"
-        if metrics.exists() and not (force or self.resume):
-            raise AdvfeatError(
-                f"{str(self.out)!r} already holds a finished run; pass --force to overwrite it or "
-                f"choose another --out"
-            )
-        if self.resume and not (self.out / "checkpoint.pt").exists():
-            raise AdvfeatError(
-                f"nothing to resume: {str(self.out / 'checkpoint.pt')!r} does not exist"
-            )
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(
-                self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-            )
+    def _read_resume(self) -> dict[str, Any]:
+        """Load and verify the checkpoint to resume; refuse a different experiment (reads only)."""
+        path = self.out / "checkpoint.pt"
+        state = load_checkpoint(path, map_location=self.device)
+        if "config" not in state or "model" not in state:
+            raise AdvfeatError(f"{str(path)!r} holds no run configuration and model weights")
+        saved = TrainConfig.from_dict(state["config"])
+        diffs = config_differences(saved, self.cfg)
+        if diffs:
+            raise resume_refusal(self.out, diffs)
+        self._resume_stat = _stat_key(path)
+        return state
+
+    def _open_run_folder(self) -> None:
+        """Take the run folder's lock and prepare it (main process): re-check it under the lock,
+        clear the old run on ``--force``, repair ``best.pt``, write ``config.yaml``."""
+        self._lock.acquire()
+        check_run_folder(self.out, resume=self.resume, force=self.force, locked=True)
+        if self.resume and _stat_key(self.out / "checkpoint.pt") != self._resume_stat:
+            self._resume_state = self._read_resume()  # another process wrote it meanwhile
+        if self.force:
+            clear_run(self.out)
+        if self._resume_state is not None:
+            self._repair_best(self._resume_state)
+        atomic_write_text(
+            self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        )
+
+    def _repair_best(self, state: dict[str, Any]) -> None:
+        """Make ``best.pt`` hold the epoch ``checkpoint.pt`` records as best.
+
+        ``checkpoint.pt`` is written before ``best.pt``: a kill between the two leaves a
+        checkpoint whose own epoch is the best one, which is then copied to ``best.pt``.
+        """
+        best_epoch = int(state.get("best_epoch", -1))
+        if not self.cfg.select_best or best_epoch < 0:
+            return
+        path = self.out / "best.pt"
+        if path.is_file():
+            try:
+                if int(load_checkpoint(path).get("epoch", -1)) == best_epoch:
+                    return
+            except AdvfeatError:
+                pass  # damaged: rewritten below when possible
+        if int(state["epoch"]) == best_epoch and "partial" not in state:
+            save_checkpoint(path, {k: v for k, v in state.items() if k not in ("format", "digest")})
+            return
+        raise AdvfeatError(
+            f"{str(path)!r} does not hold epoch {best_epoch + 1}, the best epoch recorded in "
+            "checkpoint.pt, and cannot be rebuilt; start the run again with --force"
+        )
 
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
@@ -170,27 +238,28 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
             "train_time_s": self.train_time,
             "num_classes": self.data.num_classes,
             "class_names": list(self.data.class_names),
+            "data": {  # what the model needs of its data: evaluation elsewhere need not rebuild it
+                "task": self.data.task,
+                "image_size": int(self.data.image_size),
+                "mean": [float(v) for v in self.data.mean],
+                "std": [float(v) for v in self.data.std],
+            },
         }
 
-    def _load_resume(self) -> None:
-        state = load_checkpoint(self.out / "checkpoint.pt", map_location=self.device)
-        saved = TrainConfig.from_dict(state["config"])
-        for key in ("method", "model", "dataset", "seed", "batch_size", "method_options"):
-            if getattr(saved, key) != getattr(self.cfg, key):
-                raise AdvfeatError(
-                    f"cannot resume: the run in {str(self.out)!r} has {key}={getattr(saved, key)!r}, "
-                    f"this command asks for {getattr(self.cfg, key)!r}"
-                )
+    def _load_resume(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = list(state["history"])
         self.start_epoch = int(state["epoch"]) + 1
         self.best_val = float(state["best_val"])
+        self.best_epoch = int(state.get("best_epoch", -1))
         self.train_time = float(state["train_time_s"])
+        self._partial = state.get("partial")
 
     # ----------------------------------------------------------------------------- training
     def _set_lr(self, progress: float, steps_per_epoch: int = 1) -> float:
@@ -227,6 +296,7 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
         torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+        self.sampler.skip = 0
         loader = self._loader(epoch)
         steps = (
             len(loader)
@@ -241,9 +311,25 @@ class Trainer:
         self.train_model.train()
         sums: dict[str, float] = {}
         seen = correct = 0
+        first = 0
+        elapsed = 0.0
+        partial, self._partial = self._partial, None
+        if partial is not None and int(partial["epoch"]) == epoch:
+            # resumed mid-epoch: skip the batches already trained on, restore the RNG and sums
+            first = int(partial["step"])
+            self.sampler.skip = first * (cfg.batch_size // self.dist.world_size)
+            sums = {str(k): float(v) for k, v in partial["sums"].items()}
+            seen, correct = int(partial["seen"]), int(partial["correct"])
+            elapsed = float(partial["elapsed_s"])
+            torch.set_rng_state(partial["rng"])
+            if self.device.type == "cuda" and partial.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(partial["cuda_rng"], self.device)
         bar = self._progress(steps, epoch)
-        start = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
+        if bar is not None and first:
+            bar.update(first)
+        start = time.perf_counter() - elapsed
+        lr = self._set_lr(epoch + first / steps)
+        for step, (x, y) in enumerate(loader, start=first):
             if step >= steps:
                 break
             lr = self._set_lr(epoch + step / steps, steps)
@@ -269,6 +355,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             self.optimizer.step()
+            norm = self._weight_norm()
+            if not math.isfinite(norm):
+                raise TrainingDiverged(
+                    f"the weights became {'non-finite' if math.isnan(norm) else 'too large'} "
+                    f"(their norm overflowed to {norm}) at epoch {epoch + 1}, step {step + 1}; "
+                    "stopped (lower the lr). " + self._kept_message()
+                )
             n = _batch_size(x)
             seen += n
             if out.logits is not None:
@@ -283,6 +376,13 @@ class Trainer:
                     shown["acc"] = f"{correct / seen:.3f}"
                 bar.set_postfix(**shown, img_s=f"{rate:.0f}")
                 bar.update(1)
+            if step + 1 < steps and self._preemption_requested():
+                self._save_preempted(
+                    epoch,
+                    step + 1,
+                    {"sums": sums, "seen": seen, "correct": correct},
+                    time.perf_counter() - start,
+                )
         if bar is not None:
             bar.close()
         if self.dist.enabled:  # history holds global averages, as one process would log them
@@ -299,6 +399,26 @@ class Trainer:
             row["train_acc"] = correct / seen
         row["epoch_time_s"] = time.perf_counter() - start
         return row
+
+    def _weight_norm(self) -> float:
+        """The L2 norm of all parameters in float32: ``inf`` / ``nan`` once any weight is
+        non-finite or so large that its square overflows (the checked, kept weights are usable)."""
+        params = [p.detach() for p in self.model.parameters() if p.is_floating_point()]
+        if not params:
+            return 0.0
+        norms = torch._foreach_norm([p.float() for p in params])
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+    def _check_finite_state(self, epoch: int) -> None:
+        """Refuse to checkpoint weights or buffers (BN statistics) that are not finite."""
+        for name, t in unwrap(self.model).state_dict().items():
+            if t.is_floating_point() and not math.isfinite(
+                float(torch.linalg.vector_norm(t.float()))
+            ):
+                raise TrainingDiverged(
+                    f"{name} became non-finite or too large after epoch {epoch + 1}; stopped "
+                    "(lower the lr). " + self._kept_message()
+                )
 
     def _kept_message(self) -> str:
         ckpt = self.out / "checkpoint.pt"
@@ -348,14 +468,81 @@ class Trainer:
         return result[PRIMARY_METRIC[self.task.name]]
 
     def fit(self) -> dict[str, Any]:
-        """Train (or finish training) and return the metrics written to ``metrics.json``."""
-        if self.resume:
-            self._load_resume()
+        """Train (or finish training) and return the metrics written to ``metrics.json``.
+
+        The run folder's lock is held from the first write to the last.
+        """
+        previous = self._catch_preemption()
+        try:
+            if self.dist.is_main:
+                self._open_run_folder()
+            if self.dist.enabled:
+                torch.distributed.barrier()
+            if self._resume_state is not None:
+                self._load_resume(self._resume_state)
+                self._resume_state = None
+            return self._train()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self._lock.release()
+
+    # ----------------------------------------------------------------------------- preemption
+    def _catch_preemption(self) -> dict[int, Any]:
+        """Install handlers that ask for a checkpoint at the next step; return the old ones."""
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous
+
+        def request(signum: int, frame: Any) -> None:
+            self._signal = signum
+
+        for name in PREEMPTION_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                previous[signum] = signal.signal(signum, request)
+        return previous
+
+    def _preemption_requested(self) -> bool:
+        if not self.dist.enabled:
+            return self._signal is not None
+        flag = torch.tensor([float(self._signal is not None)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _save_preempted(self, epoch: int, step: int, sums: dict[str, Any], elapsed: float) -> None:
+        """Checkpoint in the middle of ``epoch`` after ``step`` steps, then raise
+        :class:`Preempted`: everything needed to continue bit-identically is saved (the last
+        finished epoch's record, the weights, optimiser and method state now, the sampler's
+        position, the RNG states and the epoch's running sums)."""
+        if self.dist.is_main:
+            state = self._state(epoch - 1)
+            state["partial"] = {
+                "epoch": epoch,
+                "step": step,
+                **sums,
+                "elapsed_s": elapsed,
+                "rng": torch.get_rng_state(),
+                "cuda_rng": (
+                    torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+                ),
+            }
+            save_checkpoint(self.out / "checkpoint.pt", state)
+        if self.dist.enabled:
+            torch.distributed.barrier()
+        name = signal.Signals(self._signal).name if self._signal else "a signal"
+        raise Preempted(
+            f"{name} received: checkpoint written at epoch {epoch + 1}, step {step}; continue "
+            f"with `advfeat train --out {self.out} --resume`"
+        )
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.cfg
         for epoch in range(self.start_epoch, cfg.epochs):
             row = self._train_epoch(epoch)
             self.train_time += row["epoch_time_s"]
             row.update(self.method.on_epoch_end(unwrap(self.model), epoch))
+            self._check_finite_state(epoch)
             if self.dist.is_main:
                 val = -math.inf
                 if self.data.val is not None:
@@ -367,7 +554,10 @@ class Trainer:
                 improved = self.data.val is not None and val > self.best_val
                 if improved:
                     self.best_val = val
+                    self.best_epoch = epoch
                 state = self._state(epoch)
+                # checkpoint.pt first: a kill before best.pt is written leaves a checkpoint whose
+                # own epoch is the recorded best, from which best.pt is rebuilt on --resume
                 save_checkpoint(self.out / "checkpoint.pt", state)
                 if cfg.select_best and improved:
                     save_checkpoint(self.out / "best.pt", state)
@@ -375,6 +565,14 @@ class Trainer:
                 self._log_epoch(row)
             else:
                 self.history.append(row)
+            if epoch + 1 < cfg.epochs and self._preemption_requested():
+                if self.dist.enabled:
+                    torch.distributed.barrier()
+                raise Preempted(
+                    f"{signal.Signals(self._signal or signal.SIGTERM).name} received: epoch "
+                    f"{epoch + 1} finished and checkpointed; continue with "
+                    f"`advfeat train --out {self.out} --resume`"
+                )
         return self._finish()
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
@@ -414,6 +612,11 @@ class Trainer:
             return {}
         if cfg.select_best and (self.out / "best.pt").exists():
             best = load_checkpoint(self.out / "best.pt", map_location=self.device)
+            if self.best_epoch >= 0 and int(best["epoch"]) != self.best_epoch:
+                raise AdvfeatError(
+                    f"{str(self.out / 'best.pt')!r} holds epoch {int(best['epoch']) + 1}, not the "
+                    f"best epoch {self.best_epoch + 1}; run again with --resume to repair it"
+                )
             unwrap(self.model).load_state_dict(best["model"])
             self.method.load_state_dict(best["method"])
         if self.task is not None:
