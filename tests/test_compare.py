@@ -80,7 +80,7 @@ def test_flatten_metrics_reads_shifted_domains_and_their_mean() -> None:
             "train_time_s": 12.0,
             "shifted_acc": {"fog": 0.5, "noise": 0.7},
             "method": "afan",
-            "robust": {"pgd20": 0.1},
+            "suites": {"attacks": {"pgd": {"accuracy": 0.1}, "eps": [8]}},
         }
     )
     assert flat == {
@@ -89,7 +89,7 @@ def test_flatten_metrics_reads_shifted_domains_and_their_mean() -> None:
         "shifted_acc/fog": 0.5,
         "shifted_acc/noise": 0.7,
         "shifted_acc/mean": pytest.approx(0.6),
-        "robust/pgd20": 0.1,
+        "robust/pgd": 0.1,
     }
 
 

@@ -178,7 +178,8 @@ def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a run's ``metrics.json`` (and ``eval.json``) as ``name → value``.
 
     Scalars keep their key; shifted domains become ``shifted_acc/<domain>`` plus their mean
-    ``shifted_acc/mean``; robust accuracies of ``advfeat eval`` become ``robust/<attack>``.
+    ``shifted_acc/mean``; the robust accuracies of ``advfeat eval --out RUN/eval.json`` (its
+    ``attacks`` suite) become ``robust/<attack>``.
     """
     flat: dict[str, float] = {}
     for key in SCALAR_METRICS:
@@ -192,9 +193,11 @@ def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             flat |= {f"{key}/{d}": v for d, v in sorted(values.items())}
             if values:
                 flat[f"{key}/mean"] = sum(values.values()) / len(values)
-    robust = metrics.get("robust")
-    if isinstance(robust, Mapping):
-        for name, value in robust.items():
+    suites = metrics.get("suites")  # advfeat eval's JSON, saved as the run's eval.json
+    attacks = suites.get("attacks") if isinstance(suites, Mapping) else None
+    if isinstance(attacks, Mapping):
+        for name, item in attacks.items():
+            value = item.get("accuracy") if isinstance(item, Mapping) else None
             if isinstance(value, int | float) and not isinstance(value, bool):
                 flat[f"robust/{name}"] = float(value)
     return flat
