@@ -33,6 +33,8 @@ SMALL = [
     "--corruption-subset", "fog,gaussian_noise", "--severities", "1,5",
     "--corruption-max-images", "4", "--hessian-batches", "1", "--hutchinson-samples", "2",
     "--set", "hessian_batch_size=8", "--set", "hessian_iters=3", "--set", "feature_images=2",
+    "--set", "landscape_batches=1", "--set", "landscape_batch_size=8",
+    "--set", "landscape_points=3", "--set", "landscape_points_2d=3",
 ]  # fmt: skip
 
 
@@ -50,7 +52,8 @@ def test_every_suite_runs_and_writes_json_report_and_plots(
     assert res["environment"]["torch"] and "imagecorruptions" in res["environment"]
     suites = res["suites"]
     assert list(suites) == [
-        "clean", "attacks", "corruptions", "shift", "bn", "divergence", "hessian", "features"
+        "clean", "attacks", "corruptions", "shift", "bn", "divergence", "hessian", "features",
+        "landscape",
     ]  # fmt: skip
     clean = suites["clean"]["top1"]
     assert "top5" in suites["clean"]  # shapes has more than five classes
@@ -62,12 +65,14 @@ def test_every_suite_runs_and_writes_json_report_and_plots(
     assert "skipped" in suites["bn"]  # a standard model has one BN branch
     assert set(suites["divergence"]["pairs"]) == {f"test|{d}" for d in suites["shift"]["domains"]}
     assert suites["hessian"]["parameters"] > 0
+    assert suites["landscape"]["1d"]["alpha"] == [-1.0, 0.0, 1.0]
     plots = {Path(p).name for p in res["plots"].values()}
     assert plots == {
         "accuracy_vs_eps.png",
         "corruptions.png",
         "divergence.png",
         "feature_maps.png",
+        "loss_landscape.png",
         "training_curves.png",
     }
     for rel in res["plots"].values():

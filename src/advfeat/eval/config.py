@@ -38,6 +38,7 @@ SUITE_NAMES: tuple[str, ...] = (
     "divergence",
     "hessian",
     "features",
+    "landscape",
 )
 """Every suite, in the order they run."""
 
@@ -177,6 +178,22 @@ class EvalConfig:
     feature_steps: int = 1
     feature_images: int = 4
     feature_magnify: float = 20.0
+    # landscape (A-FAN Fig. 3; Li et al. 2018)
+    landscape_data: str = "train"
+    """``train`` (the training loss, as Li et al. and A-FAN plot it) or ``test``."""
+    landscape_batches: int = 2
+    landscape_batch_size: int = 128
+    landscape_range: float = 1.0
+    """α (and β) run over [−range, range] in units of the filter-normalised direction."""
+    landscape_points: int = 21
+    """Points of the 1-D curve (odd: α = 0 is one of them)."""
+    landscape_points_2d: int = 11
+    """Points per axis of the 2-D surface (0: no 2-D surface)."""
+    landscape_ignore_biasbn: bool = True
+    """Keep biases and BN weights at their trained values (Li et al.'s ``ignore='biasbn'``)."""
+    landscape_reference: str | None = None
+    """Another model's landscape, side by side: an eval JSON with a landscape suite or a
+    checkpoint."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the results (e.g. the surrogate's path)."""
 
@@ -249,7 +266,35 @@ class EvalConfig:
         self.feature_steps = _positive_int(self.feature_steps, "feature_steps")
         self.feature_images = _positive_int(self.feature_images, "feature_images")
         self.feature_magnify = _positive_float(self.feature_magnify, "feature_magnify")
+        self._check_landscape()
         return self
+
+    def _check_landscape(self) -> None:
+        if self.landscape_data not in ("train", "test"):
+            raise unknown_name("landscape_data", str(self.landscape_data), ("train", "test"))
+        self.landscape_batches = _positive_int(self.landscape_batches, "landscape_batches")
+        self.landscape_batch_size = _positive_int(self.landscape_batch_size, "landscape_batch_size")
+        self.landscape_range = _positive_float(self.landscape_range, "landscape_range")
+        self.landscape_points = _positive_int(self.landscape_points, "landscape_points", minimum=3)
+        self.landscape_points_2d = _positive_int(
+            self.landscape_points_2d, "landscape_points_2d", minimum=0
+        )
+        if self.landscape_points % 2 == 0 or (
+            self.landscape_points_2d % 2 == 0 and self.landscape_points_2d
+        ):
+            raise AdvfeatError(
+                "landscape_points and landscape_points_2d must be odd (so that α = 0, the trained "
+                f"weights, is on the grid), got {self.landscape_points} and "
+                f"{self.landscape_points_2d}"
+            )
+        if self.landscape_points_2d == 1:
+            raise AdvfeatError("landscape_points_2d must be 0 (no 2-D surface) or at least 3")
+        if not isinstance(self.landscape_ignore_biasbn, bool):
+            raise AdvfeatError(
+                f"landscape_ignore_biasbn must be true or false, got {self.landscape_ignore_biasbn!r}"
+            )
+        if self.landscape_reference is not None:
+            self.landscape_reference = str(self.landscape_reference)
 
     def _check_dense(self) -> None:
         """Detection / segmentation: only the suites and attacks that measure AP or mIoU."""

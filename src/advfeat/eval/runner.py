@@ -309,6 +309,13 @@ def evaluate(
         "timing_s": {**timings, "total": round(time.perf_counter() - started, 3)},
         "reused_units": store.reused,
     }
+    if run_dir is not None:
+        from advfeat.eval.plots import load_history
+        from advfeat.eval.trajectories import eta_trajectories
+
+        eta = eta_trajectories(load_history(run_dir))
+        if eta:
+            output["training"] = {"eta": eta}
     if out is not None:
         write_outputs(output, out, run_dir=run_dir, report=report, plots=plots)
         store.discard()

@@ -12,6 +12,7 @@ from advfeat.eval.suites import (
     divergence,
     features,
     hessian,
+    landscape,
     shift,
 )
 from advfeat.eval.suites.registry import SUITES, Suite, register_suite, skipped
@@ -26,6 +27,7 @@ __all__ = [
     "divergence",
     "features",
     "hessian",
+    "landscape",
     "register_suite",
     "shift",
     "skipped",
