@@ -3,7 +3,9 @@
 * :func:`plot_landscape` — A-FAN Fig. 3: the 1-D loss curve and 2-D loss contours around the
   trained weights (with a reference model side by side when the results hold one);
 * :func:`plot_branches` — AdvProp Fig. 4-5 / AdvBN: clean and robust accuracy of every BN branch
-  of a multi-branch model, with AFA's fusion weights W₀ / W₁ over ε when the model has them.
+  of a multi-branch model, with AFA's fusion weights W₀ / W₁ over ε when the model has them;
+* :func:`plot_advbn` — AdvBN Fig. 2-3: originals, decoder reconstructions and decoded AdvBN
+  features at growing ε.
 
 Like :mod:`advfeat.eval.plots`, each returns the path it wrote, or ``None`` when the data it
 needs is absent.
@@ -17,7 +19,7 @@ from typing import Any
 
 from advfeat.eval.plots import COLOURS, _figure, _percent_axis, _save, _title
 
-__all__ = ["branch_accuracies", "plot_branches", "plot_landscape"]
+__all__ = ["branch_accuracies", "plot_advbn", "plot_branches", "plot_landscape"]
 
 
 def _label(run: dict[str, Any], fallback: str) -> str:
@@ -188,4 +190,38 @@ def plot_branches(results: dict[str, Any], path: Path) -> Path | None:
         ax.legend(fontsize=8)
         ax.set_title("AFA generator output vs attack strength", fontsize=9)
     fig.suptitle(f"Per-branch behaviour — {_title(results)}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_advbn(results: dict[str, Any], path: Path) -> Path | None:
+    """AdvBN Fig. 2-3: test images, their reconstructions through the decoder, and the decoded
+    AdvBN features at growing ε; one row per image."""
+    adv = results.get("suites", {}).get("advbn", {})
+    show = adv.get("show")
+    if not show:
+        return None
+    columns = show["columns"]
+    rows = len(show["images"][columns[0]])
+    fig = _figure(1.45 * len(columns) + 0.3, 1.5 * rows + 0.9)
+    grid = fig.add_gridspec(rows, len(columns))
+    for r in range(rows):
+        for c, name in enumerate(columns):
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(show["images"][name][r], interpolation="nearest", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(show["labels"][r], fontsize=8)
+    held = adv.get("decoder", {}).get("held_out", {})
+    acc = adv.get("accuracy", {})
+    sub = f"site {adv.get('site')!r}; decoder held-out MSE {held.get('mse', float('nan')):.4f}"
+    if acc:
+        sub += (
+            f"; accuracy original {100 * acc['original']:.0f} %, reconstructed "
+            f"{100 * acc['reconstructed']:.0f} %, AdvBN (ε={adv['attack']['eps']:g}) "
+            f"{100 * acc['advbn']:.0f} %"
+        )
+    fig.suptitle(f"AdvBN shifts decoded to pixels — {_title(results)}\n{sub}", fontsize=9)
     return _save(fig, path)

@@ -39,6 +39,7 @@ SUITE_NAMES: tuple[str, ...] = (
     "hessian",
     "features",
     "landscape",
+    "advbn",
 )
 """Every suite, in the order they run."""
 
@@ -111,6 +112,14 @@ def _positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
 def _positive_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
         raise AdvfeatError(f"{name} must be a number > 0, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise AdvfeatError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _non_negative(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
+        raise AdvfeatError(f"{name} must be a number >= 0, got {value!r}")
     if not math.isfinite(float(value)):
         raise AdvfeatError(f"{name} must be finite, got {value!r}")
     return float(value)
@@ -194,6 +203,21 @@ class EvalConfig:
     landscape_reference: str | None = None
     """Another model's landscape, side by side: an eval JSON with a landscape suite or a
     checkpoint."""
+    # advbn: decoder and "-AdvBN" test set (AdvBN §3, App. B)
+    advbn_site: str | None = None
+    """Encoder = the model up to this site (default: the first stage, as ``features``)."""
+    advbn_dir: str | None = None
+    """Where the decoder and the image folders go (default: ``<out stem>_advbn``)."""
+    advbn_train_images: int | None = 2048
+    advbn_decoder_epochs: int = 10
+    advbn_decoder_batch_size: int = 64
+    advbn_decoder_lr: float = 1e-3
+    advbn_eps: float = 1.1
+    advbn_alpha: float = 0.2
+    advbn_steps: int = 6
+    advbn_batch_size: int = 32
+    advbn_show_images: int = 6
+    advbn_show_eps: tuple[float, ...] = (0.3, 0.6, 1.1)
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the results (e.g. the surrogate's path)."""
 
@@ -267,7 +291,25 @@ class EvalConfig:
         self.feature_images = _positive_int(self.feature_images, "feature_images")
         self.feature_magnify = _positive_float(self.feature_magnify, "feature_magnify")
         self._check_landscape()
+        self._check_advbn()
         return self
+
+    def _check_advbn(self) -> None:
+        if self.advbn_train_images is not None:
+            self.advbn_train_images = _positive_int(self.advbn_train_images, "advbn_train_images")
+        self.advbn_decoder_epochs = _positive_int(self.advbn_decoder_epochs, "advbn_decoder_epochs")
+        self.advbn_decoder_batch_size = _positive_int(
+            self.advbn_decoder_batch_size, "advbn_decoder_batch_size"
+        )
+        self.advbn_decoder_lr = _positive_float(self.advbn_decoder_lr, "advbn_decoder_lr")
+        self.advbn_eps = float(_non_negative(self.advbn_eps, "advbn_eps"))
+        self.advbn_alpha = _positive_float(self.advbn_alpha, "advbn_alpha")
+        self.advbn_steps = _positive_int(self.advbn_steps, "advbn_steps", minimum=0)
+        self.advbn_batch_size = _positive_int(self.advbn_batch_size, "advbn_batch_size")
+        self.advbn_show_images = _positive_int(self.advbn_show_images, "advbn_show_images")
+        if isinstance(self.advbn_show_eps, (int, float)):
+            self.advbn_show_eps = (float(self.advbn_show_eps),)
+        self.advbn_show_eps = tuple(_non_negative(e, "advbn_show_eps") for e in self.advbn_show_eps)
 
     def _check_landscape(self) -> None:
         if self.landscape_data not in ("train", "test"):

@@ -351,9 +351,13 @@ def plot_all(
         path = fn(results, folder / f"{name}.png")
         if path is not None:
             made[name] = path
-    from advfeat.eval.analysis_plots import plot_branches, plot_landscape
+    from advfeat.eval.analysis_plots import plot_advbn, plot_branches, plot_landscape
 
-    for name, fn in (("loss_landscape", plot_landscape), ("bn_branches", plot_branches)):
+    for name, fn in (
+        ("loss_landscape", plot_landscape),
+        ("bn_branches", plot_branches),
+        ("advbn_images", plot_advbn),
+    ):
         path = fn(results, folder / f"{name}.png")
         if path is not None:
             made[name] = path

@@ -368,10 +368,41 @@ def markdown_report(results: dict[str, Any]) -> str:
         ]
     if "landscape" in suites:
         lines += ["## Loss landscape (A-FAN Fig. 3)", "", *_landscape(suites["landscape"])]
+    if "advbn" in suites:
+        lines += ["## AdvBN decoder and -AdvBN test set (AdvBN §3, App. B)", ""]
+        lines += _skip(suites["advbn"]) or _advbn(suites["advbn"])
     eta = results.get("training", {}).get("eta")
     if eta:
         lines += ["## L-ALFA strengths η over training (ALFA Fig. 4)", "", *_eta(eta)]
     return "\n".join([*lines, *_tail(results)])
+
+
+def _advbn(a: dict[str, Any]) -> list[str]:
+    d, att, acc, ch = a["decoder"], a["attack"], a["accuracy"], a["mean_abs_change"]
+    lines = [
+        f"Decoder for site `{a['site']}` ({d['channels']}×{d['feature_size']}² → "
+        f"{d['image_size']}² px), trained {d['epochs']} epochs on {d['train_images']} training "
+        f"images (final MSE {d['train_mse'][-1]:.4f}); held-out MSE {d['held_out']['mse']:.4f} "
+        f"(PSNR {d['held_out']['psnr_db']:.1f} dB). AdvBN: ε = {att['eps']:g}, step "
+        f"{att['alpha']:g} × {att['steps']}, batches of {att['batch_size']}.",
+        "",
+    ]
+    lines += _table(
+        ["test set", "accuracy (this model)", "mean |Δ pixel| vs original"],
+        [
+            ["original", _pct(acc["original"]), "0"],
+            ["reconstructed", _pct(acc["reconstructed"]), f"{ch['reconstructed_vs_original']:.4f}"],
+            ["-AdvBN", _pct(acc["advbn"]), f"{ch['advbn_vs_original']:.4f}"],
+        ],
+    )
+    if a.get("folders"):
+        f = a["folders"]
+        lines += [
+            f"Image folders: `{f['advbn']}`, `{f['reconstructed']}` (score any model with "
+            f"`--suite shift --domain advbn={f['advbn']}`).",
+            "",
+        ]
+    return lines
 
 
 def _eta(eta: dict[str, Any]) -> list[str]:

@@ -5,6 +5,7 @@ to the model or data returns ``{"skipped": "<why>"}``.
 """
 
 from advfeat.eval.suites import (
+    advbn,
     attacks,
     bn,
     clean,
@@ -20,6 +21,7 @@ from advfeat.eval.suites.registry import SUITES, Suite, register_suite, skipped
 __all__ = [
     "SUITES",
     "Suite",
+    "advbn",
     "attacks",
     "bn",
     "clean",
