@@ -35,6 +35,8 @@ SMALL = [
     "--set", "hessian_batch_size=8", "--set", "hessian_iters=3", "--set", "feature_images=2",
     "--set", "landscape_batches=1", "--set", "landscape_batch_size=8",
     "--set", "landscape_points=3", "--set", "landscape_points_2d=3",
+    "--set", "advbn_train_images=16", "--set", "advbn_decoder_epochs=1",
+    "--set", "advbn_show_images=2", "--set", "advbn_show_eps=[1.1]",
 ]  # fmt: skip
 
 
@@ -53,7 +55,7 @@ def test_every_suite_runs_and_writes_json_report_and_plots(
     suites = res["suites"]
     assert list(suites) == [
         "clean", "attacks", "corruptions", "shift", "bn", "divergence", "hessian", "features",
-        "landscape",
+        "landscape", "advbn",
     ]  # fmt: skip
     clean = suites["clean"]["top1"]
     assert "top5" in suites["clean"]  # shapes has more than five classes
@@ -66,11 +68,13 @@ def test_every_suite_runs_and_writes_json_report_and_plots(
     assert set(suites["divergence"]["pairs"]) == {f"test|{d}" for d in suites["shift"]["domains"]}
     assert suites["hessian"]["parameters"] > 0
     assert suites["landscape"]["1d"]["alpha"] == [-1.0, 0.0, 1.0]
+    assert suites["advbn"]["n"] == 16 and (tmp_path / "eval_advbn" / "advbn").is_dir()
     plots = {Path(p).name for p in res["plots"].values()}
     assert plots == {
         "accuracy_vs_eps.png",
         "corruptions.png",
         "divergence.png",
+        "advbn_images.png",
         "feature_maps.png",
         "loss_landscape.png",
         "training_curves.png",
