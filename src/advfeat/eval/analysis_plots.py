@@ -50,7 +50,8 @@ def plot_landscape(results: dict[str, Any], path: Path) -> Path | None:
         models.append((f"{name} (reference)" if name == models[0][0] else name, ref))
     surfaces = [(name, m["2d"]) for name, m in models if "2d" in m]
     panels = 1 + len(surfaces)
-    fig = _figure(4.3 * panels + 0.6, 4.0)
+    fig = _figure(4.6 * panels + 0.8, 4.0)
+    fig.get_layout_engine().set(wspace=0.12)
     axes = fig.subplots(1, panels, squeeze=False)[0]
     ax = axes[0]
     acc_ax = ax.twinx()
@@ -75,7 +76,9 @@ def plot_landscape(results: dict[str, Any], path: Path) -> Path | None:
     acc_ax.grid(False)
     ax.grid(True, alpha=0.3, which="both")
     ax.axvline(0, color="grey", lw=0.8)
-    ax.legend(loc="upper center", fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    more = acc_ax.get_legend_handles_labels()
+    ax.legend(handles + more[0], labels + more[1], loc="upper center", fontsize=7)
     ax.set_title(f"1-D ({land.get('data', 'train')} loss, {land.get('n', '?')} images)", fontsize=9)
     if surfaces:
         values = [v for _, s in surfaces for row in s["loss"] for v in row]

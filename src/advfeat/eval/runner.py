@@ -233,7 +233,8 @@ def evaluate(
             segmentation), or a plain test ``Dataset`` of ``(image, label)`` (of
             ``(image, target)`` with ``task``).
         suites: names from :data:`advfeat.eval.SUITES` (``clean``, ``attacks``, ``corruptions``,
-            ``shift``, ``bn``, ``divergence``, ``hessian``, ``features``; ``all``); detection and
+            ``shift``, ``bn``, ``divergence``, ``hessian``, ``features``, ``landscape``,
+            ``advbn``; ``all``); detection and
             segmentation take ``clean``, ``attacks``, ``shift``.
         config / options: an :class:`EvalConfig`, or its fields as keywords
             (``max_images=500``, ``eps=8/255``, ``corruptions=["fog"]``, ...). Unset options of

@@ -58,14 +58,22 @@ def plot_eta(history: list[dict[str, Any]], path: Path, title: str = "") -> Path
     fig = _figure(6.4, 4.0)
     ax = fig.add_subplot()
     values = [v for series in traj["eta"].values() for v in series]
-    for i, site in enumerate(traj["sites"]):
+    sites = traj["sites"]
+    if len(sites) <= len(COLOURS):
+        colours: list[Any] = list(COLOURS[: len(sites)])
+    else:  # many sites: a colour map ordered by depth (light = early, dark = late)
+        from matplotlib import colormaps
+
+        cmap = colormaps["viridis"]
+        colours = [cmap(0.9 * (1 - i / (len(sites) - 1))) for i in range(len(sites))]
+    for i, site in enumerate(sites):
         main = site == traj.get("dominant_site")
         ys = traj["eta"][site]
         ax.plot(
             traj["epoch"],
             ys,
             "o-",
-            color="black" if main else COLOURS[i % len(COLOURS)],
+            color="black" if main else colours[i],
             lw=2.5 if main else 1.2,
             ms=3,
             label=f"{site} (final {ys[-1]:.2f})",
@@ -75,11 +83,13 @@ def plot_eta(history: list[dict[str, Any]], path: Path, title: str = "") -> Path
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("η (sum over sites = 1)")
-    lo, hi = min(0.0, min(values)), max(1.0, max(values))
-    ax.set_ylim(lo - 0.03, hi + 0.03)
+    # zoomed on the data (η near 1/r would be a flat line on [0, 1]), always showing 0
+    lo, hi = min(0.0, min(values)), max(values)
+    pad = 0.08 * (hi - lo) + 1e-3
+    ax.set_ylim(lo - pad, hi + 3 * pad)
     ax.axhline(1 / len(traj["sites"]), color="grey", lw=0.8, ls=":", label="uniform 1/r")
     ax.grid(True, alpha=0.3)
-    ax.legend(title="site", fontsize=8)
+    ax.legend(title="site (input → output)", fontsize=7, ncols=2 if len(sites) > 5 else 1)
     head = "L-ALFA strengths η over training"
     ax.set_title(f"{head} — {title}" if title else head, fontsize=10)
     return _save(fig, path)
