@@ -106,6 +106,23 @@ def test_resume_reuses_finished_units(checkpoint: Path, tmp_path: Path) -> None:
     assert resumed["reused_units"] == 1 and resumed["suites"] == first["suites"]
 
 
+def test_landscape_reference_checkpoint_is_cut_along_the_same_directions(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "land.json"
+    args = _eval(checkpoint, out, "--suite", "landscape", "--no-plots", "--no-report")
+    args += ["--set", "landscape_batches=1", "--set", "landscape_batch_size=8"]
+    args += ["--set", "landscape_points=5", "--set", "landscape_points_2d=0"]
+    assert main([*args, "--landscape-reference", str(checkpoint)]) == 0
+    land = json.loads(out.read_text())["suites"]["landscape"]
+    assert "2d" not in land
+    ref = land["reference"]
+    assert ref["source"] == str(checkpoint) and ref["run"]["method"] == "standard"
+    # the same weights cut with the same seeded directions on the same images: the same curve
+    assert ref["1d"]["loss"] == pytest.approx(land["1d"]["loss"], rel=1e-6)
+    assert land["1d"]["loss"][2] == pytest.approx(land["1d"]["loss_at_zero"])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
