@@ -33,6 +33,10 @@ SMALL = [
     "--corruption-subset", "fog,gaussian_noise", "--severities", "1,5",
     "--corruption-max-images", "4", "--hessian-batches", "1", "--hutchinson-samples", "2",
     "--set", "hessian_batch_size=8", "--set", "hessian_iters=3", "--set", "feature_images=2",
+    "--set", "landscape_batches=1", "--set", "landscape_batch_size=8",
+    "--set", "landscape_points=3", "--set", "landscape_points_2d=3",
+    "--set", "advbn_train_images=16", "--set", "advbn_decoder_epochs=1",
+    "--set", "advbn_show_images=2", "--set", "advbn_show_eps=[1.1]",
 ]  # fmt: skip
 
 
@@ -50,7 +54,8 @@ def test_every_suite_runs_and_writes_json_report_and_plots(
     assert res["environment"]["torch"] and "imagecorruptions" in res["environment"]
     suites = res["suites"]
     assert list(suites) == [
-        "clean", "attacks", "corruptions", "shift", "bn", "divergence", "hessian", "features"
+        "clean", "attacks", "corruptions", "shift", "bn", "divergence", "hessian", "features",
+        "landscape", "advbn",
     ]  # fmt: skip
     clean = suites["clean"]["top1"]
     assert "top5" in suites["clean"]  # shapes has more than five classes
@@ -62,12 +67,16 @@ def test_every_suite_runs_and_writes_json_report_and_plots(
     assert "skipped" in suites["bn"]  # a standard model has one BN branch
     assert set(suites["divergence"]["pairs"]) == {f"test|{d}" for d in suites["shift"]["domains"]}
     assert suites["hessian"]["parameters"] > 0
+    assert suites["landscape"]["1d"]["alpha"] == [-1.0, 0.0, 1.0]
+    assert suites["advbn"]["n"] == 16 and (tmp_path / "eval_advbn" / "advbn").is_dir()
     plots = {Path(p).name for p in res["plots"].values()}
     assert plots == {
         "accuracy_vs_eps.png",
         "corruptions.png",
         "divergence.png",
+        "advbn_images.png",
         "feature_maps.png",
+        "loss_landscape.png",
         "training_curves.png",
     }
     for rel in res["plots"].values():
@@ -93,6 +102,23 @@ def test_resume_reuses_finished_units(checkpoint: Path, tmp_path: Path) -> None:
     assert main([*args, "--resume"]) == 0
     resumed = json.loads(out.read_text())
     assert resumed["reused_units"] == 1 and resumed["suites"] == first["suites"]
+
+
+def test_landscape_reference_checkpoint_is_cut_along_the_same_directions(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "land.json"
+    args = _eval(checkpoint, out, "--suite", "landscape", "--no-plots", "--no-report")
+    args += ["--set", "landscape_batches=1", "--set", "landscape_batch_size=8"]
+    args += ["--set", "landscape_points=5", "--set", "landscape_points_2d=0"]
+    assert main([*args, "--landscape-reference", str(checkpoint)]) == 0
+    land = json.loads(out.read_text())["suites"]["landscape"]
+    assert "2d" not in land
+    ref = land["reference"]
+    assert ref["source"] == str(checkpoint) and ref["run"]["method"] == "standard"
+    # the same weights cut with the same seeded directions on the same images: the same curve
+    assert ref["1d"]["loss"] == pytest.approx(land["1d"]["loss"], rel=1e-6)
+    assert land["1d"]["loss"][2] == pytest.approx(land["1d"]["loss_at_zero"])
 
 
 @pytest.mark.parametrize(

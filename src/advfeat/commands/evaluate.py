@@ -102,6 +102,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--hessian-batches", type=int, help="batches of the Hessian's loss (default 2)")
     p.add_argument("--hutchinson-samples", type=int, help="Hutchinson samples (default 20)")
     p.add_argument(
+        "--landscape-reference",
+        metavar="PATH",
+        help="landscape suite: another model's landscape side by side (eval JSON or checkpoint)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -143,6 +148,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "corruption_max_images": args.corruption_max_images,
         "hessian_batches": args.hessian_batches,
         "hutchinson_samples": args.hutchinson_samples,
+        "landscape_reference": getattr(args, "landscape_reference", None),
     }
     opts.update({k: v for k, v in simple.items() if v is not None})
     if args.eps is not None:

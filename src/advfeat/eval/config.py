@@ -38,6 +38,8 @@ SUITE_NAMES: tuple[str, ...] = (
     "divergence",
     "hessian",
     "features",
+    "landscape",
+    "advbn",
 )
 """Every suite, in the order they run."""
 
@@ -115,6 +117,14 @@ def _positive_float(value: Any, name: str) -> float:
     return float(value)
 
 
+def _non_negative(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
+        raise AdvfeatError(f"{name} must be a number >= 0, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise AdvfeatError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def _names(values: Any, kind: str, known: tuple[str, ...]) -> tuple[str, ...]:
     if isinstance(values, str):
         values = [v.strip() for v in values.split(",") if v.strip()]
@@ -177,6 +187,37 @@ class EvalConfig:
     feature_steps: int = 1
     feature_images: int = 4
     feature_magnify: float = 20.0
+    # landscape (A-FAN Fig. 3; Li et al. 2018)
+    landscape_data: str = "train"
+    """``train`` (the training loss, as Li et al. and A-FAN plot it) or ``test``."""
+    landscape_batches: int = 2
+    landscape_batch_size: int = 128
+    landscape_range: float = 1.0
+    """α (and β) run over [−range, range] in units of the filter-normalised direction."""
+    landscape_points: int = 21
+    """Points of the 1-D curve (odd: α = 0 is one of them)."""
+    landscape_points_2d: int = 11
+    """Points per axis of the 2-D surface (0: no 2-D surface)."""
+    landscape_ignore_biasbn: bool = True
+    """Keep biases and BN weights at their trained values (Li et al.'s ``ignore='biasbn'``)."""
+    landscape_reference: str | None = None
+    """Another model's landscape, side by side: an eval JSON with a landscape suite or a
+    checkpoint."""
+    # advbn: decoder and "-AdvBN" test set (AdvBN §3, App. B)
+    advbn_site: str | None = None
+    """Encoder = the model up to this site (default: the first stage, as ``features``)."""
+    advbn_dir: str | None = None
+    """Where the decoder and the image folders go (default: ``<out stem>_advbn``)."""
+    advbn_train_images: int | None = 2048
+    advbn_decoder_epochs: int = 10
+    advbn_decoder_batch_size: int = 64
+    advbn_decoder_lr: float = 1e-3
+    advbn_eps: float = 1.1
+    advbn_alpha: float = 0.2
+    advbn_steps: int = 6
+    advbn_batch_size: int = 32
+    advbn_show_images: int = 6
+    advbn_show_eps: tuple[float, ...] = (0.3, 0.6, 1.1)
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the results (e.g. the surrogate's path)."""
 
@@ -249,7 +290,53 @@ class EvalConfig:
         self.feature_steps = _positive_int(self.feature_steps, "feature_steps")
         self.feature_images = _positive_int(self.feature_images, "feature_images")
         self.feature_magnify = _positive_float(self.feature_magnify, "feature_magnify")
+        self._check_landscape()
+        self._check_advbn()
         return self
+
+    def _check_advbn(self) -> None:
+        if self.advbn_train_images is not None:
+            self.advbn_train_images = _positive_int(self.advbn_train_images, "advbn_train_images")
+        self.advbn_decoder_epochs = _positive_int(self.advbn_decoder_epochs, "advbn_decoder_epochs")
+        self.advbn_decoder_batch_size = _positive_int(
+            self.advbn_decoder_batch_size, "advbn_decoder_batch_size"
+        )
+        self.advbn_decoder_lr = _positive_float(self.advbn_decoder_lr, "advbn_decoder_lr")
+        self.advbn_eps = float(_non_negative(self.advbn_eps, "advbn_eps"))
+        self.advbn_alpha = _positive_float(self.advbn_alpha, "advbn_alpha")
+        self.advbn_steps = _positive_int(self.advbn_steps, "advbn_steps", minimum=0)
+        self.advbn_batch_size = _positive_int(self.advbn_batch_size, "advbn_batch_size")
+        self.advbn_show_images = _positive_int(self.advbn_show_images, "advbn_show_images")
+        if isinstance(self.advbn_show_eps, (int, float)):
+            self.advbn_show_eps = (float(self.advbn_show_eps),)
+        self.advbn_show_eps = tuple(_non_negative(e, "advbn_show_eps") for e in self.advbn_show_eps)
+
+    def _check_landscape(self) -> None:
+        if self.landscape_data not in ("train", "test"):
+            raise unknown_name("landscape_data", str(self.landscape_data), ("train", "test"))
+        self.landscape_batches = _positive_int(self.landscape_batches, "landscape_batches")
+        self.landscape_batch_size = _positive_int(self.landscape_batch_size, "landscape_batch_size")
+        self.landscape_range = _positive_float(self.landscape_range, "landscape_range")
+        self.landscape_points = _positive_int(self.landscape_points, "landscape_points", minimum=3)
+        self.landscape_points_2d = _positive_int(
+            self.landscape_points_2d, "landscape_points_2d", minimum=0
+        )
+        if self.landscape_points % 2 == 0 or (
+            self.landscape_points_2d % 2 == 0 and self.landscape_points_2d
+        ):
+            raise AdvfeatError(
+                "landscape_points and landscape_points_2d must be odd (so that α = 0, the trained "
+                f"weights, is on the grid), got {self.landscape_points} and "
+                f"{self.landscape_points_2d}"
+            )
+        if self.landscape_points_2d == 1:
+            raise AdvfeatError("landscape_points_2d must be 0 (no 2-D surface) or at least 3")
+        if not isinstance(self.landscape_ignore_biasbn, bool):
+            raise AdvfeatError(
+                f"landscape_ignore_biasbn must be true or false, got {self.landscape_ignore_biasbn!r}"
+            )
+        if self.landscape_reference is not None:
+            self.landscape_reference = str(self.landscape_reference)
 
     def _check_dense(self) -> None:
         """Detection / segmentation: only the suites and attacks that measure AP or mIoU."""

@@ -8,7 +8,8 @@ object API on an Agg canvas: no global backend or style is changed.
 * :func:`plot_corruptions` — accuracy per corruption type and severity (heat map);
 * :func:`plot_divergence` — AdvBN feature divergence per layer (one line per dataset pair);
 * :func:`plot_training` — loss, accuracy and learning rate over epochs of a run folder;
-* :func:`plot_eta` — L-ALFA's strengths η per site over epochs (history keys ``eta_<site>``);
+* :func:`plot_eta` — L-ALFA's strengths η per site over epochs (history keys ``eta_<site>``;
+  defined in :mod:`advfeat.eval.trajectories`);
 * :func:`plot_fusion_weight` — AFA's fusion weight W_1 against ε (AFA Fig. 6);
 * :func:`plot_feature_maps` — clean / perturbed / re-normalized feature maps (A-FAN Fig. S6).
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from advfeat.errors import AdvfeatError
+from advfeat.eval.trajectories import plot_eta
 
 __all__ = [
     "load_history",
@@ -333,28 +335,6 @@ def plot_training(history: list[dict[str, Any]], path: Path, title: str = "") ->
     return _save(fig, path)
 
 
-def plot_eta(history: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
-    """L-ALFA: the learned strength η of each site (history keys ``eta_<site>``) per epoch."""
-    keys = sorted({k for row in history for k in row if k.startswith("eta_")})
-    if not keys:
-        return None
-    fig = _figure(6.4, 4.0)
-    ax = fig.add_subplot()
-    for i, key in enumerate(keys):
-        xs, ys = _series(history, key)
-        ax.plot(xs, ys, "o-", color=COLOURS[i % len(COLOURS)], label=key.removeprefix("eta_"), ms=3)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("η (on the simplex)")
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(True, alpha=0.3)
-    ax.legend(title="site", fontsize=8)
-    ax.set_title(f"L-ALFA strengths η over training — {title}" if title else "L-ALFA strengths η")
-    return _save(fig, path)
-
-
 def plot_all(
     results: dict[str, Any], folder: str | Path, *, run_dir: str | Path | None = None
 ) -> dict[str, Path]:
@@ -367,6 +347,16 @@ def plot_all(
         ("divergence", plot_divergence),
         ("fusion_weight", plot_fusion_weight),
         ("feature_maps", plot_feature_maps),
+    ):
+        path = fn(results, folder / f"{name}.png")
+        if path is not None:
+            made[name] = path
+    from advfeat.eval.analysis_plots import plot_advbn, plot_branches, plot_landscape
+
+    for name, fn in (
+        ("loss_landscape", plot_landscape),
+        ("bn_branches", plot_branches),
+        ("advbn_images", plot_advbn),
     ):
         path = fn(results, folder / f"{name}.png")
         if path is not None:

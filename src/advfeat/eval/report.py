@@ -112,6 +112,9 @@ def _summary(suites: dict[str, Any]) -> list[list[str]]:
     shift = suites.get("shift", {})
     if "mean_accuracy" in shift:
         rows.append(["mean shifted-domain accuracy", _pct(shift["mean_accuracy"])])
+    land = suites.get("landscape", {}).get("1d", {})
+    if land.get("mean_loss_increase") is not None:
+        rows.append(["loss-landscape mean increase (1-D)", f"{land['mean_loss_increase']:.4g}"])
     hess = suites.get("hessian", {})
     if "spectral_norm" in hess:
         rows.append(["Hessian spectral norm", f"{hess['spectral_norm']:.4g}"])
@@ -363,7 +366,99 @@ def markdown_report(results: dict[str, Any]) -> str:
             f"Site `{f['site']}`, feature attack α = {f['alpha']:g} × {f['steps']} step(s), shown ×{f['magnify']:g}.",
             "",
         ]
+    if "landscape" in suites:
+        lines += ["## Loss landscape (A-FAN Fig. 3)", "", *_landscape(suites["landscape"])]
+    if "advbn" in suites:
+        lines += ["## AdvBN decoder and -AdvBN test set (AdvBN §3, App. B)", ""]
+        lines += _skip(suites["advbn"]) or _advbn(suites["advbn"])
+    eta = results.get("training", {}).get("eta")
+    if eta:
+        lines += ["## L-ALFA strengths η over training (ALFA Fig. 4)", "", *_eta(eta)]
     return "\n".join([*lines, *_tail(results)])
+
+
+def _advbn(a: dict[str, Any]) -> list[str]:
+    d, att, acc, ch = a["decoder"], a["attack"], a["accuracy"], a["mean_abs_change"]
+    lines = [
+        f"Decoder for site `{a['site']}` ({d['channels']}×{d['feature_size']}² → "
+        f"{d['image_size']}² px), trained {d['epochs']} epochs on {d['train_images']} training "
+        f"images (final MSE {d['train_mse'][-1]:.4f}); held-out MSE {d['held_out']['mse']:.4f} "
+        f"(PSNR {d['held_out']['psnr_db']:.1f} dB). AdvBN: ε = {att['eps']:g}, step "
+        f"{att['alpha']:g} × {att['steps']}, batches of {att['batch_size']}.",
+        "",
+    ]
+    lines += _table(
+        ["test set", "accuracy (this model)", "mean |Δ pixel| vs original"],
+        [
+            ["original", _pct(acc["original"]), "0"],
+            ["reconstructed", _pct(acc["reconstructed"]), f"{ch['reconstructed_vs_original']:.4f}"],
+            ["-AdvBN", _pct(acc["advbn"]), f"{ch['advbn_vs_original']:.4f}"],
+        ],
+    )
+    if a.get("folders"):
+        f = a["folders"]
+        lines += [
+            f"Image folders: `{f['advbn']}`, `{f['reconstructed']}` (score any model with "
+            f"`--suite shift --domain advbn={f['advbn']}`).",
+            "",
+        ]
+    return lines
+
+
+def _eta(eta: dict[str, Any]) -> list[str]:
+    epochs = eta["epoch"]
+    shown = sorted({0, len(epochs) // 2, len(epochs) - 1}) if epochs else []
+    head = ["site", *[f"epoch {epochs[i]}" for i in shown]]
+    rows = [[s, *[f"{eta['eta'][s][i]:.3f}" for i in shown]] for s in eta["sites"]]
+    lines = _table(head, rows)
+    if eta.get("dominant_site") is not None and eta.get("final_share") is not None:
+        lines += [
+            f"Largest final strength: `{eta['dominant_site']}` "
+            f"({100 * eta['final_share']:.0f} % of Σ|η|).",
+            "",
+        ]
+    return lines
+
+
+def _landscape(land: dict[str, Any]) -> list[str]:
+    if _skip(land):
+        return _skip(land) or []
+    models = [("this model", land)]
+    ref = land.get("reference")
+    if isinstance(ref, dict) and "1d" in ref:
+        run = ref.get("run", {})
+        models.append(
+            (" / ".join(str(run[k]) for k in ("method", "model") if k in run) or "reference", ref)
+        )
+    lines = [
+        f"Mean cross-entropy on {land['n']} {land['data']} images along filter-normalised random "
+        f"directions (Li et al. 2018), α ∈ [−{land['range']:g}, {land['range']:g}]; "
+        f"{'biases and BN parameters kept fixed' if land['ignore_biasbn'] else 'biases and BN parameters scaled by 1 + α'}; "
+        "BN in eval mode with the trained running statistics.",
+        "",
+    ]
+    rows = []
+    for name, m in models:
+        c = m["1d"]
+        rows.append(
+            [
+                name,
+                f"{c['loss_at_zero']:.4g}",
+                _pct(c.get("accuracy_at_zero")),
+                f"{c['mean_loss_increase']:.4g}",
+                f"{c['max_loss_increase']:.4g}",
+                f"{c['width_loss_below_plus_1']:.3g}",
+            ]
+        )
+    head = [
+        "model",
+        "loss at α=0",
+        "acc. at α=0",
+        "mean increase",
+        "max increase",
+        "width (+1 nat)",
+    ]
+    return lines + _table(head, rows)
 
 
 def _tail(results: dict[str, Any]) -> list[str]:

@@ -255,7 +255,8 @@ def evaluate(
             segmentation), or a plain test ``Dataset`` of ``(image, label)`` (of
             ``(image, target)`` with ``task``).
         suites: names from :data:`advfeat.eval.SUITES` (``clean``, ``attacks``, ``corruptions``,
-            ``shift``, ``bn``, ``divergence``, ``hessian``, ``features``; ``all``); detection and
+            ``shift``, ``bn``, ``divergence``, ``hessian``, ``features``, ``landscape``,
+            ``advbn``; ``all``); detection and
             segmentation take ``clean``, ``attacks``, ``shift``.
         config / options: an :class:`EvalConfig`, or its fields as keywords
             (``max_images=500``, ``eps=8/255``, ``corruptions=["fog"]``, ...). Unset options of
@@ -333,6 +334,13 @@ def evaluate(
         "reused_units": store.reused,
         "resume_key": key,
     }
+    if run_dir is not None:
+        from advfeat.eval.plots import load_history
+        from advfeat.eval.trajectories import eta_trajectories
+
+        eta = eta_trajectories(load_history(run_dir))
+        if eta:
+            output["training"] = {"eta": eta}
     if out is not None:
         write_outputs(output, out, run_dir=run_dir, report=report, plots=plots)
         store.discard()

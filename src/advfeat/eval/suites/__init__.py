@@ -5,6 +5,7 @@ to the model or data returns ``{"skipped": "<why>"}``.
 """
 
 from advfeat.eval.suites import (
+    advbn,
     attacks,
     bn,
     clean,
@@ -12,6 +13,7 @@ from advfeat.eval.suites import (
     divergence,
     features,
     hessian,
+    landscape,
     shift,
 )
 from advfeat.eval.suites.registry import SUITES, Suite, register_suite, skipped
@@ -19,6 +21,7 @@ from advfeat.eval.suites.registry import SUITES, Suite, register_suite, skipped
 __all__ = [
     "SUITES",
     "Suite",
+    "advbn",
     "attacks",
     "bn",
     "clean",
@@ -26,6 +29,7 @@ __all__ = [
     "divergence",
     "features",
     "hessian",
+    "landscape",
     "register_suite",
     "shift",
     "skipped",

@@ -1,0 +1,140 @@
+"""``landscape``: 1-D and 2-D loss surfaces around the trained weights along filter-normalised
+random directions (A-FAN Fig. 3; Li et al. 2018), see :mod:`advfeat.eval.landscape`.
+
+The loss is the mean cross-entropy over a fixed seeded subset of the un-augmented training set
+(``landscape_data=test`` for the test set), in eval mode with the trained BN running statistics.
+The directions are drawn from seeds fixed by ``seed`` alone, so two models of one architecture
+are cut along the same random draws (each normalised to its own filters).
+
+Side by side: ``landscape_reference=PATH`` adds another model's landscape to the results and the
+plot — an eval JSON that holds a ``landscape`` suite (e.g. the standard model's), or a checkpoint,
+evaluated here on the same images with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advfeat.errors import AdvfeatError
+from advfeat.eval.context import EvalContext, seeded_subset
+from advfeat.eval.landscape import (
+    filter_normalized_direction,
+    landscape_1d,
+    landscape_2d,
+    landscape_parameters,
+    summarize_1d,
+)
+from advfeat.eval.suites.dense import refuse_dense
+from advfeat.eval.suites.registry import register_suite
+
+__all__ = ["grid", "landscape_of", "run"]
+
+
+def grid(radius: float, points: int) -> list[float]:
+    """``points`` evenly spaced values on [−radius, radius] (0 exactly in the middle when odd)."""
+    if points == 1:
+        return [0.0]
+    step = 2 * radius / (points - 1)
+    values = [-radius + i * step for i in range(points)]
+    if points % 2 == 1:
+        values[points // 2] = 0.0
+    return [round(v, 12) for v in values]
+
+
+def landscape_of(ctx: EvalContext, model: nn.Module, batches: list[Any], prefix: str) -> dict:
+    """The 1-D curve and (unless ``landscape_points_2d`` is 0) the 2-D surface of ``model``."""
+    cfg = ctx.config
+    first = torch.Generator().manual_seed(ctx.seed_for("landscape/direction/1"))
+    second = torch.Generator().manual_seed(ctx.seed_for("landscape/direction/2"))
+    d1 = filter_normalized_direction(
+        model, generator=first, ignore_biasbn=cfg.landscape_ignore_biasbn
+    )
+    d2 = filter_normalized_direction(
+        model, generator=second, ignore_biasbn=cfg.landscape_ignore_biasbn
+    )
+    params = landscape_parameters(model)
+    moved = sum(p.numel() for (_, p), d in zip(params, d1, strict=True) if bool(d.ne(0).any()))
+    alphas = grid(cfg.landscape_range, cfg.landscape_points)
+
+    def one() -> dict[str, Any]:
+        curve = landscape_1d(model, batches, d1, alphas)
+        return {**curve, **summarize_1d(curve)}
+
+    out: dict[str, Any] = {
+        "parameters": sum(p.numel() for _, p in params),
+        "parameters_moved": moved,
+    }
+    bar = ctx.bar(2 if cfg.landscape_points_2d else 1, "landscape")
+    try:
+        out["1d"] = ctx.unit(f"{prefix}/1d", one)
+        bar.update(1)
+        if cfg.landscape_points_2d:
+            axis = grid(cfg.landscape_range, cfg.landscape_points_2d)
+            out["2d"] = ctx.unit(
+                f"{prefix}/2d", lambda: landscape_2d(model, batches, (d1, d2), axis, axis)
+            )
+            bar.update(1)
+    finally:
+        bar.close()
+    return out
+
+
+def _reference(ctx: EvalContext, path_text: str, batches: list[Any]) -> dict[str, Any]:
+    path = Path(path_text)
+    if not path.is_file():
+        raise AdvfeatError(
+            f"landscape_reference {path_text!r} does not exist (an eval JSON with a landscape "
+            "suite, or a checkpoint)"
+        )
+    if path.suffix == ".json":
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise AdvfeatError(f"landscape_reference {path_text!r} is not JSON ({err})") from None
+        land = saved.get("suites", {}).get("landscape") if isinstance(saved, dict) else None
+        if not isinstance(land, dict) or "1d" not in land:
+            raise AdvfeatError(
+                f"landscape_reference {path_text!r} holds no landscape results; evaluate that "
+                "model with --suite landscape first, or pass its checkpoint"
+            )
+        keep = ("1d", "2d", "data", "n", "parameters", "parameters_moved")
+        return {
+            "source": path_text,
+            "run": saved.get("run", {}),
+            **{k: land[k] for k in keep if k in land},
+        }
+    from advfeat.eval.accuracy import eval_mode
+    from advfeat.eval.loading import load_run
+
+    other = load_run(path, device=ctx.device)
+    with eval_mode(other.model):
+        land = landscape_of(ctx, other.model, batches, "landscape/reference")
+    return {"source": path_text, "run": other.info, **land}
+
+
+@register_suite("landscape", "1-D / 2-D loss landscape along filter-normalised directions")
+def run(ctx: EvalContext) -> dict[str, Any]:
+    refuse_dense(ctx, "landscape")
+    cfg = ctx.config
+    use_train = cfg.landscape_data == "train" and ctx.data.train is not None
+    dataset = ctx.data.train if use_train else ctx.data.test
+    assert dataset is not None
+    n = cfg.landscape_batches * cfg.landscape_batch_size
+    subset = seeded_subset(dataset, n, cfg.seed)
+    batches = list(ctx.batches(subset, batch_size=cfg.landscape_batch_size))
+    meta = {
+        "data": "train" if use_train else "test",
+        "n": sum(int(y.shape[0]) for _, y in batches),
+        "range": cfg.landscape_range,
+        "ignore_biasbn": cfg.landscape_ignore_biasbn,
+        "bn": "eval mode, trained running statistics",
+    }
+    results: dict[str, Any] = {**meta, **landscape_of(ctx, ctx.model, batches, "landscape")}
+    if cfg.landscape_reference:
+        results["reference"] = _reference(ctx, cfg.landscape_reference, batches)
+    return results
