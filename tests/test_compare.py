@@ -80,7 +80,10 @@ def test_flatten_metrics_reads_shifted_domains_and_their_mean() -> None:
             "train_time_s": 12.0,
             "shifted_acc": {"fog": 0.5, "noise": 0.7},
             "method": "afan",
-            "suites": {"attacks": {"pgd": {"accuracy": 0.1}, "eps": [8]}},
+            "suites": {
+                "attacks": {"pgd": {"accuracy": 0.1}, "eps": [8]},
+                "shift": {"domains": {"advbn": {"accuracy": 0.3}}},
+            },
         }
     )
     assert flat == {
@@ -90,6 +93,7 @@ def test_flatten_metrics_reads_shifted_domains_and_their_mean() -> None:
         "shifted_acc/noise": 0.7,
         "shifted_acc/mean": pytest.approx(0.6),
         "robust/pgd": 0.1,
+        "shifted_acc/advbn": 0.3,
     }
 
 

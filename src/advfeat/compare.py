@@ -178,8 +178,9 @@ def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a run's ``metrics.json`` (and ``eval.json``) as ``name → value``.
 
     Scalars keep their key; shifted domains become ``shifted_acc/<domain>`` plus their mean
-    ``shifted_acc/mean``; the robust accuracies of ``advfeat eval --out RUN/eval.json`` (its
-    ``attacks`` suite) become ``robust/<attack>``.
+    ``shifted_acc/mean``; from ``advfeat eval --out RUN/eval.json``, the ``shift`` suite's
+    domains (e.g. an "-AdvBN" test set) become ``shifted_acc/<domain>`` and the ``attacks``
+    suite's accuracies ``robust/<attack>``.
     """
     flat: dict[str, float] = {}
     for key in SCALAR_METRICS:
@@ -194,6 +195,13 @@ def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             if values:
                 flat[f"{key}/mean"] = sum(values.values()) / len(values)
     suites = metrics.get("suites")  # advfeat eval's JSON, saved as the run's eval.json
+    shift = suites.get("shift") if isinstance(suites, Mapping) else None
+    domains = shift.get("domains") if isinstance(shift, Mapping) else None
+    if isinstance(domains, Mapping):  # e.g. the "-AdvBN" test set: --suite shift --domain
+        for name, item in domains.items():
+            value = item.get("accuracy") if isinstance(item, Mapping) else None
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                flat[f"shifted_acc/{name}"] = float(value)
     attacks = suites.get("attacks") if isinstance(suites, Mapping) else None
     if isinstance(attacks, Mapping):
         for name, item in attacks.items():
