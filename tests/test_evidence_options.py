@@ -208,3 +208,19 @@ def test_reflect_padding_crop_mirrors_the_border() -> None:
         assert out.min() > 0  # no zero fill
     with pytest.raises(AdvfeatError, match="padding_mode"):
         random_crop_flip(image, padding_mode="wrap")
+
+
+def test_warmup_steps_are_optimiser_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """warmup_steps=4 with 2 steps per epoch warms up over the first 2 epochs."""
+    import json
+
+    args = [
+        "train", "--method", "standard", "--epochs", "3", "--batch-size", "32", "--lr", "0.1",
+        "--set", "dataset_options={n_train: 64, n_test: 32, image_size: 16}",
+        "--set", "schedule=constant", "--set", "warmup_steps=4", "--set", "eval_shifted=false",
+        "--out", str(tmp_path / "run"), "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 0
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    lrs = [row["lr"] for row in history]
+    assert lrs[0] < lrs[1] < 0.1 and lrs[2] == pytest.approx(0.1)

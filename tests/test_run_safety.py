@@ -611,11 +611,11 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(
     original = Trainer._set_lr
     sent = {"done": False}
 
-    def signal_in_epoch_two(self: Trainer, progress: float) -> float:
+    def signal_in_epoch_two(self: Trainer, progress: float, *rest: int) -> float:
         if progress > 1.0 and not sent["done"]:  # second step of the second epoch
             sent["done"] = True
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, progress)
+        return original(self, progress, *rest)
 
     monkeypatch.setattr(Trainer, "_set_lr", signal_in_epoch_two)
     with pytest.raises(Preempted, match="SIGTERM"):

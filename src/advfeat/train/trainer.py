@@ -328,7 +328,7 @@ class Trainer:
         if bar is not None and first:
             bar.update(first)
         start = time.perf_counter() - elapsed
-        lr = self._set_lr(epoch + first / steps)
+        lr = self._set_lr(epoch + first / steps, steps)
         for step, (x, y) in enumerate(loader, start=first):
             if step >= steps:
                 break
