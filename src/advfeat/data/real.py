@@ -187,7 +187,7 @@ def cifar10(
     download: bool = False,
     max_per_class: int | None = None,
     limit_test: bool = True,
-    padding_mode: str = "zeros",
+    padding_mode: str = "reflect",  # docs/results.md: +3.3 points over zeros
 ) -> DatasetBundle:
     """CIFAR-10 (Krizhevsky 2009): 50,000 train / 10,000 test 32x32 images of 10 classes."""
     _check_limit(max_per_class)
@@ -217,7 +217,7 @@ def cifar100(
     download: bool = False,
     max_per_class: int | None = None,
     limit_test: bool = True,
-    padding_mode: str = "zeros",
+    padding_mode: str = "reflect",  # docs/results.md: +3.3 points over zeros
 ) -> DatasetBundle:
     """CIFAR-100: 50,000 train / 10,000 test 32x32 images of 100 classes."""
     _check_limit(max_per_class)
@@ -577,7 +577,7 @@ def cifar10_jpeg(
     max_per_class: int | None = None,
     limit_test: bool = True,
     cache_dir: str | Path | None = None,
-    padding_mode: str = "zeros",
+    padding_mode: str = "reflect",  # docs/results.md: +3.3 points over zeros
 ) -> DatasetBundle:
     """CIFAR-10 re-encoded as JPEG (quality 75) in one zip: same split and labels as CIFAR-10.
 
