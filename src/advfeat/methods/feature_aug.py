@@ -583,12 +583,14 @@ class FeatureAugmentation(Method):
                 )
             losses += [cross_entropy(out, y) for out in outputs]
             sizes += [d.flatten(1).norm(dim=1).mean() for d in deltas.values()]
-        if self.opts.multi_site == "separate" or not live:
-            for s in dead[: len(dead) if self.opts.multi_site == "separate" else 1]:
-                if clean_logits is not None and self.adv_reaches_prefix:
-                    losses.append(cross_entropy(clean_logits, y))
-                else:
-                    losses.append(cross_entropy(self.tail(model, s, feats[s], x), y))
+        # the clean-feature losses of the skipped passes: one per dead site ("separate"), or
+        # the single joint loss when every site is dead
+        unperturbed = dead if self.opts.multi_site == "separate" else dead[:1] if not live else []
+        for s in unperturbed:
+            if clean_logits is not None and self.adv_reaches_prefix:
+                losses.append(cross_entropy(clean_logits, y))
+            else:
+                losses.append(cross_entropy(self.tail(model, s, feats[s], x), y))
         sizes += [feats[s].new_zeros(()) for s in dead]
         size = torch.stack(sizes).mean()
         return losses, size
