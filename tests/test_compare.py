@@ -97,6 +97,16 @@ def test_flatten_metrics_reads_shifted_domains_and_their_mean() -> None:
     }
 
 
+def test_flatten_metrics_gives_one_metric_per_budget_of_an_eps_curve() -> None:
+    curve = {"eps_255": [0.0, 4.0, 0.5], "accuracy": [0.9, 0.4, 0.8], "steps": 20}
+    flat = flatten_metrics({"suites": {"attacks": {"curve": curve}}})
+    assert flat == {
+        "robust/curve@0/255": 0.9,
+        "robust/curve@4/255": 0.4,
+        "robust/curve@0.5/255": 0.8,
+    }
+
+
 def test_arm_syntax_and_errors() -> None:
     arm = parse_arm("afan-mean: method=afan method_options.loss_weighting=mean")
     assert arm.label == "afan-mean"

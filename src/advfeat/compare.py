@@ -179,8 +179,9 @@ def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
     Scalars keep their key; shifted domains become ``shifted_acc/<domain>`` plus their mean
     ``shifted_acc/mean``; from ``advfeat eval --out RUN/eval.json``, the ``shift`` suite's
-    domains (e.g. an "-AdvBN" test set) become ``shifted_acc/<domain>`` and the ``attacks``
-    suite's accuracies ``robust/<attack>``.
+    domains (e.g. an "-AdvBN" test set) become ``shifted_acc/<domain>``, the ``attacks``
+    suite's accuracies ``robust/<attack>`` and an ε-curve one ``robust/<attack>@<ε·255>/255`` per
+    budget.
     """
     flat: dict[str, float] = {}
     for key in SCALAR_METRICS:
@@ -208,6 +209,10 @@ def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             value = item.get("accuracy") if isinstance(item, Mapping) else None
             if isinstance(value, int | float) and not isinstance(value, bool):
                 flat[f"robust/{name}"] = float(value)
+            elif isinstance(value, list) and isinstance(item.get("eps_255"), list):
+                # an ε-curve: one metric per budget, e.g. robust/curve@4/255
+                for eps, acc in zip(item["eps_255"], value, strict=True):
+                    flat[f"robust/{name}@{eps:g}/255"] = float(acc)
     return flat
 
 
