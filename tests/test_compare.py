@@ -116,6 +116,23 @@ def test_arm_syntax_and_errors() -> None:
             parse_arm(bad)
 
 
+def test_arm_values_name_the_seed_of_their_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arm = parse_arm("ft: method=advbn method_options.init_checkpoint=runs/std-s{seed}/ck.pt")
+    assert arm.for_seed(2) == {
+        "method": "advbn",
+        "method_options.init_checkpoint": "runs/std-s2/ck.pt",
+    }
+    # every seed's own checkpoint is checked before anything is written: seed 1's is missing
+    (tmp_path / "s0.pt").write_bytes(b"")
+    out = tmp_path / "cmp"
+    ft = f"ft: method=advbn method_options.init_checkpoint={tmp_path}/s{{seed}}.pt"
+    assert main(["compare", "--arm", ft, "--seeds", "0", "1", "--out", str(out)]) == 2
+    assert "s1.pt' does not exist" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_interrupted_run_is_resumed_and_another_protocol_refused(tmp_path: Path) -> None:
     cfg = TrainConfig(method="standard", epochs=2)
     run = PlannedRun("standard", 0, cfg, tmp_path / "r", tmp_path / "c.yaml", tmp_path / "l.log")

@@ -66,6 +66,15 @@ class Arm:
     label: str
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    def for_seed(self, seed: int) -> dict[str, Any]:
+        """The overrides of the run with this seed: ``{seed}`` in a text value becomes the seed
+        (e.g. ``init_checkpoint=cmp/runs/standard-s{seed}/checkpoint.pt``, so a fine-tuning
+        arm starts from the pre-trained run of its own seed)."""
+        return {
+            key: value.replace("{seed}", str(seed)) if isinstance(value, str) else value
+            for key, value in self.overrides.items()
+        }
+
 
 def parse_arm(text: str) -> Arm:
     """``"LABEL: key=value key=value"`` → :class:`Arm` (values parsed as YAML)."""

@@ -40,7 +40,9 @@ def add_parser(sub: Any) -> None:
         default=[],
         metavar="'LABEL: KEY=VALUE ...'",
         help="an arm with its own config keys, e.g. "
-        "--arm 'afan-mean: method=afan method_options.loss_weighting=mean'",
+        "--arm 'afan-mean: method=afan method_options.loss_weighting=mean'; {seed} in a value "
+        "becomes the run's seed (method_options.init_checkpoint=cmp/runs/standard-s{seed}/"
+        "checkpoint.pt)",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--baseline", help="the arm differences refer to (default: the first)")
@@ -81,11 +83,14 @@ def plan(args: argparse.Namespace) -> tuple[list[Arm], list[PlannedRun]]:
         raise AdvfeatError(f"--jobs and --threads must be >= 1, got {args.jobs}, {args.threads}")
     out = Path(args.out)
     runs = []
-    for arm in arms:  # names and options of every arm, before any run starts
-        check_config(config_from_args(args, recipe=False, extra={**arm.overrides, "seed": 0}))
+    for arm in arms:  # names and options of every run, before any run starts
+        for seed in args.seeds:
+            check_config(
+                config_from_args(args, recipe=False, extra={**arm.for_seed(seed), "seed": seed})
+            )
     for seed in args.seeds:
         for arm in arms:
-            extra = {**arm.overrides, "seed": seed, "progress": False}
+            extra = {**arm.for_seed(seed), "seed": seed, "progress": False}
             cfg = config_from_args(args, recipe=False, extra=extra)
             name = f"{arm.label}-s{seed}"
             runs.append(
