@@ -29,7 +29,7 @@ from advfeat.norm import (
     convert_multibn,
     use_branch,
 )
-from advfeat.train.checkpoint import load_checkpoint, save_checkpoint
+from advfeat.checkpoint import load_checkpoint, save_checkpoint
 
 BRANCHES = afa_branches(3)
 GRID_255 = (0.0, 4.0, 8.0)  # K = 3, doubling grid up to 8/255

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from advfeat.checkpoint import atomic_write_json
 from advfeat.data import DatasetBundle
 from advfeat.errors import AdvfeatError
 from advfeat.eval.accuracy import eval_mode
@@ -48,7 +49,6 @@ from advfeat.eval.context import EvalContext, EvalData, PartialStore
 from advfeat.eval.folders import ImageFolderDomain
 from advfeat.eval.loading import DenseEvalData, eval_data, load_run
 from advfeat.tasks import DenseTask
-from advfeat.train.checkpoint import atomic_write_json
 
 __all__ = [
     "RESULT_FORMAT",
@@ -92,8 +92,8 @@ def _version(dist: str) -> str | None:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions and machine facts recorded with every result."""
-    from advfeat import __version__
     from advfeat.eval.autoattack import autoattack_backend
+    from advfeat.version import __version__
 
     env: dict[str, Any] = {
         "advfeat": __version__,
@@ -367,8 +367,8 @@ def write_outputs(
     atomic_write_json(out, results)
     written["json"] = out
     if report:
+        from advfeat.checkpoint import atomic_write_text
         from advfeat.eval.report import markdown_report
-        from advfeat.train.checkpoint import atomic_write_text
 
         md = out.with_suffix(".md")
         atomic_write_text(md, markdown_report(results))

@@ -77,7 +77,9 @@ from advfeat.methods.adversarial import (
 from advfeat.methods.auxbn import ROUTINGS, resolve_routing
 from advfeat.methods.base import Method, MethodOutput, unwrap
 from advfeat.methods.registry import register_method
+from advfeat.modes import eval_mode
 from advfeat.norm import (
+    BranchModel,
     MultiBatchNorm,
     WeightGenerator,
     afa_branches,
@@ -87,7 +89,7 @@ from advfeat.norm import (
     use_branch,
 )
 
-__all__ = ["AFA", "BranchInference", "strength_grid"]
+__all__ = ["AFA", "strength_grid"]
 
 GRID_SPACINGS = ("doubling", "linear")
 CLEAN_REFERENCES = ("clean-branch", "own-branch")
@@ -101,22 +103,6 @@ def strength_grid(k: int, eps_max_255: float, spacing: str = "doubling") -> tupl
     if spacing == "linear":
         return tuple(eps_max_255 * i / (k - 1) for i in range(k))
     raise unknown_name("AFA grid_spacing", str(spacing), GRID_SPACINGS)
-
-
-class BranchInference(nn.Module):
-    """``model`` with every BN layer on one branch: how a stage-I AFA model is evaluated."""
-
-    def __init__(self, model: nn.Module, branch: str) -> None:
-        super().__init__()
-        self.model = model
-        self.branch = branch
-
-    def forward(self, x: Tensor) -> Any:
-        with use_branch(self.model, self.branch):
-            return self.model(x)
-
-    def extra_repr(self) -> str:
-        return f"branch={self.branch!r}"
 
 
 def _number(value: Any) -> bool:
@@ -288,12 +274,14 @@ class AFA(Method):
             prefix_weight=o.prefix_weight,
         )
 
-    def _load_stage1(self, model: nn.Module) -> None:
-        from advfeat.train.checkpoint import load_checkpoint  # the trainer imports the methods
+    def initial_checkpoint(self) -> str | None:
+        return self.opts.stage1_checkpoint if self.opts.stage == 2 else None
 
-        path = str(self.opts.stage1_checkpoint)
-        state = load_checkpoint(path)
-        config = state.get("config") or {}
+    def _load_stage1(self, model: nn.Module) -> None:
+        initial = self.initial_weights()
+        if initial is None:  # validate_options requires stage1_checkpoint in stage 2
+            raise AdvfeatError("afa: stage 2 needs the weights of a stage-1 run")
+        path, config = initial.source, initial.config
         if config.get("method") != "afa":
             raise AdvfeatError(
                 f"afa: stage1_checkpoint {path!r} was trained with method "
@@ -316,8 +304,8 @@ class AFA(Method):
                 f"ε={list(self.grid_255)} /255; pass the stage-1 run's num_branches / grid options"
             )
         try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError) as err:
+            model.load_state_dict(initial.weights)
+        except RuntimeError as err:
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
             raise AdvfeatError(
                 f"afa: stage1_checkpoint {path!r} (model {config.get('model')!r}, "
@@ -337,15 +325,18 @@ class AFA(Method):
             if isinstance(output, Tensor) and output.dim() == 4 and not seen:
                 seen.append(output.shape[1])
 
+        shape = self.context.input_shape
+        if shape is None:
+            raise AdvfeatError(
+                f"afa: generator_source {source!r} is sized by running the model once; prepare "
+                "it with method.prepare_with(model, PrepareContext(input_shape=(C, H, W)))"
+            )
         handle = names[source].register_forward_hook(tap)
-        training = model.training
         try:
-            model.eval()
-            with torch.no_grad():
-                model(torch.zeros(2, 3, 32, 32))
+            with eval_mode(model), torch.no_grad():
+                model(torch.zeros(2, *shape))
         finally:
             handle.remove()
-            model.train(training)
         if not seen:
             raise AdvfeatError(
                 f"afa: generator_source {source!r} must output a feature map (N, C, H, W)"
@@ -355,7 +346,7 @@ class AFA(Method):
     def eval_model(self, model: nn.Module) -> nn.Module:
         if self.opts.stage == 2:
             return model
-        return BranchInference(model, self.branches[self.opts.eval_branch])
+        return BranchModel(model, self.branches[self.opts.eval_branch])
 
     # ------------------------------------------------------------------------------ training
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]

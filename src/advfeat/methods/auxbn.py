@@ -20,8 +20,7 @@ source. Fast AdvProp (Mei et al. 2022) and AdvBN (Shu et al. 2021, Sec. 4) reuse
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 from weakref import WeakSet
 
@@ -39,6 +38,7 @@ from advfeat.norm import (
     strip_aux_bn,
     use_branch,
 )
+from advfeat.norm.stats import is_batchnorm_like
 
 __all__ = [
     "ADV",
@@ -50,7 +50,6 @@ __all__ = [
     "branch_forward",
     "check_choice",
     "check_number",
-    "model_mode",
     "prepare_branches",
     "resolve_routing",
     "strong_augment",
@@ -100,7 +99,7 @@ def prepare_branches(model: nn.Module, branches: Sequence[str], *, method: str) 
                 f"{tuple(branches)}; start from the plain model"
             )
         return model
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in inner.modules()):
+    if not any(is_batchnorm_like(m) for m in inner.modules()):
         raise AdvfeatError(
             f"{method} trains adversarial examples through an auxiliary batch norm, but "
             f"{type(inner).__name__} has no batch-norm layer (BatchNorm1d/2d/3d, SyncBatchNorm "
@@ -174,19 +173,6 @@ def branch_forward(
 
 def _empty_like(output: Tensor) -> Tensor:
     return output.new_zeros((0, *output.shape[1:]))
-
-
-@contextmanager
-def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Run ``model`` in train (``"train"``) or eval (``"eval"``) mode; flags restored on exit."""
-    check_choice("attack", "bn_mode", mode, ATTACK_BN_MODES)
-    flags = {m: m.training for m in model.modules()}
-    model.train(mode == "train")
-    try:
-        yield
-    finally:
-        for m, was_training in flags.items():
-            m.training = was_training
 
 
 # --------------------------------------------------------------------------- extra sources

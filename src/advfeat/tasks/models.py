@@ -29,6 +29,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from advfeat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.models.normalize import ChannelStats, attach_normalize
 from advfeat.tasks.deeplab_plus import DeepLabV3Plus, TinyResNetBody
@@ -40,9 +41,6 @@ __all__ = [
     "build_segmenter",
     "load_state_file",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DETECTORS = (
     "fasterrcnn_resnet50_fpn",

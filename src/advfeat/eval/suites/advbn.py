@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from advfeat.checkpoint import save_checkpoint
 from advfeat.eval.advbn_decoder import (
     advbn_images,
     reconstruction_error,
@@ -37,7 +38,6 @@ from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.suites.dense import refuse_dense
 from advfeat.eval.suites.features import default_site
 from advfeat.eval.suites.registry import register_suite, skipped
-from advfeat.train.checkpoint import save_checkpoint
 
 __all__ = ["run"]
 

@@ -9,27 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
-
 from advfeat.eval.context import EvalContext
 from advfeat.eval.suites.dense import refuse_dense
 from advfeat.eval.suites.registry import SUITES, register_suite, skipped
-from advfeat.norm import MultiBatchNorm, branch_names, use_branch
+from advfeat.norm import BranchModel, MultiBatchNorm, branch_names
 
 __all__ = ["BranchModel", "run"]
-
-
-class BranchModel(nn.Module):
-    """``model`` with every batch sent through BN branch ``branch`` (parameters shared)."""
-
-    def __init__(self, model: nn.Module, branch: str) -> None:
-        super().__init__()
-        self.model = model
-        self.branch = branch
-
-    def forward(self, x: Tensor) -> Any:
-        with use_branch(self.model, self.branch):
-            return self.model(x)
 
 
 @register_suite("bn", "the chosen suites under each BN branch of a multi-branch model")
