@@ -35,9 +35,6 @@ from advfeat.norm import (
     use_branch,
 )
 
-timm = pytest.importorskip("timm")
-
-
 # --------------------------------------------------------------------------------- fixtures
 
 
@@ -180,6 +177,7 @@ def test_main_branch_in_train_mode_matches_unconverted_model() -> None:
 @pytest.fixture(scope="module")
 def timm_efficientnet() -> nn.Module:
     """A small timm EfficientNet (TinyNet-E: EfficientNet scaled down, BatchNormAct2d + SiLU)."""
+    timm = pytest.importorskip("timm", reason="the timm extra is not installed")
     model = seeded(lambda: timm.create_model("tinynet_e", num_classes=10))
     return warmed(model, images(4))
 
