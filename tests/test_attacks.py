@@ -494,6 +494,7 @@ def test_attack_through_aux_branch(
     make_tiny_bn_cnn: Callable[..., nn.Module], tiny_batch: tuple[Tensor, Tensor]
 ) -> None:
     from advfeat import norm
+
     x, y = tiny_batch[0].double(), tiny_batch[1]
     model = make_tiny_bn_cnn(seed=0).double()
     plain_main = copy.deepcopy(model).eval()

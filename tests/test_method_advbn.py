@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from advfeat.checkpoint import save_checkpoint
 from advfeat.cli import main
 from advfeat.errors import AdvfeatError
 from advfeat.methods import build_method
 from advfeat.methods.advbn import advbn_eps
 from advfeat.norm import convert_multibn
-from advfeat.checkpoint import save_checkpoint
 
 
 def _save(model: nn.Module, path: Path) -> str:

@@ -22,34 +22,15 @@ __all__ = [
     "CORRUPTION_NAMES",
     "DEFAULT_SUITES",
     "DENSE_ATTACK_NAMES",
-    "DENSE_SUITE_NAMES",
-    "SUITE_NAMES",
     "TASK_NAMES",
     "EvalConfig",
     "check_eps",
 ]
 
-SUITE_NAMES: tuple[str, ...] = (
-    "clean",
-    "attacks",
-    "corruptions",
-    "shift",
-    "bn",
-    "divergence",
-    "hessian",
-    "features",
-    "landscape",
-    "advbn",
-)
-"""Every suite, in the order they run."""
-
 DEFAULT_SUITES: tuple[str, ...] = ("clean", "attacks")
 
 TASK_NAMES: tuple[str, ...] = ("classification", "detection", "segmentation")
 """The kinds of model an evaluation knows (``EvalConfig.task``)."""
-
-DENSE_SUITE_NAMES: tuple[str, ...] = ("clean", "attacks", "shift")
-"""The suites that apply to detection and segmentation (AP / mIoU clean, under PGD, shifted)."""
 
 DENSE_ATTACK_NAMES: tuple[str, ...] = ("pgd",)
 """Detection and segmentation are attacked with image-space PGD on the task loss (A-FAN §5-6)."""
@@ -225,10 +206,13 @@ class EvalConfig:
         """Check every value; raise :class:`AdvfeatError` naming the bad one. Returns ``self``."""
         if self.task not in TASK_NAMES:
             raise unknown_name("evaluation task", str(self.task), TASK_NAMES)
-        self.suites = _names(self.suites, "suite", SUITE_NAMES)
+        from advfeat.eval.suites import suite_names  # the registered suites, in run order
+
+        every = suite_names()
+        self.suites = _names(self.suites, "suite", every)
         if not self.suites:
-            raise AdvfeatError(f"choose at least one suite ({', '.join(SUITE_NAMES)})")
-        self.suites = tuple(s for s in SUITE_NAMES if s in self.suites)
+            raise AdvfeatError(f"choose at least one suite ({', '.join(every)})")
+        self.suites = tuple(s for s in every if s in self.suites)
         self.attacks = _names(self.attacks, "attack", ATTACK_NAMES)
         if self.task != "classification":
             self._check_dense()
@@ -340,8 +324,10 @@ class EvalConfig:
 
     def _check_dense(self) -> None:
         """Detection / segmentation: only the suites and attacks that measure AP or mIoU."""
+        from advfeat.eval.suites import suite_names
+
         for kind, chosen, allowed in (
-            ("suite", self.suites, DENSE_SUITE_NAMES),
+            ("suite", self.suites, suite_names(self.task)),
             ("attack", self.attacks, DENSE_ATTACK_NAMES),
         ):
             wrong = [n for n in chosen if n not in allowed]

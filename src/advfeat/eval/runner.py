@@ -44,7 +44,7 @@ from advfeat.checkpoint import atomic_write_json
 from advfeat.data import DatasetBundle
 from advfeat.errors import AdvfeatError
 from advfeat.eval.accuracy import eval_mode
-from advfeat.eval.config import DEFAULT_SUITES, DENSE_SUITE_NAMES, SUITE_NAMES, EvalConfig
+from advfeat.eval.config import DEFAULT_SUITES, EvalConfig
 from advfeat.eval.context import EvalContext, EvalData, PartialStore
 from advfeat.eval.folders import ImageFolderDomain
 from advfeat.eval.loading import DenseEvalData, eval_data, load_run
@@ -173,7 +173,9 @@ def _suite_list(suites: Iterable[str] | str, task: str) -> tuple[str, ...]:
     names = [s.strip() for s in suites.split(",")] if isinstance(suites, str) else list(suites)
     names = [s for s in names if s]
     if "all" in names:
-        return SUITE_NAMES if task == "classification" else DENSE_SUITE_NAMES
+        from advfeat.eval.suites import suite_names
+
+        return suite_names(task)
     return tuple(names)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "build_dense_parts",
     "build_parts",
     "check_config",
+    "input_shape",
     "prepare_context",
 ]
 
@@ -104,7 +105,16 @@ def prepare_context(method: Method, data: DatasetBundle) -> PrepareContext:
     the weights of the method's initial checkpoint (read here, not by the method)."""
     path = method.initial_checkpoint()
     initial = read_initial_weights(path, method=method.name) if path else None
-    return PrepareContext(input_shape=tuple(data.train[0][0].shape), initial=initial)
+    return PrepareContext(input_shape=input_shape(data), initial=initial)
+
+
+def input_shape(data: DatasetBundle) -> tuple[int, ...]:
+    """``(C, H, W)`` of the data's images: its first training image, else (a bundle that only
+    describes the data) its channel count and image size."""
+    train: Any = data.train
+    if len(train) > 0:
+        return tuple(train[0][0].shape)
+    return (len(data.mean), data.image_size, data.image_size)
 
 
 def build_dense_parts(cfg: TrainConfig, data: DatasetBundle) -> RunParts:
