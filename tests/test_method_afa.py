@@ -485,7 +485,7 @@ def test_stage2_checkpoint_problems_raise_clear_errors(tmp_path: Path) -> None:
     ("options", "message"),
     [
         ({"num_branch": 3}, "did you mean 'num_branches'"),
-        ({"stage": 3}, "stage must be 1"),
+        ({"stage": 3}, r"stage must be an integer in \[1, 2\]"),
         ({"base": "trade"}, "did you mean 'trades'"),
         ({"num_branches": 1}, "num_branches"),
         ({"eps_grid_255": [0, 4]}, "one strength per BN branch"),

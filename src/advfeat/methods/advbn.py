@@ -48,8 +48,6 @@ from advfeat.methods.auxbn import (
     MAIN,
     ROUTINGS,
     AuxBNMethod,
-    check_choice,
-    check_number,
     prepare_branches,
     require_branches,
     resolve_routing,
@@ -59,6 +57,7 @@ from advfeat.methods.registry import register_method
 from advfeat.modes import restored_train_flags
 from advfeat.norm import split_branches, use_branch
 from advfeat.norm.stats import frozen_bn_statistics, is_batchnorm_like
+from advfeat.options import Choice, Flag, Integer, Number, Text, option
 from advfeat.sites import SiteSplit, resolve_site
 
 __all__ = ["AdvBN", "advbn_eps", "load_initial_weights", "prefix_module_names"]
@@ -138,17 +137,20 @@ class AdvBN(AuxBNMethod):
 
     @dataclass
     class Options:
-        init_checkpoint: str | None = None  # Sec. 4: AdvBN fine-tunes a pre-trained model
-        site: str = "layer1"  # Sec. 5.1: conv2_3, the end of the first residual stage
-        steps: int = 6  # Sec. 5.1: m = 6
-        tau: float = 0.2  # Sec. 5.1: τ = 0.2
-        eps: float | None = None  # Sec. 5.1: ε = m·τ − 0.1
-        random_start: bool = False
-        stats: str = "batch"  # Eq. 1: per-channel batch statistics
-        attack_bn_mode: str = "train"
-        prefix_bn_mode: str = "eval"
-        adv_weight: float = 1.0  # Eq. 3
-        routing: str = "auto"
+        # Sec. 4: AdvBN fine-tunes a pre-trained model
+        init_checkpoint: str | None = option(None, Text(optional=True, hint="a file path"))
+        # Sec. 5.1: conv2_3, the end of the first residual stage
+        site: str = option("layer1", Text(hint="a dotted module name"))
+        steps: int = option(6, Integer(low=1, hint="m"))  # Sec. 5.1: m = 6
+        tau: float = option(0.2, Number(low=0, low_open=True))  # Sec. 5.1: τ = 0.2
+        eps: float | None = option(None, Number(low=0, optional=True))  # Sec. 5.1: ε = m·τ − 0.1
+        random_start: bool = option(False, Flag())
+        # Eq. 1: per-channel batch statistics
+        stats: str = option("batch", Choice("batch", "instance"))
+        attack_bn_mode: str = option("train", Choice(*ATTACK_BN_MODES))
+        prefix_bn_mode: str = option("eval", Choice(*ATTACK_BN_MODES))
+        adv_weight: float = option(1.0, Number(low=0))  # Eq. 3
+        routing: str = option("auto", Choice(*ROUTINGS))
         eval_branch: str = MAIN  # Appendix A.3: main BN on data close to the training data
 
     last_multipliers: tuple[Tensor, Tensor] | None = None
@@ -162,27 +164,10 @@ class AdvBN(AuxBNMethod):
 
     def validate_options(self) -> None:
         o, name = self.opts, self.name
-        path = o.init_checkpoint
-        if path is not None and (not isinstance(path, str) or not path):
-            raise AdvfeatError(f"{name}: init_checkpoint must be a file path, got {path!r}")
-        if path is not None and not Path(path).is_file():
-            raise AdvfeatError(f"{name}: init_checkpoint {path!r} does not exist")
-        if not isinstance(o.site, str) or not o.site:
-            raise AdvfeatError(f"{name}: site must be a dotted module name, got {o.site!r}")
-        if isinstance(o.steps, bool) or not isinstance(o.steps, int) or o.steps < 1:
-            raise AdvfeatError(f"{name}: steps (m) must be an integer >= 1, got {o.steps!r}")
-        check_number(name, "tau", o.tau, low=0, open_low=True)
-        if o.eps is not None:
-            check_number(name, "eps", o.eps, low=0, open_low=False)
-        elif self.bound <= 0:
+        if o.init_checkpoint is not None and not Path(o.init_checkpoint).is_file():
+            raise AdvfeatError(f"{name}: init_checkpoint {o.init_checkpoint!r} does not exist")
+        if o.eps is None and self.bound <= 0:
             raise AdvfeatError(f"{name}: ε = m·τ − 0.1 = {self.bound:g} is not positive; set eps")
-        if not isinstance(o.random_start, bool):
-            raise AdvfeatError(f"{name}: random_start must be true or false")
-        check_choice(name, "stats", o.stats, ("batch", "instance"))
-        check_choice(name, "attack_bn_mode", o.attack_bn_mode, ATTACK_BN_MODES)
-        check_choice(name, "prefix_bn_mode", o.prefix_bn_mode, ATTACK_BN_MODES)
-        check_number(name, "adv_weight", o.adv_weight, low=0, open_low=False)
-        check_choice(name, "routing", o.routing, ROUTINGS)
         super().validate_options()
 
     def initial_checkpoint(self) -> str | None:

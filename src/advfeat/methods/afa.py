@@ -67,8 +67,10 @@ from torch import Tensor, nn
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.adversarial import (
     BASES,
+    INIT_STD,
     RANDOM_STARTS,
     RECIPES,
+    STEPS,
     RandomStart,
     adversarial_term,
     clean_reference_logits,
@@ -88,6 +90,7 @@ from advfeat.norm import (
     to_fused_dual_bn,
     use_branch,
 )
+from advfeat.options import Choice, Flag, Integer, Number, option
 
 __all__ = ["AFA", "strength_grid"]
 
@@ -118,85 +121,57 @@ class AFA(Method):
 
     @dataclass
     class Options:
-        stage: int = 1
-        base: str = "pgd-at"  # adversarial loss of stage I: pgd-at | trades | mart (Sec. 5.1)
-        num_branches: int = 5  # K (Sec. 5.1, Table 4)
+        stage: int = option(1, Integer(1, 2, hint="1: K BN branches, 2: weight generator"))
+        # adversarial loss of stage I: pgd-at | trades | mart (Sec. 5.1)
+        base: str = option("pgd-at", Choice(*BASES))
+        num_branches: int = option(5, Integer(low=2, hint="K"))  # K (Sec. 5.1, Table 4)
         eps_max_255: float = 8.0  # ε_{K−1}, the largest strength of Tables 1–3
-        grid_spacing: str = "doubling"  # K = 5 → ε = 0, 1, 2, 4, 8 (/255)
+        # K = 5 → ε = 0, 1, 2, 4, 8 (/255)
+        grid_spacing: str = option("doubling", Choice(*GRID_SPACINGS))
         eps_grid_255: list[float] | None = None  # explicit ε_0 = 0 < … < ε_{K−1}
-        steps: int = 10
-        alpha_ratio: float = 0.25  # PGD step α_k = alpha_ratio · ε_k
-        random_start: str | None = None  # None → the base's (uniform / 0.001·N(0, I))
-        init_std: float = 0.001
-        attack_bn_mode: str | None = None  # None → the base's (train / eval)
-        trades_beta: float = 6.0  # TRADES β (Zhang et al. 2019, CIFAR-10)
-        mart_lambda: float = 6.0  # MART λ (Wang et al. 2020, WideResNet)
-        clean_reference: str = "clean-branch"
+        steps: int = option(10, STEPS)
+        # PGD step α_k = alpha_ratio · ε_k
+        alpha_ratio: float = option(0.25, Number(low=0, low_open=True))
+        # None → the base's (uniform / 0.001·N(0, I))
+        random_start: str | None = option(None, Choice(*RANDOM_STARTS, optional=True))
+        init_std: float = option(0.001, INIT_STD)
+        # None → the base's (train / eval)
+        attack_bn_mode: str | None = option(None, Choice("train", "eval", optional=True))
+        # TRADES β (Zhang et al. 2019, CIFAR-10), MART λ (Wang et al. 2020, WideResNet)
+        trades_beta: float = option(6.0, Number(low=0))
+        mart_lambda: float = option(6.0, Number(low=0))
+        clean_reference: str = option("clean-branch", Choice(*CLEAN_REFERENCES))
         eval_branch: int = 0
         stage1_checkpoint: str | None = None
-        stage2_strengths: str = "uniform"
+        stage2_strengths: str = option("uniform", Choice(*STAGE2_STRENGTHS))
         generator_source: str | None = None
-        generator_per_layer: bool = False
-        generator_channels: int = 64
-        prefix_weight: float | None = None
-        routing: str = "auto"  # stage I: one split pass over the K−1 strengths, or one per branch
+        generator_per_layer: bool = option(False, Flag())
+        generator_channels: int = option(64, Integer(low=1))
+        prefix_weight: float | None = option(
+            None,
+            Number(
+                low=0, high=1, optional=True,
+                hint="the fixed W_0 of BN layers that run before generator_source",
+            ),
+        )  # fmt: skip
+        # stage I: one split pass over the K−1 strengths, or one per branch
+        routing: str = option("auto", Choice(*ROUTINGS))
 
     # ------------------------------------------------------------------------------ options
     def validate_options(self) -> None:
-        o = self.opts
-        if o.routing not in ROUTINGS:
-            raise unknown_name("afa routing", str(o.routing), ROUTINGS)
-        if isinstance(o.stage, bool) or not isinstance(o.stage, int) or o.stage not in (1, 2):
-            raise AdvfeatError(
-                f"afa: stage must be 1 (K BN branches) or 2 (weight generator), got {o.stage!r}"
-            )
-        if o.base not in BASES:
-            raise unknown_name("afa base", str(o.base), BASES)
-        k = o.num_branches
-        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-            raise AdvfeatError(f"afa: num_branches (K) must be an integer >= 2, got {k!r}")
+        o, k = self.opts, self.opts.num_branches
         self.grid_255 = self._resolve_grid()
-        if isinstance(o.steps, bool) or not isinstance(o.steps, int) or o.steps < 1:
-            raise AdvfeatError(f"afa: steps must be an integer >= 1, got {o.steps!r}")
-        for label in ("alpha_ratio", "trades_beta", "mart_lambda", "init_std"):
-            value = getattr(o, label)
-            if not _number(value) or value < 0 or (label == "alpha_ratio" and value == 0):
-                bound = "> 0" if label == "alpha_ratio" else ">= 0"
-                raise AdvfeatError(f"afa: {label} must be a number {bound}, got {value!r}")
-        if o.random_start is not None and o.random_start not in RANDOM_STARTS:
-            raise unknown_name("afa random_start", str(o.random_start), RANDOM_STARTS)
-        if o.attack_bn_mode is not None and o.attack_bn_mode not in ("train", "eval"):
-            raise unknown_name("afa attack_bn_mode", str(o.attack_bn_mode), ("train", "eval"))
-        if o.clean_reference not in CLEAN_REFERENCES:
-            raise unknown_name("afa clean_reference", str(o.clean_reference), CLEAN_REFERENCES)
-        if o.stage2_strengths not in STAGE2_STRENGTHS:
-            raise unknown_name("afa stage2_strengths", str(o.stage2_strengths), STAGE2_STRENGTHS)
         eb = o.eval_branch
         if isinstance(eb, bool) or not isinstance(eb, int) or not -k <= eb < k:
             raise AdvfeatError(
                 f"afa: eval_branch must be a branch index in [{-k}, {k - 1}] (0 = clean BN_0, "
                 f"-1 = BN_K-1), got {eb!r}"
             )
-        gc = o.generator_channels
-        if isinstance(gc, bool) or not isinstance(gc, int) or gc < 1:
-            raise AdvfeatError(f"afa: generator_channels must be an integer >= 1, got {gc!r}")
-        pw = o.prefix_weight
-        if pw is not None and (not _number(pw) or not 0 <= pw <= 1):
-            raise AdvfeatError(
-                f"afa: prefix_weight (the fixed W_0 of BN layers that run before "
-                f"generator_source) must be a number in [0, 1] or null, got {pw!r}"
-            )
-        if not isinstance(o.generator_per_layer, bool):
-            raise AdvfeatError(
-                f"afa: generator_per_layer must be true or false, got {o.generator_per_layer!r}"
-            )
         self._validate_checkpoint_option()
 
     def _resolve_grid(self) -> tuple[float, ...]:
         o = self.opts
         k = o.num_branches
-        if o.grid_spacing not in GRID_SPACINGS:
-            raise unknown_name("afa grid_spacing", str(o.grid_spacing), GRID_SPACINGS)
         if o.eps_grid_255 is None:
             if not _number(o.eps_max_255) or not 0 < o.eps_max_255 <= 255:
                 raise AdvfeatError(

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from advfeat.checkpoint import InitialWeights, read_initial_weights
 from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.options import check_options
 from advfeat.sites import unwrap_model as unwrap
 
 __all__ = ["Method", "MethodOutput", "PrepareContext", "unwrap"]
@@ -70,8 +71,10 @@ class PrepareContext:
 class Method(nn.Module):
     """Base class of all training methods.
 
-    Subclasses set ``name``, ``paper`` and optionally ``training_recipe``, declare their options as a nested dataclass
-    ``Options`` whose defaults are the paper's defaults, and implement :meth:`forward`.
+    Subclasses set ``name``, ``paper`` and optionally ``training_recipe``, declare their options as
+    a nested dataclass ``Options`` whose defaults are the paper's defaults (a field declared with
+    :func:`advfeat.options.option` carries its constraint and is checked generically), and
+    implement :meth:`forward`; :meth:`validate_options` adds the rules that tie options together.
     ``self.opts`` holds the validated options.
     """
 
@@ -88,6 +91,7 @@ class Method(nn.Module):
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self.opts = self.parse_options(options)
+        check_options(self.name, self.opts)  # the constraints declared with option(...)
         self.validate_options()
 
     @classmethod
