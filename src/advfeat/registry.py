@@ -47,6 +47,13 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> None:
         self.register(name)(obj)
 
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` (e.g. a plugin or a test's temporary entry); returns it."""
+        try:
+            return self._items.pop(name)
+        except KeyError:
+            raise unknown_name(self.kind, name, self._items) from None
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]
