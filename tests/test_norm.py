@@ -653,7 +653,7 @@ def test_is_batchnorm_like_covers_every_bn_and_only_bn() -> None:
         assert not is_batchnorm_like(OwnNorm())
         assert register_batchnorm_class(OwnNorm) is OwnNorm
         assert is_batchnorm_like(OwnNorm()) and is_batchnorm_like(OwnNormChild())
-        with pytest.raises(TypeError, match="nn.Module class"):
+        with pytest.raises(TypeError, match=r"nn\.Module class"):
             register_batchnorm_class(int)  # type: ignore[type-var]
     finally:
         _BATCHNORM_CLASSES[:] = before
