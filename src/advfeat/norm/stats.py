@@ -74,9 +74,9 @@ def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
     for m in batchnorm_modules(model):
         if getattr(m, "track_running_stats", False) and m.training:
             saved.append((m, True))
-            m.track_running_stats = False
+            setattr(m, "track_running_stats", False)  # noqa: B010 (any BN-like class)
     try:
         yield
     finally:
         for m, flag in saved:
-            m.track_running_stats = flag
+            setattr(m, "track_running_stats", flag)  # noqa: B010
