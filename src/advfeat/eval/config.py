@@ -193,10 +193,12 @@ class EvalConfig:
         if self.task != "classification":
             self._check_dense()
         self.corruptions = _names(self.corruptions, "corruption", CORRUPTION_NAMES)
+        from advfeat.eval.suites import SUITES
+
         self.bn_suites = _names(
             self.bn_suites,
             "suite under each BN branch",
-            ("clean", "attacks", "shift", "corruptions"),
+            tuple(name for name in every if SUITES.get(name).per_branch),
         )
         check_options("", self, write=True)  # every field declared with option(...)
         curve = tuple(check_eps(e, "ε-curve value") for e in self.eps_curve)

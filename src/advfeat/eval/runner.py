@@ -193,18 +193,12 @@ def _check_dense_extras(task: str, **given: Any) -> None:
 
 def _check_ready(cfg: EvalConfig, surrogate: Any) -> None:
     """Fail before any work when an asked-for optional piece is missing."""
-    if "corruptions" in cfg.suites or ("bn" in cfg.suites and "corruptions" in cfg.bn_suites):
-        from advfeat.eval.corruption import require_imagecorruptions
+    from advfeat.eval.suites import SUITES
 
-        require_imagecorruptions()
-    if "attacks" in cfg.suites and "autoattack" in cfg.attacks:
-        from advfeat.eval.autoattack import autoattack_backend
-
-        if autoattack_backend() is None:
-            raise AdvfeatError(
-                "AutoAttack was asked for, but no AutoAttack package is installed: pip install "
-                "'advfeat[autoattack]' (torchattacks) or the authors' autoattack package"
-            )
+    for name in cfg.suites:
+        ready = SUITES.get(name).ready
+        if ready is not None:
+            ready(cfg)
 
 
 def _load_baseline(baseline: Any, device: torch.device) -> tuple[Any, str | None]:

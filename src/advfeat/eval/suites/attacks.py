@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from advfeat.attacks.base import attack_guard
 from advfeat.attacks.pixel import CWL2, FGSM, PGD
+from advfeat.errors import AdvfeatError
 from advfeat.eval.adaptive import adaptive_loss, find_fusion, fusion_weight_tap, per_sample_w0
 from advfeat.eval.autoattack import (
     autoattack_backend,
@@ -41,6 +42,7 @@ from advfeat.eval.autoattack import (
     model_checks,
     perturbation_check,
 )
+from advfeat.eval.config import EvalConfig
 from advfeat.eval.context import EvalContext
 from advfeat.eval.plots import plot_eps_curve, plot_fusion_weight
 from advfeat.eval.report import DENSE_METRICS, dense_scalars, md_table, pct, pgd_budget, skip_lines
@@ -246,6 +248,15 @@ def _dense(ctx: EvalContext, task: DenseTask) -> dict[str, Any]:
     return {"eps": cfg.eps, "pgd": pgd}
 
 
+def ready(config: EvalConfig) -> None:
+    """AutoAttack needs an AutoAttack package (an optional extra)."""
+    if "autoattack" in config.attacks and autoattack_backend() is None:
+        raise AdvfeatError(
+            "AutoAttack was asked for, but no AutoAttack package is installed: pip install "
+            "'advfeat[autoattack]' (torchattacks) or the authors' autoattack package"
+        )
+
+
 def report(att: dict[str, Any], task: str) -> list[str]:
     """Robust accuracy per attack, the ε-curve, AutoAttack checks, AFA's adaptive attack;
     for detection and segmentation, the metrics clean and under PGD."""
@@ -260,6 +271,8 @@ def report(att: dict[str, Any], task: str) -> list[str]:
     title="Attacks",
     report=report,
     plots={"accuracy_vs_eps": plot_eps_curve, "fusion_weight": plot_fusion_weight},
+    per_branch=True,
+    ready=ready,
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.config

@@ -10,12 +10,21 @@ from __future__ import annotations
 from typing import Any
 
 from advfeat.eval.analysis_plots import plot_branches
+from advfeat.eval.config import EvalConfig
 from advfeat.eval.context import EvalContext
 from advfeat.eval.report import md_table, pct
 from advfeat.eval.suites.registry import SUITES, register_suite, skipped
 from advfeat.norm import BranchModel, MultiBatchNorm, branch_names
 
 __all__ = ["BranchModel", "run"]
+
+
+def ready(config: EvalConfig) -> None:
+    """The suites run under each branch must be ready themselves."""
+    for name in config.bn_suites:
+        check = SUITES.get(name).ready
+        if check is not None:
+            check(config)
 
 
 @register_suite(
@@ -25,6 +34,7 @@ __all__ = ["BranchModel", "run"]
     title="BN branches",
     report=lambda result, _task: _bn(result),
     plots={"bn_branches": plot_branches},
+    ready=ready,
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     model = ctx.raw_model

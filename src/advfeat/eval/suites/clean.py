@@ -29,6 +29,7 @@ def report(c: dict[str, Any], task: str) -> list[str]:
     tasks=ALL_TASKS,
     title="Clean",
     report=report,
+    per_branch=True,
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     dataset = ctx.test_set()

@@ -97,6 +97,8 @@ def _baseline(ctx: EvalContext) -> dict[str, Any] | None:
     title="Corruptions",
     report=lambda result, _task: _corruptions(result),
     plots={"corruptions": plot_corruptions},
+    per_branch=True,
+    ready=lambda _config: require_imagecorruptions(),
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     result = corruption_table(ctx)

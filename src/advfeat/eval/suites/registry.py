@@ -14,6 +14,8 @@ file in ``advfeat/eval/suites/`` (the package imports every module of its folder
   work, and :meth:`Suite.run` refuses them too);
 * ``title`` and ``report(result, task) -> lines`` make its section of the Markdown report
   (a skipped result shows its reason under the title);
+* ``per_branch`` lets the ``bn`` suite run it under every BN branch; ``ready(config)`` raises
+  before any work when an optional package it needs is missing;
 * ``plots`` maps a file stem (``<out>_plots/<stem>.png``) to ``plot(results, path)``, which
   returns ``None`` when the results hold nothing to draw.
 """
@@ -30,12 +32,14 @@ from advfeat.eval.config import TASK_NAMES
 from advfeat.registry import Registry
 
 if TYPE_CHECKING:
+    from advfeat.eval.config import EvalConfig
     from advfeat.eval.context import EvalContext
 
 __all__ = [
     "ALL_TASKS",
     "SUITES",
     "PlotFn",
+    "ReadyFn",
     "ReportFn",
     "Suite",
     "SuiteFn",
@@ -46,6 +50,7 @@ __all__ = [
 ]
 
 SuiteFn = Callable[["EvalContext"], dict[str, Any]]
+ReadyFn = Callable[["EvalConfig"], None]
 ReportFn = Callable[[dict[str, Any], str], list[str]]
 """``(suite result, task) -> Markdown lines`` of the suite's report section."""
 PlotFn = Callable[[dict[str, Any], Path], "Path | None"]
@@ -77,6 +82,10 @@ class Suite:
     report_skipped: bool = True
     """Show a skipped result's reason in the report (else a skipped suite has no section)."""
     plots: Mapping[str, PlotFn] = field(default_factory=dict)
+    per_branch: bool = False
+    """May run again under every BN branch (the ``bn`` suite's ``bn_suites``)."""
+    ready: ReadyFn | None = None
+    """Raise before any work when an optional piece it needs for ``config`` is missing."""
 
     def applies_to(self, task: str) -> bool:
         return task in self.tasks
@@ -111,6 +120,8 @@ def register_suite(
     report: ReportFn | None = None,
     report_skipped: bool = True,
     plots: Mapping[str, PlotFn] | None = None,
+    per_branch: bool = False,
+    ready: ReadyFn | None = None,
 ) -> Callable[[SuiteFn], SuiteFn]:
     """Function decorator: register ``run(ctx)`` as suite ``name`` (see the module docstring)."""
     unknown = [t for t in tasks if t not in ALL_TASKS]
@@ -120,7 +131,7 @@ def register_suite(
     def deco(fn: SuiteFn) -> SuiteFn:
         suite = Suite(
             name, description, fn, order, tuple(tasks), title, report, report_skipped,
-            dict(plots or {}),
+            dict(plots or {}), per_branch, ready,
         )  # fmt: skip
         SUITES.add(name, suite)
         return fn

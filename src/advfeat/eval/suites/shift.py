@@ -36,6 +36,7 @@ def report(sh: dict[str, Any], task: str) -> list[str]:
     tasks=ALL_TASKS,
     title="Shifted domains",
     report=report,
+    per_branch=True,
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     task = dense_task(ctx)
