@@ -96,7 +96,7 @@ def test_default_preset_resolves_offline(capsys: pytest.CaptureFixture[str]) -> 
         (["train", "--model", "resnet2O"], "unknown model 'resnet2O'; did you mean"),
         (["train", "--dataset", "cifar-10"], "unknown dataset 'cifar-10'; did you mean 'cifar10'"),
         (["train", "--method", "advprp"], "unknown method 'advprp'; did you mean 'advprop'"),
-        (["train", "--epochs", "0"], "epochs must be a positive integer"),
+        (["train", "--epochs", "0"], "epochs must be an integer >= 1"),
         (["train", "--set", "learning_rate=0.1"], "unknown config key 'learning_rate'"),
         (["train", "--set", "lr"], "--set expects key=value"),
         (["train", "--set", "epochs=two"], "epochs must be a number"),
@@ -156,7 +156,7 @@ def test_console_script_entry_point() -> None:
         text=True,
     )
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "epochs must be a positive integer" in proc.stderr
+    assert "Traceback" not in proc.stderr and "epochs must be an integer >= 1" in proc.stderr
 
 
 def test_checkpoint_options_are_recorded_as_absolute_paths(

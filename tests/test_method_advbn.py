@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from advfeat.checkpoint import save_checkpoint
 from advfeat.cli import main
 from advfeat.errors import AdvfeatError
 from advfeat.methods import build_method
 from advfeat.methods.advbn import advbn_eps
 from advfeat.norm import convert_multibn
-from advfeat.train.checkpoint import save_checkpoint
 
 
 def _save(model: nn.Module, path: Path) -> str:
@@ -129,8 +129,8 @@ def test_eval_branch_and_checkpoint_with_aux_keys(tmp_path: Path, make_tiny_bn_c
 
 
 def test_bad_input_raises_clear_errors(tmp_path: Path, make_tiny_bn_cnn, init_ckpt: str) -> None:
-    with pytest.raises(AdvfeatError, match="init_checkpoint"):
-        build_method("advbn")
+    with pytest.raises(AdvfeatError, match="set init_checkpoint=PATH"):
+        build_method("advbn", site="block1").prepare(make_tiny_bn_cnn())
     with pytest.raises(AdvfeatError, match="does not exist"):
         build_method("advbn", init_checkpoint=str(tmp_path / "missing.pt"))
     with pytest.raises(AdvfeatError, match="block1"):

@@ -297,7 +297,7 @@ def test_cli_trains_end_to_end(name: str, tmp_path: Path) -> None:
     [
         ("trades", {"bta": 1.0}, "did you mean 'beta'"),
         ("mart", {"lamda": 1.0}, "did you mean 'lam'"),
-        ("pgd-at", {"eps": 8}, "eps must be in"),
+        ("pgd-at", {"eps": 8}, r"eps must be a number in \(0, 1\]"),
         ("pgd-at", {"alpha": 0}, "alpha"),
         ("pgd-at", {"steps": 0}, "steps"),
         ("trades", {"beta": -1}, "beta"),

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import advfeat.methods.afa as afa_module
+from advfeat.checkpoint import load_checkpoint, save_checkpoint
 from advfeat.cli import main
 from advfeat.errors import AdvfeatError
 from advfeat.methods import build_method
@@ -29,7 +30,6 @@ from advfeat.norm import (
     convert_multibn,
     use_branch,
 )
-from advfeat.train.checkpoint import load_checkpoint, save_checkpoint
 
 BRANCHES = afa_branches(3)
 GRID_255 = (0.0, 4.0, 8.0)  # K = 3, doubling grid up to 8/255
@@ -485,7 +485,7 @@ def test_stage2_checkpoint_problems_raise_clear_errors(tmp_path: Path) -> None:
     ("options", "message"),
     [
         ({"num_branch": 3}, "did you mean 'num_branches'"),
-        ({"stage": 3}, "stage must be 1"),
+        ({"stage": 3}, r"stage must be an integer in \[1, 2\]"),
         ({"base": "trade"}, "did you mean 'trades'"),
         ({"num_branches": 1}, "num_branches"),
         ({"eps_grid_255": [0, 4]}, "one strength per BN branch"),

@@ -35,9 +35,6 @@ from advfeat.norm import (
     use_branch,
 )
 
-timm = pytest.importorskip("timm")
-
-
 # --------------------------------------------------------------------------------- fixtures
 
 
@@ -180,6 +177,7 @@ def test_main_branch_in_train_mode_matches_unconverted_model() -> None:
 @pytest.fixture(scope="module")
 def timm_efficientnet() -> nn.Module:
     """A small timm EfficientNet (TinyNet-E: EfficientNet scaled down, BatchNormAct2d + SiLU)."""
+    timm = pytest.importorskip("timm", reason="the timm extra is not installed")
     model = seeded(lambda: timm.create_model("tinynet_e", num_classes=10))
     return warmed(model, images(4))
 
@@ -629,3 +627,34 @@ def test_fused_timm_bn_act_and_fx_trace(timm_efficientnet: nn.Module) -> None:
     with afa.weights.provide(w0):
         traced = gm(images(2))
     assert torch.equal(traced, afa(images(2)))
+
+
+# ------------------------------------------------------------------------ BN-like predicate
+def test_is_batchnorm_like_covers_every_bn_and_only_bn() -> None:
+    from advfeat.norm import is_batchnorm_like, register_batchnorm_class
+    from advfeat.norm.stats import _BATCHNORM_CLASSES
+
+    for layer in (nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.BatchNorm3d(3), nn.SyncBatchNorm(3)):
+        assert is_batchnorm_like(layer), type(layer).__name__
+    converted = convert_multibn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    assert isinstance(converted[1], MultiBatchNorm) and is_batchnorm_like(converted[1])
+    assert is_batchnorm_like(converted[1].aux["adv"])
+    for other in (nn.LayerNorm(3), nn.GroupNorm(1, 3), nn.Conv2d(3, 3, 1), nn.Identity()):
+        assert not is_batchnorm_like(other), type(other).__name__
+
+    class OwnNorm(nn.Module):
+        pass
+
+    class OwnNormChild(OwnNorm):
+        pass
+
+    before = list(_BATCHNORM_CLASSES)
+    try:
+        assert not is_batchnorm_like(OwnNorm())
+        assert register_batchnorm_class(OwnNorm) is OwnNorm
+        assert is_batchnorm_like(OwnNorm()) and is_batchnorm_like(OwnNormChild())
+        with pytest.raises(TypeError, match=r"nn\.Module class"):
+            register_batchnorm_class(int)  # type: ignore[type-var]
+    finally:
+        _BATCHNORM_CLASSES[:] = before
+    assert not is_batchnorm_like(OwnNorm())

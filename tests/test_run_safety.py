@@ -505,15 +505,15 @@ def test_12_stale_temporaries_are_removed_and_files_respect_the_umask(
     ("extra", "message"),
     [
         (["--set", "epochs=.nan"], "epochs must be an integer, got nan"),
-        (["--lr", "1e39"], "lr must be a finite number"),
-        (["--set", "lr=.nan"], "lr must be a finite number"),
-        (["--set", "lr=.inf"], "lr must be a finite number"),
-        (["--set", "weight_decay=-5"], r"weight_decay must be a finite number in \[0"),
-        (["--seed", "-1"], r"seed must be an integer in \[0, 2\*\*32\), got -1"),
-        (["--set", "max_steps_per_epoch=-3"], "max_steps_per_epoch must be a positive integer"),
+        (["--lr", "1e39"], r"lr must be a number in \(0, 3.40282e\+38\], got 1e\+39"),
+        (["--set", "lr=.nan"], r"lr must be a number in \(0, "),
+        (["--set", "lr=.inf"], r"lr must be a number in \(0, "),
+        (["--set", "weight_decay=-5"], r"weight_decay must be a number in \[0"),
+        (["--seed", "-1"], r"seed must be an integer in \[0, 4294967295\], got -1"),
+        (["--set", "max_steps_per_epoch=-3"], "max_steps_per_epoch must be an integer >= 1"),
         (["--set", "warmup_epochs=.nan"], "warmup_epochs must be in"),
-        (["--set", "momentum=.inf"], r"momentum must be a finite number in \[0, 1\]"),
-        (["--set", "eval_batch_size=0"], "eval_batch_size=0"),
+        (["--set", "momentum=.inf"], r"momentum must be a number in \[0, 1\]"),
+        (["--set", "eval_batch_size=0"], "eval_batch_size must be an integer >= 1, got 0"),
     ],
 )
 def test_13_bad_values_are_one_line_exit_2(

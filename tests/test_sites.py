@@ -432,7 +432,8 @@ def test_fallback_rejects_sites_that_run_twice(resnet18: nn.Module, images) -> N
 
 
 def test_cifar_resnet_from_the_model_zoo() -> None:
-    models = pytest.importorskip("advfeat.models")
+    from advfeat import models
+
     torch.manual_seed(21)
     model = models.build_model("resnet20", num_classes=10).eval()
     x = torch.rand(2, 3, 16, 16, generator=_seeded(22))
@@ -441,9 +442,8 @@ def test_cifar_resnet_from_the_model_zoo() -> None:
 
 
 def test_multi_branch_bn_is_a_leaf_and_routes_in_the_tail() -> None:
-    norm = pytest.importorskip("advfeat.norm")
-    if not hasattr(norm, "convert_multibn"):
-        pytest.skip("advfeat.norm.convert_multibn is not available")
+    from advfeat import norm
+
     model = norm.convert_multibn(small_resnet(23)).train()
     x = torch.rand(4, 3, 32, 32, generator=_seeded(24))
     for m in model.modules():  # give the branches different affine parameters

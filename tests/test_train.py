@@ -171,9 +171,9 @@ def test_best_validation_checkpoint(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("epochs", 0, "epochs must be a positive"),
-        ("batch_size", -1, "batch sizes must be positive"),
-        ("val_fraction", 1.0, r"val_fraction must be in \[0, 1\)"),
+        ("epochs", 0, "epochs must be an integer >= 1"),
+        ("batch_size", -1, "batch_size must be an integer >= 1"),
+        ("val_fraction", 1.0, r"val_fraction must be a number in \[0, 1\)"),
         ("schedule", "cosin", "did you mean 'cosine'"),
     ],
 )

@@ -12,8 +12,8 @@ import torch
 
 from advfeat.cli import main
 from advfeat.data import build_dataset
+from advfeat.data.dense import PadTo, SegmentationCrop
 from advfeat.errors import AdvfeatError
-from advfeat.tasks.datasets import PadTo, SegmentationCrop
 from advfeat.train import TrainConfig, Trainer, load_checkpoint
 from advfeat.train.schedule import lr_factor
 

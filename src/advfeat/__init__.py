@@ -24,8 +24,7 @@ from advfeat.norm import (
     use_branch,
 )
 from advfeat.sites import SiteSplit, capture_features, replace_features, resolve_site
-
-__version__ = "0.1.0"
+from advfeat.version import __version__
 
 __all__ = [
     "AdvfeatError",

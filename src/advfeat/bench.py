@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import copy
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from advfeat.checkpoint import InitialWeights
 from advfeat.errors import AdvfeatError
-from advfeat.methods import METHODS, Method, build_method
+from advfeat.methods import METHODS, Method, PrepareContext, build_method
 from advfeat.models import build_model
-from advfeat.train.checkpoint import save_checkpoint
 
 __all__ = ["BenchResult", "run_bench"]
 
@@ -64,17 +62,6 @@ def _count_flops(step: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def _bench_options(name: str, base: nn.Module, tmp: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Options a method needs to run at all in a benchmark (e.g. AdvBN's pre-trained checkpoint)."""
-    options = dict(extra)
-    defaults = METHODS.get(name).defaults()
-    if "init_checkpoint" in defaults and not options.get("init_checkpoint"):
-        path = tmp / "init.pt"
-        save_checkpoint(path, {"model": base.state_dict(), "config": {}, "epoch": 0})
-        options["init_checkpoint"] = str(path)
-    return options
-
-
 def run_bench(
     methods: list[str],
     *,
@@ -106,31 +93,34 @@ def run_bench(
     steps: dict[str, Callable[[], None]] = {}
     flops: dict[str, float] = {}
     used: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmpdir:
+    # a method that fine-tunes a trained model (AdvBN) starts from the benchmark's base model
+    # unless its options name a checkpoint
+    base_weights = InitialWeights(base.state_dict(), source="the benchmark's base model")
+    for name in names:
+        method = build_method(name, **(method_options or {}).get(name, {}))
+        initial = None if method.initial_checkpoint() else base_weights
+        context = PrepareContext(input_shape=tuple(x.shape[1:]), initial=initial)
+        model = method.prepare_with(copy.deepcopy(base), context).to(dev).train()
+        method.to(dev)
+        steps[name] = _make_step(method, model, x, y)
+        used[name] = {k: v for k, v in asdict(method.opts).items() if k != "init_checkpoint"}
+        flops[name] = _count_flops(steps[name])
+        for _ in range(warmup):
+            steps[name]()
+        if progress:
+            progress(f"prepared {name}")
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(iters):
         for name in names:
-            options = _bench_options(name, base, Path(tmpdir), (method_options or {}).get(name, {}))
-            method = build_method(name, **options)
-            model = method.prepare(copy.deepcopy(base)).to(dev).train()
-            method.to(dev)
-            steps[name] = _make_step(method, model, x, y)
-            used[name] = {k: v for k, v in asdict(method.opts).items() if k != "init_checkpoint"}
-            flops[name] = _count_flops(steps[name])
-            for _ in range(warmup):
-                steps[name]()
-            if progress:
-                progress(f"prepared {name}")
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(iters):
-            for name in names:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                start = time.perf_counter()
-                steps[name]()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                times[name].append(time.perf_counter() - start)
-            if progress:
-                progress(f"round {r + 1}/{iters}")
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            start = time.perf_counter()
+            steps[name]()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times[name].append(time.perf_counter() - start)
+        if progress:
+            progress(f"round {r + 1}/{iters}")
     ref_ms = statistics.median(times["standard"]) * 1e3
     results = []
     for name in names:

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from advfeat import __version__
+        from advfeat.version import __version__
 
         print(__version__)
         return 0

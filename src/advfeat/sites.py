@@ -46,9 +46,9 @@ from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, fx, nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.norm.stats import is_batchnorm_like
 
 __all__ = [
     "FeatureFn",
@@ -252,7 +252,7 @@ class _SiteTracer(fx.Tracer):
             return False
         if name in self.forced or name in self.leaf_names or _has_hooks(m):
             return True
-        if isinstance(m, _NormBase) or (self.norm_leaf is not None and self.norm_leaf(m)):
+        if is_batchnorm_like(m) or (self.norm_leaf is not None and self.norm_leaf(m)):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True

@@ -43,8 +43,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from advfeat.bench import bench_table, run_bench
+    from advfeat.checkpoint import atomic_write_json
     from advfeat.errors import AdvfeatError
-    from advfeat.train.checkpoint import atomic_write_json
 
     options: dict[str, dict[str, Any]] = {}
     for text in args.overrides:

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from advfeat.checkpoint import atomic_write_json, atomic_write_text
 from advfeat.commands.train import add_protocol_arguments, config_from_args
 from advfeat.compare import Arm, PlannedRun, aggregate, collect, markdown, parse_arm, plot, run_all
 from advfeat.errors import AdvfeatError
 from advfeat.train.build import check_config
-from advfeat.train.checkpoint import atomic_write_json, atomic_write_text
 
 __all__ = ["add_parser", "plan", "run"]
 

@@ -30,14 +30,14 @@ def _list(text: str) -> list[str]:
 
 
 def add_parser(sub: Any) -> None:
-    from advfeat.eval.config import SUITE_NAMES
+    from advfeat.eval.suites import suite_names
 
     p = sub.add_parser(
         "eval",
         help="evaluate a trained checkpoint (accuracy or AP / mIoU, attacks, shift, ...)",
         description="Evaluate a checkpoint written by `advfeat train`. Writes FILE.json (results, "
         "exact configuration, versions), FILE.md (report) and FILE_plots/*.png. Suites: "
-        + ", ".join(SUITE_NAMES)
+        + ", ".join(suite_names())
         + " (default: clean, attacks; 'all' runs every suite). Detection and segmentation runs "
         "report AP / mIoU with the suites clean, attacks (PGD-10, A-FAN: ε = 2/255, step 0.3/255 "
         "for detection; ε = 8/255, step 1/255 for segmentation) and shift.",

@@ -7,7 +7,7 @@
 ((3, 16, 16), 8)
 """
 
-from advfeat.data import real, shapes
+from advfeat.data import dense, real, shapes
 from advfeat.data.bundle import (
     DATASETS,
     ArrayDataset,
@@ -16,18 +16,24 @@ from advfeat.data.bundle import (
     detection_collate,
     split_indices,
 )
-from advfeat.data.transforms import CifarAugment, HorizontalFlip, random_crop_flip
-
-# registers the real detection / segmentation datasets voc-det, coco, voc-seg and cityscapes
-from advfeat.tasks import datasets as _dense  # noqa: F401
+from advfeat.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CifarAugment,
+    HorizontalFlip,
+    random_crop_flip,
+)
 
 __all__ = [
     "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "ArrayDataset",
     "CifarAugment",
     "DatasetBundle",
     "HorizontalFlip",
     "build_dataset",
+    "dense",
     "detection_collate",
     "random_crop_flip",
     "real",

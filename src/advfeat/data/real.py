@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from advfeat.checkpoint import atomic_write_bytes
 from advfeat.data.bundle import (
     DATASETS,
     ArrayDataset,
@@ -32,7 +33,7 @@ from advfeat.data.bundle import (
     check_positive_int,
     train_val_views,
 )
-from advfeat.data.transforms import CifarAugment
+from advfeat.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CifarAugment
 from advfeat.errors import AdvfeatError
 
 __all__ = [
@@ -60,7 +61,6 @@ CIFAR10_CLASSES = (
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_JPEG_ZIP = "cifar10-jpeg.zip"
 
 
@@ -471,8 +471,6 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
 
 
 def _save_atomic(target: Path, array: np.ndarray) -> None:
-    from advfeat.train.checkpoint import atomic_write_bytes
-
     buffer = io.BytesIO()
     np.save(buffer, array)
     atomic_write_bytes(target, buffer.getvalue())  # temp file + rename, mode from the umask

@@ -13,7 +13,19 @@ from torch import Tensor
 
 from advfeat.errors import AdvfeatError
 
-__all__ = ["PADDING_MODES", "CifarAugment", "HorizontalFlip", "flip_boxes", "random_crop_flip"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PADDING_MODES",
+    "CifarAugment",
+    "HorizontalFlip",
+    "flip_boxes",
+    "random_crop_flip",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""Per-channel mean of ImageNet, the normalization of ImageNet-pretrained models."""
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _coin(generator: torch.Generator | None) -> bool:

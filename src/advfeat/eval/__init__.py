@@ -9,16 +9,15 @@ or a run written by ``advfeat train`` with :func:`evaluate_checkpoint` (``advfea
 """
 
 from advfeat.eval.accuracy import eval_mode, evaluate_accuracy
-from advfeat.eval.config import DEFAULT_SUITES, SUITE_NAMES, EvalConfig
+from advfeat.eval.config import DEFAULT_SUITES, EvalConfig
 from advfeat.eval.context import EvalContext, EvalData
 from advfeat.eval.loading import LoadedRun, eval_data, load_run, load_weights
 from advfeat.eval.runner import evaluate, evaluate_checkpoint, write_outputs
-from advfeat.eval.suites import SUITES
+from advfeat.eval.suites import SUITES, suite_names
 
 __all__ = [
     "DEFAULT_SUITES",
     "SUITES",
-    "SUITE_NAMES",
     "EvalConfig",
     "EvalContext",
     "EvalData",
@@ -30,5 +29,6 @@ __all__ = [
     "evaluate_checkpoint",
     "load_run",
     "load_weights",
+    "suite_names",
     "write_outputs",
 ]

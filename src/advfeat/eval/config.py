@@ -10,46 +10,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.options import Choice, Each, Flag, Integer, Number, check_options, option
 
 __all__ = [
     "ATTACK_NAMES",
     "CORRUPTION_NAMES",
     "DEFAULT_SUITES",
     "DENSE_ATTACK_NAMES",
-    "DENSE_SUITE_NAMES",
-    "SUITE_NAMES",
     "TASK_NAMES",
     "EvalConfig",
     "check_eps",
 ]
 
-SUITE_NAMES: tuple[str, ...] = (
-    "clean",
-    "attacks",
-    "corruptions",
-    "shift",
-    "bn",
-    "divergence",
-    "hessian",
-    "features",
-    "landscape",
-    "advbn",
-)
-"""Every suite, in the order they run."""
-
 DEFAULT_SUITES: tuple[str, ...] = ("clean", "attacks")
 
 TASK_NAMES: tuple[str, ...] = ("classification", "detection", "segmentation")
 """The kinds of model an evaluation knows (``EvalConfig.task``)."""
-
-DENSE_SUITE_NAMES: tuple[str, ...] = ("clean", "attacks", "shift")
-"""The suites that apply to detection and segmentation (AP / mIoU clean, under PGD, shifted)."""
 
 DENSE_ATTACK_NAMES: tuple[str, ...] = ("pgd",)
 """Detection and segmentation are attacked with image-space PGD on the task loss (A-FAN §5-6)."""
@@ -91,38 +72,14 @@ ADAPTIVE_WEIGHTS: tuple[tuple[float, float], ...] = (
 """AFA §5.2: the seven CE:BCE loss weights of the adaptive attack."""
 
 
+EPS = Number(low=0, high=1, hint="images are in [0, 1]; 8/255 ≈ 0.0314")
+"""An L∞ budget on [0, 1] images."""
+POSITIVE = Number(low=0, low_open=True)
+
+
 def check_eps(value: Any, name: str = "eps") -> float:
     """An L∞ budget on [0, 1] images: a finite number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise AdvfeatError(f"{name} must be a number in [0, 1] (e.g. 8/255), got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or not 0.0 <= number <= 1.0:
-        raise AdvfeatError(
-            f"{name} must lie in [0, 1] (images are in [0, 1]; 8/255 ≈ 0.0314), got {value!r}"
-        )
-    return number
-
-
-def _positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        raise AdvfeatError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
-        raise AdvfeatError(f"{name} must be a number > 0, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise AdvfeatError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _non_negative(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
-        raise AdvfeatError(f"{name} must be a number >= 0, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise AdvfeatError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return float(EPS("", name, value))
 
 
 def _names(values: Any, kind: str, known: tuple[str, ...]) -> tuple[str, ...]:
@@ -149,56 +106,56 @@ class EvalConfig:
     suites: tuple[str, ...] = DEFAULT_SUITES
     task: str = "classification"
     """``classification``, ``detection`` or ``segmentation``: which suites and attacks apply."""
-    batch_size: int = 256
-    max_images: int | None = None
+    batch_size: int = option(256, Integer(low=1))
+    max_images: int | None = option(None, Integer(low=1, optional=True))
     """Evaluate a seeded random subset of this many test images (``None``: all)."""
-    seed: int = 0
+    seed: int = option(0, Integer())
     # attacks (AFA Tab. 1 and 3; Madry et al.)
     attacks: tuple[str, ...] = ("pgd", "fgsm", "cw", "curve")
-    eps: float = 8 / 255
-    pgd_steps: int = 20
-    pgd_alpha: float = 2 / 255
+    eps: float = option(8 / 255, EPS)
+    pgd_steps: int = option(20, Integer(low=1))
+    pgd_alpha: float = option(2 / 255, EPS)
     eps_curve: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
-    curve_alpha_ratio: float = 0.25
+    curve_alpha_ratio: float = option(0.25, POSITIVE)
     """Step size of the ε-curve's PGD as a fraction of ε (0.25: 2/255 at ε = 8/255)."""
-    cw_steps: int = 100
-    cw_c: float = 1.0
-    cw_lr: float = 0.01
-    autoattack_version: str = "standard"
+    cw_steps: int = option(100, Integer(low=1))
+    cw_c: float = option(1.0, POSITIVE)
+    cw_lr: float = option(0.01, POSITIVE)
+    autoattack_version: str = option("standard", Choice("standard", "plus", "rand"))
     adaptive_weights: tuple[tuple[float, float], ...] = ADAPTIVE_WEIGHTS
     adaptive_bce_target: float = 0.0
     # corruptions (Hendrycks & Dietterich 2019)
     corruptions: tuple[str, ...] = CORRUPTION_NAMES
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    corruption_max_images: int | None = None
+    corruption_max_images: int | None = option(None, Integer(low=1, optional=True))
     # bn: which suites run under every BN branch
     bn_suites: tuple[str, ...] = ("clean", "attacks", "shift")
     # divergence (AdvBN Eq. 4-5)
     divergence_layers: tuple[str, ...] | None = None
     # hessian (A-FAN Tab. 1)
-    hessian_batches: int = 2
-    hessian_batch_size: int = 64
-    hessian_iters: int = 20
-    hessian_tol: float = 1e-3
-    hutchinson_samples: int = 20
+    hessian_batches: int = option(2, Integer(low=1))
+    hessian_batch_size: int = option(64, Integer(low=1))
+    hessian_iters: int = option(20, Integer(low=1))
+    hessian_tol: float = option(1e-3, POSITIVE)
+    hutchinson_samples: int = option(20, Integer(low=1))
     # features (A-FAN Fig. S6)
     feature_site: str | None = None
-    feature_alpha: float = 0.01
-    feature_steps: int = 1
-    feature_images: int = 4
-    feature_magnify: float = 20.0
+    feature_alpha: float = option(0.01, POSITIVE)
+    feature_steps: int = option(1, Integer(low=1))
+    feature_images: int = option(4, Integer(low=1))
+    feature_magnify: float = option(20.0, POSITIVE)
     # landscape (A-FAN Fig. 3; Li et al. 2018)
-    landscape_data: str = "train"
+    landscape_data: str = option("train", Choice("train", "test"))
     """``train`` (the training loss, as Li et al. and A-FAN plot it) or ``test``."""
-    landscape_batches: int = 2
-    landscape_batch_size: int = 128
-    landscape_range: float = 1.0
+    landscape_batches: int = option(2, Integer(low=1))
+    landscape_batch_size: int = option(128, Integer(low=1))
+    landscape_range: float = option(1.0, POSITIVE)
     """α (and β) run over [−range, range] in units of the filter-normalised direction."""
-    landscape_points: int = 21
+    landscape_points: int = option(21, Integer(low=3))
     """Points of the 1-D curve (odd: α = 0 is one of them)."""
-    landscape_points_2d: int = 11
+    landscape_points_2d: int = option(11, Integer(low=0))
     """Points per axis of the 2-D surface (0: no 2-D surface)."""
-    landscape_ignore_biasbn: bool = True
+    landscape_ignore_biasbn: bool = option(True, Flag())
     """Keep biases and BN weights at their trained values (Li et al.'s ``ignore='biasbn'``)."""
     landscape_reference: str | None = None
     """Another model's landscape, side by side: an eval JSON with a landscape suite or a
@@ -208,15 +165,15 @@ class EvalConfig:
     """Encoder = the model up to this site (default: the first stage, as ``features``)."""
     advbn_dir: str | None = None
     """Where the decoder and the image folders go (default: ``<out stem>_advbn``)."""
-    advbn_train_images: int | None = 2048
-    advbn_decoder_epochs: int = 10
-    advbn_decoder_batch_size: int = 64
-    advbn_decoder_lr: float = 1e-3
-    advbn_eps: float = 1.1
-    advbn_alpha: float = 0.2
-    advbn_steps: int = 6
-    advbn_batch_size: int = 32
-    advbn_show_images: int = 6
+    advbn_train_images: int | None = option(2048, Integer(low=1, optional=True))
+    advbn_decoder_epochs: int = option(10, Integer(low=1))
+    advbn_decoder_batch_size: int = option(64, Integer(low=1))
+    advbn_decoder_lr: float = option(1e-3, POSITIVE)
+    advbn_eps: float = option(1.1, Number(low=0))
+    advbn_alpha: float = option(0.2, POSITIVE)
+    advbn_steps: int = option(6, Integer(low=0))
+    advbn_batch_size: int = option(32, Integer(low=1))
+    advbn_show_images: int = option(6, Integer(low=1))
     advbn_show_eps: tuple[float, ...] = (0.3, 0.6, 1.1)
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the results (e.g. the surrogate's path)."""
@@ -225,45 +182,31 @@ class EvalConfig:
         """Check every value; raise :class:`AdvfeatError` naming the bad one. Returns ``self``."""
         if self.task not in TASK_NAMES:
             raise unknown_name("evaluation task", str(self.task), TASK_NAMES)
-        self.suites = _names(self.suites, "suite", SUITE_NAMES)
+        from advfeat.eval.suites import suite_names  # the registered suites, in run order
+
+        every = suite_names()
+        self.suites = _names(self.suites, "suite", every)
         if not self.suites:
-            raise AdvfeatError(f"choose at least one suite ({', '.join(SUITE_NAMES)})")
-        self.suites = tuple(s for s in SUITE_NAMES if s in self.suites)
+            raise AdvfeatError(f"choose at least one suite ({', '.join(every)})")
+        self.suites = tuple(s for s in every if s in self.suites)
         self.attacks = _names(self.attacks, "attack", ATTACK_NAMES)
         if self.task != "classification":
             self._check_dense()
         self.corruptions = _names(self.corruptions, "corruption", CORRUPTION_NAMES)
+        from advfeat.eval.suites import SUITES
+
         self.bn_suites = _names(
             self.bn_suites,
             "suite under each BN branch",
-            ("clean", "attacks", "shift", "corruptions"),
+            tuple(name for name in every if SUITES.get(name).per_branch),
         )
-        self.batch_size = _positive_int(self.batch_size, "batch_size")
-        if self.max_images is not None:
-            self.max_images = _positive_int(self.max_images, "max_images")
-        if self.corruption_max_images is not None:
-            self.corruption_max_images = _positive_int(
-                self.corruption_max_images, "corruption_max_images"
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise AdvfeatError(f"seed must be an integer, got {self.seed!r}")
-        self.eps = check_eps(self.eps)
-        self.pgd_alpha = check_eps(self.pgd_alpha, "pgd_alpha")
+        check_options("", self, write=True)  # every field declared with option(...)
         curve = tuple(check_eps(e, "ε-curve value") for e in self.eps_curve)
         if not curve:
             raise AdvfeatError("eps_curve needs at least one value, e.g. 0,1,2,4,8 (/255)")
         self.eps_curve = tuple(sorted(set(curve)))
-        self.curve_alpha_ratio = _positive_float(self.curve_alpha_ratio, "curve_alpha_ratio")
-        self.pgd_steps = _positive_int(self.pgd_steps, "pgd_steps")
-        self.cw_steps = _positive_int(self.cw_steps, "cw_steps")
-        self.cw_c = _positive_float(self.cw_c, "cw_c")
-        self.cw_lr = _positive_float(self.cw_lr, "cw_lr")
-        if self.autoattack_version not in ("standard", "plus", "rand"):
-            raise unknown_name(
-                "AutoAttack version", self.autoattack_version, ("standard", "plus", "rand")
-            )
         self.adaptive_weights = tuple(
-            (_positive_float(a, "CE weight"), _positive_float(b, "BCE weight"))
+            (POSITIVE("", "CE weight", a), POSITIVE("", "BCE weight", b))
             for a, b in self.adaptive_weights
         )
         if float(self.adaptive_bce_target) not in (0.0, 1.0):
@@ -281,46 +224,16 @@ class EvalConfig:
         self.severities = tuple(sorted(set(sev)))
         if self.divergence_layers is not None:
             self.divergence_layers = tuple(str(n) for n in self.divergence_layers)
-        self.hessian_batches = _positive_int(self.hessian_batches, "hessian_batches")
-        self.hessian_batch_size = _positive_int(self.hessian_batch_size, "hessian_batch_size")
-        self.hessian_iters = _positive_int(self.hessian_iters, "hessian_iters")
-        self.hessian_tol = _positive_float(self.hessian_tol, "hessian_tol")
-        self.hutchinson_samples = _positive_int(self.hutchinson_samples, "hutchinson_samples")
-        self.feature_alpha = _positive_float(self.feature_alpha, "feature_alpha")
-        self.feature_steps = _positive_int(self.feature_steps, "feature_steps")
-        self.feature_images = _positive_int(self.feature_images, "feature_images")
-        self.feature_magnify = _positive_float(self.feature_magnify, "feature_magnify")
         self._check_landscape()
         self._check_advbn()
         return self
 
     def _check_advbn(self) -> None:
-        if self.advbn_train_images is not None:
-            self.advbn_train_images = _positive_int(self.advbn_train_images, "advbn_train_images")
-        self.advbn_decoder_epochs = _positive_int(self.advbn_decoder_epochs, "advbn_decoder_epochs")
-        self.advbn_decoder_batch_size = _positive_int(
-            self.advbn_decoder_batch_size, "advbn_decoder_batch_size"
-        )
-        self.advbn_decoder_lr = _positive_float(self.advbn_decoder_lr, "advbn_decoder_lr")
-        self.advbn_eps = float(_non_negative(self.advbn_eps, "advbn_eps"))
-        self.advbn_alpha = _positive_float(self.advbn_alpha, "advbn_alpha")
-        self.advbn_steps = _positive_int(self.advbn_steps, "advbn_steps", minimum=0)
-        self.advbn_batch_size = _positive_int(self.advbn_batch_size, "advbn_batch_size")
-        self.advbn_show_images = _positive_int(self.advbn_show_images, "advbn_show_images")
         if isinstance(self.advbn_show_eps, (int, float)):
             self.advbn_show_eps = (float(self.advbn_show_eps),)
-        self.advbn_show_eps = tuple(_non_negative(e, "advbn_show_eps") for e in self.advbn_show_eps)
+        self.advbn_show_eps = Each(Number(low=0))("", "advbn_show_eps", self.advbn_show_eps)
 
     def _check_landscape(self) -> None:
-        if self.landscape_data not in ("train", "test"):
-            raise unknown_name("landscape_data", str(self.landscape_data), ("train", "test"))
-        self.landscape_batches = _positive_int(self.landscape_batches, "landscape_batches")
-        self.landscape_batch_size = _positive_int(self.landscape_batch_size, "landscape_batch_size")
-        self.landscape_range = _positive_float(self.landscape_range, "landscape_range")
-        self.landscape_points = _positive_int(self.landscape_points, "landscape_points", minimum=3)
-        self.landscape_points_2d = _positive_int(
-            self.landscape_points_2d, "landscape_points_2d", minimum=0
-        )
         if self.landscape_points % 2 == 0 or (
             self.landscape_points_2d % 2 == 0 and self.landscape_points_2d
         ):
@@ -331,17 +244,15 @@ class EvalConfig:
             )
         if self.landscape_points_2d == 1:
             raise AdvfeatError("landscape_points_2d must be 0 (no 2-D surface) or at least 3")
-        if not isinstance(self.landscape_ignore_biasbn, bool):
-            raise AdvfeatError(
-                f"landscape_ignore_biasbn must be true or false, got {self.landscape_ignore_biasbn!r}"
-            )
         if self.landscape_reference is not None:
             self.landscape_reference = str(self.landscape_reference)
 
     def _check_dense(self) -> None:
         """Detection / segmentation: only the suites and attacks that measure AP or mIoU."""
+        from advfeat.eval.suites import suite_names
+
         for kind, chosen, allowed in (
-            ("suite", self.suites, DENSE_SUITE_NAMES),
+            ("suite", self.suites, suite_names(self.task)),
             ("attack", self.attacks, DENSE_ATTACK_NAMES),
         ):
             wrong = [n for n in chosen if n not in allowed]

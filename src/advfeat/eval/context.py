@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from advfeat.checkpoint import atomic_write_json
 from advfeat.errors import AdvfeatError
 from advfeat.eval.config import EvalConfig
-from advfeat.train.checkpoint import atomic_write_json
 
 __all__ = ["EvalContext", "EvalData", "PartialStore", "seeded_subset"]
 

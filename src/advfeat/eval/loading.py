@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from advfeat.checkpoint import checkpoint_digest, load_checkpoint
 from advfeat.data import DatasetBundle, build_dataset
 from advfeat.errors import AdvfeatError
 from advfeat.eval.context import EvalData
 from advfeat.tasks import DenseTask, DetectionTask, SegmentationTask
-from advfeat.train.checkpoint import checkpoint_digest, load_checkpoint
 from advfeat.train.config import TrainConfig
 
 __all__ = ["DenseEvalData", "LoadedRun", "dense_task_for", "eval_data", "load_run", "load_weights"]

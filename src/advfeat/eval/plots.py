@@ -339,28 +339,15 @@ def plot_all(
     results: dict[str, Any], folder: str | Path, *, run_dir: str | Path | None = None
 ) -> dict[str, Path]:
     """Every plot the results (and the run folder, if given) have data for."""
+    from advfeat.eval.suites import SUITES, suite_names
+
     folder = Path(folder)
     made: dict[str, Path] = {}
-    for name, fn in (
-        ("accuracy_vs_eps", plot_eps_curve),
-        ("corruptions", plot_corruptions),
-        ("divergence", plot_divergence),
-        ("fusion_weight", plot_fusion_weight),
-        ("feature_maps", plot_feature_maps),
-    ):
-        path = fn(results, folder / f"{name}.png")
-        if path is not None:
-            made[name] = path
-    from advfeat.eval.analysis_plots import plot_advbn, plot_branches, plot_landscape
-
-    for name, fn in (
-        ("loss_landscape", plot_landscape),
-        ("bn_branches", plot_branches),
-        ("advbn_images", plot_advbn),
-    ):
-        path = fn(results, folder / f"{name}.png")
-        if path is not None:
-            made[name] = path
+    for suite in (SUITES.get(name) for name in suite_names()):  # the plots each suite declares
+        for name, fn in suite.plots.items():
+            path = fn(results, folder / f"{name}.png")
+            if path is not None:
+                made[name] = path
     if run_dir is not None:
         history = load_history(run_dir)
         title = _title(results)

@@ -40,15 +40,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from advfeat.checkpoint import atomic_write_json
 from advfeat.data import DatasetBundle
 from advfeat.errors import AdvfeatError
 from advfeat.eval.accuracy import eval_mode
-from advfeat.eval.config import DEFAULT_SUITES, DENSE_SUITE_NAMES, SUITE_NAMES, EvalConfig
+from advfeat.eval.config import DEFAULT_SUITES, EvalConfig
 from advfeat.eval.context import EvalContext, EvalData, PartialStore
 from advfeat.eval.folders import ImageFolderDomain
 from advfeat.eval.loading import DenseEvalData, eval_data, load_run
 from advfeat.tasks import DenseTask
-from advfeat.train.checkpoint import atomic_write_json
 
 __all__ = [
     "RESULT_FORMAT",
@@ -92,8 +92,8 @@ def _version(dist: str) -> str | None:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions and machine facts recorded with every result."""
-    from advfeat import __version__
     from advfeat.eval.autoattack import autoattack_backend
+    from advfeat.version import __version__
 
     env: dict[str, Any] = {
         "advfeat": __version__,
@@ -173,7 +173,9 @@ def _suite_list(suites: Iterable[str] | str, task: str) -> tuple[str, ...]:
     names = [s.strip() for s in suites.split(",")] if isinstance(suites, str) else list(suites)
     names = [s for s in names if s]
     if "all" in names:
-        return SUITE_NAMES if task == "classification" else DENSE_SUITE_NAMES
+        from advfeat.eval.suites import suite_names
+
+        return suite_names(task)
     return tuple(names)
 
 
@@ -191,18 +193,12 @@ def _check_dense_extras(task: str, **given: Any) -> None:
 
 def _check_ready(cfg: EvalConfig, surrogate: Any) -> None:
     """Fail before any work when an asked-for optional piece is missing."""
-    if "corruptions" in cfg.suites or ("bn" in cfg.suites and "corruptions" in cfg.bn_suites):
-        from advfeat.eval.corruption import require_imagecorruptions
+    from advfeat.eval.suites import SUITES
 
-        require_imagecorruptions()
-    if "attacks" in cfg.suites and "autoattack" in cfg.attacks:
-        from advfeat.eval.autoattack import autoattack_backend
-
-        if autoattack_backend() is None:
-            raise AdvfeatError(
-                "AutoAttack was asked for, but no AutoAttack package is installed: pip install "
-                "'advfeat[autoattack]' (torchattacks) or the authors' autoattack package"
-            )
+    for name in cfg.suites:
+        ready = SUITES.get(name).ready
+        if ready is not None:
+            ready(cfg)
 
 
 def _load_baseline(baseline: Any, device: torch.device) -> tuple[Any, str | None]:
@@ -367,8 +363,8 @@ def write_outputs(
     atomic_write_json(out, results)
     written["json"] = out
     if report:
+        from advfeat.checkpoint import atomic_write_text
         from advfeat.eval.report import markdown_report
-        from advfeat.train.checkpoint import atomic_write_text
 
         md = out.with_suffix(".md")
         atomic_write_text(md, markdown_report(results))

@@ -4,14 +4,18 @@ Every module of this package that defines a :class:`Method` registers it with
 :func:`register_method`; importing the package imports them all.
 """
 
-import importlib
-import pkgutil
-
-from advfeat.methods.base import Method, MethodOutput, unwrap
+from advfeat.methods.base import Method, MethodOutput, PrepareContext, unwrap
 from advfeat.methods.registry import METHODS, build_method, register_method
+from advfeat.registry import import_submodules
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("base", "registry"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__, skip=("base", "registry"))
 
-__all__ = ["METHODS", "Method", "MethodOutput", "build_method", "register_method", "unwrap"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodOutput",
+    "PrepareContext",
+    "build_method",
+    "register_method",
+    "unwrap",
+]

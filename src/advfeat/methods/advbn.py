@@ -38,9 +38,9 @@ from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from advfeat.attacks.feature import BNStatsAttack
+from advfeat.checkpoint import InitialWeights
 from advfeat.errors import AdvfeatError
 from advfeat.methods.auxbn import (
     ADV,
@@ -48,19 +48,19 @@ from advfeat.methods.auxbn import (
     MAIN,
     ROUTINGS,
     AuxBNMethod,
-    check_choice,
-    check_number,
     prepare_branches,
     require_branches,
     resolve_routing,
 )
 from advfeat.methods.base import MethodOutput, cross_entropy, unwrap
 from advfeat.methods.registry import register_method
+from advfeat.modes import restored_train_flags
 from advfeat.norm import split_branches, use_branch
-from advfeat.norm.stats import frozen_bn_statistics
+from advfeat.norm.stats import frozen_bn_statistics, is_batchnorm_like
+from advfeat.options import Choice, Flag, Integer, Number, Text, option
 from advfeat.sites import SiteSplit, resolve_site
 
-__all__ = ["AdvBN", "advbn_eps", "load_init_checkpoint", "prefix_module_names"]
+__all__ = ["AdvBN", "advbn_eps", "load_initial_weights", "prefix_module_names"]
 
 _PREFIXES: WeakKeyDictionary[nn.Module, dict[str, tuple[str, ...]]] = WeakKeyDictionary()
 
@@ -70,28 +70,23 @@ def advbn_eps(steps: int, tau: float) -> float:
     return steps * tau - 0.1
 
 
-def load_init_checkpoint(model: nn.Module, path: str, *, method: str = "advbn") -> None:
-    """Load the weights of an ``advfeat train`` checkpoint into the plain ``model``.
+def load_initial_weights(
+    model: nn.Module, initial: InitialWeights, *, method: str = "advbn"
+) -> None:
+    """Load ``initial`` (the weights of an ``advfeat train`` run) into the plain ``model``.
 
-    Auxiliary BN branches in the checkpoint (``....aux.<branch>....`` keys, e.g. of an AdvProp
+    Auxiliary BN branches in the weights (``....aux.<branch>....`` keys, e.g. of an AdvProp
     run) are dropped: the main branch keeps the original keys (AdvBN Table 1, "AdvProp + AdvBN").
     """
-    from advfeat.train.checkpoint import load_checkpoint  # the trainer imports the methods
-
-    state = load_checkpoint(path)
-    weights = state.get("model")
-    if not isinstance(weights, dict):
-        raise AdvfeatError(f"{method}: checkpoint {path!r} holds no model weights")
-    kept = {k: v for k, v in weights.items() if ".aux." not in f".{k}"}
+    kept = {k: v for k, v in initial.weights.items() if ".aux." not in f".{k}"}
     result = unwrap(model).load_state_dict(kept, strict=False)
     missing = [k for k in result.missing_keys if ".aux." not in f".{k}"]
     if missing or result.unexpected_keys:
         first = (missing or result.unexpected_keys)[:3]
-        config = state.get("config") or {}
         raise AdvfeatError(
-            f"{method}: init_checkpoint {path!r} (model {config.get('model')!r}) does not fit "
-            f"this model: {len(missing)} missing and {len(result.unexpected_keys)} unexpected "
-            f"keys, e.g. {first}; give the checkpoint of a run with the same --model"
+            f"{method}: init_checkpoint {initial.source!r} (model {initial.config.get('model')!r}) "
+            f"does not fit this model: {len(missing)} missing and {len(result.unexpected_keys)} "
+            f"unexpected keys, e.g. {first}; give the checkpoint of a run with the same --model"
         )
 
 
@@ -142,17 +137,20 @@ class AdvBN(AuxBNMethod):
 
     @dataclass
     class Options:
-        init_checkpoint: str | None = None  # Sec. 4: AdvBN fine-tunes a pre-trained model
-        site: str = "layer1"  # Sec. 5.1: conv2_3, the end of the first residual stage
-        steps: int = 6  # Sec. 5.1: m = 6
-        tau: float = 0.2  # Sec. 5.1: τ = 0.2
-        eps: float | None = None  # Sec. 5.1: ε = m·τ − 0.1
-        random_start: bool = False
-        stats: str = "batch"  # Eq. 1: per-channel batch statistics
-        attack_bn_mode: str = "train"
-        prefix_bn_mode: str = "eval"
-        adv_weight: float = 1.0  # Eq. 3
-        routing: str = "auto"
+        # Sec. 4: AdvBN fine-tunes a pre-trained model
+        init_checkpoint: str | None = option(None, Text(optional=True, hint="a file path"))
+        # Sec. 5.1: conv2_3, the end of the first residual stage
+        site: str = option("layer1", Text(hint="a dotted module name"))
+        steps: int = option(6, Integer(low=1, hint="m"))  # Sec. 5.1: m = 6
+        tau: float = option(0.2, Number(low=0, low_open=True))  # Sec. 5.1: τ = 0.2
+        eps: float | None = option(None, Number(low=0, optional=True))  # Sec. 5.1: ε = m·τ − 0.1
+        random_start: bool = option(False, Flag())
+        # Eq. 1: per-channel batch statistics
+        stats: str = option("batch", Choice("batch", "instance"))
+        attack_bn_mode: str = option("train", Choice(*ATTACK_BN_MODES))
+        prefix_bn_mode: str = option("eval", Choice(*ATTACK_BN_MODES))
+        adv_weight: float = option(1.0, Number(low=0))  # Eq. 3
+        routing: str = option("auto", Choice(*ROUTINGS))
         eval_branch: str = MAIN  # Appendix A.3: main BN on data close to the training data
 
     last_multipliers: tuple[Tensor, Tensor] | None = None
@@ -166,38 +164,27 @@ class AdvBN(AuxBNMethod):
 
     def validate_options(self) -> None:
         o, name = self.opts, self.name
-        path = o.init_checkpoint
-        if not path or not isinstance(path, str):
-            raise AdvfeatError(
-                f"{name} fine-tunes a trained model (AdvBN Sec. 4): set init_checkpoint=PATH to "
-                "the checkpoint.pt of an `advfeat train` run (e.g. --set "
-                "method_options.init_checkpoint=runs/standard/checkpoint.pt)"
-            )
-        if not Path(path).is_file():
-            raise AdvfeatError(f"{name}: init_checkpoint {path!r} does not exist")
-        if not isinstance(o.site, str) or not o.site:
-            raise AdvfeatError(f"{name}: site must be a dotted module name, got {o.site!r}")
-        if isinstance(o.steps, bool) or not isinstance(o.steps, int) or o.steps < 1:
-            raise AdvfeatError(f"{name}: steps (m) must be an integer >= 1, got {o.steps!r}")
-        check_number(name, "tau", o.tau, low=0, open_low=True)
-        if o.eps is not None:
-            check_number(name, "eps", o.eps, low=0, open_low=False)
-        elif self.bound <= 0:
+        if o.init_checkpoint is not None and not Path(o.init_checkpoint).is_file():
+            raise AdvfeatError(f"{name}: init_checkpoint {o.init_checkpoint!r} does not exist")
+        if o.eps is None and self.bound <= 0:
             raise AdvfeatError(f"{name}: ε = m·τ − 0.1 = {self.bound:g} is not positive; set eps")
-        if not isinstance(o.random_start, bool):
-            raise AdvfeatError(f"{name}: random_start must be true or false")
-        check_choice(name, "stats", o.stats, ("batch", "instance"))
-        check_choice(name, "attack_bn_mode", o.attack_bn_mode, ATTACK_BN_MODES)
-        check_choice(name, "prefix_bn_mode", o.prefix_bn_mode, ATTACK_BN_MODES)
-        check_number(name, "adv_weight", o.adv_weight, low=0, open_low=False)
-        check_choice(name, "routing", o.routing, ROUTINGS)
         super().validate_options()
+
+    def initial_checkpoint(self) -> str | None:
+        return self.opts.init_checkpoint
 
     # ------------------------------------------------------------------------------ model
     def prepare(self, model: nn.Module) -> nn.Module:
         """Check the site, load ``init_checkpoint``, then give every BN layer an aux branch."""
         resolve_site(model, self.opts.site)
-        load_init_checkpoint(model, str(self.opts.init_checkpoint), method=self.name)
+        initial = self.initial_weights()
+        if initial is None:
+            raise AdvfeatError(
+                f"{self.name} fine-tunes a trained model (AdvBN Sec. 4): set init_checkpoint=PATH "
+                "to the checkpoint.pt of an `advfeat train` run (e.g. --set "
+                "method_options.init_checkpoint=runs/standard/checkpoint.pt)"
+            )
+        load_initial_weights(model, initial, method=self.name)
         return prepare_branches(model, self.branches(), method=self.name)
 
     def prefix_modules(self, model: nn.Module, split: SiteSplit, x: Tensor) -> list[nn.Module]:
@@ -215,18 +202,13 @@ class AdvBN(AuxBNMethod):
     def frozen_prefix(self, modules: list[nn.Module]) -> Iterator[None]:
         """g^{1,l} in ``prefix_bn_mode`` with its BN running statistics frozen; flags restored."""
         subs = {m for module in modules for m in module.modules()}
-        flags = {m: m.training for m in subs}
-        try:
-            with ExitStack() as stack:
-                for m in subs:
-                    if self.opts.prefix_bn_mode == "eval":
-                        m.training = False
-                    elif isinstance(m, _BatchNorm):
-                        stack.enter_context(frozen_bn_statistics(m))
-                yield
-        finally:
-            for m, training in flags.items():
-                m.training = training
+        with restored_train_flags(subs), ExitStack() as stack:
+            for m in subs:
+                if self.opts.prefix_bn_mode == "eval":
+                    m.training = False
+                elif is_batchnorm_like(m):
+                    stack.enter_context(frozen_bn_statistics(m))
+            yield
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]

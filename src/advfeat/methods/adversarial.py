@@ -46,10 +46,17 @@ from advfeat.attacks.base import BNMode, attack_guard
 from advfeat.attacks.pixel import PGD
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.base import Method
+from advfeat.options import Choice, Integer, Number
 
 __all__ = [
     "BASES",
+    "BN_MODE",
+    "EPS",
+    "INIT_STD",
+    "RANDOM_START",
     "RECIPES",
+    "STEP",
+    "STEPS",
     "AttackLoss",
     "AttackRecipe",
     "Base",
@@ -57,7 +64,6 @@ __all__ = [
     "RandomStart",
     "adversarial_term",
     "boosted_cross_entropy",
-    "check_attack_options",
     "clean_reference_logits",
     "mart_loss",
     "pgd_at_loss",
@@ -236,56 +242,25 @@ def pixel_attack(
     return attack(x, y)
 
 
-def check_attack_options(
-    method: str,
-    *,
-    eps: float,
-    alpha: float,
-    steps: int,
-    random_start: str,
-    init_std: float,
-    attack_bn_mode: str,
-) -> None:
-    """Raise :class:`AdvfeatError` for attack options no paper setting could mean."""
-    for name, value in (("eps", eps), ("alpha", alpha), ("init_std", init_std)):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise AdvfeatError(f"{method}: {name} must be a number, got {value!r}")
-    if not 0 < eps <= 1:
-        raise AdvfeatError(
-            f"{method}: eps must be in (0, 1] (images lie in [0, 1]; 8/255 ≈ 0.0314), got {eps!r}"
-        )
-    if alpha <= 0:
-        raise AdvfeatError(f"{method}: alpha (the attack step) must be > 0, got {alpha!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise AdvfeatError(f"{method}: steps must be an integer >= 1, got {steps!r}")
-    if random_start not in RANDOM_STARTS:
-        raise unknown_name(f"{method} random_start", str(random_start), RANDOM_STARTS)
-    if init_std < 0:
-        raise AdvfeatError(f"{method}: init_std must be >= 0, got {init_std!r}")
-    if attack_bn_mode not in ATTACK_BN_MODES:
-        raise unknown_name(f"{method} attack_bn_mode", str(attack_bn_mode), ATTACK_BN_MODES)
+EPS = Number(low=0, high=1, low_open=True, hint="images lie in [0, 1]; 8/255 ≈ 0.0314")
+"""The L∞ budget of a pixel attack on [0, 1] images."""
+STEP = Number(low=0, low_open=True, hint="the attack step")
+STEPS = Integer(low=1)
+RANDOM_START = Choice(*RANDOM_STARTS)
+INIT_STD = Number(low=0)
+BN_MODE = Choice(*ATTACK_BN_MODES)
 
 
 class PixelAdversarialTraining(Method):
     """Common part of ``pgd-at``, ``trades`` and ``mart``: option checks and the attack.
 
     Subclasses set ``recipe`` (a key of :data:`RECIPES`) and declare ``Options`` with the fields
-    ``eps``, ``alpha``, ``steps``, ``random_start``, ``init_std`` and ``attack_bn_mode``.
+    ``eps``, ``alpha``, ``steps``, ``random_start``, ``init_std`` and ``attack_bn_mode``, each with
+    its constraint (:data:`EPS`, :data:`STEP`, :data:`STEPS`, :data:`RANDOM_START`,
+    :data:`INIT_STD`, :data:`BN_MODE`).
     """
 
     recipe: ClassVar[str] = ""
-
-    def validate_options(self) -> None:
-        o = self.opts
-        check_attack_options(
-            self.name,
-            eps=o.eps,
-            alpha=o.alpha,
-            steps=o.steps,
-            random_start=o.random_start,
-            init_std=o.init_std,
-            attack_bn_mode=o.attack_bn_mode,
-        )
 
     def adversarial_examples(
         self, net: nn.Module, x: Tensor, y: Tensor, clean_logits: Tensor | None = None

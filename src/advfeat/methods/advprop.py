@@ -24,15 +24,15 @@ from advfeat.methods.auxbn import (
     ATTACK_BN_MODES,
     EXTRA_SOURCES,
     MAIN,
+    PIXEL_LEVELS,
     ROUTINGS,
     AuxBNMethod,
     branch_forward,
-    check_choice,
-    check_number,
     require_branches,
 )
 from advfeat.methods.base import MethodOutput, cross_entropy
 from advfeat.methods.registry import register_method
+from advfeat.options import Choice, Flag, Integer, Number, option
 
 __all__ = ["ATTACKERS", "AdvProp"]
 
@@ -79,16 +79,20 @@ class AdvProp(AuxBNMethod):
 
     @dataclass
     class Options:
-        attacker: str = "pgd"  # Sec. 5.1 default attacker; Table 7: "ifgsm", "gd"
-        eps: float = 4.0  # 0-255 units; Table 8 (ResNets): PGD5, ε = 4
-        steps: int | None = None  # Sec. 5.1: n = ε + 1 (n = 1 at ε = 1)
-        alpha: float = 1.0  # 0-255 units; Sec. 5.1: step size fixed to 1
-        attack_bn_mode: str = "train"
+        # Sec. 5.1 default attacker; Table 7: "ifgsm", "gd"
+        attacker: str = option("pgd", Choice(*ATTACKERS))
+        # 0-255 units; Table 8 (ResNets): PGD5, ε = 4
+        eps: float = option(4.0, Number(low=0, high=255, low_open=True, hint=PIXEL_LEVELS))
+        # Sec. 5.1: n = ε + 1 (n = 1 at ε = 1)
+        steps: int | None = option(None, Integer(low=1, optional=True))
+        # 0-255 units; Sec. 5.1: step size fixed to 1
+        alpha: float = option(1.0, Number(low=0, low_open=True, hint=PIXEL_LEVELS))
+        attack_bn_mode: str = option("train", Choice(*ATTACK_BN_MODES))
         attack_branch: str = ADV  # Algorithm 1: attack through the auxiliary BNs
-        routing: str = "auto"
-        adv_weight: float = 1.0  # Algorithm 1: L^a + L^c
+        routing: str = option("auto", Choice(*ROUTINGS))
+        adv_weight: float = option(1.0, Number(low=0))  # Algorithm 1: L^a + L^c
         eval_branch: str = MAIN  # Sec. 4.3: aux BNs dropped at test time
-        fine_grained: bool = False  # Sec. 5.4, Table 5
+        fine_grained: bool = option(False, Flag())  # Sec. 5.4, Table 5
         extra_sources: tuple[str, ...] = ("strong_aug",)
         adv_source: str = "auto"
 
@@ -117,26 +121,13 @@ class AdvProp(AuxBNMethod):
 
     def validate_options(self) -> None:
         o, name = self.opts, self.name
-        check_choice(name, "attacker", o.attacker, ATTACKERS)
-        check_number(name, "eps (in 0-255 pixel levels)", o.eps, low=0, high=255, open_low=True)
-        check_number(name, "alpha (in 0-255 pixel levels)", o.alpha, low=0, open_low=True)
-        check_number(name, "adv_weight", o.adv_weight, low=0, open_low=False)
-        if o.steps is None:
-            if o.eps < 1 or o.eps != int(o.eps):
-                raise AdvfeatError(
-                    f"{name}: the rule n = ε + 1 (Sec. 5.1) needs a whole number of pixel levels "
-                    f"eps >= 1 (eps=4 means 4/255), got eps={o.eps!r}; give steps explicitly"
-                )
-        elif isinstance(o.steps, bool) or not isinstance(o.steps, int) or o.steps < 1:
-            raise AdvfeatError(f"{name}: steps must be an integer >= 1 or null, got {o.steps!r}")
-        check_choice(name, "attack_bn_mode", o.attack_bn_mode, ATTACK_BN_MODES)
-        check_choice(name, "routing", o.routing, ROUTINGS)
-        if not isinstance(o.fine_grained, bool):
+        if o.steps is None and (o.eps < 1 or o.eps != int(o.eps)):
             raise AdvfeatError(
-                f"{name}: fine_grained must be true or false, got {o.fine_grained!r}"
+                f"{name}: the rule n = ε + 1 (Sec. 5.1) needs a whole number of pixel levels "
+                f"eps >= 1 (eps=4 means 4/255), got eps={o.eps!r}; give steps explicitly"
             )
         self._validate_sources()
-        check_choice(name, "attack_branch", o.attack_branch, self.branches())
+        Choice(*self.branches())(name, "attack_branch", o.attack_branch)
         super().validate_options()
 
     def _validate_sources(self) -> None:
@@ -154,7 +145,7 @@ class AdvProp(AuxBNMethod):
             raise AdvfeatError(f"{name}: extra_sources names a source twice: {o.extra_sources}")
         if o.fine_grained and not o.extra_sources:
             raise AdvfeatError(f"{name}: fine_grained=true needs at least one extra source")
-        check_choice(name, "adv_source", o.adv_source, ("auto", MAIN, *self.extra_source_names()))
+        Choice("auto", MAIN, *self.extra_source_names())(name, "adv_source", o.adv_source)
 
     # ----------------------------------------------------------------------------- attack
     def make_attack(self, net: nn.Module) -> Attack:

@@ -67,8 +67,10 @@ from torch import Tensor, nn
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.adversarial import (
     BASES,
+    INIT_STD,
     RANDOM_STARTS,
     RECIPES,
+    STEPS,
     RandomStart,
     adversarial_term,
     clean_reference_logits,
@@ -77,7 +79,9 @@ from advfeat.methods.adversarial import (
 from advfeat.methods.auxbn import ROUTINGS, resolve_routing
 from advfeat.methods.base import Method, MethodOutput, unwrap
 from advfeat.methods.registry import register_method
+from advfeat.modes import eval_mode
 from advfeat.norm import (
+    BranchModel,
     MultiBatchNorm,
     WeightGenerator,
     afa_branches,
@@ -86,8 +90,9 @@ from advfeat.norm import (
     to_fused_dual_bn,
     use_branch,
 )
+from advfeat.options import Choice, Flag, Integer, Number, option
 
-__all__ = ["AFA", "BranchInference", "strength_grid"]
+__all__ = ["AFA", "strength_grid"]
 
 GRID_SPACINGS = ("doubling", "linear")
 CLEAN_REFERENCES = ("clean-branch", "own-branch")
@@ -103,22 +108,6 @@ def strength_grid(k: int, eps_max_255: float, spacing: str = "doubling") -> tupl
     raise unknown_name("AFA grid_spacing", str(spacing), GRID_SPACINGS)
 
 
-class BranchInference(nn.Module):
-    """``model`` with every BN layer on one branch: how a stage-I AFA model is evaluated."""
-
-    def __init__(self, model: nn.Module, branch: str) -> None:
-        super().__init__()
-        self.model = model
-        self.branch = branch
-
-    def forward(self, x: Tensor) -> Any:
-        with use_branch(self.model, self.branch):
-            return self.model(x)
-
-    def extra_repr(self) -> str:
-        return f"branch={self.branch!r}"
-
-
 def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
@@ -132,85 +121,57 @@ class AFA(Method):
 
     @dataclass
     class Options:
-        stage: int = 1
-        base: str = "pgd-at"  # adversarial loss of stage I: pgd-at | trades | mart (Sec. 5.1)
-        num_branches: int = 5  # K (Sec. 5.1, Table 4)
+        stage: int = option(1, Integer(1, 2, hint="1: K BN branches, 2: weight generator"))
+        # adversarial loss of stage I: pgd-at | trades | mart (Sec. 5.1)
+        base: str = option("pgd-at", Choice(*BASES))
+        num_branches: int = option(5, Integer(low=2, hint="K"))  # K (Sec. 5.1, Table 4)
         eps_max_255: float = 8.0  # ε_{K−1}, the largest strength of Tables 1–3
-        grid_spacing: str = "doubling"  # K = 5 → ε = 0, 1, 2, 4, 8 (/255)
+        # K = 5 → ε = 0, 1, 2, 4, 8 (/255)
+        grid_spacing: str = option("doubling", Choice(*GRID_SPACINGS))
         eps_grid_255: list[float] | None = None  # explicit ε_0 = 0 < … < ε_{K−1}
-        steps: int = 10
-        alpha_ratio: float = 0.25  # PGD step α_k = alpha_ratio · ε_k
-        random_start: str | None = None  # None → the base's (uniform / 0.001·N(0, I))
-        init_std: float = 0.001
-        attack_bn_mode: str | None = None  # None → the base's (train / eval)
-        trades_beta: float = 6.0  # TRADES β (Zhang et al. 2019, CIFAR-10)
-        mart_lambda: float = 6.0  # MART λ (Wang et al. 2020, WideResNet)
-        clean_reference: str = "clean-branch"
+        steps: int = option(10, STEPS)
+        # PGD step α_k = alpha_ratio · ε_k
+        alpha_ratio: float = option(0.25, Number(low=0, low_open=True))
+        # None → the base's (uniform / 0.001·N(0, I))
+        random_start: str | None = option(None, Choice(*RANDOM_STARTS, optional=True))
+        init_std: float = option(0.001, INIT_STD)
+        # None → the base's (train / eval)
+        attack_bn_mode: str | None = option(None, Choice("train", "eval", optional=True))
+        # TRADES β (Zhang et al. 2019, CIFAR-10), MART λ (Wang et al. 2020, WideResNet)
+        trades_beta: float = option(6.0, Number(low=0))
+        mart_lambda: float = option(6.0, Number(low=0))
+        clean_reference: str = option("clean-branch", Choice(*CLEAN_REFERENCES))
         eval_branch: int = 0
         stage1_checkpoint: str | None = None
-        stage2_strengths: str = "uniform"
+        stage2_strengths: str = option("uniform", Choice(*STAGE2_STRENGTHS))
         generator_source: str | None = None
-        generator_per_layer: bool = False
-        generator_channels: int = 64
-        prefix_weight: float | None = None
-        routing: str = "auto"  # stage I: one split pass over the K−1 strengths, or one per branch
+        generator_per_layer: bool = option(False, Flag())
+        generator_channels: int = option(64, Integer(low=1))
+        prefix_weight: float | None = option(
+            None,
+            Number(
+                low=0, high=1, optional=True,
+                hint="the fixed W_0 of BN layers that run before generator_source",
+            ),
+        )  # fmt: skip
+        # stage I: one split pass over the K−1 strengths, or one per branch
+        routing: str = option("auto", Choice(*ROUTINGS))
 
     # ------------------------------------------------------------------------------ options
     def validate_options(self) -> None:
-        o = self.opts
-        if o.routing not in ROUTINGS:
-            raise unknown_name("afa routing", str(o.routing), ROUTINGS)
-        if isinstance(o.stage, bool) or not isinstance(o.stage, int) or o.stage not in (1, 2):
-            raise AdvfeatError(
-                f"afa: stage must be 1 (K BN branches) or 2 (weight generator), got {o.stage!r}"
-            )
-        if o.base not in BASES:
-            raise unknown_name("afa base", str(o.base), BASES)
-        k = o.num_branches
-        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-            raise AdvfeatError(f"afa: num_branches (K) must be an integer >= 2, got {k!r}")
+        o, k = self.opts, self.opts.num_branches
         self.grid_255 = self._resolve_grid()
-        if isinstance(o.steps, bool) or not isinstance(o.steps, int) or o.steps < 1:
-            raise AdvfeatError(f"afa: steps must be an integer >= 1, got {o.steps!r}")
-        for label in ("alpha_ratio", "trades_beta", "mart_lambda", "init_std"):
-            value = getattr(o, label)
-            if not _number(value) or value < 0 or (label == "alpha_ratio" and value == 0):
-                bound = "> 0" if label == "alpha_ratio" else ">= 0"
-                raise AdvfeatError(f"afa: {label} must be a number {bound}, got {value!r}")
-        if o.random_start is not None and o.random_start not in RANDOM_STARTS:
-            raise unknown_name("afa random_start", str(o.random_start), RANDOM_STARTS)
-        if o.attack_bn_mode is not None and o.attack_bn_mode not in ("train", "eval"):
-            raise unknown_name("afa attack_bn_mode", str(o.attack_bn_mode), ("train", "eval"))
-        if o.clean_reference not in CLEAN_REFERENCES:
-            raise unknown_name("afa clean_reference", str(o.clean_reference), CLEAN_REFERENCES)
-        if o.stage2_strengths not in STAGE2_STRENGTHS:
-            raise unknown_name("afa stage2_strengths", str(o.stage2_strengths), STAGE2_STRENGTHS)
         eb = o.eval_branch
         if isinstance(eb, bool) or not isinstance(eb, int) or not -k <= eb < k:
             raise AdvfeatError(
                 f"afa: eval_branch must be a branch index in [{-k}, {k - 1}] (0 = clean BN_0, "
                 f"-1 = BN_K-1), got {eb!r}"
             )
-        gc = o.generator_channels
-        if isinstance(gc, bool) or not isinstance(gc, int) or gc < 1:
-            raise AdvfeatError(f"afa: generator_channels must be an integer >= 1, got {gc!r}")
-        pw = o.prefix_weight
-        if pw is not None and (not _number(pw) or not 0 <= pw <= 1):
-            raise AdvfeatError(
-                f"afa: prefix_weight (the fixed W_0 of BN layers that run before "
-                f"generator_source) must be a number in [0, 1] or null, got {pw!r}"
-            )
-        if not isinstance(o.generator_per_layer, bool):
-            raise AdvfeatError(
-                f"afa: generator_per_layer must be true or false, got {o.generator_per_layer!r}"
-            )
         self._validate_checkpoint_option()
 
     def _resolve_grid(self) -> tuple[float, ...]:
         o = self.opts
         k = o.num_branches
-        if o.grid_spacing not in GRID_SPACINGS:
-            raise unknown_name("afa grid_spacing", str(o.grid_spacing), GRID_SPACINGS)
         if o.eps_grid_255 is None:
             if not _number(o.eps_max_255) or not 0 < o.eps_max_255 <= 255:
                 raise AdvfeatError(
@@ -288,12 +249,14 @@ class AFA(Method):
             prefix_weight=o.prefix_weight,
         )
 
-    def _load_stage1(self, model: nn.Module) -> None:
-        from advfeat.train.checkpoint import load_checkpoint  # the trainer imports the methods
+    def initial_checkpoint(self) -> str | None:
+        return self.opts.stage1_checkpoint if self.opts.stage == 2 else None
 
-        path = str(self.opts.stage1_checkpoint)
-        state = load_checkpoint(path)
-        config = state.get("config") or {}
+    def _load_stage1(self, model: nn.Module) -> None:
+        initial = self.initial_weights()
+        if initial is None:  # validate_options requires stage1_checkpoint in stage 2
+            raise AdvfeatError("afa: stage 2 needs the weights of a stage-1 run")
+        path, config = initial.source, initial.config
         if config.get("method") != "afa":
             raise AdvfeatError(
                 f"afa: stage1_checkpoint {path!r} was trained with method "
@@ -316,8 +279,8 @@ class AFA(Method):
                 f"ε={list(self.grid_255)} /255; pass the stage-1 run's num_branches / grid options"
             )
         try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError) as err:
+            model.load_state_dict(initial.weights)
+        except RuntimeError as err:
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
             raise AdvfeatError(
                 f"afa: stage1_checkpoint {path!r} (model {config.get('model')!r}, "
@@ -337,15 +300,18 @@ class AFA(Method):
             if isinstance(output, Tensor) and output.dim() == 4 and not seen:
                 seen.append(output.shape[1])
 
+        shape = self.context.input_shape
+        if shape is None:
+            raise AdvfeatError(
+                f"afa: generator_source {source!r} is sized by running the model once; prepare "
+                "it with method.prepare_with(model, PrepareContext(input_shape=(C, H, W)))"
+            )
         handle = names[source].register_forward_hook(tap)
-        training = model.training
         try:
-            model.eval()
-            with torch.no_grad():
-                model(torch.zeros(2, 3, 32, 32))
+            with eval_mode(model), torch.no_grad():
+                model(torch.zeros(2, *shape))
         finally:
             handle.remove()
-            model.train(training)
         if not seen:
             raise AdvfeatError(
                 f"afa: generator_source {source!r} must output a feature map (N, C, H, W)"
@@ -355,7 +321,7 @@ class AFA(Method):
     def eval_model(self, model: nn.Module) -> nn.Module:
         if self.opts.stage == 2:
             return model
-        return BranchInference(model, self.branches[self.opts.eval_branch])
+        return BranchModel(model, self.branches[self.opts.eval_branch])
 
     # ------------------------------------------------------------------------------ training
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]

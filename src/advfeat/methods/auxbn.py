@@ -20,9 +20,7 @@ source. Fast AdvProp (Mei et al. 2022) and AdvBN (Shu et al. 2021, Sec. 4) reuse
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Sequence
 from weakref import WeakSet
 
 import torch
@@ -39,18 +37,18 @@ from advfeat.norm import (
     strip_aux_bn,
     use_branch,
 )
+from advfeat.norm.stats import is_batchnorm_like
+from advfeat.options import Choice
 
 __all__ = [
     "ADV",
     "ATTACK_BN_MODES",
     "EXTRA_SOURCES",
     "MAIN",
+    "PIXEL_LEVELS",
     "ROUTINGS",
     "AuxBNMethod",
     "branch_forward",
-    "check_choice",
-    "check_number",
-    "model_mode",
     "prepare_branches",
     "resolve_routing",
     "strong_augment",
@@ -62,26 +60,8 @@ ADV = "adv"
 """The auxiliary BN branch of adversarial examples / features."""
 ROUTINGS = ("auto", "split", "separate")
 ATTACK_BN_MODES = ("train", "eval")
-
-
-# --------------------------------------------------------------------------------- checks
-def check_number(
-    method: str, name: str, value: Any, *, low: float, high: float = math.inf, open_low: bool
-) -> float:
-    """``value`` must be a finite number in ``(low, high]`` (or ``[low, high]``)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise AdvfeatError(f"{method}: {name} must be a finite number, got {value!r}")
-    if (value <= low if open_low else value < low) or value > high:
-        bracket = "(" if open_low else "["
-        upper = "inf)" if math.isinf(high) else f"{high:g}]"
-        raise AdvfeatError(f"{method}: {name} must be in {bracket}{low:g}, {upper}, got {value!r}")
-    return float(value)
-
-
-def check_choice(method: str, name: str, value: Any, choices: Sequence[str]) -> None:
-    """``value`` must be one of ``choices`` (unknown values list close matches)."""
-    if not isinstance(value, str) or value not in choices:
-        raise unknown_name(f"{method} {name}", str(value), choices)
+PIXEL_LEVELS = "in 0-255 pixel levels"
+"""The unit of AdvProp's budgets: ``eps=4`` means 4/255."""
 
 
 # ---------------------------------------------------------------------------- conversion
@@ -100,7 +80,7 @@ def prepare_branches(model: nn.Module, branches: Sequence[str], *, method: str) 
                 f"{tuple(branches)}; start from the plain model"
             )
         return model
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in inner.modules()):
+    if not any(is_batchnorm_like(m) for m in inner.modules()):
         raise AdvfeatError(
             f"{method} trains adversarial examples through an auxiliary batch norm, but "
             f"{type(inner).__name__} has no batch-norm layer (BatchNorm1d/2d/3d, SyncBatchNorm "
@@ -174,19 +154,6 @@ def branch_forward(
 
 def _empty_like(output: Tensor) -> Tensor:
     return output.new_zeros((0, *output.shape[1:]))
-
-
-@contextmanager
-def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Run ``model`` in train (``"train"``) or eval (``"eval"``) mode; flags restored on exit."""
-    check_choice("attack", "bn_mode", mode, ATTACK_BN_MODES)
-    flags = {m: m.training for m in model.modules()}
-    model.train(mode == "train")
-    try:
-        yield
-    finally:
-        for m, was_training in flags.items():
-            m.training = was_training
 
 
 # --------------------------------------------------------------------------- extra sources
@@ -273,7 +240,7 @@ class AuxBNMethod(Method):
         return (MAIN, ADV)
 
     def validate_options(self) -> None:
-        check_choice(self.name, "eval_branch", self.opts.eval_branch, self.branches())
+        Choice(*self.branches())(self.name, "eval_branch", self.opts.eval_branch)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Convert every BN layer to the branches of :meth:`branches` (clear error without BN)."""

@@ -11,6 +11,12 @@ A :class:`Method` plugs into the project's trainer, into a user's own loop, or i
         out.loss.backward()
         opt.step()
 
+The trainer prepares through :meth:`Method.prepare_with`, which hands the method a
+:class:`PrepareContext`: the shape of one input image and the initial weights read from
+:meth:`Method.initial_checkpoint` (methods never read checkpoint files themselves)::
+
+    model = method.prepare_with(model, PrepareContext(input_shape=(3, 32, 32), initial=weights))
+
 Methods are ``nn.Module``\\ s so that learnable method state (L-ALFA's strengths η) is saved in
 checkpoints and optimised with the model.
 """
@@ -24,9 +30,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from advfeat.checkpoint import InitialWeights, read_initial_weights
 from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.options import check_options
+from advfeat.sites import unwrap_model as unwrap
 
-__all__ = ["Method", "MethodOutput", "unwrap"]
+__all__ = ["Method", "MethodOutput", "PrepareContext", "unwrap"]
 
 
 @dataclass
@@ -44,19 +53,28 @@ class MethodOutput:
     logs: dict[str, float] = field(default_factory=dict)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DataParallel`` / ``DistributedDataParallel`` / compiled wrapper."""
-    inner = getattr(model, "_orig_mod", model)
-    while isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        inner = inner.module
-    return getattr(inner, "_orig_mod", inner)
+@dataclass(frozen=True)
+class PrepareContext:
+    """What the caller knows about the model a method prepares (the trainer fills both).
+
+    Attributes:
+        input_shape: the shape of one input image, ``(C, H, W)``, for methods that size a
+            module by running the model once (AFA's weight generator).
+        initial: the weights the method starts from, read from :meth:`Method.initial_checkpoint`
+            by the caller (or given directly, e.g. by the benchmark).
+    """
+
+    input_shape: tuple[int, ...] | None = None
+    initial: InitialWeights | None = None
 
 
 class Method(nn.Module):
     """Base class of all training methods.
 
-    Subclasses set ``name``, ``paper`` and optionally ``training_recipe``, declare their options as a nested dataclass
-    ``Options`` whose defaults are the paper's defaults, and implement :meth:`forward`.
+    Subclasses set ``name``, ``paper`` and optionally ``training_recipe``, declare their options as
+    a nested dataclass ``Options`` whose defaults are the paper's defaults (a field declared with
+    :func:`advfeat.options.option` carries its constraint and is checked generically), and
+    implement :meth:`forward`; :meth:`validate_options` adds the rules that tie options together.
     ``self.opts`` holds the validated options.
     """
 
@@ -73,6 +91,7 @@ class Method(nn.Module):
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self.opts = self.parse_options(options)
+        check_options(self.name, self.opts)  # the constraints declared with option(...)
         self.validate_options()
 
     @classmethod
@@ -91,9 +110,33 @@ class Method(nn.Module):
     def validate_options(self) -> None:
         """Raise :class:`AdvfeatError` on inconsistent options (subclasses extend)."""
 
+    context: PrepareContext = PrepareContext()
+    """The context of the current :meth:`prepare` (set by :meth:`prepare_with`)."""
+
     def prepare(self, model: nn.Module) -> nn.Module:
         """One-time model surgery before training (BN conversion, freezing); returns the model."""
         return model
+
+    def prepare_with(self, model: nn.Module, context: PrepareContext) -> nn.Module:
+        """:meth:`prepare` with what the caller knows about the model (input shape, initial
+        weights); the initial weights are released afterwards."""
+        self.context = context
+        try:
+            return self.prepare(model)
+        finally:
+            self.context = PrepareContext(input_shape=context.input_shape)
+
+    def initial_checkpoint(self) -> str | None:
+        """Path of the ``advfeat train`` checkpoint whose weights this method starts from, if
+        any (subclasses with such an option override); the caller reads it for :meth:`prepare`."""
+        return None
+
+    def initial_weights(self) -> InitialWeights | None:
+        """The initial weights handed in the context, else those of :meth:`initial_checkpoint`."""
+        if self.context.initial is not None:
+            return self.context.initial
+        path = self.initial_checkpoint()
+        return read_initial_weights(path, method=self.name) if path else None
 
     def parameter_groups(self, model: nn.Module, **group: Any) -> list[dict[str, Any]]:
         """Optimizer parameter groups: the trainable parameters of the model and of the method."""

@@ -57,15 +57,15 @@ from advfeat.errors import AdvfeatError
 from advfeat.methods.auxbn import (
     ADV,
     MAIN,
+    PIXEL_LEVELS,
     ROUTINGS,
     AuxBNMethod,
     branch_forward,
-    check_choice,
-    check_number,
     require_branches,
 )
 from advfeat.methods.base import MethodOutput, unwrap
 from advfeat.methods.registry import register_method
+from advfeat.options import Choice, Flag, Number, option
 
 __all__ = ["FastAdvProp", "attacked_count"]
 
@@ -113,33 +113,30 @@ class FastAdvProp(AuxBNMethod):
 
     @dataclass
     class Options:
-        adv_fraction: float = 0.2  # released script: multi_clean_strategy 4:1
-        eps: float = 1.0  # 0-255 units; PGD-1 at ε = 1 (released script, AdvProp's PGD1)
-        alpha: float = 1.0  # 0-255 units; step size 1
-        random_start: bool = True
-        attack_branch: str = ADV  # released script: --attack_in_train with the aux BN
-        reuse_attack_grad: bool = True  # released script: --reuse_mid_grad
-        clean_weight: float = 1.0  # loss_strategy clean:1
-        attack_weight: float = 0.5  # loss_strategy attack:0.5
-        adv_weight: float = 0.5  # loss_strategy adv:0.5
-        routing: str = "auto"
+        # released script: multi_clean_strategy 4:1 (a clean part is needed: below 1)
+        adv_fraction: float = option(
+            0.2, Number(low=0, high=1, low_open=True, high_open=True, hint="below 1")
+        )
+        # 0-255 units; PGD-1 at ε = 1 (released script, AdvProp's PGD1)
+        eps: float = option(1.0, Number(low=0, high=255, low_open=True, hint=PIXEL_LEVELS))
+        # 0-255 units; step size 1
+        alpha: float = option(1.0, Number(low=0, low_open=True, hint=PIXEL_LEVELS))
+        random_start: bool = option(True, Flag())
+        # released script: --attack_in_train with the aux BN
+        attack_branch: str = option(ADV, Choice(MAIN, ADV))
+        reuse_attack_grad: bool = option(True, Flag())  # released script: --reuse_mid_grad
+        clean_weight: float = option(1.0, Number(low=0))  # loss_strategy clean:1
+        attack_weight: float = option(0.5, Number(low=0))  # loss_strategy attack:0.5
+        adv_weight: float = option(0.5, Number(low=0))  # loss_strategy adv:0.5
+        routing: str = option("auto", Choice(*ROUTINGS))
         eval_branch: str = MAIN
 
     def validate_options(self) -> None:
         o, name = self.opts, self.name
-        check_number(name, "adv_fraction", o.adv_fraction, low=0, high=1, open_low=True)
-        if o.adv_fraction >= 1:
-            raise AdvfeatError(f"{name}: adv_fraction must be below 1 (a clean part is needed)")
-        check_number(name, "eps (in 0-255 pixel levels)", o.eps, low=0, high=255, open_low=True)
-        check_number(name, "alpha (in 0-255 pixel levels)", o.alpha, low=0, open_low=True)
-        for key in ("random_start", "reuse_attack_grad"):
-            if not isinstance(getattr(o, key), bool):
-                raise AdvfeatError(f"{name}: {key} must be true or false, got {getattr(o, key)!r}")
-        check_choice(name, "attack_branch", o.attack_branch, (MAIN, ADV))
-        check_number(name, "clean_weight", o.clean_weight, low=0, open_low=False)
-        check_number(name, "adv_weight", o.adv_weight, low=0, open_low=False)
-        check_number(name, "attack_weight", o.attack_weight, low=0, open_low=o.reuse_attack_grad)
-        check_choice(name, "routing", o.routing, ROUTINGS)
+        if o.reuse_attack_grad and o.attack_weight == 0:
+            raise AdvfeatError(
+                f"{name}: attack_weight must be > 0 when reuse_attack_grad is true, got 0"
+            )
         super().validate_options()
 
     # ----------------------------------------------------------------------------- pieces

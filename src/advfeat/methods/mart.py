@@ -7,14 +7,20 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advfeat.errors import AdvfeatError
 from advfeat.methods.adversarial import (
+    BN_MODE,
+    EPS,
+    INIT_STD,
+    RANDOM_START,
+    STEP,
+    STEPS,
     PixelAdversarialTraining,
     boosted_cross_entropy,
     mart_loss,
 )
 from advfeat.methods.base import MethodOutput, unwrap
 from advfeat.methods.registry import register_method
+from advfeat.options import Number, option
 
 __all__ = ["MART"]
 
@@ -39,19 +45,13 @@ class MART(PixelAdversarialTraining):
     class Options:
         # CIFAR-10 (Wang et al. 2020, §4; the reference train_wideresnet.py): ε = 0.031 (≈ 8/255),
         # step 0.007, 10 steps, λ = 6 for WideResNet-34-10 (the reference uses λ = 5 for ResNet-18).
-        eps: float = 0.031
-        alpha: float = 0.007
-        steps: int = 10
-        lam: float = 6.0
-        random_start: str = "normal"
-        init_std: float = 0.001
-        attack_bn_mode: str = "eval"
-
-    def validate_options(self) -> None:
-        super().validate_options()
-        lam = self.opts.lam
-        if isinstance(lam, bool) or not isinstance(lam, int | float) or lam < 0:
-            raise AdvfeatError(f"mart: lam (the KL weight λ) must be a number >= 0, got {lam!r}")
+        eps: float = option(0.031, EPS)
+        alpha: float = option(0.007, STEP)
+        steps: int = option(10, STEPS)
+        lam: float = option(6.0, Number(low=0, hint="the KL weight λ"))
+        random_start: str = option("normal", RANDOM_START)
+        init_std: float = option(0.001, INIT_STD)
+        attack_bn_mode: str = option("eval", BN_MODE)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
         x_adv = self.adversarial_examples(unwrap(model), x, y)

@@ -8,10 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advfeat.methods.adversarial import PixelAdversarialTraining, pgd_at_loss
+from advfeat.methods.adversarial import (
+    BN_MODE,
+    EPS,
+    INIT_STD,
+    RANDOM_START,
+    STEP,
+    STEPS,
+    PixelAdversarialTraining,
+    pgd_at_loss,
+)
 from advfeat.methods.base import MethodOutput, unwrap
 from advfeat.methods.registry import register_method
 from advfeat.norm.stats import frozen_bn_statistics
+from advfeat.options import Flag, option
 
 __all__ = ["PGDAT"]
 
@@ -37,13 +47,13 @@ class PGDAT(PixelAdversarialTraining):
         # CIFAR-10 (Madry et al. 2018, §5 and the released cifar10_challenge config.json):
         # ε = 8/255, step 2/255, random start. The released config runs 10 steps; §5 of the
         # paper reports 7 steps for its CIFAR-10 training (set steps=7 for that reading).
-        eps: float = 8 / 255
-        alpha: float = 2 / 255
-        steps: int = 10
-        random_start: str = "uniform"
-        init_std: float = 0.001  # only used with random_start="normal"
-        attack_bn_mode: str = "train"
-        log_clean: bool = True
+        eps: float = option(8 / 255, EPS)
+        alpha: float = option(2 / 255, STEP)
+        steps: int = option(10, STEPS)
+        random_start: str = option("uniform", RANDOM_START)
+        init_std: float = option(0.001, INIT_STD)  # only used with random_start="normal"
+        attack_bn_mode: str = option("train", BN_MODE)
+        log_clean: bool = option(True, Flag())
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
         net = unwrap(model)

@@ -7,8 +7,13 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advfeat.errors import AdvfeatError
 from advfeat.methods.adversarial import (
+    BN_MODE,
+    EPS,
+    INIT_STD,
+    RANDOM_START,
+    STEP,
+    STEPS,
     PixelAdversarialTraining,
     clean_reference_logits,
     trades_kl,
@@ -16,6 +21,7 @@ from advfeat.methods.adversarial import (
 )
 from advfeat.methods.base import MethodOutput, unwrap
 from advfeat.methods.registry import register_method
+from advfeat.options import Number, option
 
 __all__ = ["TRADES"]
 
@@ -41,19 +47,13 @@ class TRADES(PixelAdversarialTraining):
     class Options:
         # CIFAR-10 (Zhang et al. 2019, §5.2; the reference train_trades_cifar10.py):
         # ε = 0.031 (≈ 8/255), step η₁ = 0.007, K = 10 iterations, 1/λ = β = 6.
-        eps: float = 0.031
-        alpha: float = 0.007
-        steps: int = 10
-        beta: float = 6.0
-        random_start: str = "normal"
-        init_std: float = 0.001
-        attack_bn_mode: str = "eval"
-
-    def validate_options(self) -> None:
-        super().validate_options()
-        beta = self.opts.beta
-        if isinstance(beta, bool) or not isinstance(beta, int | float) or beta < 0:
-            raise AdvfeatError(f"trades: beta (= 1/λ) must be a number >= 0, got {beta!r}")
+        eps: float = option(0.031, EPS)
+        alpha: float = option(0.007, STEP)
+        steps: int = option(10, STEPS)
+        beta: float = option(6.0, Number(low=0, hint="= 1/λ"))
+        random_start: str = option("normal", RANDOM_START)
+        init_std: float = option(0.001, INIT_STD)
+        attack_bn_mode: str = option("eval", BN_MODE)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
         net = unwrap(model)

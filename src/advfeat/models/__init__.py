@@ -17,20 +17,12 @@ Feature sites are plain dotted module names: ``layer3`` (ours, torchvision ResNe
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.models.cifar_resnet import (
-    CifarResNet,
-    resnet20,
-    resnet32,
-    resnet44,
-    resnet56,
-    resnet110,
-)
+from advfeat.models.cifar_resnet import CifarResNet
 from advfeat.models.external import (
     build_timm,
     build_torchvision,
@@ -38,9 +30,10 @@ from advfeat.models.external import (
     torchvision_model_names,
 )
 from advfeat.models.normalize import ChannelStats, Normalize, attach_normalize
-from advfeat.models.preact_resnet import PreActResNet, preact_resnet18
-from advfeat.models.wide_resnet import WideResNet, wrn16_8, wrn28_10, wrn34_10
-from advfeat.registry import Registry
+from advfeat.models.preact_resnet import PreActResNet
+from advfeat.models.registry import MODELS, ModelFactory, register_model
+from advfeat.models.wide_resnet import WideResNet
+from advfeat.registry import import_submodules
 
 __all__ = [
     "MODELS",
@@ -53,25 +46,10 @@ __all__ = [
     "attach_normalize",
     "build_model",
     "model_names",
+    "register_model",
 ]
 
-ModelFactory = Callable[..., nn.Module]
-"""``factory(num_classes, *, mean, std, **options) -> nn.Module`` (a ``normalize`` child is added
-by :func:`build_model` when the factory does not create one)."""
-
-MODELS: Registry[ModelFactory] = Registry("model")
-for _factory in (
-    resnet20,
-    resnet32,
-    resnet44,
-    resnet56,
-    resnet110,
-    preact_resnet18,
-    wrn16_8,
-    wrn28_10,
-    wrn34_10,
-):
-    MODELS.add(_factory.__name__, _factory)
+import_submodules(__name__, __path__, skip=("registry",))
 
 SOURCES = ("torchvision", "timm")
 HALF = (0.5, 0.5, 0.5)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from advfeat.errors import AdvfeatError
 from advfeat.models.normalize import ChannelStats, Normalize
+from advfeat.models.registry import register_model
 
 __all__ = [
     "BasicBlock",
@@ -165,6 +166,7 @@ def _stage(
     return nn.Sequential(*layers)
 
 
+@register_model
 def resnet20(
     num_classes: int = 10,
     *,
@@ -179,6 +181,7 @@ def resnet20(
     )
 
 
+@register_model
 def resnet32(
     num_classes: int = 10,
     *,
@@ -193,6 +196,7 @@ def resnet32(
     )
 
 
+@register_model
 def resnet44(
     num_classes: int = 10,
     *,
@@ -207,6 +211,7 @@ def resnet44(
     )
 
 
+@register_model
 def resnet56(
     num_classes: int = 10,
     *,
@@ -221,6 +226,7 @@ def resnet56(
     )
 
 
+@register_model
 def resnet110(
     num_classes: int = 10,
     *,

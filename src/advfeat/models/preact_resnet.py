@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from advfeat.errors import AdvfeatError
 from advfeat.models.cifar_resnet import HALF, init_he_weights
 from advfeat.models.normalize import ChannelStats, Normalize
+from advfeat.models.registry import register_model
 
 __all__ = ["PreActBlock", "PreActResNet", "preact_resnet18"]
 
@@ -107,6 +108,7 @@ class PreActResNet(nn.Module):
         return self.fc(x)
 
 
+@register_model
 def preact_resnet18(
     num_classes: int = 10,
     *,

@@ -15,6 +15,7 @@ from advfeat.errors import AdvfeatError
 from advfeat.models.cifar_resnet import HALF, init_he_weights
 from advfeat.models.normalize import ChannelStats, Normalize
 from advfeat.models.preact_resnet import preact_stage
+from advfeat.models.registry import register_model
 
 __all__ = ["WideResNet", "wrn16_8", "wrn28_10", "wrn34_10"]
 
@@ -69,6 +70,7 @@ class WideResNet(nn.Module):
         return self.fc(x)
 
 
+@register_model
 def wrn16_8(
     num_classes: int = 10,
     *,
@@ -83,6 +85,7 @@ def wrn16_8(
     )
 
 
+@register_model
 def wrn28_10(
     num_classes: int = 10,
     *,
@@ -97,6 +100,7 @@ def wrn28_10(
     )
 
 
+@register_model
 def wrn34_10(
     num_classes: int = 10,
     *,

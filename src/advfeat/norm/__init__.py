@@ -15,6 +15,7 @@ from advfeat.norm.afa import (
     to_fused_dual_bn,
 )
 from advfeat.norm.multibn import (
+    BranchModel,
     MultiBatchNorm,
     branch_names,
     branch_parameters,
@@ -27,10 +28,16 @@ from advfeat.norm.multibn import (
     strip_aux_bn,
     use_branch,
 )
-from advfeat.norm.stats import batchnorm_modules, frozen_bn_statistics
+from advfeat.norm.stats import (
+    batchnorm_modules,
+    frozen_bn_statistics,
+    is_batchnorm_like,
+    register_batchnorm_class,
+)
 
 __all__ = [
     "AdaptiveFeatureAlignment",
+    "BranchModel",
     "FusedDualBN",
     "FusionWeights",
     "MultiBatchNorm",
@@ -43,8 +50,10 @@ __all__ = [
     "convert_multibn",
     "convert_sync_multibn",
     "frozen_bn_statistics",
+    "is_batchnorm_like",
     "is_norm_leaf",
     "main_branch",
+    "register_batchnorm_class",
     "shared_parameters",
     "split_branches",
     "strip_aux_bn",

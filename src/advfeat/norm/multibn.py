@@ -38,8 +38,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.norm.stats import is_batchnorm_like
 
 __all__ = [
+    "BranchModel",
     "MultiBatchNorm",
     "branch_names",
     "branch_parameters",
@@ -165,6 +167,23 @@ class MultiBatchNorm(_BatchNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, branches={self._branches}"
+
+
+class BranchModel(nn.Module):
+    """``model`` with every batch sent through BN branch ``branch`` (parameters shared): how a
+    multi-branch model is evaluated on one branch (AFA stage I, AdvBN's choice at inference)."""
+
+    def __init__(self, model: nn.Module, branch: str) -> None:
+        super().__init__()
+        self.model = model
+        self.branch = branch
+
+    def forward(self, x: Tensor) -> Any:
+        with use_branch(self.model, self.branch):
+            return self.model(x)
+
+    def extra_repr(self) -> str:
+        return f"branch={self.branch!r}"
 
 
 def is_norm_leaf(module: nn.Module) -> bool:
@@ -401,6 +420,12 @@ def _sync_variant(layer: _BatchNorm, process_group: Any = None) -> _BatchNorm:
     return synced  # type: ignore[no-any-return]
 
 
+def _convertible(module: nn.Module) -> bool:
+    """A batch-norm-like layer that :class:`MultiBatchNorm` can rebuild: one of torch's
+    ``_BatchNorm`` classes (BatchNorm1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d, ...)."""
+    return is_batchnorm_like(module) and isinstance(module, _BatchNorm)
+
+
 def _check_convertible(layer: _BatchNorm, qualname: str) -> None:
     if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
         raise AdvfeatError(
@@ -436,7 +461,7 @@ def convert_multibn(
             f"batch-norm layer {lost[0]!r} holds aux branches without routing (rebuilt by a "
             "sync-BN converter); convert the original model, then use convert_sync_multibn"
         )
-    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+    if not any(_convertible(m) for m in model.modules()):
         raise AdvfeatError(
             f"{type(model).__name__} has no batch-norm layer to convert (looked for "
             "BatchNorm1d/2d/3d, SyncBatchNorm and timm BatchNormAct2d)"
@@ -449,7 +474,7 @@ def convert_multibn(
             bn = _sync_variant(bn)
         return _make_multi(bn, names, qualname)
 
-    return replace_modules(model, lambda m: isinstance(m, _BatchNorm), convert)
+    return replace_modules(model, _convertible, convert)
 
 
 def convert_sync_multibn(model: nn.Module, process_group: Any = None) -> nn.Module:

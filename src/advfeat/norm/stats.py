@@ -1,23 +1,64 @@
-"""Keep batch-norm running statistics exactly as they are while a network is run.
+"""What a batch-norm-like layer is, and keeping its running statistics exactly as they are.
 
-Used by every attack (an attack step must never move BN statistics, unlike the public
-reference code of the five papers, which attacks in train mode and so updates them).
+:func:`is_batchnorm_like` is the one predicate every layer of advfeat uses to recognise a
+normalization layer with running statistics (attacks freeze them, feature sites keep the layer
+whole, dense tasks put it in eval mode, the BN methods look for one). A model family with a BN
+class of its own that does not subclass torch's registers it once::
+
+    @register_batchnorm_class
+    class MyBatchNorm(nn.Module): ...   # updates running stats only if training and track_running_stats
+
+:func:`frozen_bn_statistics` is used by every attack (an attack step must never move BN
+statistics, unlike the public reference code of the five papers, which attacks in train mode
+and so updates them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["batchnorm_modules", "frozen_bn_statistics"]
+__all__ = [
+    "batchnorm_modules",
+    "frozen_bn_statistics",
+    "is_batchnorm_like",
+    "register_batchnorm_class",
+]
+
+_BATCHNORM_CLASSES: list[type[nn.Module]] = [_NormBase]
+"""torch's normalization layers with running statistics (BatchNorm1d/2d/3d, SyncBatchNorm,
+InstanceNorm with ``track_running_stats``) and their subclasses (advfeat's MultiBatchNorm, timm's
+BatchNormAct2d), then every class given to :func:`register_batchnorm_class`."""
+
+C = TypeVar("C", bound=type[nn.Module])
 
 
-def batchnorm_modules(model: nn.Module) -> list[_NormBase]:
-    """Every batch-norm-like module of ``model`` (BatchNorm1d/2d/3d, SyncBatchNorm, subclasses)."""
-    return [m for m in model.modules() if isinstance(m, _NormBase)]
+def register_batchnorm_class(cls: C) -> C:
+    """Class decorator: make :func:`is_batchnorm_like` recognise ``cls`` (and its subclasses).
+
+    The class must behave like torch's batch norm: a ``training`` flag, and running statistics
+    updated only while ``training and track_running_stats`` (so that attacks can freeze them).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_batchnorm_class needs an nn.Module class, got {cls!r}")
+    if not issubclass(cls, tuple(_BATCHNORM_CLASSES)):
+        _BATCHNORM_CLASSES.append(cls)
+    return cls
+
+
+def is_batchnorm_like(module: Any) -> bool:
+    """Whether ``module`` is a normalization layer with running statistics: torch's batch norms,
+    SyncBatchNorm, multi-branch BN, timm's BatchNormAct2d, or a registered class."""
+    return isinstance(module, tuple(_BATCHNORM_CLASSES))
+
+
+def batchnorm_modules(model: nn.Module) -> list[nn.Module]:
+    """Every batch-norm-like module of ``model`` (see :func:`is_batchnorm_like`)."""
+    return [m for m in model.modules() if is_batchnorm_like(m)]
 
 
 @contextmanager
@@ -29,13 +70,13 @@ def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
     duration, which makes PyTorch's batch norm skip the running-average update (and the
     ``num_batches_tracked`` counter) while keeping the normalisation it would otherwise use.
     """
-    saved: list[tuple[_NormBase, bool]] = []
+    saved: list[tuple[nn.Module, bool]] = []
     for m in batchnorm_modules(model):
-        if m.track_running_stats and m.training:
-            saved.append((m, m.track_running_stats))
-            m.track_running_stats = False
+        if getattr(m, "track_running_stats", False) and m.training:
+            saved.append((m, True))
+            setattr(m, "track_running_stats", False)  # noqa: B010 (any BN-like class)
     try:
         yield
     finally:
         for m, flag in saved:
-            m.track_running_stats = flag
+            setattr(m, "track_running_stats", flag)  # noqa: B010

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from advfeat.errors import AdvfeatError
+from advfeat.modes import restored_train_flags
+from advfeat.norm.stats import batchnorm_modules
 from advfeat.sites import replace_features
 
 __all__ = ["DenseTask", "Replacements", "RngReplay", "batchnorm_eval", "check_images"]
@@ -58,14 +59,11 @@ def check_images(images: Any, *, stacked: bool) -> None:
 @contextmanager
 def batchnorm_eval(model: nn.Module) -> Iterator[None]:
     """Every BN layer in eval mode (running statistics) while the rest keeps its mode."""
-    saved = [(m, m.training) for m in model.modules() if isinstance(m, _NormBase)]
-    try:
-        for m, _ in saved:
+    layers = batchnorm_modules(model)
+    with restored_train_flags(layers):
+        for m in layers:
             m.eval()
         yield
-    finally:
-        for m, flag in saved:
-            m.train(flag)
 
 
 class RngReplay:

@@ -15,6 +15,7 @@ ignored). When any pretrained weights are used the ResNet backbone's batch norms
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,36 +30,59 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from advfeat.errors import AdvfeatError
 from advfeat.models.normalize import ChannelStats, attach_normalize
+from advfeat.registry import Registry
 from advfeat.tasks.deeplab_plus import DeepLabV3Plus, TinyResNetBody
 
 __all__ = [
     "DETECTORS",
     "SEGMENTERS",
+    "DenseBuild",
     "build_detector",
     "build_segmenter",
     "load_state_file",
+    "register_dense",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DETECTORS = (
-    "fasterrcnn_resnet50_fpn",
-    "fasterrcnn_resnet101_fpn",
-    "fasterrcnn_resnet18_fpn",
-    "fasterrcnn_mobilenet_v3_large_fpn",
-    "fasterrcnn_tiny",
-)
-SEGMENTERS = (
-    "deeplabv3_resnet50",
-    "deeplabv3_resnet101",
-    "deeplabv3_mobilenet_v3_large",
-    "deeplabv3plus_resnet50",
-    "deeplabv3plus_resnet101",
-    "deeplabv3plus_tiny",
-)
+@dataclass(frozen=True)
+class DenseBuild:
+    """What a detector / segmenter family's builder receives from :func:`build_detector` /
+    :func:`build_segmenter` (``options`` go to the torchvision constructor)."""
+
+    name: str
+    num_classes: int
+    options: dict[str, Any]
+    pretrained: bool = False
+    backbone_weights: str | Path | None = None
+    image_size: int | None = None
+    has_weights: bool = False
+    """A whole-model ``weights`` file will be loaded after building."""
+    output_stride: int = 16
+    aux_loss: bool = False
+
+
+DenseBuilder = Callable[[DenseBuild], nn.Module]
+
+DETECTORS: Registry[DenseBuilder] = Registry("detector")
+"""Faster R-CNN detectors by name (``fasterrcnn_tiny`` is advfeat's small CPU model)."""
+SEGMENTERS: Registry[DenseBuilder] = Registry("segmenter")
+"""DeepLabV3 (torchvision) and DeepLabV3+ segmenters by name."""
+
+
+def register_dense(
+    registry: Registry[DenseBuilder], *names: str
+) -> Callable[[DenseBuilder], DenseBuilder]:
+    """Function decorator: register one builder under each of ``names`` in ``registry``."""
+
+    def deco(builder: DenseBuilder) -> DenseBuilder:
+        for name in names:
+            registry.add(name, builder)
+        return builder
+
+    return deco
 
 
 def load_state_file(path: str | Path) -> dict[str, Any]:
@@ -140,52 +164,68 @@ def build_detector(
     to ``torchvision.models.detection.FasterRCNN`` (e.g. ``min_size``, ``box_batch_size_per_image``).
     """
     _check_classes(num_classes)
-    if name not in DETECTORS:
-        raise unknown_name("detector", name, DETECTORS)
+    builder = DETECTORS.get(name)
     mean_l = [float(v) for v in torch.as_tensor(mean).reshape(-1).tolist()]
     std_l = [float(v) for v in torch.as_tensor(std).reshape(-1).tolist()]
     kw = {"image_mean": mean_l, "image_std": std_l, **kw}
     if image_size is not None:
         kw.setdefault("min_size", image_size)
         kw.setdefault("max_size", image_size)
-    if name == "fasterrcnn_tiny":
-        if pretrained or backbone_weights is not None:
-            raise AdvfeatError(
-                "fasterrcnn_tiny has no pretrained weights; use weights=PATH of a run"
-            )
-        model: nn.Module = _fasterrcnn_tiny(num_classes, image_size or 64, **kw)
-    elif name == "fasterrcnn_mobilenet_v3_large_fpn":
-        if backbone_weights is not None:
-            raise AdvfeatError("backbone_weights applies to the ResNet detectors")
-        model = tv_det.fasterrcnn_mobilenet_v3_large_fpn(
-            weights="DEFAULT" if pretrained else None, weights_backbone=None,
-            num_classes=None if pretrained else num_classes, **kw,
-        )  # fmt: skip
-        if pretrained:
-            _replace_predictor(model, num_classes)
-    elif name == "fasterrcnn_resnet50_fpn" and pretrained:
-        model = tv_det.fasterrcnn_resnet50_fpn(weights="DEFAULT", **kw)
-        _replace_predictor(model, num_classes)
-    else:
-        if pretrained:
-            raise AdvfeatError(
-                f"torchvision has no detection weights for {name!r}; use backbone_weights=PATH"
-            )
-        arch = name.removeprefix("fasterrcnn_").removesuffix("_fpn")
-        trained = backbone_weights is not None or weights is not None
-        backbone = resnet_fpn_backbone(
-            backbone_name=arch, weights=None,
-            norm_layer=FrozenBatchNorm2d if trained else nn.BatchNorm2d,
-            trainable_layers=3 if trained else 5,
-        )  # fmt: skip
-        if backbone_weights is not None:
-            _load_into(backbone.body, backbone_weights, ignore=("fc.",))
-        if image_size is not None and image_size < 256:
-            kw.setdefault("rpn_anchor_generator", _tiny_anchors(image_size, 5))
-        model = tv_det.FasterRCNN(backbone, num_classes=num_classes, **kw)
+    spec = DenseBuild(
+        name, num_classes, kw, pretrained=pretrained, backbone_weights=backbone_weights,
+        image_size=image_size, has_weights=weights is not None,
+    )  # fmt: skip
+    model = builder(spec)
     if weights is not None:
         _load_into(model, weights)
     return model
+
+
+@register_dense(DETECTORS, "fasterrcnn_tiny")
+def _tiny_detector(spec: DenseBuild) -> nn.Module:
+    if spec.pretrained or spec.backbone_weights is not None:
+        raise AdvfeatError("fasterrcnn_tiny has no pretrained weights; use weights=PATH of a run")
+    return _fasterrcnn_tiny(spec.num_classes, spec.image_size or 64, **spec.options)
+
+
+@register_dense(DETECTORS, "fasterrcnn_mobilenet_v3_large_fpn")
+def _mobilenet_detector(spec: DenseBuild) -> nn.Module:
+    if spec.backbone_weights is not None:
+        raise AdvfeatError("backbone_weights applies to the ResNet detectors")
+    model = tv_det.fasterrcnn_mobilenet_v3_large_fpn(
+        weights="DEFAULT" if spec.pretrained else None, weights_backbone=None,
+        num_classes=None if spec.pretrained else spec.num_classes, **spec.options,
+    )  # fmt: skip
+    if spec.pretrained:
+        _replace_predictor(model, spec.num_classes)
+    return model
+
+
+@register_dense(
+    DETECTORS, "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet101_fpn", "fasterrcnn_resnet18_fpn"
+)
+def _resnet_detector(spec: DenseBuild) -> nn.Module:
+    kw = dict(spec.options)
+    if spec.name == "fasterrcnn_resnet50_fpn" and spec.pretrained:
+        model = tv_det.fasterrcnn_resnet50_fpn(weights="DEFAULT", **kw)
+        _replace_predictor(model, spec.num_classes)
+        return model
+    if spec.pretrained:
+        raise AdvfeatError(
+            f"torchvision has no detection weights for {spec.name!r}; use backbone_weights=PATH"
+        )
+    arch = spec.name.removeprefix("fasterrcnn_").removesuffix("_fpn")
+    trained = spec.backbone_weights is not None or spec.has_weights  # frozen BN, early layers
+    backbone = resnet_fpn_backbone(
+        backbone_name=arch, weights=None,
+        norm_layer=FrozenBatchNorm2d if trained else nn.BatchNorm2d,
+        trainable_layers=3 if trained else 5,
+    )  # fmt: skip
+    if spec.backbone_weights is not None:
+        _load_into(backbone.body, spec.backbone_weights, ignore=("fc.",))
+    if spec.image_size is not None and spec.image_size < 256:
+        kw.setdefault("rpn_anchor_generator", _tiny_anchors(spec.image_size, 5))
+    return tv_det.FasterRCNN(backbone, num_classes=spec.num_classes, **kw)
 
 
 def _replace_predictor(model: nn.Module, num_classes: int) -> None:
@@ -222,42 +262,55 @@ def build_segmenter(
     dilated ResNet at ``output_stride`` 16 (ASPP rates 6, 12, 18) or 8 (12, 24, 36).
     """
     _check_classes(num_classes)
-    if name not in SEGMENTERS:
-        raise unknown_name("segmenter", name, SEGMENTERS)
-    model: nn.Module
-    if name.startswith("deeplabv3plus"):
-        if pretrained:
-            raise AdvfeatError("DeepLabV3+ has no torchvision weights; use backbone_weights=PATH")
-        rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
-        body: nn.Module
-        if name == "deeplabv3plus_tiny":
-            body = TinyResNetBody(
-                widths=(8, 16, 24, 32), strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4)
-            )
-            model = DeepLabV3Plus(
-                body, low_channels=8, high_channels=32, num_classes=num_classes,
-                atrous_rates=(2, 4, 6), aspp_channels=32, low_channels_out=8, **kw,
-            )  # fmt: skip
-        else:
-            arch = name.removeprefix("deeplabv3plus_")
-            body = _resnet_body(arch, output_stride)
-            if backbone_weights is not None:
-                _load_into(body, backbone_weights)
-            model = DeepLabV3Plus(
-                body, low_channels=256, high_channels=2048, num_classes=num_classes,
-                atrous_rates=rates, **kw,
-            )  # fmt: skip
-    else:
-        factory: Callable[..., nn.Module] = getattr(tv_seg, name)
-        model = factory(
-            weights="DEFAULT" if pretrained else None, weights_backbone=None,
-            num_classes=None if pretrained else num_classes, aux_loss=aux_loss or None, **kw,
-        )  # fmt: skip
-        if backbone_weights is not None:
-            _load_into(model.backbone, backbone_weights, ignore=("fc.",))  # type: ignore[arg-type]
-        if pretrained:
-            head: Any = model.classifier
-            head[-1] = nn.Conv2d(head[-1].in_channels, num_classes, 1)
+    builder = SEGMENTERS.get(name)
+    spec = DenseBuild(
+        name, num_classes, dict(kw), pretrained=pretrained, backbone_weights=backbone_weights,
+        has_weights=weights is not None, output_stride=output_stride, aux_loss=aux_loss,
+    )  # fmt: skip
+    model = builder(spec)
     if weights is not None:
         _load_into(model, weights)
     return attach_normalize(model, mean, std)
+
+
+@register_dense(SEGMENTERS, "deeplabv3plus_tiny")
+def _tiny_deeplab_plus(spec: DenseBuild) -> nn.Module:
+    if spec.pretrained:
+        raise AdvfeatError("DeepLabV3+ has no torchvision weights; use backbone_weights=PATH")
+    body = TinyResNetBody(widths=(8, 16, 24, 32), strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
+    return DeepLabV3Plus(
+        body, low_channels=8, high_channels=32, num_classes=spec.num_classes,
+        atrous_rates=(2, 4, 6), aspp_channels=32, low_channels_out=8, **spec.options,
+    )  # fmt: skip
+
+
+@register_dense(SEGMENTERS, "deeplabv3plus_resnet50", "deeplabv3plus_resnet101")
+def _resnet_deeplab_plus(spec: DenseBuild) -> nn.Module:
+    if spec.pretrained:
+        raise AdvfeatError("DeepLabV3+ has no torchvision weights; use backbone_weights=PATH")
+    rates = (6, 12, 18) if spec.output_stride == 16 else (12, 24, 36)
+    body = _resnet_body(spec.name.removeprefix("deeplabv3plus_"), spec.output_stride)
+    if spec.backbone_weights is not None:
+        _load_into(body, spec.backbone_weights)
+    return DeepLabV3Plus(
+        body, low_channels=256, high_channels=2048, num_classes=spec.num_classes,
+        atrous_rates=rates, **spec.options,
+    )  # fmt: skip
+
+
+@register_dense(
+    SEGMENTERS, "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large"
+)
+def _torchvision_deeplab(spec: DenseBuild) -> nn.Module:
+    factory: Callable[..., nn.Module] = getattr(tv_seg, spec.name)
+    model = factory(
+        weights="DEFAULT" if spec.pretrained else None, weights_backbone=None,
+        num_classes=None if spec.pretrained else spec.num_classes,
+        aux_loss=spec.aux_loss or None, **spec.options,
+    )  # fmt: skip
+    if spec.backbone_weights is not None:
+        _load_into(model.backbone, spec.backbone_weights, ignore=("fc.",))  # type: ignore[arg-type]
+    if spec.pretrained:
+        head: Any = model.classifier
+        head[-1] = nn.Conv2d(head[-1].in_channels, spec.num_classes, 1)
+    return model

@@ -1,6 +1,6 @@
 """Training: configuration, the trainer, checkpoints, schedules and distributed set-up."""
 
-from advfeat.train.checkpoint import load_checkpoint, save_checkpoint
+from advfeat.checkpoint import load_checkpoint, save_checkpoint
 from advfeat.train.config import TrainConfig
 from advfeat.train.trainer import Trainer, TrainingDiverged
 

@@ -13,9 +13,10 @@ from typing import Any
 
 from torch import nn
 
+from advfeat.checkpoint import read_initial_weights
 from advfeat.data import DATASETS, DatasetBundle, build_dataset
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.methods import Method, build_method
+from advfeat.methods import Method, PrepareContext, build_method
 from advfeat.models import build_model
 from advfeat.tasks import (
     DETECTORS,
@@ -30,7 +31,15 @@ from advfeat.tasks import (
 )
 from advfeat.train.config import TrainConfig
 
-__all__ = ["RunParts", "build_data", "build_dense_parts", "build_parts", "check_config"]
+__all__ = [
+    "RunParts",
+    "build_data",
+    "build_dense_parts",
+    "build_parts",
+    "check_config",
+    "input_shape",
+    "prepare_context",
+]
 
 SMALL_DETECTION_IMAGES = 256
 """Detection images up to this size are square generated ones: the detector keeps their size and
@@ -87,8 +96,25 @@ def build_parts(cfg: TrainConfig, data: DatasetBundle | None = None) -> RunParts
         image_size=data.image_size,
         **cfg.model_options,
     )
-    model = method.prepare(model)
+    model = method.prepare_with(model, prepare_context(method, data))
     return RunParts(data=data, model=model, method=method)
+
+
+def prepare_context(method: Method, data: DatasetBundle) -> PrepareContext:
+    """What the trainer hands :meth:`Method.prepare_with`: the shape of one training image and
+    the weights of the method's initial checkpoint (read here, not by the method)."""
+    path = method.initial_checkpoint()
+    initial = read_initial_weights(path, method=method.name) if path else None
+    return PrepareContext(input_shape=input_shape(data), initial=initial)
+
+
+def input_shape(data: DatasetBundle) -> tuple[int, ...]:
+    """``(C, H, W)`` of the data's images: its first training image, else (a bundle that only
+    describes the data) its channel count and image size."""
+    train: Any = data.train
+    if len(train) > 0:
+        return tuple(train[0][0].shape)
+    return (len(data.mean), data.image_size, data.image_size)
 
 
 def build_dense_parts(cfg: TrainConfig, data: DatasetBundle) -> RunParts:

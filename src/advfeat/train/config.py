@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.options import Choice, Each, Flag, Integer, Number, check_options, option
 
 __all__ = ["SCHEDULES", "TrainConfig", "apply_overrides", "load_yaml", "parse_override"]
 
@@ -18,18 +19,6 @@ SCHEDULES = ("cosine", "multistep", "constant", "poly")
 
 FLOAT32_MAX = 3.4028234663852886e38
 """Learning rates and weights are float32 tensors: larger values overflow to ``inf``."""
-
-
-def _check_number(
-    key: str, value: float, *, low: float, high: float, low_open: bool = False
-) -> None:
-    """Refuse a value that is not a finite number in ``[low, high]`` (``(low, high]``)."""
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        left = "(" if low_open else "["
-        raise AdvfeatError(
-            f"{key} must be a finite number in {left}{low:g}, {high:g}], got {value}"
-        )
 
 
 @dataclass
@@ -54,82 +43,47 @@ class TrainConfig:
     dataset: str = "shapes"
     data_dir: str | None = None
     dataset_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    eval_every: int = 1
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = 0.1
-    poly_power: float = 0.9
+    epochs: int = option(10, Integer(low=1))
+    batch_size: int = option(128, Integer(low=1))
+    eval_batch_size: int = option(256, Integer(low=1))
+    eval_every: int = option(
+        1, Integer(low=1, hint="test evaluation every N epochs, and after the last")
+    )
+    lr: float = option(0.1, Number(low=0, high=FLOAT32_MAX, low_open=True))
+    momentum: float = option(0.9, Number(low=0, high=1))
+    nesterov: bool = option(False, Flag())
+    weight_decay: float = option(5e-4, Number(low=0, high=FLOAT32_MAX))
+    schedule: str = option("cosine", Choice(*SCHEDULES))
+    milestones: list[float] = field(
+        default_factory=lambda: [0.5, 0.75],
+        metadata={"check": Each(Number(low=0, high=1, low_open=True, hint="fractions of the run"))},
+    )
+    gamma: float = option(0.1, Number(low=0, high=FLOAT32_MAX, low_open=True))
+    poly_power: float = option(0.9, Number(low=0, low_open=True))
     warmup_epochs: float = 0.0
-    warmup_steps: int = 0
-    val_fraction: float = 0.0
-    select_best: bool = False
-    augment: bool = True
-    seed: int = 0
+    warmup_steps: int = option(0, Integer(low=0))
+    val_fraction: float = option(0.0, Number(low=0, high=1, high_open=True))
+    select_best: bool = option(False, Flag())
+    augment: bool = option(True, Flag())
+    seed: int = option(0, Integer(low=0, high=2**32 - 1))
     device: str = "auto"
-    amp: bool = True
-    channels_last: bool = False
-    compile: bool = False
-    workers: int = 0
-    eval_shifted: bool = True
-    max_steps_per_epoch: int | None = None
-    progress: bool = True
+    amp: bool = option(True, Flag())
+    channels_last: bool = option(False, Flag())
+    compile: bool = option(False, Flag())
+    workers: int = option(0, Integer(low=0))
+    eval_shifted: bool = option(True, Flag())
+    max_steps_per_epoch: int | None = option(None, Integer(low=1, optional=True))
+    progress: bool = option(True, Flag())
 
     def validate(self) -> None:
         """Raise :class:`AdvfeatError` on values no run could use."""
-        if self.epochs <= 0:
-            raise AdvfeatError(f"epochs must be a positive integer, got {self.epochs}")
-        for key in ("batch_size", "eval_batch_size"):
-            if getattr(self, key) <= 0:
-                raise AdvfeatError(
-                    f"batch sizes must be positive integers, got {key}={getattr(self, key)}"
-                )
-        _check_number("lr", self.lr, low=0.0, low_open=True, high=FLOAT32_MAX)
-        _check_number("momentum", self.momentum, low=0.0, high=1.0)
-        _check_number("weight_decay", self.weight_decay, low=0.0, high=FLOAT32_MAX)
-        _check_number("gamma", self.gamma, low=0.0, low_open=True, high=FLOAT32_MAX)
-        if not 0 <= self.seed < 2**32:
-            raise AdvfeatError(f"seed must be an integer in [0, 2**32), got {self.seed}")
-        if self.max_steps_per_epoch is not None and (
-            isinstance(self.max_steps_per_epoch, bool)
-            or not isinstance(self.max_steps_per_epoch, int)
-            or self.max_steps_per_epoch <= 0
-        ):
-            raise AdvfeatError(
-                "max_steps_per_epoch must be a positive integer (or null for whole epochs), "
-                f"got {self.max_steps_per_epoch!r}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise unknown_name("schedule", self.schedule, SCHEDULES)
-        if not self.poly_power > 0 or not math.isfinite(self.poly_power):
-            raise AdvfeatError(f"poly_power must be a number > 0, got {self.poly_power}")
-        if not 0 <= self.val_fraction < 1:
-            raise AdvfeatError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        check_options("", self)  # every field declared with its constraint
         if self.select_best and self.val_fraction == 0:
             raise AdvfeatError("select_best needs a validation split: set val_fraction (e.g. 0.1)")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise AdvfeatError(
                 f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}"
             )
-        if isinstance(self.eval_every, bool) or self.eval_every < 1:
-            raise AdvfeatError(
-                f"eval_every (test evaluation every N epochs, and after the last) must be an "
-                f"integer >= 1, got {self.eval_every}"
-            )
-        if self.warmup_steps < 0:
-            raise AdvfeatError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if any(not 0 < m <= 1 for m in self.milestones):
-            raise AdvfeatError(
-                f"milestones are fractions of the run in (0, 1], got {self.milestones}"
-            )
-        if self.workers < 0:
-            raise AdvfeatError(f"workers must be >= 0, got {self.workers}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

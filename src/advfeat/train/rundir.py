@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from advfeat.checkpoint import remove_stale_temporaries
 from advfeat.errors import AdvfeatError
-from advfeat.train.checkpoint import remove_stale_temporaries
 from advfeat.train.config import TrainConfig
 
 __all__ = [
@@ -227,7 +227,7 @@ class RunLock:
 def read_saved_config(checkpoint: Path) -> TrainConfig:
     """The configuration saved in a run's checkpoint (weights memory-mapped, not verified: the
     trainer verifies the checkpoint when it loads it)."""
-    from advfeat.train.checkpoint import load_checkpoint
+    from advfeat.checkpoint import load_checkpoint
 
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)

@@ -39,17 +39,17 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from advfeat.errors import AdvfeatError
-from advfeat.eval.accuracy import evaluate_accuracy
-from advfeat.methods import unwrap
-from advfeat.tasks import DenseTask
-from advfeat.train.build import build_parts
-from advfeat.train.checkpoint import (
+from advfeat.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
     save_checkpoint,
 )
+from advfeat.errors import AdvfeatError
+from advfeat.eval.accuracy import evaluate_accuracy
+from advfeat.methods import unwrap
+from advfeat.tasks import DenseTask
+from advfeat.train.build import build_parts
 from advfeat.train.config import TrainConfig
 from advfeat.train.distributed import EpochSampler, init_distributed
 from advfeat.train.rundir import (

@@ -1,36 +1,21 @@
 """The evaluation suites, one small module each, registered in :data:`SUITES`.
 
-A suite is a function ``run(ctx: EvalContext) -> dict`` (JSON-ready); a suite that does not apply
-to the model or data returns ``{"skipped": "<why>"}``.
+A suite is a function ``run(ctx: EvalContext) -> dict`` (JSON-ready) registered with
+:func:`register_suite`, which also declares its order, the tasks it applies to, its report
+section and its plots; a suite that does not apply to the model or data returns
+``{"skipped": "<why>"}``. Every module of this folder is imported here, so a new suite is one new
+file.
 """
 
-from advfeat.eval.suites import (
-    advbn,
-    attacks,
-    bn,
-    clean,
-    corruptions,
-    divergence,
-    features,
-    hessian,
-    landscape,
-    shift,
+from advfeat.eval.suites.registry import (
+    SUITES,
+    Suite,
+    register_suite,
+    skipped,
+    suite_names,
 )
-from advfeat.eval.suites.registry import SUITES, Suite, register_suite, skipped
+from advfeat.registry import import_submodules
 
-__all__ = [
-    "SUITES",
-    "Suite",
-    "advbn",
-    "attacks",
-    "bn",
-    "clean",
-    "corruptions",
-    "divergence",
-    "features",
-    "hessian",
-    "landscape",
-    "register_suite",
-    "shift",
-    "skipped",
-]
+import_submodules(__name__, __path__, skip=("registry",))
+
+__all__ = ["SUITES", "Suite", "register_suite", "skipped", "suite_names"]

@@ -27,17 +27,18 @@ from typing import Any
 
 import torch
 
+from advfeat.checkpoint import save_checkpoint
 from advfeat.eval.advbn_decoder import (
     advbn_images,
     reconstruction_error,
     train_decoder,
     write_image_folder,
 )
+from advfeat.eval.analysis_plots import plot_advbn
 from advfeat.eval.context import EvalContext, seeded_subset
-from advfeat.eval.suites.dense import refuse_dense
+from advfeat.eval.report import md_table, pct
 from advfeat.eval.suites.features import default_site
 from advfeat.eval.suites.registry import register_suite, skipped
-from advfeat.train.checkpoint import save_checkpoint
 
 __all__ = ["run"]
 
@@ -61,9 +62,15 @@ def _quantized(t: torch.Tensor) -> torch.Tensor:
     return (t.clamp(0, 1) * 255).round() / 255
 
 
-@register_suite("advbn", "AdvBN decoder: visualised feature-statistics shifts, -AdvBN test set")
+@register_suite(
+    "advbn",
+    "AdvBN decoder: visualised feature-statistics shifts, -AdvBN test set",
+    order=90,
+    title="AdvBN decoder and -AdvBN test set (AdvBN §3, App. B)",
+    report=lambda result, _task: _advbn(result),
+    plots={"advbn_images": plot_advbn},
+)
 def run(ctx: EvalContext) -> dict[str, Any]:
-    refuse_dense(ctx, "advbn")
     cfg = ctx.config
     model = ctx.model
     site = cfg.advbn_site or default_site(model)
@@ -172,3 +179,31 @@ def run(ctx: EvalContext) -> dict[str, Any]:
         }
 
     return ctx.unit("advbn", compute)
+
+
+def _advbn(a: dict[str, Any]) -> list[str]:
+    d, att, acc, ch = a["decoder"], a["attack"], a["accuracy"], a["mean_abs_change"]
+    lines = [
+        f"Decoder for site `{a['site']}` ({d['channels']}×{d['feature_size']}² → "
+        f"{d['image_size']}² px), trained {d['epochs']} epochs on {d['train_images']} training "
+        f"images (final MSE {d['train_mse'][-1]:.4f}); held-out MSE {d['held_out']['mse']:.4f} "
+        f"(PSNR {d['held_out']['psnr_db']:.1f} dB). AdvBN: ε = {att['eps']:g}, step "
+        f"{att['alpha']:g} × {att['steps']}, batches of {att['batch_size']}.",
+        "",
+    ]
+    lines += md_table(
+        ["test set", "accuracy (this model)", "mean |Δ pixel| vs original"],
+        [
+            ["original", pct(acc["original"]), "0"],
+            ["reconstructed", pct(acc["reconstructed"]), f"{ch['reconstructed_vs_original']:.4f}"],
+            ["-AdvBN", pct(acc["advbn"]), f"{ch['advbn_vs_original']:.4f}"],
+        ],
+    )
+    if a.get("folders"):
+        f = a["folders"]
+        lines += [
+            f"Image folders: `{f['advbn']}`, `{f['reconstructed']}` (score any model with "
+            f"`--suite shift --domain advbn={f['advbn']}`).",
+            "",
+        ]
+    return lines

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from advfeat.attacks.base import attack_guard
 from advfeat.attacks.pixel import CWL2, FGSM, PGD
+from advfeat.errors import AdvfeatError
 from advfeat.eval.adaptive import adaptive_loss, find_fusion, fusion_weight_tap, per_sample_w0
 from advfeat.eval.autoattack import (
     autoattack_backend,
@@ -41,10 +42,13 @@ from advfeat.eval.autoattack import (
     model_checks,
     perturbation_check,
 )
+from advfeat.eval.config import EvalConfig
 from advfeat.eval.context import EvalContext
+from advfeat.eval.plots import plot_eps_curve, plot_fusion_weight
+from advfeat.eval.report import DENSE_METRICS, dense_scalars, md_table, pct, pgd_budget, skip_lines
 from advfeat.eval.robust import Outcome, attack_outcome, summarize, worst_case_curve
 from advfeat.eval.suites.dense import dense_task, task_metrics
-from advfeat.eval.suites.registry import register_suite, skipped
+from advfeat.eval.suites.registry import ALL_TASKS, register_suite, skipped
 from advfeat.tasks import DensePGD, DenseTask
 
 __all__ = ["run"]
@@ -244,7 +248,32 @@ def _dense(ctx: EvalContext, task: DenseTask) -> dict[str, Any]:
     return {"eps": cfg.eps, "pgd": pgd}
 
 
-@register_suite("attacks", "PGD-20, FGSM, C&W-L2, ε-curve, transfer, AutoAttack, AFA adaptive")
+def ready(config: EvalConfig) -> None:
+    """AutoAttack needs an AutoAttack package (an optional extra)."""
+    if "autoattack" in config.attacks and autoattack_backend() is None:
+        raise AdvfeatError(
+            "AutoAttack was asked for, but no AutoAttack package is installed: pip install "
+            "'advfeat[autoattack]' (torchattacks) or the authors' autoattack package"
+        )
+
+
+def report(att: dict[str, Any], task: str) -> list[str]:
+    """Robust accuracy per attack, the ε-curve, AutoAttack checks, AFA's adaptive attack;
+    for detection and segmentation, the metrics clean and under PGD."""
+    return _dense_attacks(att) if task != "classification" else _attacks(att)
+
+
+@register_suite(
+    "attacks",
+    "PGD-20, FGSM, C&W-L2, ε-curve, transfer, AutoAttack, AFA adaptive",
+    order=10,
+    tasks=ALL_TASKS,
+    title="Attacks",
+    report=report,
+    plots={"accuracy_vs_eps": plot_eps_curve, "fusion_weight": plot_fusion_weight},
+    per_branch=True,
+    ready=ready,
+)
 def run(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.config
     task = dense_task(ctx)
@@ -288,3 +317,97 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     if "adaptive" in cfg.attacks:
         results["adaptive"] = _adaptive(ctx, dataset, fusion)
     return results
+
+
+def _attacks(att: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    rows = []
+    for key, label in (
+        ("pgd", "PGD"),
+        ("fgsm", "FGSM"),
+        ("cw", "C&W-L2"),
+        ("autoattack", "AutoAttack"),
+    ):
+        res = att.get(key, {})
+        if "accuracy" in res:
+            l2 = res.get("median_l2_fooled")
+            rows.append(
+                [
+                    label,
+                    pct(res["accuracy"]),
+                    pct(res["clean_accuracy"]),
+                    pct(res["attacked_accuracy"]),
+                    "–" if l2 is None else f"{l2:.3f}",
+                ]
+            )
+        elif "skipped" in res:
+            rows.append([label, f"skipped: {res['skipped']}", "", "", ""])
+    if rows:
+        lines += md_table(
+            ["attack", "robust acc.", "clean acc.", "acc. on attacked only", "median L2 (fooled)"],
+            rows,
+        )
+    aa = att.get("autoattack", {})
+    if "checks" in aa:
+        lines += ["AutoAttack sanity checks:", ""]
+        lines += [
+            f"- {'✅' if c['passed'] else '⚠️'} {name}: {c['detail']}"
+            for name, c in aa["checks"].items()
+        ]
+        lines.append("")
+    curve = att.get("curve", {})
+    if "accuracy" in curve:
+        transfer = att.get("transfer", {})
+        head = ["ε (/255)", "PGD (worst case ≤ ε)", "PGD at ε"]
+        if "accuracy" in transfer:
+            head.append("transfer")
+        if "fusion_weight_w1" in curve:
+            head.append("AFA W₁")
+        rows = []
+        for i, e in enumerate(curve["eps_255"]):
+            row = [f"{e:g}", pct(curve["accuracy"][i]), pct(curve["pointwise_accuracy"][i])]
+            if "accuracy" in transfer:
+                row.append(pct(transfer["accuracy"][i]))
+            if "fusion_weight_w1" in curve:
+                row.append(f"{curve['fusion_weight_w1'][i]:.3f}")
+            rows.append(row)
+        lines += ["**Accuracy vs ε** (PGD, step ε/4):", "", *md_table(head, rows)]
+    ada = att.get("adaptive", {})
+    if "per_weighting" in ada:
+        lines += [
+            f"**AFA adaptive attack** (§5.2, BCE label {ada['bce_target']:g}): worst case over all "
+            f"weightings {pct(ada['accuracy'])}; best single weighting "
+            f"{pct(ada['best_single_weighting'])}; non-adaptive (W₀ detached) "
+            f"{pct(ada['non_adaptive_w0_detached']['accuracy'])}.",
+            "",
+        ]
+        lines += md_table(
+            ["CE:BCE", "robust acc."], [[k, pct(v)] for k, v in ada["per_weighting"].items()]
+        )
+    elif "skipped" in ada:
+        lines += [f"AFA adaptive attack skipped: {ada['skipped']}.", ""]
+    if "skipped" in transfer if (transfer := att.get("transfer", {})) else False:
+        lines += [f"Transfer attack skipped: {transfer['skipped']}.", ""]
+    return lines
+
+
+def _dense_attacks(att: dict[str, Any]) -> list[str]:
+    pgd = att.get("pgd", {})
+    if "eps" not in pgd:
+        return skip_lines(pgd) or []
+    rows = [
+        [
+            DENSE_METRICS[k],
+            pct(pgd["clean"].get(k)),
+            pct(pgd[k]),
+            pct(pgd["drop"].get(k)),
+        ]
+        for k in dense_scalars(pgd)
+    ]
+    start = "random start" if pgd.get("random_start") else "no random start"
+    return [
+        f"PGD-{pgd['steps']} on the images ({pgd_budget(pgd)}, L∞, {start}), ascending the "
+        f"{pgd['loss']}; {pgd['n']} images.",
+        "",
+        *md_table(["metric", "clean", "PGD", "drop"], rows),
+    ]

@@ -9,32 +9,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
-
+from advfeat.eval.analysis_plots import plot_branches
+from advfeat.eval.config import EvalConfig
 from advfeat.eval.context import EvalContext
-from advfeat.eval.suites.dense import refuse_dense
+from advfeat.eval.report import md_table, pct
 from advfeat.eval.suites.registry import SUITES, register_suite, skipped
-from advfeat.norm import MultiBatchNorm, branch_names, use_branch
+from advfeat.norm import BranchModel, MultiBatchNorm, branch_names
 
 __all__ = ["BranchModel", "run"]
 
 
-class BranchModel(nn.Module):
-    """``model`` with every batch sent through BN branch ``branch`` (parameters shared)."""
-
-    def __init__(self, model: nn.Module, branch: str) -> None:
-        super().__init__()
-        self.model = model
-        self.branch = branch
-
-    def forward(self, x: Tensor) -> Any:
-        with use_branch(self.model, self.branch):
-            return self.model(x)
+def ready(config: EvalConfig) -> None:
+    """The suites run under each branch must be ready themselves."""
+    for name in config.bn_suites:
+        check = SUITES.get(name).ready
+        if check is not None:
+            check(config)
 
 
-@register_suite("bn", "the chosen suites under each BN branch of a multi-branch model")
+@register_suite(
+    "bn",
+    "the chosen suites under each BN branch of a multi-branch model",
+    order=40,
+    title="BN branches",
+    report=lambda result, _task: _bn(result),
+    plots={"bn_branches": plot_branches},
+    ready=ready,
+)
 def run(ctx: EvalContext) -> dict[str, Any]:
-    refuse_dense(ctx, "bn")
     model = ctx.raw_model
     if not any(isinstance(m, MultiBatchNorm) for m in model.modules()):
         return skipped("the model has a single BN branch (not converted with convert_multibn)")
@@ -43,3 +45,13 @@ def run(ctx: EvalContext) -> dict[str, Any]:
         sub = ctx.child(BranchModel(model, branch).eval(), f"bn/{branch}")
         results[branch] = {name: SUITES.get(name).run(sub) for name in ctx.config.bn_suites}
     return {"branches": results, "suites": list(ctx.config.bn_suites)}
+
+
+def _bn(bn: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, res in bn["branches"].items():
+        clean = res.get("clean", {}).get("top1")
+        pgd = res.get("attacks", {}).get("pgd", {}).get("accuracy")
+        shift = res.get("shift", {}).get("mean_accuracy")
+        rows.append([name, pct(clean), pct(pgd), pct(shift)])
+    return md_table(["BN branch", "clean top-1", "PGD", "mean shifted"], rows)

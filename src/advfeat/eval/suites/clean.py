@@ -7,14 +7,29 @@ from typing import Any
 
 from advfeat.eval.accuracy import evaluate_accuracy
 from advfeat.eval.context import EvalContext
+from advfeat.eval.report import DENSE_METRICS, dense_scalars, pct
 from advfeat.eval.suites.dense import dense_task, task_metrics
-from advfeat.eval.suites.registry import register_suite
+from advfeat.eval.suites.registry import ALL_TASKS, register_suite
 
 __all__ = ["run"]
 
 
+def report(c: dict[str, Any], task: str) -> list[str]:
+    """Top-1 (and top-5) accuracy; AP / mIoU for detection and segmentation."""
+    if task != "classification":
+        return _dense_clean(c)
+    top5 = f", top-5 {pct(c['top5'])}" if "top5" in c else ""
+    return [f"Top-1 {pct(c['top1'])}{top5} on {c['n']} images.", ""]
+
+
 @register_suite(
-    "clean", "top-1 / top-5 accuracy (AP or mIoU for dense tasks) on the clean test set"
+    "clean",
+    "top-1 / top-5 accuracy (AP or mIoU for dense tasks) on the clean test set",
+    order=0,
+    tasks=ALL_TASKS,
+    title="Clean",
+    report=report,
+    per_branch=True,
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     dataset = ctx.test_set()
@@ -31,3 +46,12 @@ def run(ctx: EvalContext) -> dict[str, Any]:
         return result
 
     return ctx.unit("clean", compute)
+
+
+def _dense_clean(c: dict[str, Any]) -> list[str]:
+    values = ", ".join(f"{DENSE_METRICS[k]} {pct(c[k])}" for k in dense_scalars(c))
+    lines = [f"{values} on {c['n']} images.", ""]
+    if "iou_per_class" in c:
+        ious = ", ".join("–" if v is None else f"{v:.3f}" for v in c["iou_per_class"])
+        lines += [f"IoU per class (class 0 first): {ious}.", ""]
+    return lines

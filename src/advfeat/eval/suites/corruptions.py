@@ -19,8 +19,9 @@ from advfeat.eval.corruption import (
     corruption_errors,
     require_imagecorruptions,
 )
+from advfeat.eval.plots import plot_corruptions
+from advfeat.eval.report import md_table, pct
 from advfeat.eval.robust import correct
-from advfeat.eval.suites.dense import refuse_dense
 from advfeat.eval.suites.registry import register_suite
 
 __all__ = ["corruption_table", "run"]
@@ -89,9 +90,17 @@ def _baseline(ctx: EvalContext) -> dict[str, Any] | None:
     return corruption_table(ctx.child(base, "baseline"))
 
 
-@register_suite("corruptions", "15 common corruptions × 5 severities (CIFAR-10-C style), mCE")
+@register_suite(
+    "corruptions",
+    "15 common corruptions × 5 severities (CIFAR-10-C style), mCE",
+    order=20,
+    title="Corruptions",
+    report=lambda result, _task: _corruptions(result),
+    plots={"corruptions": plot_corruptions},
+    per_branch=True,
+    ready=lambda _config: require_imagecorruptions(),
+)
 def run(ctx: EvalContext) -> dict[str, Any]:
-    refuse_dense(ctx, "corruptions")
     result = corruption_table(ctx)
     table = result["accuracy"]
     per_type = {c: sum(row.values()) / len(row) for c, row in table.items()}
@@ -113,3 +122,39 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     )
     result["baseline"] = ctx.config.extra.get("baseline", "given")
     return result
+
+
+def _corruptions(cor: dict[str, Any]) -> list[str]:
+    sev = [str(s) for s in cor["severities"]]
+    head = ["corruption", *[f"s{s}" for s in sev], "mean"]
+    has_ce = "ce" in cor
+    if has_ce:
+        head.append("CE")
+    rows = []
+    for name, row in cor["accuracy"].items():
+        cells = [
+            name.replace("_", " "),
+            *[pct(row[s]) for s in sev],
+            pct(cor["mean_accuracy"][name]),
+        ]
+        if has_ce:
+            cells.append(pct(cor["ce"][name]))
+        rows.append(cells)
+    lines = [
+        f"{cor['n']} test images, corrupted at {cor['corrupted_at'][0]}×{cor['corrupted_at'][1]} "
+        f"px; clean accuracy on them {pct(cor['clean_accuracy'])}.",
+        "",
+    ]
+    lines += md_table(head, rows)
+    if cor.get("mce") is not None:
+        extra = f", relative mCE {pct(cor['relative_mce'])}" if "relative_mce" in cor else ""
+        lines += [
+            f"mCE {pct(cor['mce'])}{extra} (baseline: `{cor.get('baseline', 'given')}`).",
+            "",
+        ]
+    else:
+        lines += [
+            f"Mean corruption error {pct(cor['mean_corruption_error'])} ({cor.get('mce_note', '')}).",
+            "",
+        ]
+    return lines

@@ -6,8 +6,9 @@ and 6. Every unit runs under its own seeded RNG (forked, so the caller's global 
 it was): Faster R-CNN samples proposals and DeepLab's ASPP drops out while PGD runs the model in
 training mode, so a unit's result depends on ``(config.seed, unit key)`` alone.
 
-The suites that measure class accuracy (corruptions, bn, divergence, hessian, features) refuse
-dense data with :func:`refuse_dense` (``EvalConfig`` already rejects them before any work).
+The suites that measure class accuracy (corruptions, bn, divergence, hessian, features) declare
+``tasks=("classification",)`` when they register: ``EvalConfig`` rejects them for dense data
+before any work, and :meth:`~advfeat.eval.suites.Suite.run` refuses it too.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from advfeat.errors import AdvfeatError
 from advfeat.eval.context import EvalContext
 from advfeat.tasks import DenseTask
 
-__all__ = ["PRIMARY_METRIC", "dense_task", "refuse_dense", "task_metrics"]
+__all__ = ["PRIMARY_METRIC", "dense_task", "task_metrics"]
 
 PRIMARY_METRIC = {"detection": "ap50", "segmentation": "miou"}
 """The headline metric of each task (VOC mAP@0.5, A-FAN Table 5; mIoU, Table 6)."""
@@ -33,16 +33,6 @@ def dense_task(ctx: EvalContext) -> DenseTask | None:
     """The detection / segmentation task of the evaluated data, or ``None`` (classification)."""
     task = getattr(ctx.data, "task", None)
     return task if isinstance(task, DenseTask) else None
-
-
-def refuse_dense(ctx: EvalContext, suite: str) -> None:
-    """Raise :class:`AdvfeatError` when ``suite`` (a class-accuracy suite) meets dense data."""
-    task = dense_task(ctx)
-    if task is not None:
-        raise AdvfeatError(
-            f"suite {suite!r} measures class accuracy and does not apply to {task.name} models; "
-            "their suites: clean, attacks, shift"
-        )
 
 
 def _json_number(value: Any) -> Any:

@@ -15,7 +15,8 @@ from advfeat.eval.divergence import (
     near_constant_channels,
     symmetric_kl_divergence,
 )
-from advfeat.eval.suites.dense import refuse_dense
+from advfeat.eval.plots import plot_divergence
+from advfeat.eval.report import md_table
 from advfeat.eval.suites.registry import register_suite, skipped
 
 __all__ = ["run"]
@@ -23,9 +24,25 @@ __all__ = ["run"]
 REL_MIN_STD = 1e-3
 
 
-@register_suite("divergence", "AdvBN Eq. 4-5 symmetric KL feature divergence per layer")
+def report(dv: dict[str, Any], _task: str) -> list[str]:
+    """The divergence of every pair of data sources, per layer."""
+    pairs = list(dv["pairs"])
+    rows = [
+        [layer, *[f"{dv['pairs'][p]['per_layer'][layer]:.4g}" for p in pairs]]
+        for layer in dv["layers"]
+    ]
+    return md_table(["layer", *[p.replace("|", " vs ") for p in pairs]], rows)
+
+
+@register_suite(
+    "divergence",
+    "AdvBN Eq. 4-5 symmetric KL feature divergence per layer",
+    order=50,
+    title="Feature divergence (AdvBN Eq. 4-5)",
+    report=report,
+    plots={"divergence": plot_divergence},
+)
 def run(ctx: EvalContext) -> dict[str, Any]:
-    refuse_dense(ctx, "divergence")
     if not ctx.data.shifted:
         return skipped("no second dataset: the dataset has no shifted domain (use --domain)")
     cfg = ctx.config

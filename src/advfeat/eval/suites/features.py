@@ -9,7 +9,7 @@ from torch import nn
 
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.feature_maps import feature_grid
-from advfeat.eval.suites.dense import refuse_dense
+from advfeat.eval.plots import plot_feature_maps
 from advfeat.eval.suites.registry import register_suite, skipped
 
 __all__ = ["default_site", "run"]
@@ -33,9 +33,24 @@ def default_site(model: nn.Module) -> str | None:
     return None
 
 
-@register_suite("features", "clean / perturbed / re-normalized feature maps (A-FAN Fig. S6)")
+def report(f: dict[str, Any], _task: str) -> list[str]:
+    """The site and feature attack of the saved feature maps."""
+    return [
+        f"Site `{f['site']}`, feature attack α = {f['alpha']:g} × {f['steps']} step(s), shown ×{f['magnify']:g}.",
+        "",
+    ]
+
+
+@register_suite(
+    "features",
+    "clean / perturbed / re-normalized feature maps (A-FAN Fig. S6)",
+    order=70,
+    title="Feature maps (A-FAN Fig. S6)",
+    report=report,
+    report_skipped=False,
+    plots={"feature_maps": plot_feature_maps},
+)
 def run(ctx: EvalContext) -> dict[str, Any]:
-    refuse_dense(ctx, "features")
     cfg = ctx.config
     site = cfg.feature_site or default_site(ctx.model)
     if site is None:

@@ -9,15 +9,30 @@ import torch
 
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.hessian import hessian_trace, top_eigenvalue, weights_of
-from advfeat.eval.suites.dense import refuse_dense
 from advfeat.eval.suites.registry import register_suite
 
 __all__ = ["run"]
 
 
-@register_suite("hessian", "top Hessian eigenvalue (power iteration) and trace (Hutchinson)")
+def report(h: dict[str, Any], _task: str) -> list[str]:
+    """Top eigenvalue and trace of the training loss's Hessian."""
+    return [
+        f"Top eigenvalue {h['eigenvalue']:.5g} ({h['iterations']} power iterations, "
+        f"{'converged' if h['converged'] else 'not converged'}); trace {h['trace']:.5g} ± "
+        f"{h['stderr']:.2g} (Hutchinson, {h['samples']} samples); {h['n']} {h['data']} images, "
+        f"{h['parameters']} weights.",
+        "",
+    ]
+
+
+@register_suite(
+    "hessian",
+    "top Hessian eigenvalue (power iteration) and trace (Hutchinson)",
+    order=60,
+    title="Hessian of the training loss (A-FAN Tab. 1)",
+    report=report,
+)
 def run(ctx: EvalContext) -> dict[str, Any]:
-    refuse_dense(ctx, "hessian")
     cfg = ctx.config
     source = "train" if ctx.data.train is not None else "test"
     dataset = ctx.data.train if ctx.data.train is not None else ctx.data.test

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from advfeat.errors import AdvfeatError
+from advfeat.eval.analysis_plots import plot_landscape
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.landscape import (
     filter_normalized_direction,
@@ -29,7 +30,7 @@ from advfeat.eval.landscape import (
     landscape_parameters,
     summarize_1d,
 )
-from advfeat.eval.suites.dense import refuse_dense
+from advfeat.eval.report import md_table, pct, skip_lines
 from advfeat.eval.suites.registry import register_suite
 
 __all__ = ["grid", "landscape_of", "run"]
@@ -117,9 +118,15 @@ def _reference(ctx: EvalContext, path_text: str, batches: list[Any]) -> dict[str
     return {"source": path_text, "run": other.info, **land}
 
 
-@register_suite("landscape", "1-D / 2-D loss landscape along filter-normalised directions")
+@register_suite(
+    "landscape",
+    "1-D / 2-D loss landscape along filter-normalised directions",
+    order=80,
+    title="Loss landscape (A-FAN Fig. 3)",
+    report=lambda result, _task: _landscape(result),
+    plots={"loss_landscape": plot_landscape},
+)
 def run(ctx: EvalContext) -> dict[str, Any]:
-    refuse_dense(ctx, "landscape")
     cfg = ctx.config
     use_train = cfg.landscape_data == "train" and ctx.data.train is not None
     dataset = ctx.data.train if use_train else ctx.data.test
@@ -138,3 +145,44 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     if cfg.landscape_reference:
         results["reference"] = _reference(ctx, cfg.landscape_reference, batches)
     return results
+
+
+def _landscape(land: dict[str, Any]) -> list[str]:
+    if skip_lines(land):
+        return skip_lines(land) or []
+    models = [("this model", land)]
+    ref = land.get("reference")
+    if isinstance(ref, dict) and "1d" in ref:
+        run = ref.get("run", {})
+        models.append(
+            (" / ".join(str(run[k]) for k in ("method", "model") if k in run) or "reference", ref)
+        )
+    lines = [
+        f"Mean cross-entropy on {land['n']} {land['data']} images along filter-normalised random "
+        f"directions (Li et al. 2018), α ∈ [−{land['range']:g}, {land['range']:g}]; "
+        f"{'biases and BN parameters kept fixed' if land['ignore_biasbn'] else 'biases and BN parameters scaled by 1 + α'}; "
+        "BN in eval mode with the trained running statistics.",
+        "",
+    ]
+    rows = []
+    for name, m in models:
+        c = m["1d"]
+        rows.append(
+            [
+                name,
+                f"{c['loss_at_zero']:.4g}",
+                pct(c.get("accuracy_at_zero")),
+                f"{c['mean_loss_increase']:.4g}",
+                f"{c['max_loss_increase']:.4g}",
+                f"{c['width_loss_below_plus_1']:.3g}",
+            ]
+        )
+    head = [
+        "model",
+        "loss at α=0",
+        "acc. at α=0",
+        "mean increase",
+        "max increase",
+        "width (+1 nat)",
+    ]
+    return lines + md_table(head, rows)

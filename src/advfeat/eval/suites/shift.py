@@ -12,13 +12,32 @@ from typing import Any
 
 from advfeat.eval.accuracy import evaluate_accuracy
 from advfeat.eval.context import EvalContext, seeded_subset
+from advfeat.eval.report import DENSE_METRICS, dense_scalars, md_table, pct
 from advfeat.eval.suites.dense import PRIMARY_METRIC, dense_task, task_metrics
-from advfeat.eval.suites.registry import register_suite, skipped
+from advfeat.eval.suites.registry import ALL_TASKS, register_suite, skipped
 
 __all__ = ["run"]
 
 
-@register_suite("shift", "accuracy (AP50 / mIoU for dense tasks) on shifted test domains")
+def report(sh: dict[str, Any], task: str) -> list[str]:
+    """Accuracy (AP / mIoU for dense tasks) per shifted domain."""
+    if task != "classification":
+        return _dense_shift(sh)
+    return md_table(
+        ["domain", "accuracy", "images"],
+        [[d, pct(r["accuracy"]), str(r["n"])] for d, r in sh["domains"].items()],
+    )
+
+
+@register_suite(
+    "shift",
+    "accuracy (AP50 / mIoU for dense tasks) on shifted test domains",
+    order=30,
+    tasks=ALL_TASKS,
+    title="Shifted domains",
+    report=report,
+    per_branch=True,
+)
 def run(ctx: EvalContext) -> dict[str, Any]:
     task = dense_task(ctx)
     if not ctx.data.shifted:
@@ -51,3 +70,10 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     values = [r[metric] for r in results.values() if r.get(metric) is not None]
     mean = sum(values) / len(values) if values else None
     return {"domains": results, "metric": metric, f"mean_{metric}": mean}
+
+
+def _dense_shift(sh: dict[str, Any]) -> list[str]:
+    domains = sh["domains"]
+    keys = dense_scalars(next(iter(domains.values())))
+    rows = [[d, *[pct(r.get(k)) for k in keys], str(r["n"])] for d, r in domains.items()]
+    return md_table(["domain", *[DENSE_METRICS[k] for k in keys], "images"], rows)
