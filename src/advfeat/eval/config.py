@@ -57,8 +57,18 @@ DENSE_ATTACK_NAMES: tuple[str, ...] = ("pgd",)
 DENSE_BATCH_SIZE = 8
 """Default evaluation batch size of detection and segmentation (whole images, large models)."""
 
-ATTACK_NAMES: tuple[str, ...] = ("pgd", "fgsm", "cw", "curve", "transfer", "autoattack", "adaptive")
-"""Attacks of the ``attacks`` suite; ``transfer`` needs a surrogate, ``adaptive`` an AFA model."""
+ATTACK_NAMES: tuple[str, ...] = (
+    "pgd",
+    "fgsm",
+    "cw",
+    "curve",
+    "transfer",
+    "autoattack",
+    "autoattack-fast",
+    "adaptive",
+)
+"""Attacks of the ``attacks`` suite; ``transfer`` needs a surrogate, ``adaptive`` an AFA model;
+``autoattack-fast`` is a cheaper variant, never the standard AutoAttack."""
 
 CORRUPTION_NAMES: tuple[str, ...] = (
     "gaussian_noise",

@@ -92,10 +92,16 @@ def _summary(suites: dict[str, Any]) -> list[list[str]]:
         ("fgsm", f"FGSM{budget}"),
         ("cw", "C&W-L2 (unbounded)"),
         ("autoattack", f"AutoAttack{budget}"),
+        ("autoattack_fast", f"AutoAttack-fast{budget}"),
         ("adaptive", f"AFA adaptive PGD{budget}"),
     ):
         if "accuracy" in att.get(key, {}):
-            rows.append([label, _pct(att[key]["accuracy"])])
+            rows.append(
+                [
+                    att[key].get("label", label) + (budget if "label" in att[key] else ""),
+                    _pct(att[key]["accuracy"]),
+                ]
+            )
     transfer = att.get("transfer", {})
     if "accuracy" in transfer:
         rows.append(
@@ -130,13 +136,14 @@ def _attacks(att: dict[str, Any]) -> list[str]:
         ("fgsm", "FGSM"),
         ("cw", "C&W-L2"),
         ("autoattack", "AutoAttack"),
+        ("autoattack_fast", "AutoAttack-fast"),
     ):
         res = att.get(key, {})
         if "accuracy" in res:
             l2 = res.get("median_l2_fooled")
             rows.append(
                 [
-                    label,
+                    res.get("label", label),
                     _pct(res["accuracy"]),
                     _pct(res["clean_accuracy"]),
                     _pct(res["attacked_accuracy"]),
