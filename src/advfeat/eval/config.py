@@ -174,6 +174,10 @@ class EvalConfig:
     cw_steps: int = 100
     cw_c: float = 1.0
     cw_lr: float = 0.01
+    cw_search_steps: int = 1
+    """Rounds of Carlini & Wagner's binary search over c (1: the fixed ``cw_c``, no search)."""
+    cw_l2_budgets: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """L2 budgets at which the C&W suite reports accuracy (samples not fooled within the budget)."""
     autoattack_version: str = "standard"
     adaptive_weights: tuple[tuple[float, float], ...] = ADAPTIVE_WEIGHTS
     adaptive_bce_target: float = 0.0
@@ -268,6 +272,10 @@ class EvalConfig:
         self.cw_steps = _positive_int(self.cw_steps, "cw_steps")
         self.cw_c = _positive_float(self.cw_c, "cw_c")
         self.cw_lr = _positive_float(self.cw_lr, "cw_lr")
+        self.cw_search_steps = _positive_int(self.cw_search_steps, "cw_search_steps")
+        self.cw_l2_budgets = tuple(
+            sorted({_positive_float(b, "cw_l2_budgets value") for b in self.cw_l2_budgets})
+        )
         if self.autoattack_version not in ("standard", "plus", "rand"):
             raise unknown_name(
                 "AutoAttack version", self.autoattack_version, ("standard", "plus", "rand")
