@@ -185,6 +185,13 @@ class EvalConfig:
     corruptions: tuple[str, ...] = CORRUPTION_NAMES
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     corruption_max_images: int | None = None
+    corruption_set: str = "generated"
+    """``generated`` (on the fly), or the released ``cifar10-c`` / ``cifar100-c`` / ``imagenet-c``
+    files under ``corruption_dir``."""
+    corruption_dir: str | None = None
+    corruption_scale: str = "auto"
+    """Severity parameters of generated corruptions: ``cifar`` (CIFAR-10-C's, where implemented),
+    ``imagenet`` (ImageNet-C's), ``auto`` (``cifar`` for test images of at most 32 px)."""
     # bn: which suites run under every BN branch
     bn_suites: tuple[str, ...] = ("clean", "attacks", "shift")
     # divergence (AdvBN Eq. 4-5)
@@ -255,6 +262,18 @@ class EvalConfig:
         self.batch_size = _positive_int(self.batch_size, "batch_size")
         if self.max_images is not None:
             self.max_images = _positive_int(self.max_images, "max_images")
+        sets = ("generated", "cifar10-c", "cifar100-c", "imagenet-c")
+        if self.corruption_set not in sets:
+            raise unknown_name("corruption set", self.corruption_set, sets)
+        if self.corruption_set != "generated" and not self.corruption_dir:
+            raise AdvfeatError(
+                f"corruption_set={self.corruption_set} reads the released files: also give "
+                "--set corruption_dir=PATH"
+            )
+        if self.corruption_scale not in ("auto", "cifar", "imagenet"):
+            raise unknown_name(
+                "corruption severity scale", self.corruption_scale, ("auto", "cifar", "imagenet")
+            )
         if self.corruption_max_images is not None:
             self.corruption_max_images = _positive_int(
                 self.corruption_max_images, "corruption_max_images"

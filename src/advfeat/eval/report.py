@@ -218,9 +218,15 @@ def _corruptions(cor: dict[str, Any]) -> list[str]:
         if has_ce:
             cells.append(_pct(cor["ce"][name]))
         rows.append(cells)
+    where = (
+        f"corrupted at {cor['corrupted_at'][0]}×{cor['corrupted_at'][1]} px"
+        if "corrupted_at" in cor
+        else "per corruption and severity"
+    )
     lines = [
-        f"{cor['n']} test images, corrupted at {cor['corrupted_at'][0]}×{cor['corrupted_at'][1]} "
-        f"px; clean accuracy on them {_pct(cor['clean_accuracy'])}.",
+        f"Corruption set: {cor.get('corruption_set', 'generated on the fly')}.",
+        "",
+        f"{cor['n']} test images, {where}; clean accuracy on them {_pct(cor['clean_accuracy'])}.",
         "",
     ]
     lines += _table(head, rows)
