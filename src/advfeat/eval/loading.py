@@ -219,7 +219,8 @@ def rebuild_model(
             f"{train_data.num_classes}: the dataset options changed since training"
         )
     parts = build_parts(cfg, data=train_data)
-    load_weights(parts.model, state["model"], source=str(path))
+    # a run with ema_decay evaluates (and is evaluated with) its weights' moving average
+    load_weights(parts.model, state.get("ema", state["model"]), source=str(path))
     if "method" in state:
         parts.method.load_state_dict(state["method"])
     raw = parts.model.to(device)
@@ -279,6 +280,8 @@ def load_run(
         "epochs_trained": int(state.get("epoch", -1)) + 1,
         "checkpoint_digest": checkpoint_digest(state),
     }
+    if "ema" in state:
+        info["weights"] = f"exponential moving average (ema_decay={cfg.ema_decay})"
     if dataset_options:
         info["dataset_options"] = dict(dataset_options)
     partial = state.get("partial")

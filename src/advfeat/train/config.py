@@ -74,6 +74,17 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    amp_dtype: str = "bfloat16"
+    """``bfloat16``, or ``float16`` with a GradScaler (CUDA only) for GPUs without bf16."""
+    optimizer: str = "sgd"
+    """``sgd`` (momentum, nesterov) or ``adamw`` (adam_betas; weight decay decoupled)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights (e.g. 0.999); it is evaluated and saved."""
+    deterministic: bool = False
+    """Deterministic kernels only (an op without one raises), cuDNN autotuning off."""
+    sync_bn: bool = False
+    """Under DDP: batch statistics over all processes (every BN branch a SyncBatchNorm)."""
     channels_last: bool = False
     compile: bool = False
     workers: int = 0
@@ -130,6 +141,29 @@ class TrainConfig:
             )
         if self.workers < 0:
             raise AdvfeatError(f"workers must be >= 0, got {self.workers}")
+        self._validate_options()
+
+    def _validate_options(self) -> None:
+        from advfeat.train.optim import OPTIMIZERS
+        from advfeat.train.precision import AMP_DTYPES
+
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown_name("optimizer", self.optimizer, OPTIMIZERS)
+        if self.amp_dtype not in AMP_DTYPES:
+            raise unknown_name("amp_dtype", self.amp_dtype, list(AMP_DTYPES))
+        betas = list(self.adam_betas) if isinstance(self.adam_betas, list | tuple) else []
+        if len(betas) != 2 or not all(
+            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+        ):
+            raise AdvfeatError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if self.ema_decay is not None and (
+            isinstance(self.ema_decay, bool)
+            or not isinstance(self.ema_decay, int | float)
+            or not 0 < self.ema_decay < 1
+        ):
+            raise AdvfeatError(
+                f"ema_decay must be a number in (0, 1) such as 0.999 (or null), got {self.ema_decay!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
