@@ -83,6 +83,8 @@ class TrainConfig:
     """Keep an exponential moving average of the weights (e.g. 0.999); it is evaluated and saved."""
     deterministic: bool = False
     """Deterministic kernels only (an op without one raises), cuDNN autotuning off."""
+    loggers: list[str] = field(default_factory=list)
+    """Besides history.csv: ``tensorboard`` and / or ``wandb`` (optional extras)."""
     sync_bn: bool = False
     """Under DDP: batch statistics over all processes (every BN branch a SyncBatchNorm)."""
     channels_last: bool = False
@@ -156,6 +158,9 @@ class TrainConfig:
             isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
         ):
             raise AdvfeatError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        from advfeat.train.loggers import check_loggers
+
+        check_loggers(self.loggers)
         if self.ema_decay is not None and (
             isinstance(self.ema_decay, bool)
             or not isinstance(self.ema_decay, int | float)

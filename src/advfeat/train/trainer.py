@@ -53,6 +53,7 @@ from advfeat.train.checkpoint import (
 from advfeat.train.config import TrainConfig
 from advfeat.train.distributed import EpochSampler, init_distributed
 from advfeat.train.ema import ModelEMA
+from advfeat.train.loggers import Loggers
 from advfeat.train.optim import build_optimizer
 from advfeat.train.precision import MixedPrecision
 from advfeat.train.rundir import (
@@ -188,6 +189,7 @@ class Trainer:
         self._partial: dict[str, Any] | None = None
         self._signal: int | None = None
         self._resume_state = self._read_resume() if resume else None
+        self.loggers = Loggers(cfg.loggers, self.out, cfg.to_dict()) if self.dist.is_main else None
 
     # ----------------------------------------------------------------------------- run folder
     def _read_resume(self) -> dict[str, Any]:
@@ -582,6 +584,8 @@ class Trainer:
                     save_checkpoint(self.out / "best.pt", state)
                 self._write_history()
                 self._log_epoch(row)
+                if self.loggers is not None:
+                    self.loggers.log(row)
             else:
                 self.history.append(row)
             if epoch + 1 < cfg.epochs and self._preemption_requested():
@@ -625,6 +629,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
+        if self.loggers is not None:
+            self.loggers.close()
         if self.dist.enabled:
             torch.distributed.barrier()
         if not self.dist.is_main:
