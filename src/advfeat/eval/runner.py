@@ -189,20 +189,14 @@ def _check_dense_extras(task: str, **given: Any) -> None:
             )
 
 
-def _check_ready(cfg: EvalConfig, surrogate: Any) -> None:
-    """Fail before any work when an asked-for optional piece is missing."""
-    if "corruptions" in cfg.suites or ("bn" in cfg.suites and "corruptions" in cfg.bn_suites):
-        from advfeat.eval.corruption import require_imagecorruptions
+def _check_ready(cfg: EvalConfig, surrogate: Any, *, plots: bool = False) -> None:
+    """Fail before any work when an asked-for optional piece is missing (see
+    :mod:`advfeat.eval.preflight`)."""
+    from advfeat.eval.preflight import missing_packages
 
-        require_imagecorruptions()
-    if "attacks" in cfg.suites and "autoattack" in cfg.attacks:
-        from advfeat.eval.autoattack import autoattack_backend
-
-        if autoattack_backend() is None:
-            raise AdvfeatError(
-                "AutoAttack was asked for, but no AutoAttack package is installed: pip install "
-                "'advfeat[autoattack]' (torchattacks) or the authors' autoattack package"
-            )
+    missing = missing_packages(cfg, plots=plots)
+    if missing:
+        raise AdvfeatError("; ".join(missing))
 
 
 def _load_baseline(baseline: Any, device: torch.device) -> tuple[Any, str | None]:
@@ -285,7 +279,7 @@ def evaluate(
         else config.replace(suites=names, task=kind)
     )
     data = _add_domains(data, domains)
-    _check_ready(cfg, surrogate)
+    _check_ready(cfg, surrogate, plots=plots and out is not None)
     surrogate_model, surrogate_label = _load_surrogate(surrogate, dev)
     baseline_value, baseline_label = _load_baseline(baseline, dev)
     if surrogate_label:
@@ -313,6 +307,10 @@ def evaluate(
     with ExitStack() as stack:
         for m in {id(x): x for x in (model, raw_model, surrogate_model) if x is not None}.values():
             stack.enter_context(eval_mode(m))
+        if progress:
+            from advfeat.eval.preflight import announce
+
+            announce(ctx)
         for name in cfg.suites:
             t0 = time.perf_counter()
             results[name] = SUITES.get(name).run(ctx)
