@@ -399,7 +399,7 @@ def export_run(
     folder = Path(out)
     result = ExportedRun(folder, info=info)
     size = int(data.image_size)
-    example = torch.rand(2, len(info["mean"]) if len(info["mean"]) > 1 else 3, size, size)
+    example = torch.rand(2, len(info["mean"]), size, size)
     metadata = {"advfeat_export": json.dumps({k: info[k] for k in ("architecture", "mean", "std")})}
     for fmt in formats:
         result.files[fmt] = save_weights(
