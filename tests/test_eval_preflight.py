@@ -70,7 +70,7 @@ def test_cpu_default_sample_is_stated_and_recorded(
     args += ["--suite", "attacks", "--attacks", "pgd", "--pgd-steps", "2", "--device", "cpu"]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "at most 500 test images" in err
+    assert "all 24 test images (at most 500: --max-images N or --all-images" in err
     assert "2 gradient passes per image" in err and "min here" in err
     assert json.loads(out.read_text())["config"]["max_images"] == 500
     assert main([*args, "--force", "--all-images", "--max-images", "8"]) == 2

@@ -233,12 +233,7 @@ def run(args: argparse.Namespace) -> int:
     if args.all_images and "max_images" in options:
         raise AdvfeatError("--all-images and --max-images contradict each other: pass one")
     if device.type == "cpu" and not args.all_images and "max_images" not in options:
-        options["max_images"] = CPU_MAX_IMAGES
-        print(
-            f"advfeat eval: on CPU, at most {CPU_MAX_IMAGES} test images (seeded subset; "
-            "--max-images N or --all-images to change)",
-            file=sys.stderr,
-        )
+        options["max_images"] = CPU_MAX_IMAGES  # stated by the evaluation's announcement
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.with_name("eval.json")
     if out.suffix != ".json":

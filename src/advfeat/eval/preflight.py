@@ -75,6 +75,8 @@ def announce(ctx: Any) -> None:
     total = len(ctx.data.test)
     subset = f"a seeded subset of {n} of {total}" if n < total else f"all {total}"
     lines = [f"advfeat eval: {', '.join(cfg.suites)} on {subset} test images"]
+    if cfg.max_images is not None:
+        lines[0] += f" (at most {cfg.max_images}: --max-images N or --all-images change it)"
     passes = gradient_passes_per_image(cfg)
     if passes and cfg.task == "classification":
         x, y = next(ctx.batches(ctx.test_set(), batch_size=min(cfg.batch_size, 32)))
