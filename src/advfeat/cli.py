@@ -28,6 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adversarial feature augmentation and multi-branch BN for vision models.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module or .py file first (its registered models, datasets, methods); "
+        "may appear anywhere on the line",
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     from advfeat.commands import register_commands
 
@@ -36,8 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from advfeat.plugins import import_user_modules, split_import_flags
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # --import MODULE (anywhere): the user's registered models, datasets, methods
+        modules, rest = split_import_flags(sys.argv[1:] if argv is None else argv)
+        import_user_modules(modules)
+    except AdvfeatError as err:
+        print(f"advfeat: error: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(rest)
     if args.version:
         from advfeat.version import __version__
 

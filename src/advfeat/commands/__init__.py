@@ -9,7 +9,7 @@ __all__ = ["register_commands"]
 
 def register_commands(sub: Any) -> None:
     """Add every sub-command's parser to the ``advfeat`` sub-parser set."""
-    from advfeat.commands import bench, compare, evaluate, methods, train
+    from advfeat.commands import bench, compare, evaluate, export, methods, train
 
-    for module in (train, compare, evaluate, methods, bench):
+    for module in (train, compare, evaluate, export, methods, bench):
         module.add_parser(sub)

@@ -7,6 +7,7 @@
 ((3, 16, 16), 8)
 """
 
+from advfeat.data import corruptions_released as _released  # noqa: F401  (registers cifar10-c, ...)
 from advfeat.data import dense, real, shapes
 from advfeat.data.bundle import (
     DATASETS,

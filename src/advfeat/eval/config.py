@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.options import Choice, Each, Flag, Integer, Number, check_options, option
+from advfeat.options import Choice, Each, Flag, Integer, Number, Text, check_options, option
 
 __all__ = [
     "ATTACK_NAMES",
@@ -38,8 +38,18 @@ DENSE_ATTACK_NAMES: tuple[str, ...] = ("pgd",)
 DENSE_BATCH_SIZE = 8
 """Default evaluation batch size of detection and segmentation (whole images, large models)."""
 
-ATTACK_NAMES: tuple[str, ...] = ("pgd", "fgsm", "cw", "curve", "transfer", "autoattack", "adaptive")
-"""Attacks of the ``attacks`` suite; ``transfer`` needs a surrogate, ``adaptive`` an AFA model."""
+ATTACK_NAMES: tuple[str, ...] = (
+    "pgd",
+    "fgsm",
+    "cw",
+    "curve",
+    "transfer",
+    "autoattack",
+    "autoattack-fast",
+    "adaptive",
+)
+"""Attacks of the ``attacks`` suite; ``transfer`` needs a surrogate, ``adaptive`` an AFA model;
+``autoattack-fast`` is a cheaper variant, never the standard AutoAttack."""
 
 CORRUPTION_NAMES: tuple[str, ...] = (
     "gaussian_noise",
@@ -121,6 +131,10 @@ class EvalConfig:
     cw_steps: int = option(100, Integer(low=1))
     cw_c: float = option(1.0, POSITIVE)
     cw_lr: float = option(0.01, POSITIVE)
+    cw_search_steps: int = option(1, Integer(low=1))
+    """Rounds of Carlini & Wagner's binary search over c (1: the fixed ``cw_c``, no search)."""
+    cw_l2_budgets: tuple[float, ...] = option((0.25, 0.5, 1.0), Each(POSITIVE, min_len=1))
+    """L2 budgets at which the C&W suite reports accuracy (samples not fooled within the budget)."""
     autoattack_version: str = option("standard", Choice("standard", "plus", "rand"))
     adaptive_weights: tuple[tuple[float, float], ...] = ADAPTIVE_WEIGHTS
     adaptive_bce_target: float = 0.0
@@ -128,6 +142,15 @@ class EvalConfig:
     corruptions: tuple[str, ...] = CORRUPTION_NAMES
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     corruption_max_images: int | None = option(None, Integer(low=1, optional=True))
+    corruption_set: str = option(
+        "generated", Choice("generated", "cifar10-c", "cifar100-c", "imagenet-c")
+    )
+    """``generated`` (on the fly), or the released ``cifar10-c`` / ``cifar100-c`` / ``imagenet-c``
+    files under ``corruption_dir``."""
+    corruption_dir: str | None = option(None, Text(optional=True))
+    corruption_scale: str = option("auto", Choice("auto", "cifar", "imagenet"))
+    """Severity parameters of generated corruptions: ``cifar`` (CIFAR-10-C's, where implemented),
+    ``imagenet`` (ImageNet-C's), ``auto`` (``cifar`` for test images of at most 32 px)."""
     # bn: which suites run under every BN branch
     bn_suites: tuple[str, ...] = ("clean", "attacks", "shift")
     # divergence (AdvBN Eq. 4-5)
@@ -201,10 +224,16 @@ class EvalConfig:
             tuple(name for name in every if SUITES.get(name).per_branch),
         )
         check_options("", self, write=True)  # every field declared with option(...)
+        if self.corruption_set != "generated" and not self.corruption_dir:
+            raise AdvfeatError(
+                f"corruption_set={self.corruption_set} reads the released files: also give "
+                "--set corruption_dir=PATH"
+            )
         curve = tuple(check_eps(e, "ε-curve value") for e in self.eps_curve)
         if not curve:
             raise AdvfeatError("eps_curve needs at least one value, e.g. 0,1,2,4,8 (/255)")
         self.eps_curve = tuple(sorted(set(curve)))
+        self.cw_l2_budgets = tuple(sorted(set(self.cw_l2_budgets)))
         self.adaptive_weights = tuple(
             (POSITIVE("", "CE weight", a), POSITIVE("", "BCE weight", b))
             for a, b in self.adaptive_weights

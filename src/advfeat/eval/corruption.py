@@ -1,6 +1,9 @@
-"""Common corruptions generated on the fly (CIFAR-10-C style) and the mCE metric.
+"""Common corruptions generated on the fly and the mCE metric.
 
-Images are corrupted with the ``imagecorruptions`` package (install the extra
+Severities: ``scale="cifar"`` uses CIFAR-10-C's parameters wherever
+:mod:`advfeat.eval.corruption_cifar` implements them (10 corruptions, no extra package needed);
+every other corruption, and ``scale="imagenet"``, uses ImageNet-C's parameters through the
+``imagecorruptions`` package (install the extra
 ``advfeat[corruptions]``, which pulls its maintained fork ``imagecorruptions-imaug``; the
 original 1.1.2 release fails on NumPy ≥ 2). The package needs images of at least 32×32 pixels:
 smaller images are enlarged bilinearly to 32 pixels on their short side, corrupted, and shrunk
@@ -26,8 +29,54 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from advfeat.errors import AdvfeatError
+from advfeat.eval.corruption_cifar import corrupt_cifar, has_cifar_severities
 
-__all__ = ["MIN_SIZE", "corrupt_batch", "corruption_errors", "require_imagecorruptions"]
+__all__ = [
+    "ALEXNET_ERRORS",
+    "ALEXNET_MEAN_ERRORS",
+    "MIN_SIZE",
+    "SCALES",
+    "corrupt_batch",
+    "corruption_errors",
+    "require_imagecorruptions",
+    "severity_scale",
+]
+
+SCALES = ("cifar", "imagenet")
+"""Whose severity parameters: CIFAR-10-C's or ImageNet-C's."""
+
+
+ALEXNET_MEAN_ERRORS: dict[str, float] = {
+    "gaussian_noise": 0.886428,
+    "shot_noise": 0.894468,
+    "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880,
+    "glass_blur": 0.826268,
+    "motion_blur": 0.785948,
+    "zoom_blur": 0.798360,
+    "snow": 0.866816,
+    "frost": 0.826572,
+    "fog": 0.819324,
+    "brightness": 0.564592,
+    "contrast": 0.853204,
+    "elastic_transform": 0.646056,
+    "pixelate": 0.717840,
+    "jpeg_compression": 0.606500,
+}
+"""AlexNet's ImageNet-C top-1 error per corruption, averaged over severities 1-5 (the published
+normaliser of ImageNet-C's mCE, Hendrycks & Dietterich 2019)."""
+
+ALEXNET_ERRORS: dict[str, dict[str, float]] = {
+    name: {str(s): 1 - err for s in range(1, 6)} for name, err in ALEXNET_MEAN_ERRORS.items()
+}
+"""The same as per-severity *accuracies* for :func:`corruption_errors` (equal per severity: only
+the sum over all five severities is published, so use it with all five)."""
+
+
+def severity_scale(name: str, scale: str) -> str:
+    """The scale corruption ``name`` actually runs at when ``scale`` is asked for."""
+    return "cifar" if scale == "cifar" and has_cifar_severities(name) else "imagenet"
+
 
 MIN_SIZE = 32
 """The smallest image side ``imagecorruptions`` accepts."""
@@ -61,11 +110,21 @@ def _accepts_seed(fn: Any) -> bool:
         return False
 
 
-def corrupt_batch(images: Tensor, name: str, severity: int, seeds: Sequence[int]) -> Tensor:
-    """Corrupt ``images`` (B, C, H, W in [0, 1], C = 1 or 3) with ``name`` at ``severity`` (1-5)."""
-    ic = require_imagecorruptions()
+def corrupt_batch(
+    images: Tensor, name: str, severity: int, seeds: Sequence[int], *, scale: str = "imagenet"
+) -> Tensor:
+    """Corrupt ``images`` (B, C, H, W in [0, 1], C = 1 or 3) with ``name`` at ``severity`` (1-5),
+    with CIFAR-10-C's parameters where ``scale="cifar"`` and they are implemented, else
+    ImageNet-C's (:func:`severity_scale`)."""
     if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
         raise AdvfeatError(f"corruption severity must be an integer 1 to 5, got {severity!r}")
+    if scale not in SCALES:
+        from advfeat.errors import unknown_name
+
+        raise unknown_name("corruption severity scale", scale, SCALES)
+    if severity_scale(name, scale) == "cifar":
+        return _corrupt_cifar_batch(images, name, severity, seeds)
+    ic = require_imagecorruptions()
     functions = getattr(ic, "corruption_dict", {})
     if name not in functions:
         from advfeat.errors import unknown_name
@@ -104,6 +163,22 @@ def corrupt_batch(images: Tensor, name: str, severity: int, seeds: Sequence[int]
         .to(device=images.device, dtype=images.dtype)
         .reshape(batch, channels, height, width)
     )
+
+
+def _corrupt_cifar_batch(images: Tensor, name: str, severity: int, seeds: Sequence[int]) -> Tensor:
+    channels = images.shape[1]
+    if channels not in (1, 3):
+        raise AdvfeatError(f"corruptions need 1- or 3-channel images, got {channels} channels")
+    work = images.detach().float().cpu().clamp(0, 1).expand(-1, 3, -1, -1)
+    arrays = (work * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = [
+        torch.from_numpy(corrupt_cifar(array, name, severity, seed))
+        for array, seed in zip(arrays, seeds, strict=True)
+    ]
+    result = torch.stack(out).permute(0, 3, 1, 2).float().div(255)
+    if channels == 1:
+        result = result.mean(dim=1, keepdim=True)
+    return result.to(device=images.device, dtype=images.dtype)
 
 
 def corruption_errors(

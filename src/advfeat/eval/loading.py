@@ -25,7 +25,16 @@ from advfeat.eval.context import EvalData
 from advfeat.tasks import DenseTask, DetectionTask, SegmentationTask
 from advfeat.train.config import TrainConfig
 
-__all__ = ["DenseEvalData", "LoadedRun", "dense_task_for", "eval_data", "load_run", "load_weights"]
+__all__ = [
+    "DenseEvalData",
+    "LoadedRun",
+    "RebuiltModel",
+    "dense_task_for",
+    "eval_data",
+    "load_run",
+    "load_weights",
+    "rebuild_model",
+]
 
 
 @dataclass
@@ -110,7 +119,12 @@ def _build_data(
         return build_dataset(
             name, root, seed=seed, val_fraction=val_fraction, augment=False, **options
         )
-    except AdvfeatError:
+    except AdvfeatError as err:
+        if root is not None and not Path(root).expanduser().exists():
+            raise AdvfeatError(
+                f"{err} (no {str(root)!r} on this machine: pass --data-dir with where the "
+                f"{name!r} data lies now)"
+            ) from None
         raise
     except (FileNotFoundError, RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -149,20 +163,39 @@ def _options_for(name: str, cfg: TrainConfig, given: dict[str, Any] | None) -> d
     return dict(cfg.dataset_options) if name == cfg.dataset else {}
 
 
-def load_run(
+@dataclass
+class RebuiltModel:
+    """A run's model rebuilt from its checkpoint alone (no dataset read when the checkpoint
+    records its classes, image size and normalisation, as every current one does)."""
+
+    path: Path
+    config: TrainConfig
+    state: dict[str, Any]
+    model: nn.Module
+    """What to evaluate or deploy: ``method.eval_model`` of the trained model."""
+    raw_model: nn.Module
+    """The trained model with every BN branch."""
+    data: DatasetBundle
+    """What the model was built from: the checkpoint's description of its data (empty splits),
+    or, for checkpoints that do not record it, the training data itself (``data_read``)."""
+    data_read: bool = False
+    task: DenseTask | None = None
+
+
+def rebuild_model(
     checkpoint: str | Path,
     *,
     device: str | torch.device = "cpu",
     model_name: str | None = None,
     dataset: str | None = None,
     data_dir: str | None = None,
-    dataset_options: dict[str, Any] | None = None,
-) -> LoadedRun:
-    """Rebuild the run saved in ``checkpoint`` (``build_parts`` → weights → ``eval_model``).
+) -> RebuiltModel:
+    """Rebuild the model saved in ``checkpoint`` (``build_parts`` → weights → ``eval_model``).
 
-    ``dataset``/``data_dir``/``dataset_options`` evaluate on other data with the same classes
-    (the model keeps the input normalisation of its training data); ``model_name`` overrides the
-    architecture (weights that do not fit raise :class:`AdvfeatError`).
+    The training data is not read when the checkpoint describes it, so a checkpoint moved to
+    another machine loads without its dataset; older checkpoints rebuild the training data from
+    ``data_dir`` when ``dataset`` is ``None`` or the run's own (default: the path saved at
+    training time).
     """
     from advfeat.train.build import build_parts
 
@@ -173,10 +206,9 @@ def load_run(
     cfg = TrainConfig.from_dict(state["config"])
     if model_name is not None:
         cfg.model = model_name
-    same_dataset = dataset is None or dataset == cfg.dataset
-    if same_dataset and data_dir is not None:
+    if data_dir is not None and dataset in (None, cfg.dataset):
         cfg.data_dir = data_dir  # the data moved since training: read it where it is now
-    described = None if same_dataset else _described_data(state)
+    described = _described_data(state)
     train_data = described or _build_data(
         cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction, cfg.dataset_options
     )
@@ -187,45 +219,80 @@ def load_run(
             f"{train_data.num_classes}: the dataset options changed since training"
         )
     parts = build_parts(cfg, data=train_data)
-    load_weights(parts.model, state["model"], source=str(path))
+    # a run with ema_decay evaluates (and is evaluated with) its weights' moving average
+    load_weights(parts.model, state.get("ema", state["model"]), source=str(path))
     if "method" in state:
         parts.method.load_state_dict(state["method"])
     raw = parts.model.to(device)
     parts.method.to(device)
     model = parts.method.eval_model(raw).to(device)
-    data = train_data
-    if not same_dataset or dataset_options:
+    read = described is None
+    return RebuiltModel(path, cfg, state, model, raw, train_data, data_read=read, task=parts.task)
+
+
+def load_run(
+    checkpoint: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    model_name: str | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    dataset_options: dict[str, Any] | None = None,
+) -> LoadedRun:
+    """Rebuild the run saved in ``checkpoint`` (:func:`rebuild_model`) and load the data to
+    evaluate it on.
+
+    ``dataset``/``data_dir``/``dataset_options`` evaluate on other data with the same classes
+    (the model keeps the input normalisation of its training data); ``data_dir`` alone reads the
+    run's own dataset where it lies now (a run folder moved to another machine). ``model_name``
+    overrides the architecture (weights that do not fit raise :class:`AdvfeatError`).
+    """
+    rebuilt = rebuild_model(
+        checkpoint, device=device, model_name=model_name, dataset=dataset, data_dir=data_dir
+    )
+    cfg, state, path = rebuilt.config, rebuilt.state, rebuilt.path
+    train_data = rebuilt.data
+    name = dataset or cfg.dataset
+    same_dataset = name == cfg.dataset
+    if rebuilt.data_read and same_dataset and not dataset_options:
+        data = train_data  # an old checkpoint: the training data was read to build the model
+    else:
         data = _build_data(
-            dataset or cfg.dataset,
+            name,
             data_dir if data_dir is not None else cfg.data_dir,
             cfg.seed,
             cfg.val_fraction,
-            _options_for(dataset or cfg.dataset, cfg, dataset_options),
+            _options_for(name, cfg, dataset_options),
         )
-        if data.num_classes != train_data.num_classes:
-            raise AdvfeatError(
-                f"dataset {dataset or cfg.dataset!r} has {data.num_classes} classes but the model "
-                f"was trained on {train_data.num_classes} ({cfg.dataset!r})"
-            )
+    if data.num_classes != train_data.num_classes:
+        raise AdvfeatError(
+            f"dataset {name!r} has {data.num_classes} classes but the model was trained on "
+            f"{train_data.num_classes} ({cfg.dataset!r})"
+            + ("" if not same_dataset else ": the dataset options changed since training")
+        )
     info = {
         "checkpoint": str(path),
         "method": cfg.method,
         "model": cfg.model,
-        "dataset": dataset or cfg.dataset,
+        "dataset": name,
         "trained_on": cfg.dataset,
         "seed": cfg.seed,
         "epochs_trained": int(state.get("epoch", -1)) + 1,
         "checkpoint_digest": checkpoint_digest(state),
     }
+    if "ema" in state:
+        info["weights"] = f"exponential moving average (ema_decay={cfg.ema_decay})"
     if dataset_options:
         info["dataset_options"] = dict(dataset_options)
     partial = state.get("partial")
     if isinstance(partial, dict):  # a preempted run: weights from the middle of an epoch
         info["stopped_mid_epoch"] = {"epoch": int(partial["epoch"]) + 1, "step": partial["step"]}
-    if parts.task is not None:
-        info["task"] = parts.task.name
+    if rebuilt.task is not None:
+        info["task"] = rebuilt.task.name
     epoch = int(state.get("epoch", -1))
-    return LoadedRun(path, cfg, model, raw, data, epoch, info, task=parts.task)
+    return LoadedRun(
+        path, cfg, rebuilt.model, rebuilt.raw_model, data, epoch, info, task=rebuilt.task
+    )
 
 
 def dense_task_for(bundle: DatasetBundle) -> DenseTask:

@@ -99,12 +99,19 @@ def _summary(suites: dict[str, Any]) -> list[list[str]]:
     for key, label in (
         ("pgd", f"PGD-{att.get('pgd', {}).get('steps', '')}{budget}"),
         ("fgsm", f"FGSM{budget}"),
-        ("cw", "C&W-L2 (unbounded)"),
+        ("cw", "C&W-L2 not fooled (no L2 budget)"),
         ("autoattack", f"AutoAttack{budget}"),
+        ("autoattack_fast", f"AutoAttack-fast{budget}"),
         ("adaptive", f"AFA adaptive PGD{budget}"),
     ):
-        if "accuracy" in att.get(key, {}):
-            rows.append([label, pct(att[key]["accuracy"])])
+        res = att.get(key, {})
+        if "accuracy" in res:
+            own = res.get("label")  # the result's own description (C&W set-up, AutoAttack's)
+            shown = label if own is None else own + (budget if key.startswith("autoattack") else "")
+            rows.append([shown, pct(res["accuracy"])])
+    cw = att.get("cw", {})
+    for r, acc in zip(cw.get("l2_budgets", []), cw.get("accuracy_within_l2", []), strict=False):
+        rows.append([f"C&W-L2 accuracy at ‖δ‖₂ ≤ {r:g}", pct(acc)])
     transfer = att.get("transfer", {})
     if "accuracy" in transfer:
         rows.append(

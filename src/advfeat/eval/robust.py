@@ -124,6 +124,21 @@ def summarize(outcome: Outcome) -> dict[str, Any]:
     return summary
 
 
+def accuracy_within_l2(outcome: Outcome, budgets: list[float]) -> list[float]:
+    """Accuracy at each L2 budget r of a minimum-norm attack (C&W): a sample counts as robust at
+    r when it is correct clean and the attack did not fool it with a perturbation of L2 ≤ r
+    (an upper bound on the true robust accuracy at r, as for any attack)."""
+    return [
+        _mean(
+            [
+                c and not (not a and d <= r)
+                for c, a, d in zip(outcome.clean, outcome.adv, outcome.l2, strict=True)
+            ]
+        )
+        for r in budgets
+    ]
+
+
 def worst_case_curve(eps: list[float], outcomes: list[Outcome]) -> dict[str, Any]:
     """Accuracy vs ε, non-increasing: a sample is robust at ε only if it survived every ε' ≤ ε.
 

@@ -191,10 +191,15 @@ def _check_dense_extras(task: str, **given: Any) -> None:
             )
 
 
-def _check_ready(cfg: EvalConfig, surrogate: Any) -> None:
-    """Fail before any work when an asked-for optional piece is missing."""
+def _check_ready(cfg: EvalConfig, surrogate: Any, *, plots: bool = False) -> None:
+    """Fail before any work when an asked-for optional piece is missing: every package the
+    evaluation will import (:mod:`advfeat.eval.preflight`), then each suite's own check."""
+    from advfeat.eval.preflight import missing_packages
     from advfeat.eval.suites import SUITES
 
+    missing = missing_packages(cfg, plots=plots)
+    if missing:
+        raise AdvfeatError("; ".join(missing))
     for name in cfg.suites:
         ready = SUITES.get(name).ready
         if ready is not None:
@@ -281,7 +286,7 @@ def evaluate(
         else config.replace(suites=names, task=kind)
     )
     data = _add_domains(data, domains)
-    _check_ready(cfg, surrogate)
+    _check_ready(cfg, surrogate, plots=plots and out is not None)
     surrogate_model, surrogate_label = _load_surrogate(surrogate, dev)
     baseline_value, baseline_label = _load_baseline(baseline, dev)
     if surrogate_label:
@@ -309,6 +314,10 @@ def evaluate(
     with ExitStack() as stack:
         for m in {id(x): x for x in (model, raw_model, surrogate_model) if x is not None}.values():
             stack.enter_context(eval_mode(m))
+        if progress:
+            from advfeat.eval.preflight import announce
+
+            announce(ctx)
         for name in cfg.suites:
             t0 = time.perf_counter()
             results[name] = SUITES.get(name).run(ctx)

@@ -2,8 +2,8 @@
 
 Attacks, ε-balls and pixel bounds are defined on [0, 1] images; keeping ``(x − mean) / std``
 inside the network (child ``normalize``) means nobody has to convert ε between spaces. The
-buffers are not persistent, so a model's ``state_dict`` is exactly that of the plain
-architecture (a torchvision checkpoint loads as is).
+buffers are not persistent by default, so a model's ``state_dict`` is exactly that of the plain
+architecture (a torchvision checkpoint loads as is); exports make them persistent.
 """
 
 from __future__ import annotations
@@ -40,13 +40,16 @@ class Normalize(nn.Module):
     """Per-channel ``(x − mean) / std`` on images in [0, 1] (NCHW or CHW).
 
     ``mean`` and ``std`` are a number or one number per channel. The buffers are registered with
-    ``persistent=False``: they follow ``.to()`` / ``.half()`` but never appear in a state_dict.
+    ``persistent=False`` by default: they follow ``.to()`` / ``.half()`` but never appear in a
+    state_dict, so a trained model's state_dict is that of the plain architecture.
+    ``persistent=True`` (what :mod:`advfeat.export` uses) writes them as ``normalize.mean`` /
+    ``normalize.std``, so exported weights carry their own preprocessing.
     """
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, mean: ChannelStats, std: ChannelStats) -> None:
+    def __init__(self, mean: ChannelStats, std: ChannelStats, *, persistent: bool = False) -> None:
         super().__init__()
         mean_v = _channel_values("mean", mean)
         std_v = _channel_values("std", std)
@@ -59,8 +62,8 @@ class Normalize(nn.Module):
             )
         self._repr = f"mean={tuple(mean_v)}, std={tuple(std_v)}"
         # Created on the default device, so ``with torch.device(...)`` construction works.
-        self.register_buffer("mean", torch.tensor(mean_v).view(-1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std_v).view(-1, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean_v).view(-1, 1, 1), persistent=persistent)
+        self.register_buffer("std", torch.tensor(std_v).view(-1, 1, 1), persistent=persistent)
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std

@@ -68,6 +68,24 @@ class TrainConfig:
     seed: int = option(0, Integer(low=0, high=2**32 - 1))
     device: str = "auto"
     amp: bool = option(True, Flag())
+    amp_dtype: str = option("bfloat16", Choice("bfloat16", "float16"))
+    """``bfloat16``, or ``float16`` with a GradScaler (CUDA only) for GPUs without bf16."""
+    optimizer: str = option("sgd", Choice("sgd", "adamw"))
+    """``sgd`` (momentum, nesterov) or ``adamw`` (adam_betas; weight decay decoupled)."""
+    adam_betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.999],
+        metadata={"check": Each(Number(low=0, high=1, high_open=True), min_len=2)},
+    )
+    ema_decay: float | None = option(
+        None, Number(low=0, high=1, low_open=True, high_open=True, optional=True, hint="e.g. 0.999")
+    )
+    """Keep an exponential moving average of the weights (e.g. 0.999); it is evaluated and saved."""
+    deterministic: bool = option(False, Flag())
+    """Deterministic kernels only (an op without one raises), cuDNN autotuning off."""
+    loggers: list[str] = field(default_factory=list)
+    """Besides history.csv: ``tensorboard`` and / or ``wandb`` (optional extras)."""
+    sync_bn: bool = option(False, Flag())
+    """Under DDP: batch statistics over all processes (every BN branch a SyncBatchNorm)."""
     channels_last: bool = option(False, Flag())
     compile: bool = option(False, Flag())
     workers: int = option(0, Integer(low=0))
@@ -84,6 +102,11 @@ class TrainConfig:
             raise AdvfeatError(
                 f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}"
             )
+        if len(self.adam_betas) != 2:
+            raise AdvfeatError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        from advfeat.train.loggers import check_loggers
+
+        check_loggers(self.loggers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

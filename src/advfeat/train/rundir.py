@@ -55,7 +55,9 @@ EVAL_OUTPUTS = ("eval.json", "eval.json.partial", "eval.md", "eval_plots")
 """``advfeat eval``'s default outputs beside the checkpoint: results of the old weights, removed
 with them by ``--force``."""
 
-NON_RESULT_KEYS = frozenset({"device", "progress", "workers", "data_dir", "eval_batch_size"})
+NON_RESULT_KEYS = frozenset(
+    {"device", "progress", "workers", "data_dir", "eval_batch_size", "loggers"}
+)
 """Config keys a resumed run may change: where and how fast it runs, where the data lies now.
 Every other key (the lead's new ones included) changes what the run computes."""
 

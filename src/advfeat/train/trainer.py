@@ -52,6 +52,10 @@ from advfeat.tasks import DenseTask
 from advfeat.train.build import build_parts
 from advfeat.train.config import TrainConfig
 from advfeat.train.distributed import EpochSampler, init_distributed
+from advfeat.train.ema import ModelEMA
+from advfeat.train.loggers import Loggers
+from advfeat.train.optim import build_optimizer
+from advfeat.train.precision import MixedPrecision
 from advfeat.train.rundir import (
     RunLock,
     check_run_folder,
@@ -59,6 +63,7 @@ from advfeat.train.rundir import (
     config_differences,
     resume_refusal,
 )
+from advfeat.train.runtime import set_deterministic, sync_batchnorm
 from advfeat.train.schedule import lr_factor
 
 __all__ = ["PREEMPTED_EXIT", "Preempted", "Trainer", "TrainingDiverged", "resolve_device"]
@@ -137,6 +142,7 @@ class Trainer:
         self.force = force
         check_run_folder(self.out, resume=resume, force=force)
         self._lock = RunLock(self.out)
+        set_deterministic(cfg.deterministic)
         torch.manual_seed(cfg.seed)
         parts = build_parts(cfg)
         self.data, self.method = parts.data, parts.method
@@ -145,17 +151,25 @@ class Trainer:
         self.method.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(
+        self.optimizer = build_optimizer(
+            cfg.optimizer,
             self.method.parameter_groups(self.model),
             lr=cfg.lr,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
+            betas=cfg.adam_betas,
         )
-        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.amp else None
-        if self.task is not None and self.task.name == "detection":
-            self.amp_dtype = None  # torchvision's box coder and ROI pooling want float32
+        detection = self.task is not None and self.task.name == "detection"
+        # detection: torchvision's box coder and ROI pooling want float32
+        self.precision = MixedPrecision(
+            self.device, enabled=cfg.amp and not detection, dtype=cfg.amp_dtype
+        )
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.train_model: nn.Module = self.model
+        if self.dist.enabled and cfg.sync_bn:
+            self.model = sync_batchnorm(self.model)
+            self.train_model = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
@@ -175,6 +189,7 @@ class Trainer:
         self._partial: dict[str, Any] | None = None
         self._signal: int | None = None
         self._resume_state = self._read_resume() if resume else None
+        self.loggers = Loggers(cfg.loggers, self.out, cfg.to_dict()) if self.dist.is_main else None
 
     # ----------------------------------------------------------------------------- run folder
     def _read_resume(self) -> dict[str, Any]:
@@ -236,6 +251,8 @@ class Trainer:
             "model": unwrap(self.model).state_dict(),
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"scaler": self.precision.state_dict()} if self.precision.scaler else {}),
             "history": self.history,
             "best_val": self.best_val,
             "best_epoch": self.best_epoch,
@@ -254,6 +271,9 @@ class Trainer:
         unwrap(self.model).load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.precision.load_state_dict(state.get("scaler", {}))
         self.history = list(state["history"])
         self.start_epoch = int(state["epoch"]) + 1
         self.best_val = float(state["best_val"])
@@ -340,11 +360,7 @@ class Trainer:
                 y = y.to(self.device, non_blocking=True)
             if cfg.channels_last and isinstance(x, torch.Tensor):
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(
-                self.device.type,
-                dtype=self.amp_dtype or torch.float32,
-                enabled=self.amp_dtype is not None,
-            ):
+            with self.precision.autocast():
                 out = self.method(self.train_model, x, y)
             loss_value = float(out.loss.detach())
             if not math.isfinite(loss_value):
@@ -353,8 +369,9 @@ class Trainer:
                     + self._kept_message()
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self.optimizer.step()
+            self.precision.step(out.loss, self.optimizer)
+            if self.ema is not None:
+                self.ema.update(unwrap(self.model))
             norm = self._weight_norm()
             if not math.isfinite(norm):
                 raise TrainingDiverged(
@@ -439,8 +456,12 @@ class Trainer:
             file=sys.stderr,
         )
 
+    def _evaluated(self) -> nn.Module:
+        """What the run evaluates: the weights' moving average when ``ema_decay`` is set."""
+        return self.ema.model if self.ema is not None else unwrap(self.model)
+
     def _evaluate(self, dataset: Any) -> float:
-        model = self.method.eval_model(unwrap(self.model))
+        model = self.method.eval_model(self._evaluated())
         result = evaluate_accuracy(
             model, dataset, batch_size=self.cfg.eval_batch_size, device=self.device
         )
@@ -448,7 +469,7 @@ class Trainer:
 
     def _evaluate_dense(self, task: DenseTask, dataset: Any) -> dict[str, float]:
         """The task's metrics (AP, AP50, AP75 / mIoU, pixel accuracy) on ``dataset``."""
-        model = self.method.eval_model(unwrap(self.model))
+        model = self.method.eval_model(self._evaluated())
         loader = DataLoader(
             dataset,
             batch_size=self.cfg.eval_batch_size,
@@ -563,6 +584,8 @@ class Trainer:
                     save_checkpoint(self.out / "best.pt", state)
                 self._write_history()
                 self._log_epoch(row)
+                if self.loggers is not None:
+                    self.loggers.log(row)
             else:
                 self.history.append(row)
             if epoch + 1 < cfg.epochs and self._preemption_requested():
@@ -606,6 +629,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
+        if self.loggers is not None:
+            self.loggers.close()
         if self.dist.enabled:
             torch.distributed.barrier()
         if not self.dist.is_main:
@@ -618,6 +643,8 @@ class Trainer:
                     f"best epoch {self.best_epoch + 1}; run again with --resume to repair it"
                 )
             unwrap(self.model).load_state_dict(best["model"])
+            if self.ema is not None and "ema" in best:
+                self.ema.load_state_dict(best["ema"])
             self.method.load_state_dict(best["method"])
         if self.task is not None:
             metrics = self._dense_metrics(self.task)
@@ -662,7 +689,7 @@ class Trainer:
 
     def _classification_metrics(self) -> dict[str, Any]:
         cfg = self.cfg
-        model = self.method.eval_model(unwrap(self.model))
+        model = self.method.eval_model(self._evaluated())
         clean = evaluate_accuracy(
             model,
             self.data.test,

@@ -1,8 +1,13 @@
 """``corruptions``: accuracy under the 15 common corruptions × 5 severities, and mCE.
 
-Corrupted images are generated on the fly (:mod:`advfeat.eval.corruption`). mCE is normalised
-by a baseline the user names (an earlier evaluation JSON, or a checkpoint evaluated here with the
-same settings); without one, the unnormalised mean corruption error is reported.
+Corrupted images are generated on the fly (:mod:`advfeat.eval.corruption`; CIFAR-10-C's
+severities for images of at most 32 px where implemented, ImageNet-C's otherwise, recorded per
+corruption), or read from the released CIFAR-10-C / CIFAR-100-C / ImageNet-C files
+(``corruption_set``, ``corruption_dir``; :mod:`advfeat.data.corruptions_released`). mCE
+(Hendrycks & Dietterich 2019) is normalised by a baseline the user names (an earlier evaluation
+JSON, or a checkpoint evaluated here with the same settings); on the released ImageNet-C with all
+five severities and no baseline, by AlexNet's published errors, as in the paper. Without a
+baseline the unnormalised mean corruption error is reported.
 """
 
 from __future__ import annotations
@@ -10,14 +15,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
+from advfeat.data.corruptions_released import released_corruption
 from advfeat.errors import AdvfeatError
-from advfeat.eval.context import EvalContext
+from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.corruption import (
+    ALEXNET_ERRORS,
     corrupt_batch,
     corrupted_size,
     corruption_errors,
     require_imagecorruptions,
+    severity_scale,
 )
 from advfeat.eval.plots import plot_corruptions
 from advfeat.eval.report import md_table, pct
@@ -27,18 +36,29 @@ from advfeat.eval.suites.registry import register_suite
 __all__ = ["corruption_table", "run"]
 
 
+def _scale(ctx: EvalContext, height: int, width: int) -> str:
+    asked = ctx.config.corruption_scale
+    return ("cifar" if max(height, width) <= 32 else "imagenet") if asked == "auto" else asked
+
+
 def corruption_table(ctx: EvalContext) -> dict[str, Any]:
     """Clean accuracy and accuracy per corruption and severity on the (sub)set of test images."""
-    require_imagecorruptions()
     cfg = ctx.config
+    released = cfg.corruption_set != "generated"
     n = cfg.corruption_max_images if cfg.corruption_max_images is not None else cfg.max_images
     dataset = ctx.test_set(n)
+    first = dataset[0][0]
+    height, width = int(first.shape[-2]), int(first.shape[-1])
+    scale = _scale(ctx, height, width)
+    scales = {name: severity_scale(name, scale) for name in cfg.corruptions}
+    if not released and "imagenet" in scales.values():
+        require_imagecorruptions()
 
-    def clean() -> float:
-        hits = [c for x, y in ctx.batches(dataset) for c in correct(ctx.model, x, y).tolist()]
+    def accuracy(data: Dataset) -> float:
+        hits = [c for x, y in ctx.batches(data) for c in correct(ctx.model, x, y).tolist()]
         return sum(hits) / max(len(hits), 1)
 
-    clean_acc = ctx.unit("corruptions/clean", clean)
+    clean_acc = ctx.unit("corruptions/clean", lambda: accuracy(dataset))
     table: dict[str, dict[str, float]] = {}
     bar = ctx.bar(len(cfg.corruptions) * len(cfg.severities), "corruptions")
     try:
@@ -47,7 +67,7 @@ def corruption_table(ctx: EvalContext) -> dict[str, Any]:
             for severity in cfg.severities:
                 key = f"corruptions/{name}/{severity}"
 
-                def compute(name: str = name, severity: int = severity, key: str = key) -> float:
+                def generated(name: str = name, severity: int = severity, key: str = key) -> float:
                     base = ctx.seed_for(key)
                     hits: list[bool] = []
                     position = 0
@@ -55,24 +75,38 @@ def corruption_table(ctx: EvalContext) -> dict[str, Any]:
                         seeds = [base + position + i for i in range(x.shape[0])]
                         position += x.shape[0]
                         with torch.no_grad():
-                            xc = corrupt_batch(x, name, severity, seeds)
+                            xc = corrupt_batch(x, name, severity, seeds, scale=scale)
                         hits += correct(ctx.model, xc, y).tolist()
                     return sum(hits) / max(len(hits), 1)
 
-                table[name][str(severity)] = ctx.unit(key, compute)
+                def read(name: str = name, severity: int = severity) -> float:
+                    assert cfg.corruption_dir is not None
+                    files = released_corruption(
+                        cfg.corruption_set, cfg.corruption_dir, name, severity
+                    )
+                    return accuracy(seeded_subset(files, n, cfg.seed))
+
+                table[name][str(severity)] = ctx.unit(key, read if released else generated)
                 bar.update(1)
     finally:
         bar.close()
-    first = dataset[0][0]
-    height, width = int(first.shape[-2]), int(first.shape[-1])
-    return {
+    result: dict[str, Any] = {
         "clean_accuracy": clean_acc,
         "accuracy": table,
         "n": len(dataset),  # type: ignore[arg-type]
         "severities": list(cfg.severities),
-        "corrupted_at": list(corrupted_size(height, width)),
         "image_size": [height, width],
     }
+    if released:
+        result["corruption_set"] = f"released {cfg.corruption_set} files ({cfg.corruption_dir})"
+    else:
+        kinds = sorted(set(scales.values()))
+        result["corruption_set"] = "generated on the fly, " + " and ".join(
+            f"{'CIFAR-10-C' if k == 'cifar' else 'ImageNet-C'} severities" for k in kinds
+        )
+        result["severity_scale"] = scales
+        result["corrupted_at"] = list(corrupted_size(height, width))
+    return result
 
 
 def _baseline(ctx: EvalContext) -> dict[str, Any] | None:
@@ -92,13 +126,15 @@ def _baseline(ctx: EvalContext) -> dict[str, Any] | None:
 
 @register_suite(
     "corruptions",
-    "15 common corruptions × 5 severities (CIFAR-10-C style), mCE",
+    "15 common corruptions × 5 severities (generated or released), mCE",
     order=20,
     title="Corruptions",
     report=lambda result, _task: _corruptions(result),
     plots={"corruptions": plot_corruptions},
     per_branch=True,
-    ready=lambda _config: require_imagecorruptions(),
+    ready=lambda config: (
+        require_imagecorruptions() if config.corruption_set == "generated" else None
+    ),
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     result = corruption_table(ctx)
@@ -108,6 +144,15 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     result["mean_corruption_accuracy"] = sum(per_type.values()) / len(per_type)
     result["mean_corruption_error"] = 1 - result["mean_corruption_accuracy"]
     baseline = _baseline(ctx)
+    cfg = ctx.config
+    if (
+        baseline is None
+        and cfg.corruption_set == "imagenet-c"
+        and set(cfg.severities) == {1, 2, 3, 4, 5}
+    ):
+        result.update(corruption_errors(table, ALEXNET_ERRORS))
+        result["baseline"] = "AlexNet (Hendrycks & Dietterich 2019, their published errors)"
+        return result
     if baseline is None:
         result["mce"] = None
         result["mce_note"] = "no baseline given (--baseline PATH): mCE not normalised"
@@ -140,9 +185,15 @@ def _corruptions(cor: dict[str, Any]) -> list[str]:
         if has_ce:
             cells.append(pct(cor["ce"][name]))
         rows.append(cells)
+    where = (
+        f"corrupted at {cor['corrupted_at'][0]}×{cor['corrupted_at'][1]} px"
+        if "corrupted_at" in cor
+        else "per corruption and severity"
+    )
     lines = [
-        f"{cor['n']} test images, corrupted at {cor['corrupted_at'][0]}×{cor['corrupted_at'][1]} "
-        f"px; clean accuracy on them {pct(cor['clean_accuracy'])}.",
+        f"Corruption set: {cor.get('corruption_set', 'generated on the fly')}.",
+        "",
+        f"{cor['n']} test images, {where}; clean accuracy on them {pct(cor['clean_accuracy'])}.",
         "",
     ]
     lines += md_table(head, rows)

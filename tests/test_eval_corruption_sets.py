@@ -1,0 +1,156 @@
+"""Corruptions people can compare: CIFAR-10-C's own severities for 32-px images, the released
+CIFAR-10-C / CIFAR-100-C / ImageNet-C file layouts, and mCE as Hendrycks & Dietterich define it
+(ImageNet-C normalised by AlexNet's published errors); the results name the corruption set."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from advfeat.data import build_dataset
+from advfeat.data.corruptions_released import CifarCorrupted, ImageNetCorrupted
+from advfeat.eval import evaluate
+from advfeat.eval.corruption import ALEXNET_MEAN_ERRORS, corrupt_batch, severity_scale
+from advfeat.eval.corruption_cifar import CIFAR_SEVERITIES, corrupt_cifar
+from advfeat.eval.report import markdown_report
+from advfeat.eval.robust import correct
+
+
+def test_cifar_severities_are_cifar_10_c_parameters() -> None:
+    assert CIFAR_SEVERITIES["gaussian_noise"] == (0.04, 0.06, 0.08, 0.09, 0.10)
+    grey = torch.full((4, 3, 32, 32), 0.5)
+    seeds = [0, 1, 2, 3]
+    for severity, sigma in ((1, 0.04), (5, 0.10)):
+        noisy = corrupt_batch(grey, "gaussian_noise", severity, seeds, scale="cifar")
+        assert (noisy - grey).std().item() == pytest.approx(sigma, rel=0.1)
+    # corruptions without a CIFAR generator fall back to ImageNet-C's, and say so
+    assert severity_scale("fog", "cifar") == "imagenet"
+    assert severity_scale("contrast", "cifar") == "cifar"
+    assert severity_scale("contrast", "imagenet") == "imagenet"
+
+
+def test_hsv_corruptions_match_scikit_image() -> None:
+    color = pytest.importorskip("skimage.color", reason="scikit-image is an optional extra")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    image[0, 0] = (128, 128, 128)  # a grey pixel: hue 0 in scikit-image
+    image[0, 1] = (0, 0, 0)
+    for name, severity in (("brightness", 5), ("saturate", 5), ("saturate", 1)):
+        ours = corrupt_cifar(image, name, severity, seed=0)
+        hsv = color.rgb2hsv(image / 255.0)
+        c = CIFAR_SEVERITIES[name][severity - 1]
+        if name == "brightness":
+            hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
+        else:
+            hsv[..., 1] = np.clip(hsv[..., 1] * c[0] + c[1], 0, 1)  # type: ignore[index]
+        reference = (np.clip(color.hsv2rgb(hsv), 0, 1) * 255).astype(np.uint8)
+        assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
+
+
+def _cifar_c(
+    root: Path, per_severity: int = 4, corruptions: tuple[str, ...] = ("fog", "snow")
+) -> None:
+    """Tiny files in the released layout: N = 5·per_severity rows of 32×32×3 uint8."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = 5 * per_severity
+    labels = np.tile(np.arange(per_severity) % 3, 5).astype(np.int64)
+    np.save(root / "labels.npy", labels)
+    for name in corruptions:
+        np.save(root / f"{name}.npy", rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8))
+
+
+def test_released_cifar_c_layout(tmp_path: Path) -> None:
+    _cifar_c(tmp_path)
+    fog = np.load(tmp_path / "fog.npy")
+    sev2 = CifarCorrupted(tmp_path, "fog", 2)
+    assert len(sev2) == 4
+    image, label = sev2[1]
+    assert torch.equal(image, torch.from_numpy(fog[5]).permute(2, 0, 1).float() / 255)
+    assert label == 1
+    bundle = build_dataset("cifar10-c", str(tmp_path), severities=[1, 3])
+    assert bundle.num_classes == 10 and set(bundle.shifted) == {"fog", "snow"}
+    assert len(bundle.test) == 2 * 2 * 4  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="holds no CIFAR-C files"):
+        CifarCorrupted(tmp_path / "empty", "fog", 1)
+
+
+def test_corruptions_suite_reads_released_files(
+    trained_tiny_model: nn.Module, tiny_task: Any, tmp_path: Path
+) -> None:
+    _cifar_c(tmp_path)
+    data = torch.utils.data.TensorDataset(tiny_task.x_test[:8], tiny_task.y_test[:8])
+    results = evaluate(
+        copy.deepcopy(trained_tiny_model),
+        data,
+        ["corruptions"],
+        corruptions=["fog", "snow"],
+        severities=[2, 5],
+        corruption_set="cifar10-c",
+        corruption_dir=str(tmp_path),
+    )
+    res = results["suites"]["corruptions"]
+    assert res["corruption_set"].startswith("released cifar10-c files")
+    assert "Corruption set: released cifar10-c files" in markdown_report(results)
+    files = CifarCorrupted(tmp_path, "snow", 5)
+    x = torch.stack([files[i][0] for i in range(len(files))])
+    y = torch.tensor([files[i][1] for i in range(len(files))])
+    expected = correct(trained_tiny_model, x, y).float().mean().item()
+    assert res["accuracy"]["snow"]["5"] == pytest.approx(expected)
+
+
+def test_generated_corruptions_record_their_severity_scale(
+    trained_tiny_model: nn.Module, tiny_task: Any
+) -> None:
+    data = torch.utils.data.TensorDataset(tiny_task.x_test[:4], tiny_task.y_test[:4])
+    res = evaluate(
+        copy.deepcopy(trained_tiny_model),
+        data,
+        ["corruptions"],
+        corruptions=["gaussian_noise", "contrast"],
+        severities=[1],
+    )["suites"]["corruptions"]
+    assert res["severity_scale"] == {"gaussian_noise": "cifar", "contrast": "cifar"}
+    assert "CIFAR-10-C severities" in res["corruption_set"]
+
+
+def _imagenet_c(root: Path, corruptions: tuple[str, ...]) -> None:
+    rng = np.random.default_rng(1)
+    for name in corruptions:
+        for severity in range(1, 6):
+            for wnid in ("n01", "n02", "n03"):
+                folder = root / name / str(severity) / wnid
+                folder.mkdir(parents=True)
+                for i in range(2):
+                    array = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                    Image.fromarray(array).save(folder / f"img{i}.JPEG", quality=95)
+
+
+def test_imagenet_c_layout_and_alexnet_normalised_mce(
+    trained_tiny_model: nn.Module, tiny_task: Any, tmp_path: Path
+) -> None:
+    _imagenet_c(tmp_path, ("fog", "contrast"))
+    files = ImageNetCorrupted(tmp_path, "fog", 3)
+    assert files.classes == ["n01", "n02", "n03"] and len(files) == 6
+    assert files[2][1] == 1 and files[2][0].shape == (3, 8, 8)
+    data = torch.utils.data.TensorDataset(tiny_task.x_test[:6], tiny_task.y_test[:6])
+    res = evaluate(
+        copy.deepcopy(trained_tiny_model),
+        data,
+        ["corruptions"],
+        corruptions=["fog", "contrast"],
+        corruption_set="imagenet-c",
+        corruption_dir=str(tmp_path),
+    )["suites"]["corruptions"]
+    assert "AlexNet" in res["baseline"]
+    for name in ("fog", "contrast"):
+        err = 1 - sum(res["accuracy"][name].values()) / 5
+        assert res["ce"][name] == pytest.approx(err / ALEXNET_MEAN_ERRORS[name])
+    assert res["mce"] == pytest.approx((res["ce"]["fog"] + res["ce"]["contrast"]) / 2)
