@@ -10,12 +10,12 @@ from torch import Tensor, nn
 
 from advfeat.data import build_dataset
 from advfeat.errors import AdvfeatError
+from advfeat.methods.dense import build_task_method
 from advfeat.tasks import (
     DensePGD,
     DetectionMeter,
     DetectionTask,
     build_detector,
-    build_task_method,
 )
 from advfeat.tasks.base import RngReplay
 
@@ -114,13 +114,15 @@ def test_dense_tail_only_reading_gives_the_backbone_no_adversarial_gradient(det_
 def test_site_perturbation_reaches_the_loss_and_attack_keeps_bn(det_data, site: str) -> None:
     task, images, targets, mean, std = det_data
     model = tiny_detector(task.num_classes, mean, std)
+    alfa = build_task_method("alfa", task, steps=2, alpha=0.1, sites=[site])
+    rng = RngReplay(torch.device("cpu"))
+    with torch.no_grad():
+        clean = alfa.clean_pass(model, images, targets, [site])  # moves BN statistics
     bn = {
         k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k
     }
     flags = [p.requires_grad for p in model.parameters()]
-    alfa = build_task_method("alfa", task, steps=2, alpha=0.1, sites=[site])
-    rng = RngReplay(torch.device("cpu"))
-    delta = alfa.feature_attack(model, images, targets, site, 0.1, rng)
+    delta = alfa.feature_attack(model, clean, site, clean.features[site], targets, 0.1)
     assert delta.abs().max() > 0  # nonzero gradient w.r.t. the perturbation reached the site
     assert delta.abs().max() <= 0.2 + 1e-6  # two unbounded sign steps of 0.1
     for k, v in model.state_dict().items():
