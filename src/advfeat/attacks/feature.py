@@ -638,7 +638,8 @@ class BNStatsAttack(FeatureAttack):
         _check_steps(steps, minimum=0)
         if stats not in ("batch", "instance"):
             raise unknown_name("AdvBN statistics", str(stats), ["batch", "instance"])
-        self.eps = float(eps)
+        self.radius = float(eps)
+        self.eps = self.radius
         self.alpha = float(alpha)
         self.steps = steps
         self.random_start = random_start
@@ -654,7 +655,7 @@ class BNStatsAttack(FeatureAttack):
             return ones
         gen = self.generator(like.device)
         u = torch.rand(channels, generator=gen, dtype=like.dtype, device=like.device)
-        return ones + (2 * u - 1) * self.eps
+        return ones + (2 * u - 1) * self.radius
 
     def perturb(  # type: ignore[override]
         self, x: Any, y: Any, features: Mapping[str, Tensor], **options: Any
@@ -662,7 +663,7 @@ class BNStatsAttack(FeatureAttack):
         f = self.site_feature(x, features.get(self.site))
         channels = f.shape[self.channel_dim % f.ndim]
         start = {"mu": self._start(channels, f), "sigma": self._start(channels, f)}
-        low, high = 1.0 - self.eps, 1.0 + self.eps
+        low, high = 1.0 - self.radius, 1.0 + self.radius
         engine = IterativeAscent(
             Unbounded(),  # sign steps of size τ; the box [1 − ε, 1 + ε] is the constraint
             alpha=self.alpha,

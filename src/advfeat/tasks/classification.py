@@ -44,7 +44,7 @@ class ClassificationTask(Task):
         self.num_classes = num_classes
 
     def collate(self, batch: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
-        x, y = default_collate(batch)
+        x, y = default_collate(list(batch))
         return x, y
 
     def to_device(self, x: Any, y: Any, device: torch.device) -> tuple[Any, Any]:

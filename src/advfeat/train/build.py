@@ -22,6 +22,7 @@ from advfeat.tasks import (
     DETECTORS,
     SEGMENTERS,
     ClassificationTask,
+    DenseTask,
     DetectionTask,
     SegmentationTask,
     Task,
@@ -42,7 +43,9 @@ class RunParts:
     data: DatasetBundle
     model: nn.Module
     method: Method
-    task: Task
+    task: DenseTask | None = None
+    """The detection / segmentation task (``None`` for classification); every method carries
+    its task as ``method.task``."""
 
 
 def build_data(cfg: TrainConfig, **extra: Any) -> DatasetBundle:
@@ -88,7 +91,7 @@ def build_parts(cfg: TrainConfig, data: DatasetBundle | None = None) -> RunParts
         **cfg.model_options,
     )
     model = method.prepare(model)
-    return RunParts(data=data, model=model, method=method, task=task)
+    return RunParts(data=data, model=model, method=method)
 
 
 def build_dense_parts(cfg: TrainConfig, data: DatasetBundle) -> RunParts:
@@ -98,7 +101,9 @@ def build_dense_parts(cfg: TrainConfig, data: DatasetBundle) -> RunParts:
             f"method {cfg.method!r} has no {data.task} version; {data.task} datasets "
             f"({cfg.dataset!r}) train with: {', '.join(task_methods(data.task))}"
         )
-    task: Task
+    task: DenseTask | None = None
+    """The detection / segmentation task (``None`` for classification); every method carries
+    its task as ``method.task``."""
     model: nn.Module
     if data.task == "detection":
         if cfg.model not in DETECTORS:

@@ -131,7 +131,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         parts = build_parts(cfg)
         self.data, self.method = parts.data, parts.method
-        self.task: Task = parts.task
+        self.task: Task = self.method.task
         self.model = parts.model.to(self.device)
         self.method.to(self.device)
         if cfg.channels_last:
