@@ -363,8 +363,8 @@ class MultiSiteFeaturePGD(FeatureAttack):
       alone, the others clean, through the tail after that site; r adversarial losses.
 
     ``__call__(x, y, features=None, strengths=None)`` returns ``{site: δ}`` (names as given);
-    :meth:`adversarial_outputs` runs the training forward pass(es) for either mode, keeping the
-    graph of the features and of η.
+    the training pass(es) on the perturbed features are the method's
+    (:func:`advfeat.methods.feature_aug.multi_site_outputs`).
     """
 
     def __init__(
@@ -444,12 +444,13 @@ class MultiSiteFeaturePGD(FeatureAttack):
         features: Mapping[str, Tensor] | None = None,
         strengths: Sequence[float] | Tensor | None = None,
     ) -> dict[str, Tensor]:
-        scales = self._scales(strengths, detach=True)
+        scales = self.scales(strengths, detach=True)
         return self.attack_sites(x, y, features or {}, scales=scales)
 
-    def _scales(
+    def scales(
         self, strengths: Sequence[float] | Tensor | None, *, detach: bool
     ) -> dict[str, Tensor | float]:
+        """η per site: ``strengths`` (or the attack's own, or 1), detached when asked."""
         chosen = self._strength_map(strengths) if strengths is not None else self.strengths
         if chosen is None:
             return dict.fromkeys(self.sites, 1.0)
@@ -504,39 +505,6 @@ class MultiSiteFeaturePGD(FeatureAttack):
 
             deltas.update(engine.run(alone))
         return deltas
-
-    def adversarial_outputs(
-        self,
-        x: Any,
-        deltas: Mapping[str, Tensor],
-        features: Mapping[str, Tensor] | None = None,
-        strengths: Sequence[float] | Tensor | None = None,
-    ) -> list[Any]:
-        """The model output(s) on the perturbed features, for the training loss (ALFA Eq. 5).
-
-        ``"joint"``: one output, all sites perturbed (``f_i + η_i·δ_i``) in one tail pass from the
-        earliest site. ``"separate"``: one output per site (in the order of ``sites``). Features
-        and η keep their autograd graph (η is learned by L-ALFA); sites missing from ``features``
-        are computed from ``x`` with gradients.
-        """
-        scales = self._scales(strengths, detach=False)
-        given = dict(features or {})
-        if self.mode == "joint":
-            first, *rest = self.ordered_sites(x)
-            f = given[first] if first in given else SiteSplit(self.model, first).head(x)
-
-            def add(site: str) -> Callable[[Tensor], Tensor]:
-                return lambda t: t + scales[site] * deltas[site]
-
-            later = {s: add(s) for s in rest}
-            out = SiteSplit(self.model, first).tail(f + scales[first] * deltas[first], later, x=x)
-            return [out]
-        outputs = []
-        for s in self.sites:
-            split_s = SiteSplit(self.model, s)
-            f = given[s] if s in given else split_s.head(x)
-            outputs.append(split_s.tail(f + scales[s] * deltas[s], x=x))
-        return outputs
 
 
 # ------------------------------------------------------------------------------ AdvBN

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from advfeat.errors import unknown_name
+from advfeat.errors import AdvfeatError
 from advfeat.methods.base import Method
 from advfeat.methods.registry import METHODS
 from advfeat.tasks.base import Task
@@ -23,7 +23,14 @@ def task_methods(task_name: str) -> list[str]:
 
 
 def build_task_method(name: str, task: Task, **options: Any) -> Method:
-    """Method ``name`` for ``task`` with validated ``options`` over the task's defaults."""
-    if name not in task_methods(task.name):
-        raise unknown_name(f"{task.name} method", name, task_methods(task.name))
-    return METHODS.get(name)(task=task, **options)
+    """Method ``name`` for ``task`` with validated ``options`` over the task's defaults.
+
+    An unknown name lists the close matches; a method that does not train the task names the
+    ones that do."""
+    cls = METHODS.get(name)
+    if task.name not in cls.tasks:
+        raise AdvfeatError(
+            f"method {name!r} has no {task.name} version; {task.name} trains with: "
+            f"{', '.join(task_methods(task.name))}"
+        )
+    return cls(task=task, **options)

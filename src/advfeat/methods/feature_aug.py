@@ -18,7 +18,7 @@ Feature Augmentation for Enhanced Image Recognition") and A-FAN (Chen et al. 202
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar, Literal
 from weakref import WeakKeyDictionary
@@ -50,6 +50,7 @@ __all__ = [
     "combine_losses",
     "feature_moments",
     "last_stage",
+    "multi_site_outputs",
     "project_simplex",
     "random_feature_noise",
     "spread_blocks",
@@ -237,6 +238,41 @@ def combine_losses(
     if weighting == "mean":
         total = total / (1 + lam * len(adv_losses))
     return total, loss_adv
+
+
+def multi_site_outputs(
+    attack: MultiSiteFeaturePGD,
+    x: Any,
+    deltas: Mapping[str, Tensor],
+    features: Mapping[str, Tensor] | None = None,
+    strengths: Sequence[float] | Tensor | None = None,
+) -> list[Any]:
+    """The model output(s) on the features perturbed by ``attack`` (ALFA Eq. 5), for training.
+
+    ``"joint"``: one output, all sites perturbed (``f_i + η_i·δ_i``) in one tail pass from the
+    earliest site. ``"separate"``: one output per site (in the order of ``attack.sites``).
+    Features and η keep their autograd graph (η is learned by L-ALFA); sites missing from
+    ``features`` are computed from ``x`` with gradients.
+    """
+    model = attack.model
+    scales = attack.scales(strengths, detach=False)
+    given = dict(features or {})
+    if attack.mode == "joint":
+        first, *rest = attack.ordered_sites(x)
+        split = SiteSplit(model, first)
+        f = given[first] if first in given else split.head(x)
+
+        def add(site: str) -> Callable[[Tensor], Tensor]:
+            return lambda t: t + scales[site] * deltas[site]
+
+        later = {s: add(s) for s in rest}
+        return [split.tail(f + scales[first] * deltas[first], later, x=x)]
+    outputs = []
+    for s in attack.sites:
+        split_s = SiteSplit(model, s)
+        f = given[s] if s in given else split_s.head(x)
+        outputs.append(split_s.tail(f + scales[s] * deltas[s], x=x))
+    return outputs
 
 
 # ---------------------------------------------------------------------------- option checks
@@ -557,8 +593,8 @@ class FeatureAugmentation(Method):
                 eta = None if live_eta is None else live_eta.detach()
                 deltas = atk(x, y, features=clean, strengths=eta)
             with self.adversarial_bn(model):
-                outputs = atk.adversarial_outputs(
-                    x, deltas, features={s: feats[s] for s in live}, strengths=live_eta
+                outputs = multi_site_outputs(
+                    atk, x, deltas, features={s: feats[s] for s in live}, strengths=live_eta
                 )
             losses += [cross_entropy(out, y) for out in outputs]
             sizes += [d.flatten(1).norm(dim=1).mean() for d in deltas.values()]
