@@ -11,12 +11,15 @@
   and standard deviation (AdvBN Eq. 1-2, Algorithm 1).
 * :class:`GaussianFeatureNoise` — the random-noise ablation (A-FAN Table 8, ALFA Table 7).
 
-Every attack runs only the part of the network after the site (:class:`advfeat.sites.SiteSplit`)
-and, when called with ``feature=`` (the site output captured in the clean pass), never recomputes
-the part before it. All of them inherit the guarantees of :class:`advfeat.attacks.base.Attack`:
-the input and the feature are never mutated; train/eval flags, ``requires_grad`` flags,
-parameter ``.grad`` and BN running statistics are untouched; ``bn_mode`` and ``branch`` say how
-the tail runs. Results are detached: build training features from them (``f + δ``) yourself.
+Every attack runs only the part of the network after the site (:class:`advfeat.sites.SiteSplit`,
+or the ``tail=`` a task gives, e.g. a detector's box predictor and losses) and, when called with
+``feature=`` (the site output captured in the clean pass), never recomputes the part before it.
+The ascent is the shared engine (:class:`advfeat.attacks.engine.IterativeAscent`). All of them
+keep the feature-attack contract of :class:`FeatureAttack` (a detached, finite result shaped like
+the feature, in its ε-ball, one per site for multi-site attacks) and the guarantees of
+:class:`advfeat.attacks.base.Attack` (train/eval flags, ``requires_grad`` flags, parameter
+``.grad`` and BN running statistics untouched; ``bn_mode`` and ``branch`` say how the tail
+runs). Build training features from the results (``f + δ``) yourself.
 """
 
 from __future__ import annotations

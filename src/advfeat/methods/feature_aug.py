@@ -344,9 +344,16 @@ class FeatureAugmentation(Method):
     ``attack_bn_mode`` and ``adv_bn_stats``; subclasses say which sites they perturb
     (:meth:`requested_sites`, :meth:`default_sites`).
 
-    Cost. The part of the network before a site runs once per step, in the clean pass; the
-    attack and the adversarial passes run only the tail after the site (when the model splits,
-    :attr:`advfeat.sites.SiteSplit.is_fast`), starting from the captured feature.
+    Tasks. Losses, default sites and the clean pass are the task's (``method.task``,
+    :class:`advfeat.tasks.Task`; classification by default): the same class trains classifiers,
+    detectors and segmenters.
+
+    Cost. The part of the network before a site runs once per step, in the clean pass
+    (:meth:`advfeat.tasks.Task.clean_pass`); the attack and the adversarial passes run only what
+    follows the site (:meth:`advfeat.tasks.TaskPass.tail`: the tail of
+    :class:`advfeat.sites.SiteSplit` when the model splits there; for Faster R-CNN the box
+    predictor alone after a ROI-head site, the FPN, RPN and ROI heads after a backbone site),
+    starting from the captured feature.
 
     Gradients. The perturbation δ is a constant of the outer minimisation (it is the maximiser
     of the inner problem, ALFA Eq. 3 / A-FAN Eq. 3, so by Danskin's theorem the gradient of the
