@@ -16,7 +16,12 @@ from advfeat.cli import main
 from advfeat.data.transforms import random_crop_flip
 from advfeat.errors import AdvfeatError
 from advfeat.methods import build_method
-from advfeat.methods.feature_aug import combine_losses, spread_blocks, stage_blocks
+from advfeat.methods.feature_aug import (
+    combine_losses,
+    multi_site_outputs,
+    spread_blocks,
+    stage_blocks,
+)
 from advfeat.methods.l_alfa import LALFA
 from advfeat.models import build_model
 
@@ -119,7 +124,7 @@ def test_zero_strength_sites_are_skipped_with_the_same_loss_and_gradients(
     atk = MultiSiteFeaturePGD(ref, SITES, alpha=ALPHA, steps=2, mode=mode, bn_mode="train")
     deltas = atk(x, y, features={s: f.detach() for s, f in feats.items()}, strengths=eta)
     assert float(deltas["block1"].abs().max()) == 0.0  # η = 0: the attack does not move δ
-    outputs = atk.adversarial_outputs(x, deltas, features=feats, strengths=eta_ref)
+    outputs = multi_site_outputs(atk, x, deltas, features=feats, strengths=eta_ref)
     expected = F.cross_entropy(logits, y) + sum(F.cross_entropy(o, y) for o in outputs)
     expected = expected + 0.5 * eta_ref.sum()
     expected.backward()

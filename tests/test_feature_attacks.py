@@ -20,6 +20,7 @@ from advfeat.attacks.feature import (
     sample_strengths,
 )
 from advfeat.errors import AdvfeatError
+from advfeat.methods.feature_aug import multi_site_outputs
 from advfeat.sites import SiteSplit, capture_features, replace_features
 
 
@@ -356,7 +357,7 @@ def test_adversarial_outputs_train_the_strengths(
     for mode in ("joint", "separate"):
         attack = MultiSiteFeaturePGD(model, sites, alpha=0.05, steps=2, mode=mode)  # type: ignore[arg-type]
         deltas = attack(x, y, features=feats, strengths=eta)
-        outputs = attack.adversarial_outputs(x, deltas, feats, strengths=eta)
+        outputs = multi_site_outputs(attack, x, deltas, feats, strengths=eta)
         assert len(outputs) == (1 if mode == "joint" else 2)
         if mode == "joint":
             f1 = feats["block1"] + 0.3 * deltas["block1"]
@@ -461,3 +462,73 @@ def test_gaussian_noise_strength_and_reproducibility(
         GaussianFeatureNoise(std=0.1)(x, y)
     with pytest.raises(AdvfeatError, match="both model and site"):
         GaussianFeatureNoise(tiny_bn_cnn, std=0.1)
+
+
+# ------------------------------------------------------------------------ feature contract
+
+CONTRACT_BALLS: dict[str, tuple[str, float] | None] = {
+    "pgd-linf": ("linf", 0.1),
+    "pgd-l2": ("l2", 0.5),
+    "pgd-unbounded": None,
+    "advbn": None,
+    "multi-joint": ("linf", 0.1),
+    "multi-separate": None,
+    "noise": None,
+}
+
+
+def _contract_results(kind: str, attack: Any, x: Tensor, y: Tensor, feats: dict[str, Tensor]):
+    if kind.startswith("multi"):
+        return attack(x, y, features=feats)
+    return {attack.site: attack(x, y, feature=feats[attack.site])}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", sorted(ATTACKS))
+def test_feature_attack_contract_on_random_inputs(
+    kind: str, seed: int, make_tiny_bn_cnn: Callable[..., nn.Module]
+) -> None:
+    """The feature-attack contract (FeatureAttack.enforce) on random batches and scales: per
+    site, a detached finite tensor of the feature's shape and dtype, in its ε-ball; the clean
+    features are not written to."""
+    g = _gen(100 + seed)
+    batch = int(torch.randint(2, 7, (1,), generator=g))
+    scale = float(10 ** (4 * torch.rand(1, generator=g) - 2))  # images in [0, 1], features ×
+    model = make_tiny_bn_cnn(seed=seed).train()
+    x = torch.rand(batch, 3, 8, 8, generator=g)
+    y = torch.randint(0, 3, (batch,), generator=g)
+    feats = {s: f * scale for s, f in _features(model, x, ["block1", "block2"]).items()}
+    kept = {s: f.clone() for s, f in feats.items()}
+    attack = ATTACKS[kind](model, "train")
+    results = _contract_results(kind, attack, x, y, feats)
+    assert set(results) == set(attack.sites)
+    for site, result in results.items():
+        assert result.shape == feats[site].shape and result.dtype == feats[site].dtype
+        assert not result.requires_grad and bool(torch.isfinite(result).all())
+        ball = CONTRACT_BALLS[kind]
+        if ball is not None:
+            norm, radius = ball
+            flat = result.flatten(1)
+            size = flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+            assert float(size.max()) <= radius + 1e-6
+        assert torch.equal(feats[site], kept[site])
+
+
+def test_feature_attack_contract_refuses_non_finite_and_misshaped_results(
+    tiny_bn_cnn: nn.Module, batch: tuple[Tensor, Tensor]
+) -> None:
+    x, y = batch
+    f = _features(tiny_bn_cnn, x, ["block1"])["block1"]
+    nan_tail = FeaturePGD(  # an L2 step divides the gradient by its (NaN) norm
+        tiny_bn_cnn, "block1", alpha=0.1, eps=1.0, norm="l2",
+        tail=lambda t: t.flatten(1) * float("nan"),
+    )  # fmt: skip
+    with pytest.raises(AdvfeatError, match="non-finite"):
+        nan_tail(x, y, feature=f)
+
+    class Misshaped(FeaturePGD):
+        def perturb(self, x: Any, y: Any, features: Any, **options: Any) -> dict[str, Tensor]:
+            return {self.site: torch.zeros(1)}
+
+    with pytest.raises(AdvfeatError, match="whose feature is"):
+        Misshaped(tiny_bn_cnn, "block1", alpha=0.1)(x, y, feature=f)

@@ -145,15 +145,19 @@ def test_rescaling_identity_equals_k_separate_pgd1_attacks(tiny_bn_cnn: nn.Modul
     f = model.block1(x).detach()
     alphas = torch.tensor([0.7, 0.2, 1.0]) * ALPHA
     method = AFAN(site="block1", rescale=True, attack_bn_mode="train")
-    rescaled = method.augmented_features(model, "block1", f, x, y, alphas)
+    clean = method.clean_pass(model, x, y, ["block1"])
+
+    def augmented(afan: AFAN) -> list[Tensor]:
+        pairs = afan.perturbations(model, clean, "block1", f, y, alphas)
+        return [f + s * d for d, s in pairs]
+
+    rescaled = augmented(method)
     for a, f_adv in zip(alphas.tolist(), rescaled, strict=True):
         delta = FeaturePGD(model, "block1", alpha=a, steps=1, bn_mode="train")(x, y, feature=f)
         torch.testing.assert_close(f_adv, f + delta)
         assert (f_adv - f).abs().max().item() == pytest.approx(a, rel=1e-3)  # ‖δ_i‖∞ = α_i
     separate = AFAN(site="block1", rescale=False, attack_bn_mode="train")
-    for a_, b_ in zip(
-        rescaled, separate.augmented_features(model, "block1", f, x, y, alphas), strict=True
-    ):
+    for a_, b_ in zip(rescaled, augmented(separate), strict=True):
         torch.testing.assert_close(a_, b_)
     assert method.uses_rescaling and not separate.uses_rescaling
     assert AFAN().uses_rescaling and not AFAN(steps=5).uses_rescaling  # exact only for PGD-1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -10,14 +11,15 @@ from torch import Tensor, nn
 
 from advfeat.data import build_dataset
 from advfeat.errors import AdvfeatError
+from advfeat.methods.dense import build_task_method
 from advfeat.tasks import (
     DensePGD,
     DetectionMeter,
     DetectionTask,
     build_detector,
-    build_task_method,
 )
-from advfeat.tasks.base import RngReplay
+from advfeat.tasks.base import HookPass, RngReplay
+from advfeat.tasks.detection_pass import DetectionPass
 
 torch.set_num_threads(1)
 
@@ -114,13 +116,15 @@ def test_dense_tail_only_reading_gives_the_backbone_no_adversarial_gradient(det_
 def test_site_perturbation_reaches_the_loss_and_attack_keeps_bn(det_data, site: str) -> None:
     task, images, targets, mean, std = det_data
     model = tiny_detector(task.num_classes, mean, std)
+    alfa = build_task_method("alfa", task, steps=2, alpha=0.1, sites=[site])
+    rng = RngReplay(torch.device("cpu"))
+    with torch.no_grad():
+        clean = alfa.clean_pass(model, images, targets, [site])  # moves BN statistics
     bn = {
         k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k
     }
     flags = [p.requires_grad for p in model.parameters()]
-    alfa = build_task_method("alfa", task, steps=2, alpha=0.1, sites=[site])
-    rng = RngReplay(torch.device("cpu"))
-    delta = alfa.feature_attack(model, images, targets, site, 0.1, rng)
+    delta = alfa.feature_attack(model, clean, site, clean.features[site], targets, 0.1)
     assert delta.abs().max() > 0  # nonzero gradient w.r.t. the perturbation reached the site
     assert delta.abs().max() <= 0.2 + 1e-6  # two unbounded sign steps of 0.1
     for k, v in model.state_dict().items():
@@ -210,3 +214,65 @@ def test_bad_detection_input_raises_clear_errors(det_data) -> None:
         build_task_method("afan", task, k=0)
     with pytest.raises(AdvfeatError, match="standard"):
         build_task_method("standrd", task)
+
+
+def _afan_step(
+    task: DetectionTask, model: nn.Module, images: list[Tensor], targets: list, **options: Any
+) -> tuple[Tensor, dict[str, Tensor]]:
+    afan = build_task_method("afan", task, k=2, alpha=0.05, strength_spacing="grid", **options)
+    torch.manual_seed(3)
+    out = afan(model, images, targets)
+    model.zero_grad()
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads
+
+
+@pytest.mark.parametrize(
+    "site", ["backbone.body.layer4", "backbone.body.layer2", "roi_heads.box_head"]
+)
+@pytest.mark.parametrize("adv_grad", ["full", "tail"])
+def test_stage_by_stage_tails_equal_the_whole_detector(det_data, site: str, adv_grad: str) -> None:
+    """Losses and gradients of A-FAN with the fast tails (transform and prefix once, ROI-head
+    sites from the clean proposals) equal those of the reference: the whole detector per pass."""
+    task, images, targets, mean, std = det_data
+    fast = DetectionTask(task.num_classes)
+    slow = DetectionTask(task.num_classes, fast_tails=False)
+    model = tiny_detector(task.num_classes, mean, std)
+    assert isinstance(fast.clean_pass(model, images, targets, [site]), DetectionPass)
+    assert isinstance(slow.clean_pass(model, images, targets, [site]), HookPass)
+    model = tiny_detector(task.num_classes, mean, std)
+    loss_fast, grads_fast = _afan_step(
+        fast, model, images, targets, sites=[site], adv_grad=adv_grad
+    )
+    model = tiny_detector(task.num_classes, mean, std)
+    loss_slow, grads_slow = _afan_step(
+        slow, model, images, targets, sites=[site], adv_grad=adv_grad
+    )
+    torch.testing.assert_close(loss_fast, loss_slow, rtol=1e-5, atol=1e-6)
+    assert grads_fast.keys() == grads_slow.keys()
+    for name, g in grads_fast.items():
+        torch.testing.assert_close(g, grads_slow[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_stage_by_stage_clean_pass_is_the_detector_forward(det_data) -> None:
+    task, images, targets, mean, std = det_data
+    model = tiny_detector(task.num_classes, mean, std)
+    torch.manual_seed(11)
+    staged = DetectionPass(task, model, images, targets, ["roi_heads.box_head"])
+    torch.manual_seed(11)
+    reference = model(images, targets)
+    assert list(staged.parts) == list(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(staged.parts[key], value, rtol=0, atol=0)
+    # a ROI-head tail runs the box predictor alone: the box head never runs again
+    calls: list[int] = []
+    handle = model.roi_heads.box_head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        feature = staged.features["roi_heads.box_head"]
+        tail = staged.tail("roi_heads.box_head", feature.detach(), prefix_grad=False)
+    finally:
+        handle.remove()
+    assert not calls
+    for key, value in reference.items():
+        torch.testing.assert_close(tail[key], value.detach(), rtol=1e-6, atol=1e-7)

@@ -10,17 +10,16 @@ from torch import Tensor, nn
 
 from advfeat.data import build_dataset
 from advfeat.errors import AdvfeatError
+from advfeat.methods.dense import build_task_method
 from advfeat.norm.stats import frozen_bn_statistics
 from advfeat.tasks import (
     DensePGD,
     SegmentationMeter,
     SegmentationTask,
     build_segmenter,
-    build_task_method,
     confusion_matrix,
     iou_from_confusion,
 )
-from advfeat.tasks.base import RngReplay
 
 torch.set_num_threads(1)
 
@@ -55,7 +54,7 @@ def test_training_lowers_the_segmentation_loss(seg_data, method: str, options: d
     model = tiny_segmenter(task.num_classes, mean, std)
     objective = build_task_method(method, task, **options)
     if method != "standard":
-        assert objective.sites(model) == ["backbone.layer4", "decoder"]
+        assert objective.resolve_sites(model) == ["backbone.layer4", "decoder"]
     before = clean_loss(task, model, images, masks)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
@@ -86,12 +85,13 @@ def test_miou_matches_a_hand_computation_with_ignore_index() -> None:
 def test_decoder_perturbation_reaches_the_loss_and_keeps_bn(seg_data) -> None:
     task, images, masks, mean, std = seg_data
     model = tiny_segmenter(task.num_classes, mean, std)
+    alfa = build_task_method("alfa", task, steps=1, alpha=0.1, sites=["decoder"])
+    with torch.no_grad():
+        clean = alfa.clean_pass(model, images, masks, ["decoder"])  # moves BN statistics
     bn = {
         k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k
     }
-    alfa = build_task_method("alfa", task, steps=1, alpha=0.1, sites=["decoder"])
-    rng = RngReplay(torch.device("cpu"))
-    delta = alfa.feature_attack(model, images, masks, "decoder", 0.1, rng)
+    delta = alfa.feature_attack(model, clean, "decoder", clean.features["decoder"], masks, 0.1)
     assert delta.abs().max() == pytest.approx(0.1)
     assert (delta != 0).float().mean() > 0.5  # gradient reached most of the feature
     assert all(torch.equal(model.state_dict()[k], v) for k, v in bn.items())

@@ -6,6 +6,11 @@ each, the methods are timed in interleaved rounds (A, B, C, A, B, C, ...) so tha
 machine's speed affects them alike; the median step time is reported with its ratio to
 ``standard`` and the ratio that the method's extra floating-point work predicts (matmul and
 convolution FLOPs of one step, forward and backward, counted by ``torch.utils.flop_counter``).
+
+Detectors and segmenters (:data:`advfeat.tasks.DETECTORS`, :data:`advfeat.tasks.SEGMENTERS`)
+are benchmarked on a batch of the generated ``shapes-det`` / ``shapes-seg`` data through their
+task (:mod:`advfeat.tasks`), with the methods that train that task (``standard``, ``alfa``,
+``afan``) at their task defaults.
 """
 
 from __future__ import annotations
@@ -23,8 +28,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from advfeat.checkpoint import InitialWeights
 from advfeat.errors import AdvfeatError
-from advfeat.methods import METHODS, Method, PrepareContext, build_method
+from advfeat.methods import METHODS, Method, PrepareContext
+from advfeat.methods.dense import build_task_method
 from advfeat.models import build_model
+from advfeat.tasks import (
+    DETECTORS,
+    SEGMENTERS,
+    ClassificationTask,
+    DetectionTask,
+    SegmentationTask,
+    Task,
+    build_detector,
+    build_segmenter,
+)
 
 __all__ = ["BenchResult", "run_bench"]
 
@@ -42,9 +58,58 @@ class BenchResult:
     options: dict[str, Any]
 
 
-def _make_step(
-    method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor
-) -> Callable[[], None]:
+@dataclass
+class _Setup:
+    task: Task
+    model: nn.Module
+    x: Any
+    y: Any
+
+
+def _setup(
+    model_name: str,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    seed: int,
+    dev: torch.device,
+) -> _Setup:
+    """The task, the initial model and one fixed batch on ``dev``."""
+    if model_name in DETECTORS or model_name in SEGMENTERS:
+        from advfeat.data import build_dataset
+
+        detection = model_name in DETECTORS
+        bundle = build_dataset(
+            "shapes-det" if detection else "shapes-seg",
+            n_train=batch_size,
+            n_test=1,
+            image_size=image_size,
+            augment=False,
+            seed=seed,
+        )
+        task: Task
+        if detection:
+            task = DetectionTask(bundle.num_classes)
+            model = build_detector(
+                model_name, bundle.num_classes, image_size=image_size, mean=bundle.mean,
+                std=bundle.std,
+            )  # fmt: skip
+        else:
+            task = SegmentationTask(bundle.num_classes)
+            model = build_segmenter(
+                model_name, bundle.num_classes, mean=bundle.mean, std=bundle.std
+            )
+        x, y = task.collate([bundle.train[i] for i in range(batch_size)])
+        x, y = task.to_device(x, y, dev)
+        return _Setup(task, model, x, y)
+    model = build_model(model_name, num_classes=num_classes, image_size=image_size)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch_size, 3, image_size, image_size, generator=g).to(dev)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
+    return _Setup(ClassificationTask(num_classes), model, x, y)
+
+
+def _make_step(method: Method, model: nn.Module, x: Any, y: Any) -> Callable[[], None]:
     opt = torch.optim.SGD(method.parameter_groups(model), lr=1e-3, momentum=0.9)
 
     def step() -> None:
@@ -86,10 +151,8 @@ def run_bench(
     names = ["standard", *[m for m in methods if m != "standard"]]
     torch.manual_seed(seed)
     dev = torch.device(device)
-    base = build_model(model_name, num_classes=num_classes, image_size=image_size)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch_size, 3, image_size, image_size, generator=g).to(dev)
-    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
+    setup = _setup(model_name, batch_size, image_size, num_classes, seed, dev)
+    base, x, y = setup.model, setup.x, setup.y
     steps: dict[str, Callable[[], None]] = {}
     flops: dict[str, float] = {}
     used: dict[str, dict[str, Any]] = {}
@@ -97,7 +160,7 @@ def run_bench(
     # unless its options name a checkpoint
     base_weights = InitialWeights(base.state_dict(), source="the benchmark's base model")
     for name in names:
-        method = build_method(name, **(method_options or {}).get(name, {}))
+        method = build_task_method(name, setup.task, **(method_options or {}).get(name, {}))
         initial = None if method.initial_checkpoint() else base_weights
         context = PrepareContext(input_shape=tuple(x.shape[1:]), initial=initial)
         model = method.prepare_with(copy.deepcopy(base), context).to(dev).train()

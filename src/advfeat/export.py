@@ -157,7 +157,7 @@ def load_exported(model: nn.Module, path: str | Path | Mapping[str, Tensor]) -> 
 def _versions(model_name: str) -> dict[str, str | None]:
     import importlib.metadata as md
 
-    from advfeat import __version__
+    from advfeat.version import __version__
 
     def version(dist: str) -> str | None:
         try:

@@ -11,18 +11,21 @@
   and standard deviation (AdvBN Eq. 1-2, Algorithm 1).
 * :class:`GaussianFeatureNoise` — the random-noise ablation (A-FAN Table 8, ALFA Table 7).
 
-Every attack runs only the part of the network after the site (:class:`advfeat.sites.SiteSplit`)
-and, when called with ``feature=`` (the site output captured in the clean pass), never recomputes
-the part before it. All of them inherit the guarantees of :class:`advfeat.attacks.base.Attack`:
-the input and the feature are never mutated; train/eval flags, ``requires_grad`` flags,
-parameter ``.grad`` and BN running statistics are untouched; ``bn_mode`` and ``branch`` say how
-the tail runs. Results are detached: build training features from them (``f + δ``) yourself.
+Every attack runs only the part of the network after the site (:class:`advfeat.sites.SiteSplit`,
+or the ``tail=`` a task gives, e.g. a detector's box predictor and losses) and, when called with
+``feature=`` (the site output captured in the clean pass), never recomputes the part before it.
+The ascent is the shared engine (:class:`advfeat.attacks.engine.IterativeAscent`). All of them
+keep the feature-attack contract of :class:`FeatureAttack` (a detached, finite result shaped like
+the feature, in its ε-ball, one per site for multi-site attacks) and the guarantees of
+:class:`advfeat.attacks.base.Attack` (train/eval flags, ``requires_grad`` flags, parameter
+``.grad`` and BN running statistics untouched; ``bn_mode`` and ``branch`` say how the tail
+runs). Build training features from the results (``f + δ``) yourself.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from advfeat.attacks.base import Attack, BNMode, LossFn, attack_guard
+from advfeat.attacks.engine import IterativeAscent, Variable
 from advfeat.attacks.threat import ThreatModel, Unbounded, as_batch_eps, threat_model
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.sites import SiteSplit, capture_features, resolve_site, site_order, split_site_name
@@ -99,13 +103,35 @@ def _as_tensor_feature(feature: Any, site: str) -> Tensor:
     return feature
 
 
+Tail = Callable[[Tensor], Any]
+"""``tail(feature) -> output``: what follows a site when it outputs ``feature``."""
+
+
 class FeatureAttack(Attack):
-    """Base of attacks on the output of a feature site.
+    """Base of attacks on the output of feature sites, and the feature-attack contract.
 
     Call as ``attack(x, y, feature=None)``. ``x`` is the model input (only used to compute the
     feature when ``feature`` is not given, or by the full-model fallback of a model that cannot
-    be split); ``feature`` is the site's output from the clean pass.
+    be split); ``feature`` is the site's output from the clean pass. Multi-site attacks are
+    called with ``features={site: f}`` and return one result per site.
+
+    The contract, enforced here once for every feature attack (:meth:`enforce`), besides the
+    guarantees of :class:`~advfeat.attacks.base.Attack` (flags, ``requires_grad``, ``.grad``
+    and BN statistics restored; explicit ``bn_mode`` and ``branch``):
+
+    * the result is detached, a tensor of the feature's shape, dtype and device;
+    * it is finite whenever the clean feature is;
+    * a perturbation (``returns == "delta"``) lies in the threat model's ε-ball (``eps=None``:
+      unbounded); an adversarial feature (``returns == "feature"``, AdvBN) is what the
+      attack's own constraint allows (:class:`BNStatsAttack`: multipliers in [1 − ε, 1 + ε]);
+    * the clean feature and the input are never written to.
+
+    ``tail``: what follows the site (default: :meth:`advfeat.sites.SiteSplit.tail` of the
+    model); a task passes its own continuation (e.g. a detector's box head and losses), whose
+    output goes to ``loss_fn``.
     """
+
+    returns: str = "delta"
 
     def __init__(
         self,
@@ -117,13 +143,18 @@ class FeatureAttack(Attack):
         bn_mode: BNMode = "eval",
         branch: str | None = None,
         seed: int | None = None,
+        tail: Tail | None = None,
     ) -> None:
         super().__init__(
             model, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch, seed=seed
         )
         resolve_site(model, site)
         self.site = site
+        self.sites = [site]
         self.split = SiteSplit(model, site)
+        self.custom_tail = tail
+        self.eps: Strength | None = None
+        self.threat: ThreatModel = Unbounded()
 
     def __call__(self, x: Any, y: Any, feature: Tensor | None = None, **kwargs: Any) -> Tensor:
         if kwargs:
@@ -131,21 +162,48 @@ class FeatureAttack(Attack):
                 f"{type(self).__name__} takes (x, y, feature=None); unexpected "
                 f"{', '.join(sorted(kwargs))}"
             )
+        given = {} if feature is None else {self.site: feature}
+        return self.attack_sites(x, y, given)[self.site]
+
+    def attack_sites(
+        self, x: Any, y: Any, features: Mapping[str, Tensor], **options: Any
+    ) -> dict[str, Tensor]:
+        """Run the attack in the guard and enforce the contract; ``{site: result}``."""
         self.validate(x)
-        if feature is not None:
-            feature = _as_tensor_feature(feature, self.site).detach()
+        clean = {s: _as_tensor_feature(f, s).detach() for s, f in features.items()}
         with (
             attack_guard(self.model, bn_mode=self.bn_mode, branch=self.branch),
             torch.enable_grad(),
         ):
-            result = self.perturb(_detach(x), _detach(y), feature=feature)
-        return self.finalize(x, result.detach())
+            results = self.perturb(_detach(x), _detach(y), features=clean, **options)
+        return {s: self.enforce(s, results[s], clean.get(s)) for s in self.sites}
+
+    def enforce(self, site: str, result: Tensor, feature: Tensor | None) -> Tensor:
+        """The contract on one site's result (class docstring); returns it detached."""
+        result = result.detach()
+        if feature is not None and (result.shape != feature.shape or result.dtype != feature.dtype):
+            raise AdvfeatError(
+                f"{type(self).__name__} returned {result.dtype} {tuple(result.shape)} for site "
+                f"{site!r}, whose feature is {feature.dtype} {tuple(feature.shape)}"
+            )
+        finite_input = feature is None or bool(torch.isfinite(feature).all())
+        if finite_input and not bool(torch.isfinite(result).all()):
+            raise AdvfeatError(
+                f"{type(self).__name__} produced non-finite values at site {site!r} from a "
+                f"finite feature (the loss gradient through the tail is NaN or infinite)"
+            )
+        if self.returns == "delta" and self.eps is not None and self.threat.bounded:
+            result = self.threat.project(result, as_batch_eps(self.eps, result))
+        return result
 
     def validate(self, x: Any) -> None:
         """The model input is passed through untouched; nothing to check here."""
 
-    def finalize(self, x: Any, result: Tensor) -> Tensor:
-        return result
+    def run_tail(self, feature: Tensor, x: Any) -> Any:
+        """The output of what follows the site when it outputs ``feature``."""
+        if self.custom_tail is not None:
+            return self.custom_tail(feature)
+        return self.split.tail(feature, x=x)
 
     def site_feature(self, x: Any, feature: Tensor | None) -> Tensor:
         """The clean feature: ``feature`` when given, else the head run on ``x`` (no grad)."""
@@ -156,68 +214,27 @@ class FeatureAttack(Attack):
         with torch.no_grad():
             return _as_tensor_feature(self.split.head(x), self.site).detach()
 
+    def ascent(self, alpha: Strength, steps: int, random_start: bool) -> IterativeAscent:
+        """The engine under this attack's threat model (unbounded sign steps for ε = None)."""
+        return IterativeAscent(
+            self.threat,
+            alpha=alpha,
+            eps=self.eps,
+            steps=steps,
+            random_start=random_start,
+            generator=None,
+        )
 
-class _SignAscent:
-    """PGD on perturbations of one or more sites: ``f_s + η_s·δ_s`` (ALFA Eq. 4 and 5).
-
-    ``run(perturb)`` must run the network, calling ``perturb(site, feature)`` wherever a site's
-    feature is to be perturbed; deltas are created the first time a site is seen.
-    """
-
-    def __init__(
-        self,
-        attack: Attack,
-        threat: ThreatModel,
-        *,
-        alpha: Strength,
-        eps: Strength | None,
-        steps: int,
-        random_start: bool,
-    ) -> None:
-        self.attack = attack
-        self.threat = threat
-        self.alpha = alpha
-        self.eps = eps
-        self.steps = steps
-        self.random_start = random_start
-
-    def _eps(self, like: Tensor) -> Tensor:
-        return as_batch_eps(self.eps if self.eps is not None else math.inf, like)
-
-    def _start(self, feature: Tensor) -> Tensor:
-        if self.random_start and self.threat.bounded:
-            gen = self.attack.generator(feature.device)
-            return self.threat.random_init(feature, self._eps(feature), gen)
-        return torch.zeros_like(feature)
-
-    def _perturber(
-        self, deltas: dict[str, Tensor], leaves: dict[str, Tensor], scales: Mapping[str, Strength]
-    ) -> Callable[[str, Tensor], Tensor]:
-        def perturb(site: str, feature: Tensor) -> Tensor:
-            if site not in deltas:
-                deltas[site] = self._start(feature.detach())
-            leaf = deltas[site].detach().requires_grad_(True)
-            leaves[site] = leaf
-            return feature + scales[site] * leaf
-
-        return perturb
-
-    def run(
-        self,
-        forward: Callable[[Callable[[str, Tensor], Tensor]], Any],
-        y: Any,
-        scales: Mapping[str, Strength],
+    @abstractmethod
+    def perturb(  # type: ignore[override]
+        self, x: Any, y: Any, features: Mapping[str, Tensor], **options: Any
     ) -> dict[str, Tensor]:
-        deltas: dict[str, Tensor] = {}
-        for _ in range(self.steps):
-            leaves: dict[str, Tensor] = {}
-            objective = self.attack.objective(forward(self._perturber(deltas, leaves, scales)), y)
-            grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
-            for (site, leaf), grad in zip(leaves.items(), grads, strict=True):
-                g = torch.zeros_like(leaf) if grad is None else grad
-                step = self.threat.step(g, as_batch_eps(self.alpha, leaf))
-                deltas[site] = self.threat.project(leaf.detach() + step, self._eps(leaf))
-        return deltas
+        """``{site: result}`` (called inside the guard; ``features`` are detached)."""
+
+
+def _scaled(variable: Variable, site: str, feature: Tensor, scale: Strength | float) -> Tensor:
+    """``f + η·δ``: the perturbed feature of ALFA Eq. 4 (η = 1) and Eq. 5."""
+    return feature + scale * variable(site, feature)
 
 
 class FeaturePGD(FeatureAttack):
@@ -248,10 +265,11 @@ class FeaturePGD(FeatureAttack):
         bn_mode: BNMode = "eval",
         branch: str | None = None,
         seed: int | None = None,
+        tail: Tail | None = None,
     ) -> None:
         super().__init__(
             model, site, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch,
-            seed=seed,
+            seed=seed, tail=tail,
         )  # fmt: skip
         _check_strength("alpha", alpha, positive=True)
         _check_strength("eps", eps, positive=False)
@@ -263,21 +281,15 @@ class FeaturePGD(FeatureAttack):
         self.norm = self.threat.name
         self.random_start = random_start
 
-    def perturb(self, x: Any, y: Any, feature: Tensor | None = None, **kwargs: Any) -> Tensor:
-        f = self.site_feature(x, feature)
-        ascent = _SignAscent(
-            self, self.threat, alpha=self.alpha, eps=self.eps, steps=self.steps,
-            random_start=self.random_start,
-        )  # fmt: skip
-        deltas = ascent.run(
-            lambda perturb: self.split.tail(perturb(self.site, f), x=x), y, {self.site: 1.0}
+    def perturb(  # type: ignore[override]
+        self, x: Any, y: Any, features: Mapping[str, Tensor], **options: Any
+    ) -> dict[str, Tensor]:
+        f = self.site_feature(x, features.get(self.site))
+        engine = self.ascent(self.alpha, self.steps, self.random_start)
+        engine.generator = self.generator(f.device)
+        return engine.run(
+            lambda var: self.objective(self.run_tail(_scaled(var, self.site, f, 1.0), x), y)
         )
-        return deltas[self.site]
-
-    def finalize(self, x: Any, result: Tensor) -> Tensor:
-        if self.eps is None:
-            return result
-        return self.threat.project(result, as_batch_eps(self.eps, result))
 
 
 # ------------------------------------------------------------------------------ A-FAN
@@ -354,8 +366,8 @@ class MultiSiteFeaturePGD(FeatureAttack):
       alone, the others clean, through the tail after that site; r adversarial losses.
 
     ``__call__(x, y, features=None, strengths=None)`` returns ``{site: δ}`` (names as given);
-    :meth:`adversarial_outputs` runs the training forward pass(es) for either mode, keeping the
-    graph of the features and of η.
+    the training pass(es) on the perturbed features are the method's
+    (:func:`advfeat.methods.feature_aug.multi_site_outputs`).
     """
 
     def __init__(
@@ -435,22 +447,13 @@ class MultiSiteFeaturePGD(FeatureAttack):
         features: Mapping[str, Tensor] | None = None,
         strengths: Sequence[float] | Tensor | None = None,
     ) -> dict[str, Tensor]:
-        scales = self._scales(strengths, detach=True)
-        clean = {s: _as_tensor_feature(f, s).detach() for s, f in (features or {}).items()}
-        with (
-            attack_guard(self.model, bn_mode=self.bn_mode, branch=self.branch),
-            torch.enable_grad(),
-        ):
-            deltas = self.perturb(_detach(x), _detach(y), features=clean, scales=scales)
-        if self.eps is not None:
-            deltas = {
-                s: self.threat.project(d, as_batch_eps(self.eps, d)) for s, d in deltas.items()
-            }
-        return {s: deltas[s].detach() for s in self.sites}
+        scales = self.scales(strengths, detach=True)
+        return self.attack_sites(x, y, features or {}, scales=scales)
 
-    def _scales(
+    def scales(
         self, strengths: Sequence[float] | Tensor | None, *, detach: bool
     ) -> dict[str, Tensor | float]:
+        """η per site: ``strengths`` (or the attack's own, or 1), detached when asked."""
         chosen = self._strength_map(strengths) if strengths is not None else self.strengths
         if chosen is None:
             return dict.fromkeys(self.sites, 1.0)
@@ -475,73 +478,36 @@ class MultiSiteFeaturePGD(FeatureAttack):
         self,
         x: Any,
         y: Any,
-        features: Mapping[str, Tensor] | None = None,
+        features: Mapping[str, Tensor],
         scales: Mapping[str, Tensor | float] | None = None,
-        **kwargs: Any,
+        **options: Any,
     ) -> dict[str, Tensor]:
         scales = scales or dict.fromkeys(self.sites, 1.0)
-        ascent = _SignAscent(
-            self, self.threat, alpha=self.alpha, eps=self.eps, steps=self.steps,
-            random_start=self.random_start,
-        )  # fmt: skip
+        engine = self.ascent(self.alpha, self.steps, self.random_start)
         if self.mode == "joint":
             first, *rest = self.ordered_sites(x)
-            f = self._clean_features(x, features or {}, [first])[first]
+            f = self._clean_features(x, features, [first])[first]
+            engine.generator = self.generator(f.device)
             split = SiteSplit(self.model, first)
 
-            def joint(perturb: Callable[[str, Tensor], Tensor]) -> Any:
-                later = {s: functools.partial(perturb, s) for s in rest}
-                return split.tail(perturb(first, f), later, x=x)
+            def joint(var: Variable) -> Tensor:
+                later = {s: functools.partial(_scaled, var, s, scale=scales[s]) for s in rest}
+                out = split.tail(_scaled(var, first, f, scales[first]), later, x=x)
+                return self.objective(out, y)
 
-            return ascent.run(joint, y, scales)
-        clean = self._clean_features(x, features or {}, self.sites)
+            return engine.run(joint)
+        clean = self._clean_features(x, features, self.sites)
         deltas: dict[str, Tensor] = {}
         for s in self.sites:
-            deltas.update(ascent.run(self._single_site(s, clean[s], x), y, scales))
-        return deltas
-
-    def _single_site(
-        self, site: str, feature: Tensor, x: Any
-    ) -> Callable[[Callable[[str, Tensor], Tensor]], Any]:
-        split = SiteSplit(self.model, site)
-
-        def forward(perturb: Callable[[str, Tensor], Tensor]) -> Any:
-            return split.tail(perturb(site, feature), x=x)
-
-        return forward
-
-    def adversarial_outputs(
-        self,
-        x: Any,
-        deltas: Mapping[str, Tensor],
-        features: Mapping[str, Tensor] | None = None,
-        strengths: Sequence[float] | Tensor | None = None,
-    ) -> list[Any]:
-        """The model output(s) on the perturbed features, for the training loss (ALFA Eq. 5).
-
-        ``"joint"``: one output, all sites perturbed (``f_i + η_i·δ_i``) in one tail pass from the
-        earliest site. ``"separate"``: one output per site (in the order of ``sites``). Features
-        and η keep their autograd graph (η is learned by L-ALFA); sites missing from ``features``
-        are computed from ``x`` with gradients.
-        """
-        scales = self._scales(strengths, detach=False)
-        given = dict(features or {})
-        if self.mode == "joint":
-            first, *rest = self.ordered_sites(x)
-            f = given[first] if first in given else SiteSplit(self.model, first).head(x)
-
-            def add(site: str) -> Callable[[Tensor], Tensor]:
-                return lambda t: t + scales[site] * deltas[site]
-
-            later = {s: add(s) for s in rest}
-            out = SiteSplit(self.model, first).tail(f + scales[first] * deltas[first], later, x=x)
-            return [out]
-        outputs = []
-        for s in self.sites:
+            engine.generator = self.generator(clean[s].device)
             split_s = SiteSplit(self.model, s)
-            f = given[s] if s in given else split_s.head(x)
-            outputs.append(split_s.tail(f + scales[s] * deltas[s], x=x))
-        return outputs
+
+            def alone(var: Variable, s: str = s, split_s: SiteSplit = split_s) -> Tensor:
+                out = split_s.tail(_scaled(var, s, clean[s], scales[s]), x=x)
+                return self.objective(out, y)
+
+            deltas.update(engine.run(alone))
+        return deltas
 
 
 # ------------------------------------------------------------------------------ AdvBN
@@ -609,7 +575,8 @@ class BNStatsAttack(FeatureAttack):
     with ``random_start=True``. Defaults are the paper's ImageNet setting (§5.1: τ = 0.2, m = 6,
     ε = m·τ − 0.1 = 1.1). The multipliers are shared by the whole batch.
 
-    Returns the adversarial feature (not a difference), computed with the final multipliers;
+    Returns the adversarial feature (``returns == "feature"``, not a difference), computed with
+    the final multipliers;
     these are kept in :attr:`last_multipliers` as ``(δ_μ, δ_σ)``, each of shape ``(C,)``.
     """
 
@@ -642,7 +609,8 @@ class BNStatsAttack(FeatureAttack):
         _check_steps(steps, minimum=0)
         if stats not in ("batch", "instance"):
             raise unknown_name("AdvBN statistics", str(stats), ["batch", "instance"])
-        self.eps = float(eps)
+        self.radius = float(eps)
+        self.eps = self.radius
         self.alpha = float(alpha)
         self.steps = steps
         self.random_start = random_start
@@ -650,29 +618,43 @@ class BNStatsAttack(FeatureAttack):
         self.channel_dim = channel_dim
         self.last_multipliers: tuple[Tensor, Tensor] | None = None
 
+    returns = "feature"
+
     def _start(self, channels: int, like: Tensor) -> Tensor:
         ones = torch.ones(channels, dtype=like.dtype, device=like.device)
         if not self.random_start:
             return ones
         gen = self.generator(like.device)
         u = torch.rand(channels, generator=gen, dtype=like.dtype, device=like.device)
-        return ones + (2 * u - 1) * self.eps
+        return ones + (2 * u - 1) * self.radius
 
-    def perturb(self, x: Any, y: Any, feature: Tensor | None = None, **kwargs: Any) -> Tensor:
-        f = self.site_feature(x, feature)
+    def perturb(  # type: ignore[override]
+        self, x: Any, y: Any, features: Mapping[str, Tensor], **options: Any
+    ) -> dict[str, Tensor]:
+        f = self.site_feature(x, features.get(self.site))
         channels = f.shape[self.channel_dim % f.ndim]
-        d_mu, d_sigma = self._start(channels, f), self._start(channels, f)
-        low, high = 1.0 - self.eps, 1.0 + self.eps
-        for _ in range(self.steps):
-            d_mu.requires_grad_(True)
-            d_sigma.requires_grad_(True)
-            f_adv = advbn_feature(f, d_mu, d_sigma, stats=self.stats, channel_dim=self.channel_dim)
-            objective = self.objective(self.split.tail(f_adv, x=x), y)
-            g_mu, g_sigma = torch.autograd.grad(objective, [d_mu, d_sigma])
-            d_mu = (d_mu.detach() + self.alpha * g_mu.sign()).clamp(low, high)
-            d_sigma = (d_sigma.detach() + self.alpha * g_sigma.sign()).clamp(low, high)
-        self.last_multipliers = (d_mu.detach(), d_sigma.detach())
-        return advbn_feature(f, d_mu, d_sigma, stats=self.stats, channel_dim=self.channel_dim)
+        start = {"mu": self._start(channels, f), "sigma": self._start(channels, f)}
+        low, high = 1.0 - self.radius, 1.0 + self.radius
+        engine = IterativeAscent(
+            Unbounded(),  # sign steps of size τ; the box [1 − ε, 1 + ε] is the constraint
+            alpha=self.alpha,
+            eps=None,
+            steps=self.steps,
+            constrain=lambda _name, d: d.clamp(low, high),
+            missing_gradient="error",
+        )
+
+        def objective(var: Variable) -> Tensor:
+            f_adv = self.renormalize(f, var("mu", f), var("sigma", f))
+            return self.objective(self.run_tail(f_adv, x), y)
+
+        d = engine.run(objective, start)
+        self.last_multipliers = (d["mu"].detach(), d["sigma"].detach())
+        return {self.site: self.renormalize(f, d["mu"], d["sigma"])}
+
+    def renormalize(self, feature: Tensor, d_mu: Tensor, d_sigma: Tensor) -> Tensor:
+        """:func:`advbn_feature` with this attack's statistics."""
+        return advbn_feature(feature, d_mu, d_sigma, stats=self.stats, channel_dim=self.channel_dim)
 
 
 # ------------------------------------------------------------------------------ noise
@@ -706,6 +688,10 @@ class GaussianFeatureNoise(FeatureAttack):
             raise AdvfeatError("give both model and site, or neither (then pass feature=...)")
         Attack.__init__(self, model if model is not None else nn.Module(), seed=seed)
         self.site = site or "<feature>"
+        self.sites = [self.site]
+        self.custom_tail = None
+        self.eps = None
+        self.threat = Unbounded()
         self._noise_split = SiteSplit(model, site) if model is not None and site else None
         _check_strength("std", std, positive=False)
         self.std = std
@@ -728,8 +714,10 @@ class GaussianFeatureNoise(FeatureAttack):
         with torch.no_grad():
             return _as_tensor_feature(self._noise_split.head(x), self.site).detach()
 
-    def perturb(self, x: Any, y: Any, feature: Tensor | None = None, **kwargs: Any) -> Tensor:
-        f = self.site_feature(x, feature)
+    def perturb(  # type: ignore[override]
+        self, x: Any, y: Any, features: Mapping[str, Tensor], **options: Any
+    ) -> dict[str, Tensor]:
+        f = self.site_feature(x, features.get(self.site))
         gen = self.generator(f.device)
         noise = torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
-        return noise * as_batch_eps(self.std, f)
+        return {self.site: noise * as_batch_eps(self.std, f)}

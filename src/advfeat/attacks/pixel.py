@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from advfeat.attacks.base import Attack, BNMode, LossFn
+from advfeat.attacks.engine import IterativeAscent
 from advfeat.attacks.threat import Linf, ThreatModel, Unbounded, as_batch_eps, threat_model
 from advfeat.errors import AdvfeatError
 
@@ -136,7 +137,8 @@ def cw_margin_loss(output: Tensor, target: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- PGD family
 class IterativeGradientAttack(Attack):
-    """Iterated steepest ascent with projection: the common engine of PGD, FGSM, I-FGSM and GD.
+    """Iterated steepest ascent with projection (:class:`~advfeat.attacks.engine.IterativeAscent`
+    on the image): PGD, FGSM, I-FGSM and GD.
 
     δ₀ = random start in the ε-ball (or 0), then ``steps`` times
     δ ← Π_ε(δ + α·step(∇_δ L(f(x + δ), y))), clipped so that x + δ ∈ [0, 1]
@@ -188,14 +190,20 @@ class IterativeGradientAttack(Attack):
         """Run the attack; the keyword ``init`` optionally gives the starting perturbation δ₀."""
         init = _call_options(kwargs, ("init",)).get("init")
         eps = _per_sample(self.eps, x, "eps")
-        alpha = _per_sample(self.alpha, x, "alpha")
-        delta = self.initial_delta(x, eps, init)
-        for _ in range(self.steps):
-            delta.requires_grad_(True)
-            grad = _input_gradient(self.objective(self.model(x + delta), y), delta)
-            delta = self.threat.project(delta.detach() + self.threat.step(grad, alpha), eps)
-            delta = _into_box(x, delta)
-        return x + delta
+        _per_sample(self.alpha, x, "alpha")  # a wrong per-sample shape names alpha
+        engine = IterativeAscent(
+            self.threat,
+            alpha=self.alpha,
+            eps=self.eps,
+            steps=self.steps,
+            constrain=lambda _name, delta: _into_box(x, delta),
+            missing_gradient="error",
+        )
+        deltas = engine.run(
+            lambda variable: self.objective(self.model(x + variable("x", x)), y),
+            {"x": self.initial_delta(x, eps, init)},
+        )
+        return x + deltas["x"]
 
     def finalize(self, x: Tensor, result: Tensor) -> Tensor:
         """Project once more onto the ε-ball and into [0, 1] (the output invariant)."""

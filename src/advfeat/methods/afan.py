@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from advfeat.attacks.feature import FeaturePGD, sample_strengths
+from advfeat.attacks.feature import sample_strengths
 from advfeat.errors import AdvfeatError
-from advfeat.methods.base import MethodOutput, cross_entropy, unwrap
+from advfeat.methods.base import MethodOutput
 from advfeat.methods.feature_aug import (
     AUTO_SITE,
     AdversarialFeatureNormalization,
@@ -30,6 +31,7 @@ from advfeat.methods.feature_aug import (
     check_common_options,
 )
 from advfeat.methods.registry import register_method
+from advfeat.tasks.base import TaskPass
 
 __all__ = ["AFAN"]
 
@@ -70,6 +72,10 @@ class AFAN(FeatureAugmentation):
     * ``random_noise``: ``"gaussian"`` (Table 8, "Random Noise + AFN": each of the k
       perturbations replaced by noise from N(0, α²)) or ``"uniform"`` (same std);
       ``noise_std`` overrides the std (default α).
+    * Tasks: the same class trains Faster R-CNN and DeepLabV3/V3+ (``task=``, A-FAN §5-6) on
+      the task's losses, with the task's default sites ("the last layer of backbone and ROI
+      networks" / "... and the decoder") and :attr:`task_defaults` (§5's α = 0.3/255, k = 5,
+      unbounded ε, the convex combination, clean-only running statistics).
     * ``attack_bn_mode``, ``adv_bn_stats``: see :class:`FeatureAugmentation`. The k adversarial
       tail passes are separate forward passes: batching them into one pass of k·B samples would
       change the batch statistics of every BN layer in the tail (one joint batch instead of k),
@@ -78,10 +84,25 @@ class AFAN(FeatureAugmentation):
 
     name = "afan"
     paper = "Chen et al. 2021, Adversarial Feature Augmentation and Normalization (A-FAN)"
+    tasks = ("classification", "detection", "segmentation")
+    task_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        # §5, Faster R-CNN on VOC2007: PGD-1, k = 5 strengths from [0, α], α = 0.3/255,
+        # unbounded; the released code's convex combination ("sum" diverged on detection,
+        # docs/results.md); clean-only running statistics. Segmentation (§6) uses k = 3 and
+        # other α: see the afan-deeplab-* presets.
+        task: {
+            "alpha": 0.3 / 255,
+            "k": 5,
+            "eps": None,
+            "loss_weighting": "mean",
+            "adv_bn_stats": "frozen",
+        }
+        for task in ("detection", "segmentation")
+    }
 
     @dataclass
     class Options:
-        site: str = AUTO_SITE  # §4: the last block
+        site: str = AUTO_SITE  # §4: the last block (dense: the task's sites)
         sites: list[str] | None = None
         alpha: float = 1.0 / 255  # S2 / Fig. S5: PGD-1 with α = 1.0/255 (CIFAR-10)
         k: int = 3  # §4: three strengths
@@ -124,62 +145,50 @@ class AFAN(FeatureAugmentation):
 
     @property
     def uses_rescaling(self) -> bool:
-        """Whether one attack is rescaled to the k strengths (S1.1) instead of k attacks."""
+        """Whether one attack is rescaled to the k strengths (S1.1) instead of k attacks.
+
+        Exact (the default rule) for one sign step whose strengths all stay inside the ball:
+        ``steps == 1`` and ε unbounded or α ≤ ε (every sampled α_i ≤ α). Past ε the clipped
+        step is not linear in α, and rescaling would leave the ball.
+        """
         opts = self.opts
         if opts.rescale is not None:
             return bool(opts.rescale)
         return opts.steps == 1 and (opts.eps is None or opts.alpha <= opts.eps)
 
-    def feature_attack(
-        self, model: nn.Module, site: str, feature: Tensor, x: Tensor, y: Tensor, alpha: float
-    ) -> Tensor:
-        """δ of PGD-``steps`` with step ``alpha`` at ``site`` (only the tail runs)."""
-        atk = FeaturePGD(
-            unwrap(model),
-            site,
-            alpha=alpha,
-            steps=self.opts.steps,
-            eps=self.opts.eps,
-            norm="linf",
-            bn_mode=self.opts.attack_bn_mode,
-        )
-        return atk(x, y, feature=feature.detach())
-
     def perturbations(
-        self, model: nn.Module, site: str, feature: Tensor, x: Tensor, y: Tensor, alphas: Tensor
+        self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor, y: Any, alphas: Tensor
     ) -> list[tuple[Tensor, float]]:
         """``(δ, s)`` pairs with ``f_adv^(i) = f + s·δ`` for each strength (Eq. 5).
 
         Rescaling (S1.1): one δ_1 at ``alphas[0]`` and ``s_i = α_i/α_1``
         (:func:`advfeat.attacks.feature.rescale_strengths`); otherwise one attack (or one draw
-        of noise) per strength and ``s_i = 1``. δ is detached; ``f`` keeps its graph.
+        of noise, std ``noise_std`` or α: Table 8's N(0, α²)) per strength and ``s_i = 1``.
+        δ is detached; ``f`` keeps its graph.
         """
         if self.opts.random_noise is not None:
             return [(self.noise(feature), 1.0) for _ in range(alphas.numel())]
+        eps = self.opts.eps
         if self.uses_rescaling:
             a1 = float(alphas[0])
-            delta1 = self.feature_attack(model, site, feature, x, y, a1)
+            delta1 = self.feature_attack(model, clean, site, feature, y, a1, eps)
             return [(delta1, float(a) / a1) for a in alphas]
-        return [(self.feature_attack(model, site, feature, x, y, float(a)), 1.0) for a in alphas]
+        return [
+            (self.feature_attack(model, clean, site, feature, y, float(a), eps), 1.0)
+            for a in alphas
+        ]
 
-    def augmented_features(
-        self, model: nn.Module, site: str, feature: Tensor, x: Tensor, y: Tensor, alphas: Tensor
-    ) -> list[Tensor]:
-        """``f_adv^(i) = f + δ_i`` for each strength (Eq. 5); ``f`` keeps its graph, δ_i does not."""
-        pairs = self.perturbations(model, site, feature, x, y, alphas)
-        return [feature + s * d for d, s in pairs]
-
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
+    def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
         opts = self.opts
+        self.task.check(x, y)
         sites = self.resolve_sites(model)
-        logits, feats = self.clean_pass(model, x, sites)
-        loss_clean = cross_entropy(logits, y)
+        clean = self.clean_pass(model, x, y, sites)
         losses: list[Tensor] = []
         sizes: list[Tensor] = []
         for site in sites:
-            f = self.adv_feature(feats[site])
+            f = self.adv_feature(clean.features[site])
             alphas = sample_strengths(opts.k, opts.alpha, spacing=opts.strength_spacing)
-            pairs = self.perturbations(model, site, f, x, y, alphas)
+            pairs = self.perturbations(model, clean, site, f, y, alphas)
             afn = (
                 AdversarialFeatureNormalization(f, opts.afn_stats, opts.afn_eps)
                 if opts.afn
@@ -191,9 +200,12 @@ class AFAN(FeatureAugmentation):
                     norms[id(delta)] = delta.flatten(1).norm(dim=1).mean()
                 sizes.append(abs(scale) * norms[id(delta)])
                 f_in = afn(delta, scale) if afn is not None else f + scale * delta
-                losses.append(cross_entropy(self.tail(model, site, f_in, x), y))
-        loss, loss_adv = self.combine(loss_clean, losses)
+                losses.append(self.adversarial_loss(model, clean, site, f_in, y))
+        loss, loss_adv = self.combine(clean.loss, losses)
         logs = self.detach_logs(
-            loss_clean=loss_clean, loss_adv=loss_adv, delta_l2=torch.stack(sizes).mean()
+            loss_clean=clean.loss,
+            loss_adv=loss_adv,
+            delta_l2=torch.stack(sizes).mean(),
+            **self.task.log_parts(clean.parts),
         )
-        return MethodOutput(loss=loss, logits=logits, logs=logs)
+        return MethodOutput(loss=loss, logits=clean.logits, logs=logs)

@@ -34,6 +34,8 @@ from advfeat.checkpoint import InitialWeights, read_initial_weights
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.options import check_options
 from advfeat.sites import unwrap_model as unwrap
+from advfeat.tasks.base import Task
+from advfeat.tasks.classification import ClassificationTask
 
 __all__ = ["Method", "MethodOutput", "PrepareContext", "unwrap"]
 
@@ -80,6 +82,11 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    """The tasks (:attr:`advfeat.tasks.Task.name`) the method trains."""
+    task_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Per task, option defaults that differ from the classification ones (the paper's
+    detection / segmentation setting); the user's options win."""
     training_recipe: ClassVar[dict[str, Any]] = {}
     """The training recipe of the method's paper (``TrainConfig`` keys, e.g. schedule and
     warm-up); ``advfeat train --method NAME`` applies it to the keys the user did not set."""
@@ -88,8 +95,17 @@ class Method(nn.Module):
     class Options:
         pass
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, *, task: Task | None = None, **options: Any) -> None:
         super().__init__()
+        self.task: Task = task if task is not None else ClassificationTask()
+        if not isinstance(self.task, Task):
+            raise AdvfeatError(f"task must be an advfeat.tasks.Task, got {type(task).__name__}")
+        if self.task.name not in self.tasks:
+            raise AdvfeatError(
+                f"method {self.name!r} has no {self.task.name} version; it trains "
+                f"{', '.join(self.tasks)}"
+            )
+        options = {**self.task_defaults.get(self.task.name, {}), **options}
         self.opts = self.parse_options(options)
         check_options(self.name, self.opts)  # the constraints declared with option(...)
         self.validate_options()
@@ -146,7 +162,7 @@ class Method(nn.Module):
             raise AdvfeatError(f"method {self.name!r} left no trainable parameter in the model")
         return [{"params": params, **group}]
 
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
+    def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
         raise NotImplementedError
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:

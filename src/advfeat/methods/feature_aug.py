@@ -18,20 +18,28 @@ Feature Augmentation for Enhanced Image Recognition") and A-FAN (Chen et al. 202
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar, Literal
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd
 
-from advfeat.attacks.feature import MultiSiteFeaturePGD
+from advfeat.attacks.feature import FeaturePGD, MultiSiteFeaturePGD
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.base import Method, cross_entropy, unwrap
 from advfeat.norm.stats import frozen_bn_statistics
-from advfeat.sites import SiteSplit, capture_features, resolve_site, site_order
+from advfeat.sites import (
+    SiteSplit,
+    last_stage,
+    resolve_site,
+    site_order,
+    spread_blocks,
+    stage_blocks,
+    stages,
+)
+from advfeat.tasks.base import TaskPass
 
 __all__ = [
     "AUTO_SITE",
@@ -42,6 +50,7 @@ __all__ = [
     "combine_losses",
     "feature_moments",
     "last_stage",
+    "multi_site_outputs",
     "project_simplex",
     "random_feature_noise",
     "spread_blocks",
@@ -56,101 +65,6 @@ BN_STATS = ("update", "frozen")
 ATTACK_BN_MODES = ("train", "eval")
 LOSS_WEIGHTINGS = ("sum", "mean")
 ADV_GRADS = ("full", "tail")
-
-
-# ------------------------------------------------------------------------------ default sites
-def _has_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, _ConvNd) for m in module.modules())
-
-
-def _is_container(module: nn.Module) -> bool:
-    return next(module.children(), None) is not None
-
-
-def stages(model: nn.Module) -> list[str]:
-    """The model's *stages*: top-level children that contain submodules and a convolution.
-
-    For the CIFAR ResNets this is ``layer1..layer3``, for torchvision ResNets ``layer1..layer4``,
-    for torchvision EfficientNets ``features``, for timm EfficientNets ``blocks``; single layers
-    (``conv1``, ``bn``), pooling and classifier heads are not stages. Sorted in execution order.
-    """
-    inner = unwrap(model)
-    names = [n for n, m in inner.named_children() if _is_container(m) and _has_conv(m)]
-    return site_order(inner, names) if names else []
-
-
-def _no_stage_error(model: nn.Module) -> AdvfeatError:
-    children = ", ".join(repr(n) for n, _ in unwrap(model).named_children()) or "none"
-    return AdvfeatError(
-        f"cannot choose a default feature site for {type(unwrap(model)).__name__}: no top-level "
-        f"child contains a convolution; pass site=... (or sites=[...]) with dotted module names "
-        f"(top-level children: {children})"
-    )
-
-
-def last_stage(model: nn.Module) -> str:
-    """The default site of ALFA and A-FAN: the last stage (see :func:`stages`).
-
-    Both papers find the last block before the classifier best (ALFA §4.3, Fig. 2-3; A-FAN §7,
-    Fig. S5); its output is the output of the stage's last residual block.
-    """
-    found = stages(model)
-    if not found:
-        raise _no_stage_error(model)
-    return found[-1]
-
-
-def stage_blocks(model: nn.Module) -> list[str]:
-    """L-ALFA's default sites: every block of every stage, in execution order.
-
-    A stage whose children are themselves modules with children (residual blocks) contributes
-    those children that contain a convolution (``layer1.0`` … ``layer3.2``: the 9 blocks of
-    ResNet-20, i.e. "after each skip connection", ALFA Table 9); a stage of plain layers counts
-    as one block.
-    """
-    inner = unwrap(model)
-    blocks: list[str] = []
-    for name in stages(inner):
-        stage = inner.get_submodule(name)
-        children = list(stage.named_children())
-        if children and all(_is_container(m) for _, m in children):
-            blocks += [f"{name}.{c}" for c, m in children if _has_conv(m)]
-        else:
-            blocks.append(name)
-    if not blocks:
-        raise _no_stage_error(model)
-    return blocks
-
-
-def spread_blocks(model: nn.Module, count: int) -> list[str]:
-    """``count`` of :func:`stage_blocks`, spread evenly over each stage, each stage's last kept.
-
-    L-ALFA's default: dim(η) = 9 in ALFA Table 8 for every ResNet ("after each skip
-    connection", Table 9). ResNet-20 has 9 blocks, all kept; ResNet-56 has 27 (3 stages of 9):
-    every third block, the last of each group (``layer1.2``, ``layer1.5``, ``layer1.8``, …,
-    ``layer3.8``). With fewer than ``count`` blocks, all of them.
-    """
-    blocks = stage_blocks(model)
-    if count >= len(blocks):
-        return blocks
-    groups: dict[str, list[str]] = {}
-    for b in blocks:
-        groups.setdefault(b.rsplit(".", 1)[0] if "." in b else b, []).append(b)
-    per_stage = [len(g) for g in groups.values()]
-    # share ``count`` between stages in proportion to their blocks (largest remainders)
-    exact = [count * n / len(blocks) for n in per_stage]
-    share = [max(1, math.floor(e)) for e in exact]
-    order = sorted(range(len(exact)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
-    for i in order:
-        if sum(share) >= count:
-            break
-        share[i] += 1
-    chosen: list[str] = []
-    for group, k in zip(groups.values(), share, strict=True):
-        k = min(k, len(group))
-        # the last block of each of k equal consecutive groups
-        chosen += [group[math.ceil((j + 1) * len(group) / k) - 1] for j in range(k)]
-    return chosen
 
 
 # ---------------------------------------------------------------------- A-FAN normalization
@@ -326,6 +240,41 @@ def combine_losses(
     return total, loss_adv
 
 
+def multi_site_outputs(
+    attack: MultiSiteFeaturePGD,
+    x: Any,
+    deltas: Mapping[str, Tensor],
+    features: Mapping[str, Tensor] | None = None,
+    strengths: Sequence[float] | Tensor | None = None,
+) -> list[Any]:
+    """The model output(s) on the features perturbed by ``attack`` (ALFA Eq. 5), for training.
+
+    ``"joint"``: one output, all sites perturbed (``f_i + η_i·δ_i``) in one tail pass from the
+    earliest site. ``"separate"``: one output per site (in the order of ``attack.sites``).
+    Features and η keep their autograd graph (η is learned by L-ALFA); sites missing from
+    ``features`` are computed from ``x`` with gradients.
+    """
+    model = attack.model
+    scales = attack.scales(strengths, detach=False)
+    given = dict(features or {})
+    if attack.mode == "joint":
+        first, *rest = attack.ordered_sites(x)
+        split = SiteSplit(model, first)
+        f = given[first] if first in given else split.head(x)
+
+        def add(site: str) -> Callable[[Tensor], Tensor]:
+            return lambda t: t + scales[site] * deltas[site]
+
+        later = {s: add(s) for s in rest}
+        return [split.tail(f + scales[first] * deltas[first], later, x=x)]
+    outputs = []
+    for s in attack.sites:
+        split_s = SiteSplit(model, s)
+        f = given[s] if s in given else split_s.head(x)
+        outputs.append(split_s.tail(f + scales[s] * deltas[s], x=x))
+    return outputs
+
+
 # ---------------------------------------------------------------------------- option checks
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
@@ -371,6 +320,12 @@ def check_sites_option(site: Any, sites: Any) -> list[str] | None:
     return list(sites)
 
 
+def check_eps_option(eps: Any) -> None:
+    """``eps``: ``None`` (unbounded) or a finite number > 0."""
+    if eps is not None and (not _is_number(eps) or eps <= 0):
+        raise AdvfeatError(f"eps must be a number > 0 or null (unbounded), got {eps!r}")
+
+
 def check_common_options(opts: Any) -> None:
     """The options every feature-augmentation method has."""
     check_step_options(opts.alpha, opts.steps, opts.lam)
@@ -389,9 +344,16 @@ class FeatureAugmentation(Method):
     ``attack_bn_mode`` and ``adv_bn_stats``; subclasses say which sites they perturb
     (:meth:`requested_sites`, :meth:`default_sites`).
 
-    Cost. The part of the network before a site runs once per step, in the clean pass; the
-    attack and the adversarial passes run only the tail after the site (when the model splits,
-    :attr:`advfeat.sites.SiteSplit.is_fast`), starting from the captured feature.
+    Tasks. Losses, default sites and the clean pass are the task's (``method.task``,
+    :class:`advfeat.tasks.Task`; classification by default): the same class trains classifiers,
+    detectors and segmenters.
+
+    Cost. The part of the network before a site runs once per step, in the clean pass
+    (:meth:`advfeat.tasks.Task.clean_pass`); the attack and the adversarial passes run only what
+    follows the site (:meth:`advfeat.tasks.TaskPass.tail`: the tail of
+    :class:`advfeat.sites.SiteSplit` when the model splits there; for Faster R-CNN the box
+    predictor alone after a ROI-head site, the FPN, RPN and ROI heads after a backbone site),
+    starting from the captured feature.
 
     Gradients. The perturbation δ is a constant of the outer minimisation (it is the maximiser
     of the inner problem, ALFA Eq. 3 / A-FAN Eq. 3, so by Danskin's theorem the gradient of the
@@ -429,13 +391,23 @@ class FeatureAugmentation(Method):
         self._multi_attack: MultiSiteFeaturePGD | None = None
 
     # ------------------------------------------------------------------------------ sites
+    def check_joint_sites(self) -> None:
+        """``multi_site="joint"`` runs one tail from the earliest site: classification only."""
+        if self.opts.multi_site == "joint" and self.task.name != "classification":
+            raise AdvfeatError(
+                f"multi_site='joint' perturbs several sites in one tail pass, which needs a "
+                f"model that maps images to outputs; {self.task.name} trains with "
+                f"multi_site='separate'"
+            )
+
     def requested_sites(self) -> list[str] | None:
         """The sites named in the options, or ``None`` for :meth:`default_sites`."""
         return check_sites_option(self.opts.site, self.opts.sites)
 
     def default_sites(self, model: nn.Module) -> list[str]:
-        """The last stage (see :func:`last_stage`)."""
-        return [last_stage(model)]
+        """The task's default sites (classification: the last stage, :func:`last_stage`;
+        detection / segmentation: the last backbone stage and the task head, A-FAN §5-6)."""
+        return self.task.default_sites(model)
 
     def resolve_sites(self, model: nn.Module) -> list[str]:
         """The sites perturbed in ``model``: validated, in execution order (cached per model)."""
@@ -460,22 +432,9 @@ class FeatureAugmentation(Method):
         return ordered
 
     # ----------------------------------------------------------------------------- passes
-    def clean_pass(
-        self, model: nn.Module, x: Tensor, sites: Sequence[str]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One forward of the (possibly wrapped) model, capturing the site features with graph."""
-        with capture_features(unwrap(model), list(sites)) as captured:
-            logits = model(x)
-        feats: dict[str, Tensor] = {}
-        for site in sites:
-            f = captured.get(site)
-            if not isinstance(f, Tensor):
-                raise AdvfeatError(
-                    f"feature site {site!r} did not output a tensor during the forward pass "
-                    f"(got {type(f).__name__}); choose a module that outputs a feature map"
-                )
-            feats[site] = f
-        return logits, feats
+    def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
+        """The task's training forward pass, capturing the site features with their graph."""
+        return self.task.clean_pass(model, x, y, list(sites))
 
     def adversarial_bn(self, model: nn.Module) -> AbstractContextManager[Any]:
         """The context of the adversarial training passes (``adv_bn_stats``)."""
@@ -510,6 +469,49 @@ class FeatureAugmentation(Method):
             out: Tensor = split.tail(feature, x=x)
         return out
 
+    def adversarial_output(
+        self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor
+    ) -> Any:
+        """The task output with ``feature`` at ``site``: a training pass of what follows the site
+        (:meth:`TaskPass.tail`), under ``adv_bn_stats``. With ``adv_grad="full"`` values that
+        jump over the site (skip connections, a detector's RPN losses) keep their gradient."""
+        with self.adversarial_bn(model):
+            return clean.tail(site, feature, prefix_grad=self.adv_reaches_prefix)
+
+    def adversarial_loss(
+        self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor, y: Any
+    ) -> Tensor:
+        """The task's training loss with ``feature`` at ``site``."""
+        loss, _ = self.task.output_loss(self.adversarial_output(model, clean, site, feature), y)
+        return loss
+
+    def feature_attack(
+        self,
+        model: nn.Module,
+        clean: TaskPass,
+        site: str,
+        feature: Tensor,
+        y: Any,
+        alpha: float,
+        eps: float | None = None,
+    ) -> Tensor:
+        """δ of PGD-``steps`` with step ``alpha`` at ``site`` on the task's attack loss; only what
+        follows the site runs (:meth:`TaskPass.tail`)."""
+        inner = unwrap(model)
+        attack = FeaturePGD(
+            inner,
+            site,
+            alpha=alpha,
+            steps=self.opts.steps,
+            eps=eps,
+            norm="linf",
+            bn_mode=self.task.attack_bn_mode(self.opts.attack_bn_mode),  # type: ignore[arg-type]
+            loss_fn=self.task.attack_loss,
+            tail=clean.tail_fn(site),
+        )
+        with self.task.attack_mode(inner, self.opts.attack_bn_mode):
+            return attack(None, y, feature=feature.detach())
+
     def noise(self, feature: Tensor) -> Tensor:
         """The random-noise ablation's perturbation (``noise_std``, default ``alpha``)."""
         std = self.opts.alpha if self.opts.noise_std is None else self.opts.noise_std
@@ -531,6 +533,26 @@ class FeatureAugmentation(Method):
             )
             self._multi_attack = atk
         return atk
+
+    def separate_site_losses(
+        self, model: nn.Module, clean: TaskPass, y: Any, sites: Sequence[str]
+    ) -> tuple[list[Tensor], Tensor]:
+        """ALFA's adversarial losses site by site (Eq. 3 term by term), on the task's losses.
+
+        Each site is attacked alone with the others clean (``eps`` bounds δ, ``None``:
+        unbounded), or gets random noise (``random_noise``); then one training pass of what
+        follows each site on ``f + δ``. Returns the losses and the mean ‖δ‖₂ per sample.
+        """
+        feats = {s: self.adv_feature(clean.features[s]) for s in sites}
+        deltas = {
+            s: self.noise(feats[s])
+            if self.opts.random_noise is not None
+            else self.feature_attack(model, clean, s, feats[s], y, self.opts.alpha, self.opts.eps)
+            for s in sites
+        }
+        losses = [self.adversarial_loss(model, clean, s, feats[s] + deltas[s], y) for s in sites]
+        sizes = [d.flatten(1).norm(dim=1).mean() for d in deltas.values()]
+        return losses, torch.stack(sizes).mean()
 
     def site_losses(
         self,
@@ -578,8 +600,8 @@ class FeatureAugmentation(Method):
                 eta = None if live_eta is None else live_eta.detach()
                 deltas = atk(x, y, features=clean, strengths=eta)
             with self.adversarial_bn(model):
-                outputs = atk.adversarial_outputs(
-                    x, deltas, features={s: feats[s] for s in live}, strengths=live_eta
+                outputs = multi_site_outputs(
+                    atk, x, deltas, features={s: feats[s] for s in live}, strengths=live_eta
                 )
             losses += [cross_entropy(out, y) for out in outputs]
             sizes += [d.flatten(1).norm(dim=1).mean() for d in deltas.values()]

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from advfeat.errors import AdvfeatError
-from advfeat.methods.base import MethodOutput, cross_entropy, unwrap
+from advfeat.methods.base import MethodOutput, unwrap
 from advfeat.methods.feature_aug import (
     AUTO_SITE,
     FeatureAugmentation,
@@ -236,10 +236,10 @@ class LALFA(FeatureAugmentation):
         self._ensure_eta(model)
         self.project_strengths_()
         sites = self.eta_sites
-        logits, feats = self.clean_pass(model, x, sites)
-        loss_clean = cross_entropy(logits, y)
+        clean = self.clean_pass(model, x, y, sites)
+        logits, loss_clean = clean.logits, clean.loss
         losses, delta_l2 = self.site_losses(
-            model, x, y, feats, sites, strengths=self.eta, clean_logits=logits
+            model, x, y, clean.features, sites, strengths=self.eta, clean_logits=logits
         )
         loss, loss_adv = self.combine(loss_clean, losses)
         # ‖η‖₁; on the simplex it equals 1ᵀη, whose gradient the projection removes (module doc)

@@ -1,13 +1,15 @@
-"""Detection and segmentation: tasks, models, metrics, A-FAN/ALFA objectives, robust evaluation.
+"""Tasks: classification, detection and segmentation — losses, metrics, models, robust evaluation.
 
->>> from advfeat.tasks import DetectionTask, build_detector, build_task_method
+>>> from advfeat.methods import build_method
+>>> from advfeat.tasks import DetectionTask, build_detector
 >>> task = DetectionTask(num_classes=9)
 >>> model = build_detector("fasterrcnn_tiny", 9, image_size=64)
->>> method = build_task_method("afan", task)          # A-FAN §5 defaults
+>>> method = build_method("afan", task=task)          # A-FAN §5 defaults
 >>> # out = method(model.train(), images, targets); out.loss.backward()
 """
 
-from advfeat.tasks.base import DenseTask, RngReplay, batchnorm_eval
+from advfeat.tasks.base import DenseTask, RngReplay, Task, TaskPass, batchnorm_eval
+from advfeat.tasks.classification import ClassificationTask
 from advfeat.tasks.deeplab_plus import DeepLabV3Plus, TinyResNetBody
 from advfeat.tasks.detection import DetectionTask, check_detection_targets
 from advfeat.tasks.metrics import (
@@ -17,13 +19,6 @@ from advfeat.tasks.metrics import (
     iou_from_confusion,
 )
 from advfeat.tasks.models import DETECTORS, SEGMENTERS, build_detector, build_segmenter
-from advfeat.tasks.objectives import (
-    TASK_METHODS,
-    DenseAFAN,
-    DenseALFA,
-    DenseStandard,
-    build_task_method,
-)
 from advfeat.tasks.robust import DETECTION_PGD, SEGMENTATION_PGD, DensePGD, robust_evaluate
 from advfeat.tasks.segmentation import SegmentationTask, check_masks
 
@@ -32,23 +27,21 @@ __all__ = [
     "DETECTORS",
     "SEGMENTATION_PGD",
     "SEGMENTERS",
-    "TASK_METHODS",
+    "ClassificationTask",
     "DeepLabV3Plus",
-    "DenseAFAN",
-    "DenseALFA",
     "DensePGD",
-    "DenseStandard",
     "DenseTask",
     "DetectionMeter",
     "DetectionTask",
     "RngReplay",
     "SegmentationMeter",
     "SegmentationTask",
+    "Task",
+    "TaskPass",
     "TinyResNetBody",
     "batchnorm_eval",
     "build_detector",
     "build_segmenter",
-    "build_task_method",
     "check_detection_targets",
     "check_masks",
     "confusion_matrix",

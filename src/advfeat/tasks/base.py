@@ -1,9 +1,12 @@
-"""What a dense-prediction task provides to methods, trainers and evaluation.
+"""The task seam: what a task provides to methods, trainers and evaluation.
 
-A :class:`DenseTask` turns ``(model, images, targets)`` into a scalar training loss (optionally
-with feature sites replaced, for feature augmentation), knows which loss the attacks ascend,
-checks user data, collates batches, predicts and evaluates. :class:`advfeat.tasks.DetectionTask`
-and :class:`advfeat.tasks.SegmentationTask` implement it.
+A :class:`Task` (classification, detection, segmentation) knows its batches (collate, move to a
+device, check, count), its loss (the scalar a method trains with and the terms it logs), the
+scalar attacks ascend, its metrics and the primary one, and how to run the clean training
+forward pass so that a feature method can afterwards run *only what follows a site*
+(:class:`TaskPass`). Methods (ALFA, A-FAN, standard training) talk to the task only, so one
+method class serves every task; the trainer talks to the task only, so it has no
+classification-or-not branches.
 """
 
 from __future__ import annotations
@@ -19,9 +22,19 @@ from torch import Tensor, nn
 from advfeat.errors import AdvfeatError
 from advfeat.modes import restored_train_flags
 from advfeat.norm.stats import batchnorm_modules
-from advfeat.sites import replace_features
+from advfeat.sites import SiteSplit, capture_features, replace_features, unwrap_model
 
-__all__ = ["DenseTask", "Replacements", "RngReplay", "batchnorm_eval", "check_images"]
+__all__ = [
+    "DenseTask",
+    "ForwardPass",
+    "HookPass",
+    "Replacements",
+    "RngReplay",
+    "Task",
+    "TaskPass",
+    "batchnorm_eval",
+    "check_images",
+]
 
 Replacements = Mapping[str, Callable[[Any], Any]]
 """``{site: fn(feature) -> feature}``, applied with :func:`advfeat.sites.replace_features`."""
@@ -90,65 +103,136 @@ class RngReplay:
             yield
 
 
-class DenseTask(ABC):
-    """Base of the detection and segmentation tasks (see the module docstring)."""
+def _device_of(x: Any) -> torch.device:
+    first = x if isinstance(x, Tensor) else x[0]
+    return first.device
 
-    name = ""
-    stacked_images = True
 
-    def __init__(self, num_classes: int) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise AdvfeatError(
-                f"num_classes counts the background and must be an integer >= 2, got {num_classes!r}"
-            )
-        self.num_classes = num_classes
+class TaskPass(ABC):
+    """The clean training pass of a batch, and what follows each site after it.
 
-    # ------------------------------------------------------------------------------ losses
+    Attributes:
+        output: the model's output (logits, a segmenter's output, a detector's loss dict).
+        loss: the training loss of the clean pass; ``parts``: its terms.
+        features: the output of each requested site in this pass, with its autograd graph.
+        logits: the clean logits of a classifier (running training accuracy), else ``None``.
+
+    :meth:`tail` runs what follows a site when it outputs another feature, as the full model
+    would (same random draws as the clean pass: sampled proposals, dropout masks), reusing
+    whatever the clean pass computed before the site.
+    """
+
+    output: Any
+    loss: Tensor
+    parts: dict[str, Tensor]
+    features: dict[str, Tensor]
+    logits: Tensor | None = None
+
     @abstractmethod
-    def loss_parts(self, model: nn.Module, images: Any, targets: Any) -> dict[str, Tensor]:
-        """The model's training loss terms on a batch (model in training mode)."""
+    def tail(self, site: str, feature: Tensor, *, prefix_grad: bool) -> Any:
+        """The task output (what :meth:`Task.output_loss` takes) with ``feature`` at ``site``.
+
+        ``prefix_grad``: whether values computed before the site that reach the output by
+        another path than the site (skip connections, a detector's RPN losses) keep their
+        gradient (``adv_grad="full"``) or are constants (``"tail"``).
+        """
+
+    def tail_fn(self, site: str) -> Callable[[Tensor], Any]:
+        """``feature -> output``: :meth:`tail` for an attack (no gradient to the prefix)."""
+        return lambda feature: self.tail(site, feature, prefix_grad=False)
+
+
+class Task(ABC):
+    """Everything a method, the trainer and evaluation need to know about a task.
+
+    Subclasses set ``name``, ``metrics`` (what :meth:`evaluate` returns) and
+    ``primary_metric`` (the one that selects the best epoch and names shifted-domain results).
+    """
+
+    name: str = ""
+    metrics: tuple[str, ...] = ()
+    primary_metric: str = ""
+    autocast: bool = True
+    """Whether training may run under autocast (torchvision's box coder wants float32)."""
+
+    # ---------------------------------------------------------------------------- batches
+    @abstractmethod
+    def collate(self, batch: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
+        """DataLoader ``collate_fn``."""
 
     @abstractmethod
-    def attack_terms(self, parts: dict[str, Tensor]) -> Tensor:
-        """The scalar that feature and image attacks ascend, from the loss terms."""
+    def to_device(self, x: Any, y: Any, device: torch.device) -> tuple[Any, Any]:
+        """Move a collated batch."""
+
+    def batch_size(self, x: Any) -> int:
+        """Number of images in a batch."""
+        return len(x) if isinstance(x, list | tuple) else int(x.shape[0])
+
+    def check(self, x: Any, y: Any) -> None:
+        """Raise :class:`AdvfeatError` when a batch does not fit the task or the model."""
+        return None
+
+    # ----------------------------------------------------------------------------- losses
+    @abstractmethod
+    def output_loss(self, output: Any, y: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(training loss, its terms)`` of a model output."""
+
+    @abstractmethod
+    def attack_loss(self, output: Any, y: Any) -> Tensor:
+        """The scalar that feature and image attacks ascend, from a model output."""
+
+    def logits(self, output: Any) -> Tensor | None:
+        """The clean logits of a classifier's output (running training accuracy), else ``None``."""
+        return None
+
+    def running_metrics(self, logits: Tensor | None, y: Any) -> dict[str, float]:
+        """Per-batch sums of the training metrics the trainer averages over an epoch."""
+        return {}
+
+    def log_parts(self, parts: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Loss terms worth logging besides the total (none for a single-term loss)."""
+        return dict(parts) if len(parts) > 1 or self.name != "classification" else {}
+
+    def forward_output(self, model: nn.Module, x: Any, y: Any) -> Any:
+        """The model's output on a batch (the loss dict for a detector in training mode)."""
+        return model(x)
 
     def loss(
-        self, model: nn.Module, images: Any, targets: Any, replacements: Replacements | None = None
+        self, model: nn.Module, x: Any, y: Any, replacements: Replacements | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``(training loss, its terms)``; ``replacements`` replace site outputs during the pass."""
         ctx: AbstractContextManager[Any] = (
             replace_features(model, replacements) if replacements else nullcontext()
         )
         with ctx:
-            parts = self.loss_parts(model, images, targets)
-        return torch.stack(list(parts.values())).sum(), parts
+            return self.output_loss(self.forward_output(model, x, y), y)
 
     def attack_objective(
-        self, model: nn.Module, images: Any, targets: Any, replacements: Replacements | None = None
+        self, model: nn.Module, x: Any, y: Any, replacements: Replacements | None = None
     ) -> Tensor:
-        """What attacks ascend (a scalar)."""
+        """What attacks ascend (a scalar), ``replacements`` applied during the pass."""
         ctx: AbstractContextManager[Any] = (
             replace_features(model, replacements) if replacements else nullcontext()
         )
         with ctx:
-            return self.attack_terms(self.loss_parts(model, images, targets))
-
-    # --------------------------------------------------------------------------- data, model
-    @abstractmethod
-    def check(self, images: Any, targets: Any) -> None:
-        """Raise :class:`AdvfeatError` when a batch does not fit the task or the model."""
+            return self.attack_loss(self.forward_output(model, x, y), y)
 
     @abstractmethod
-    def collate(self, batch: Sequence[tuple[Tensor, Any]]) -> tuple[Any, Any]:
-        """DataLoader ``collate_fn``."""
+    def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
+        """Run the training forward pass, capturing ``sites`` (see :class:`TaskPass`)."""
 
-    @abstractmethod
-    def to_device(self, images: Any, targets: Any, device: torch.device) -> tuple[Any, Any]:
-        """Move a collated batch."""
-
+    # --------------------------------------------------------------------- model, metrics
     @abstractmethod
     def default_sites(self, model: nn.Module) -> list[str]:
-        """A-FAN's sites: the last backbone stage, then the task head (ROI box head / decoder)."""
+        """The feature sites A-FAN perturbs by default in this task's models."""
+
+    def attack_bn_mode(self, bn_mode: str) -> str:
+        """The BN mode of :func:`advfeat.attacks.base.attack_guard` for an attack in ``bn_mode``."""
+        return bn_mode
+
+    def attack_mode(self, model: nn.Module, bn_mode: str) -> AbstractContextManager[Any]:
+        """Extra state the model runs in during an attack (inside the attack's guard)."""
+        return nullcontext()
 
     @abstractmethod
     def evaluate(
@@ -158,17 +242,128 @@ class DenseTask(ABC):
         *,
         device: torch.device | str = "cpu",
         attack: Any = None,
+        detailed: bool = False,
     ) -> dict[str, Any]:
-        """Metrics of ``model`` on ``loader`` (on images attacked by ``attack`` when given)."""
+        """Metrics of ``model`` on ``loader`` (on images attacked by ``attack`` when given);
+        ``detailed`` adds secondary metrics where the task has them (top-5 accuracy)."""
 
-    def attack_mode(self, model: nn.Module, bn_mode: str) -> AbstractContextManager[Any]:
-        """Mode in which attacks run the model: training mode (losses available), BN as asked.
 
-        Call inside :func:`advfeat.attacks.base.attack_guard` with ``bn_mode="train"`` (which
-        freezes running statistics and restores every flag afterwards).
-        """
-        model.train()
-        return batchnorm_eval(model) if bn_mode == "eval" else nullcontext()
+class DenseTask(Task):
+    """Base of the detection and segmentation tasks: ``num_classes`` includes the background."""
+
+    stacked_images = True
+
+    def __init__(self, num_classes: int) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise AdvfeatError(
+                f"num_classes counts the background and must be an integer >= 2, got {num_classes!r}"
+            )
+        self.num_classes = num_classes
+
+    def attack_bn_mode(self, bn_mode: str) -> str:
+        """Dense models return their losses in training mode: :meth:`attack_mode` sets the
+        modes, the attack's guard keeps them."""
+        return "keep"
+
+    @contextmanager
+    def attack_mode(self, model: nn.Module, bn_mode: str) -> Iterator[None]:
+        """Training mode (losses available), BN in eval mode when ``bn_mode == "eval"``; every
+        train/eval flag is restored afterwards. Feature attacks run inside it with the guard's
+        ``bn_mode="keep"``; :class:`~advfeat.tasks.DensePGD` inside a ``"train"`` guard."""
+        flags = {m: m.training for m in model.modules()}
+        try:
+            model.train()
+            with batchnorm_eval(model) if bn_mode == "eval" else nullcontext():
+                yield
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
+
+
+class ForwardPass(TaskPass):
+    """The pass of a task whose model maps images to an output (classification, segmentation).
+
+    The tail after a site is :meth:`advfeat.sites.SiteSplit.tail`: only the part of the network
+    after the site runs when the model splits there, else the full-model fallback. With
+    ``replay`` every tail replays the clean pass's random stream (dropout masks); the part
+    before the site draws no random numbers in the supported models, so the stream the tail
+    sees is the one the clean pass's tail saw.
+    """
+
+    def __init__(
+        self, task: Task, model: nn.Module, x: Any, y: Any, sites: Sequence[str], *, replay: bool
+    ) -> None:
+        self.task, self.model, self.x, self.y = task, model, x, y
+        self.inner = unwrap_model(model)
+        self.rng = RngReplay(_device_of(x)) if replay else None
+        with capture_features(self.inner, list(sites)) as captured:
+            self.output = task.forward_output(model, x, y)
+        self.loss, self.parts = task.output_loss(self.output, y)
+        self.features = {s: _tensor_feature(captured.get(s), s) for s in sites}
+        self.logits = task.logits(self.output)
+
+    def tail(self, site: str, feature: Tensor, *, prefix_grad: bool) -> Any:
+        split = SiteSplit(self.inner, site, prefix_grad=prefix_grad)
+        ctx = self.rng.replay() if self.rng is not None else nullcontext()
+        with ctx:
+            return split.tail(feature, x=self.x)
+
+
+class HookPass(TaskPass):
+    """The pass of any model: every tail runs the whole model with the site's output replaced.
+
+    The reference for models the task cannot run stage by stage (wrapped, or not of a known
+    family). Each tail replays the clean pass's random stream
+    (:class:`RngReplay`); with ``prefix_grad=False`` the part before the site runs without
+    gradients.
+    """
+
+    def __init__(self, task: Task, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> None:
+        self.task, self.model, self.x, self.y = task, model, x, y
+        self.inner = unwrap_model(model)
+        self.rng = RngReplay(_device_of(x))
+        with capture_features(self.inner, list(sites)) as captured:
+            self.output = task.forward_output(model, x, y)
+        self.loss, self.parts = task.output_loss(self.output, y)
+        self.features = {s: _tensor_feature(captured.get(s), s) for s in sites}
+
+    def tail(self, site: str, feature: Tensor, *, prefix_grad: bool) -> Any:
+        enabled = torch.is_grad_enabled()
+        calls = 0
+
+        def at_site(out: Any) -> Tensor:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise AdvfeatError(f"feature site {site!r} ran {calls} times in one forward pass")
+            if isinstance(out, Tensor) and out.shape != feature.shape:
+                raise AdvfeatError(
+                    f"site {site!r} output {tuple(out.shape)} in this pass but "
+                    f"{tuple(feature.shape)} in the clean pass; a ROI-head site needs the same "
+                    f"proposals in every pass (use attack_bn_mode='train', or a backbone with "
+                    f"frozen batch norm)"
+                )
+            torch.set_grad_enabled(enabled)  # what follows the site trains
+            return feature
+
+        try:
+            with (
+                self.rng.replay(),
+                replace_features(self.inner, {site: at_site}),
+            ):
+                torch.set_grad_enabled(enabled and prefix_grad)
+                return self.task.forward_output(self.model, self.x, self.y)
+        finally:
+            torch.set_grad_enabled(enabled)
+
+
+def _tensor_feature(value: Any, site: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise AdvfeatError(
+            f"feature site {site!r} did not output a tensor during the forward pass "
+            f"(got {type(value).__name__}); choose a module that outputs a feature map"
+        )
+    return value
 
 
 def last_child(model: nn.Module, parent: str) -> str:

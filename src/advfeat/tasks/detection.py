@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from advfeat.data.bundle import detection_collate
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.tasks.base import DenseTask, check_images, last_child
+from advfeat.tasks.base import DenseTask, HookPass, TaskPass, check_images, last_child
+from advfeat.tasks.detection_pass import DetectionPass
 from advfeat.tasks.metrics import DetectionMeter
 
 __all__ = ["ROI_TERMS", "RPN_TERMS", "DetectionTask", "check_detection_targets"]
@@ -84,39 +85,66 @@ class DetectionTask(DenseTask):
 
     ``attack_terms``: ``"all"`` (default: the whole loss dict, "regression and classification
     loss", §3.3) or ``"roi"`` (only the ROI head's classification + box regression, the terms a
-    ROI-head feature perturbation reaches).
+    ROI-head feature perturbation reaches). ``fast_tails``: run the clean pass stage by stage so
+    that a feature method's later passes start where the site is (:class:`DetectionPass`);
+    ``False`` runs every pass over the whole detector (the reference the fast path is tested
+    against).
     """
 
     name = "detection"
+    metrics = ("ap", "ap50", "ap75")
+    primary_metric = "ap50"
+    autocast = False  # torchvision's box coder and ROI pooling want float32
     stacked_images = False
 
-    def __init__(self, num_classes: int, *, attack_terms: str = "all") -> None:
+    def __init__(
+        self, num_classes: int, *, attack_terms: str = "all", fast_tails: bool = True
+    ) -> None:
         super().__init__(num_classes)
         if attack_terms not in ("all", "roi"):
             raise unknown_name("detection attack terms", str(attack_terms), ["all", "roi"])
         self.terms = attack_terms
+        self.fast_tails = fast_tails
 
-    def loss_parts(self, model: nn.Module, images: Any, targets: Any) -> dict[str, Tensor]:
+    def forward_output(self, model: nn.Module, x: Any, y: Any) -> dict[str, Tensor]:
+        """Faster R-CNN's loss dict (the model must be in training mode)."""
         if not model.training:
             raise AdvfeatError(
                 "Faster R-CNN returns its losses in training mode: call model.train() first"
             )
-        parts = model(list(images), list(targets))
+        parts = model(list(x), list(y))
         if not isinstance(parts, dict):
             raise AdvfeatError(
                 f"the detector returned {type(parts).__name__}, expected torchvision's loss dict"
             )
         return dict(parts)
 
+    def loss_parts(self, model: nn.Module, images: Any, targets: Any) -> dict[str, Tensor]:
+        """The model's training loss terms on a batch (model in training mode)."""
+        return self.forward_output(model, images, targets)
+
+    def output_loss(self, output: Any, y: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        parts = dict(output)
+        return torch.stack(list(parts.values())).sum(), parts
+
     def attack_terms(self, parts: dict[str, Tensor]) -> Tensor:
+        """The scalar that attacks ascend, from the loss terms."""
         keys = ROI_TERMS if self.terms == "roi" else tuple(parts)
         return torch.stack([parts[k] for k in keys]).sum()
+
+    def attack_loss(self, output: Any, y: Any) -> Tensor:
+        return self.attack_terms(dict(output))
+
+    def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
+        if self.fast_tails and DetectionPass.supports(model, sites):
+            return DetectionPass(self, model, x, y, sites)
+        return HookPass(self, model, x, y, sites)
 
     def check(self, images: Any, targets: Any) -> None:
         check_images(images, stacked=False)
         check_detection_targets(images, targets, self.num_classes)
 
-    def collate(self, batch: Sequence[tuple[Tensor, Any]]) -> tuple[list[Tensor], list[Any]]:
+    def collate(self, batch: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
         return detection_collate(batch)
 
     def to_device(self, images: Any, targets: Any, device: torch.device) -> tuple[Any, Any]:
@@ -142,6 +170,7 @@ class DetectionTask(DenseTask):
         *,
         device: torch.device | str = "cpu",
         attack: Any = None,
+        detailed: bool = False,
     ) -> dict[str, Any]:
         """COCO AP, AP50 (VOC mAP@0.5) and AP75 on ``loader``; ``attack(model, images, targets)``
         perturbs the images first (robust AP, A-FAN Table 5)."""

@@ -2,7 +2,7 @@
 
 A-FAN evaluates robustness with PGD-10 on the images: α = 0.3/255, ε = 2/255 for detection
 (following Xie et al. 2017 and Li et al.), α = 1/255, ε = 8/255 for segmentation. The loss
-ascended is the task's training loss against the ground truth (:meth:`DenseTask.attack_terms`);
+ascended is the task's training loss against the ground truth (:meth:`DenseTask.attack_loss`);
 detectors run in training mode so that they return losses, with batch norm in eval mode
 (running statistics) unless ``bn_mode="train"``; running statistics never move, and the model's
 flags, ``requires_grad`` and ``.grad`` are restored (:func:`advfeat.attacks.base.attack_guard`).
@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advfeat.attacks.base import attack_guard
+from advfeat.attacks.base import Attack, attack_guard
+from advfeat.attacks.engine import IterativeAscent, Variable
+from advfeat.attacks.threat import Linf
 from advfeat.errors import AdvfeatError
 from advfeat.tasks.base import DenseTask, check_images
 
@@ -27,13 +29,18 @@ SEGMENTATION_PGD = {"eps": 8 / 255, "alpha": 1 / 255, "steps": 10}
 """A-FAN §6: PGD-10, α = 1/255, ε = 8/255."""
 
 
-class DensePGD:
-    """L∞ PGD on the images of a dense task: ``attack(model, images, targets) -> adversarial images``.
+class DensePGD(Attack):
+    """L∞ PGD on the images of a dense task (A-FAN Tables 5-6), an :class:`Attack`.
 
-    Images are a list of ``[3, H, W]`` tensors (detection) or ``[N, 3, H, W]`` (segmentation), in
-    [0, 1]; the result has the same structure, lies in the ε-ball and in [0, 1], and the input is
-    not modified. ``random_start`` starts from a uniform point of the ball; the global RNG is left
-    as it was (the attack's passes fork it).
+    ``attack(images, targets)`` for the ``model`` given here, or ``attack(model, images,
+    targets)`` (what :meth:`DenseTask.evaluate` calls). Images are a list of ``[3, H, W]``
+    tensors (detection) or ``[N, 3, H, W]`` (segmentation), in [0, 1]; the result has the same
+    structure, lies in the ε-ball and in [0, 1], and the input is not modified. The ascent is
+    :class:`~advfeat.attacks.engine.IterativeAscent` (one variable per image tensor) on the
+    task's attack loss (:meth:`Task.attack_loss`). ``random_start`` starts from a uniform point
+    of the ball, drawn from a generator seeded with ``seed`` at every call; the global RNG is
+    left as it was (the attack's passes fork it). The attack guarantees of :class:`Attack` hold
+    (flags, ``requires_grad``, ``.grad`` and BN running statistics restored).
     """
 
     def __init__(
@@ -46,6 +53,7 @@ class DensePGD:
         random_start: bool = False,
         bn_mode: str = "eval",
         seed: int = 0,
+        model: nn.Module | None = None,
     ) -> None:
         if not eps >= 0 or not alpha > 0:
             raise AdvfeatError(
@@ -55,43 +63,48 @@ class DensePGD:
             raise AdvfeatError(f"steps must be an integer >= 1, got {steps!r}")
         if bn_mode not in ("eval", "train"):
             raise AdvfeatError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+        super().__init__(model if model is not None else nn.Module(), bn_mode="train", seed=seed)
         self.task, self.eps, self.alpha, self.steps = task, float(eps), float(alpha), steps
-        self.random_start, self.bn_mode, self.seed = random_start, bn_mode, seed
+        self.random_start, self.task_bn_mode = random_start, bn_mode
+        self.threat = Linf()
 
-    def __call__(self, model: nn.Module, images: Any, targets: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs or len(args) not in (2, 3):
+            raise AdvfeatError(
+                "call DensePGD as attack(images, targets) or (model, images, targets)"
+            )
+        model, images, targets = (self.model, *args) if len(args) == 2 else args
+        return self.perturb(images, targets, model=model)
+
+    def perturb(self, x: Any, y: Any, **kwargs: Any) -> Any:
+        """The attacked images (``model=`` overrides the attack's model)."""
+        model, images, targets = kwargs.get("model", self.model), x, y
         stacked = isinstance(images, Tensor)
         check_images(images, stacked=stacked)
         xs = [images.detach()] if stacked else [x.detach() for x in images]
-        gen = torch.Generator(device=xs[0].device).manual_seed(self.seed)
-        deltas = [
-            (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * self.eps
-            if self.random_start
-            else torch.zeros_like(x)
-            for x in xs
-        ]
+        engine = IterativeAscent(
+            self.threat,
+            alpha=self.alpha,
+            eps=self.eps,
+            steps=self.steps,
+            random_start=self.random_start,
+            generator=torch.Generator(device=xs[0].device).manual_seed(int(self.seed or 0)),
+            constrain=lambda name, d: (xs[int(name)] + d).clamp(0, 1) - xs[int(name)],
+        )
+
+        def objective(var: Variable) -> Tensor:
+            adv = [x + var(str(i), x) for i, x in enumerate(xs)]
+            return self.task.attack_objective(model, adv[0] if stacked else adv, targets)
+
         devices = [xs[0].device] if xs[0].device.type == "cuda" else []
         with (
             attack_guard(model, bn_mode="train"),
             torch.enable_grad(),
-            self.task.attack_mode(model, self.bn_mode),
+            self.task.attack_mode(model, self.task_bn_mode),
             torch.random.fork_rng(devices=devices),
         ):
-            for _ in range(self.steps):
-                leaves = [
-                    ((x + d).clamp(0, 1) - x).requires_grad_(True)
-                    for x, d in zip(xs, deltas, strict=True)
-                ]
-                adv = [x + leaf for x, leaf in zip(xs, leaves, strict=True)]
-                objective = self.task.attack_objective(model, adv[0] if stacked else adv, targets)
-                grads = torch.autograd.grad(objective, leaves, allow_unused=True)
-                deltas = [
-                    (
-                        leaf.detach()
-                        + self.alpha * (torch.zeros_like(leaf) if g is None else g.sign())
-                    ).clamp(-self.eps, self.eps)
-                    for leaf, g in zip(leaves, grads, strict=True)
-                ]
-        out = [(x + d).clamp(0, 1).detach() for x, d in zip(xs, deltas, strict=True)]
+            deltas = engine.run(objective)
+        out = [(x + deltas[str(i)]).clamp(0, 1).detach() for i, x in enumerate(xs)]
         return out[0] if stacked else out
 
 

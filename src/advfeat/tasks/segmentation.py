@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advfeat.errors import AdvfeatError
-from advfeat.tasks.base import DenseTask, check_images, last_child
+from advfeat.tasks.base import DenseTask, ForwardPass, TaskPass, check_images, last_child
 from advfeat.tasks.metrics import SegmentationMeter
 
 __all__ = ["SegmentationTask", "check_masks", "segmentation_logits"]
@@ -61,6 +61,8 @@ class SegmentationTask(DenseTask):
     """Pixel cross-entropy with ignore index, attack objective and mIoU evaluation."""
 
     name = "segmentation"
+    metrics = ("miou", "pixel_acc")
+    primary_metric = "miou"
 
     def __init__(
         self, num_classes: int, *, ignore_index: int | None = 255, aux_weight: float = 0.5
@@ -83,21 +85,23 @@ class SegmentationTask(DenseTask):
             return logits.sum() * 0.0  # every pixel ignored: no signal, not NaN
         return F.cross_entropy(logits, masks, ignore_index=ignore)
 
-    def loss_parts(self, model: nn.Module, images: Any, targets: Any) -> dict[str, Tensor]:
-        output = model(images)
-        parts = {"loss_seg": self._ce(segmentation_logits(output), targets)}
+    def output_loss(self, output: Any, y: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        parts = {"loss_seg": self._ce(segmentation_logits(output), y)}
         if isinstance(output, dict) and output.get("aux") is not None and self.aux_weight > 0:
-            parts["loss_aux"] = self.aux_weight * self._ce(output["aux"], targets)
-        return parts
+            parts["loss_aux"] = self.aux_weight * self._ce(output["aux"], y)
+        return torch.stack(list(parts.values())).sum(), parts
 
-    def attack_terms(self, parts: dict[str, Tensor]) -> Tensor:
-        return parts["loss_seg"]
+    def attack_loss(self, output: Any, y: Any) -> Tensor:
+        return self._ce(segmentation_logits(output), y)
+
+    def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
+        return ForwardPass(self, model, x, y, sites, replay=True)
 
     def check(self, images: Any, targets: Any) -> None:
         check_images(images, stacked=True)
         check_masks(images, targets, self.num_classes, self.ignore_index)
 
-    def collate(self, batch: Sequence[tuple[Tensor, Any]]) -> tuple[Tensor, Tensor]:
+    def collate(self, batch: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
         images = torch.stack([b[0] for b in batch])
         masks = torch.stack([torch.as_tensor(b[1], dtype=torch.int64) for b in batch])
         return images, masks
@@ -128,6 +132,7 @@ class SegmentationTask(DenseTask):
         *,
         device: torch.device | str = "cpu",
         attack: Any = None,
+        detailed: bool = False,
     ) -> dict[str, Any]:
         """mIoU and pixel accuracy; ``attack(model, images, masks)`` first gives robust mIoU."""
         device = torch.device(device)

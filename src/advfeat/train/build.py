@@ -1,9 +1,9 @@
 """Build the dataset, model and method of a run from its configuration (train and eval share it).
 
-Classification runs use :func:`advfeat.models.build_model` and :func:`advfeat.methods.build_method`.
-Detection and segmentation datasets (``bundle.task``) get a :class:`~advfeat.tasks.DenseTask`, a
-detector / segmenter from :mod:`advfeat.tasks.models` and the task's version of the method
-(:func:`advfeat.tasks.build_task_method`: ``standard``, ``alfa``, ``afan``).
+Every run gets a :class:`~advfeat.tasks.Task` (classification, detection, segmentation), a model
+(:func:`advfeat.models.build_model`, or a detector / segmenter from :mod:`advfeat.tasks.models`)
+and the method built for that task (:func:`advfeat.methods.dense.build_task_method`: the methods
+whose ``tasks`` include it — ``standard``, ``alfa``, ``afan`` for detection and segmentation).
 """
 
 from __future__ import annotations
@@ -16,18 +16,19 @@ from torch import nn
 from advfeat.checkpoint import read_initial_weights
 from advfeat.data import DATASETS, DatasetBundle, build_dataset
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.methods import Method, PrepareContext, build_method
+from advfeat.methods import Method, PrepareContext
+from advfeat.methods.dense import build_task_method, task_methods
 from advfeat.models import build_model
 from advfeat.tasks import (
     DETECTORS,
     SEGMENTERS,
-    TASK_METHODS,
+    ClassificationTask,
     DenseTask,
     DetectionTask,
     SegmentationTask,
+    Task,
     build_detector,
     build_segmenter,
-    build_task_method,
 )
 from advfeat.train.config import TrainConfig
 
@@ -52,7 +53,8 @@ class RunParts:
     model: nn.Module
     method: Method
     task: DenseTask | None = None
-    """``None`` for classification."""
+    """The detection / segmentation task (``None`` for classification); every method carries
+    its task as ``method.task``."""
 
 
 def build_data(cfg: TrainConfig, **extra: Any) -> DatasetBundle:
@@ -74,10 +76,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.dataset not in DATASETS:
         raise unknown_name("dataset", cfg.dataset, DATASETS.names())
     if cfg.model in DETECTORS or cfg.model in SEGMENTERS:
-        if cfg.method not in TASK_METHODS:
-            raise unknown_name("detection/segmentation method", cfg.method, list(TASK_METHODS))
+        task: Task = DetectionTask(2) if cfg.model in DETECTORS else SegmentationTask(2)
+        build_task_method(cfg.method, task, **cfg.method_options)
         return
-    build_method(cfg.method, **cfg.method_options)
+    build_task_method(cfg.method, ClassificationTask(), **cfg.method_options)
     build_model(cfg.model, num_classes=10, **cfg.model_options)
 
 
@@ -87,7 +89,8 @@ def build_parts(cfg: TrainConfig, data: DatasetBundle | None = None) -> RunParts
     data = data if data is not None else build_data(cfg)
     if data.task != "classification":
         return build_dense_parts(cfg, data)
-    method = build_method(cfg.method, **cfg.method_options)
+    task = ClassificationTask(data.num_classes)
+    method = build_task_method(cfg.method, task, **cfg.method_options)
     model = build_model(
         cfg.model,
         num_classes=data.num_classes,
@@ -119,12 +122,14 @@ def input_shape(data: DatasetBundle) -> tuple[int, ...]:
 
 def build_dense_parts(cfg: TrainConfig, data: DatasetBundle) -> RunParts:
     """Task, detector / segmenter and dense method for a detection or segmentation dataset."""
-    if cfg.method not in TASK_METHODS:
+    if cfg.method not in task_methods(data.task):
         raise AdvfeatError(
             f"method {cfg.method!r} has no {data.task} version; {data.task} datasets "
-            f"({cfg.dataset!r}) train with: {', '.join(TASK_METHODS)}"
+            f"({cfg.dataset!r}) train with: {', '.join(task_methods(data.task))}"
         )
-    task: DenseTask
+    task: DenseTask | None = None
+    """The detection / segmentation task (``None`` for classification); every method carries
+    its task as ``method.task``."""
     model: nn.Module
     if data.task == "detection":
         if cfg.model not in DETECTORS:

@@ -9,12 +9,13 @@
   ``clean_acc``, ``train_time_s``, ``history``, and accuracy on shifted domains where the dataset
   has them).
 
-Detection and segmentation datasets train through their task (:mod:`advfeat.tasks`): batches are
-collated by the task, the running loss is averaged over images (there is no training accuracy),
-and evaluation is the task's: ``metrics.json`` holds ``clean_ap``, ``clean_ap50``, ``clean_ap75``
-(detection) or ``clean_miou``, ``clean_pixel_acc`` (segmentation) instead of ``clean_acc``, the
-history ``test_ap50`` / ``test_miou`` and the other metrics, and ``shifted_ap50`` /
-``shifted_miou`` per shifted domain. Detection never runs under autocast.
+Every run trains through its task (:class:`advfeat.tasks.Task`): batches are collated and moved
+by the task, the running loss is averaged over images (with the task's running metrics: training
+accuracy for classification), and evaluation is the task's: ``metrics.json`` holds
+``clean_<metric>`` for each of the task's metrics (``clean_acc`` / ``clean_top5``;
+``clean_ap``, ``clean_ap50``, ``clean_ap75``; ``clean_miou``, ``clean_pixel_acc``), the
+history ``val_<metric>`` / ``test_<metric>``, ``best_val_<primary metric>`` and
+``shifted_<primary metric>`` per shifted domain. Detection never runs under autocast.
 
 Reproducibility: the model is initialised from ``seed``; each epoch re-seeds the global RNG and the
 sampler from ``(seed, epoch)``, so a run killed after epoch *k* and resumed ends with the same
@@ -46,9 +47,8 @@ from advfeat.checkpoint import (
     save_checkpoint,
 )
 from advfeat.errors import AdvfeatError
-from advfeat.eval.accuracy import evaluate_accuracy
 from advfeat.methods import unwrap
-from advfeat.tasks import DenseTask
+from advfeat.tasks import Task
 from advfeat.train.build import build_parts
 from advfeat.train.config import TrainConfig
 from advfeat.train.distributed import EpochSampler, init_distributed
@@ -106,15 +106,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch * 7919 + 1
 
 
-PRIMARY_METRIC = {"detection": "ap50", "segmentation": "miou"}
-"""The metric of a dense task that selects the best epoch and names the shifted-domain results
-(VOC mAP@0.5, A-FAN Table 5; mIoU, Table 6)."""
-
-
-def _batch_size(images: Any) -> int:
-    return len(images) if isinstance(images, list | tuple) else int(images.shape[0])
-
-
 class Trainer:
     """Train one run described by a :class:`TrainConfig` into ``out_dir``."""
 
@@ -146,7 +137,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         parts = build_parts(cfg)
         self.data, self.method = parts.data, parts.method
-        self.task: DenseTask | None = parts.task
+        self.task: Task = self.method.task
         self.model = parts.model.to(self.device)
         self.method.to(self.device)
         if cfg.channels_last:
@@ -160,10 +151,9 @@ class Trainer:
             weight_decay=cfg.weight_decay,
             betas=cfg.adam_betas,
         )
-        detection = self.task is not None and self.task.name == "detection"
-        # detection: torchvision's box coder and ROI pooling want float32
+        # a task may refuse autocast: torchvision's box coder and ROI pooling want float32
         self.precision = MixedPrecision(
-            self.device, enabled=cfg.amp and not detection, dtype=cfg.amp_dtype
+            self.device, enabled=cfg.amp and self.task.autocast, dtype=cfg.amp_dtype
         )
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.train_model: nn.Module = self.model
@@ -310,7 +300,7 @@ class Trainer:
             generator=g,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
-            collate_fn=self.task.collate if self.task is not None else None,
+            collate_fn=self.task.collate,
         )
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -330,7 +320,7 @@ class Trainer:
             )
         self.train_model.train()
         sums: dict[str, float] = {}
-        seen = correct = 0
+        seen = 0
         first = 0
         elapsed = 0.0
         partial, self._partial = self._partial, None
@@ -339,7 +329,9 @@ class Trainer:
             first = int(partial["step"])
             self.sampler.skip = first * (cfg.batch_size // self.dist.world_size)
             sums = {str(k): float(v) for k, v in partial["sums"].items()}
-            seen, correct = int(partial["seen"]), int(partial["correct"])
+            seen = int(partial["seen"])
+            if partial.get("correct") and "train_acc" not in sums:  # checkpoints before Task
+                sums["train_acc"] = float(partial["correct"])
             elapsed = float(partial["elapsed_s"])
             torch.set_rng_state(partial["rng"])
             if self.device.type == "cuda" and partial.get("cuda_rng") is not None:
@@ -353,11 +345,7 @@ class Trainer:
             if step >= steps:
                 break
             lr = self._set_lr(epoch + step / steps, steps)
-            if self.task is not None:
-                x, y = self.task.to_device(x, y, self.device)
-            else:
-                x = x.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
+            x, y = self.task.to_device(x, y, self.device)
             if cfg.channels_last and isinstance(x, torch.Tensor):
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.precision.autocast():
@@ -379,25 +367,25 @@ class Trainer:
                     f"(their norm overflowed to {norm}) at epoch {epoch + 1}, step {step + 1}; "
                     "stopped (lower the lr). " + self._kept_message()
                 )
-            n = _batch_size(x)
+            n = self.task.batch_size(x)
             seen += n
-            if out.logits is not None:
-                correct += int((out.logits.detach().argmax(1) == y).sum())
+            running = self.task.running_metrics(out.logits, y)
+            for k, v in running.items():
+                sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + v
             sums["loss"] = sums.get("loss", 0.0) + loss_value * n
             for k, v in out.logs.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             if bar is not None:
                 rate = seen * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
                 shown = {"loss": f"{sums['loss'] / seen:.3f}"}
-                if self.task is None:
-                    shown["acc"] = f"{correct / seen:.3f}"
+                shown.update({k: f"{sums[f'train_{k}'] / seen:.3f}" for k in running})
                 bar.set_postfix(**shown, img_s=f"{rate:.0f}")
                 bar.update(1)
             if step + 1 < steps and self._preemption_requested():
                 self._save_preempted(
                     epoch,
                     step + 1,
-                    {"sums": sums, "seen": seen, "correct": correct},
+                    {"sums": sums, "seen": seen},
                     time.perf_counter() - start,
                 )
         if bar is not None:
@@ -405,15 +393,13 @@ class Trainer:
         if self.dist.enabled:  # history holds global averages, as one process would log them
             keys = sorted(sums)
             packed = torch.tensor(
-                [seen, correct, *(sums[k] for k in keys)], dtype=torch.float64, device=self.device
+                [seen, *(sums[k] for k in keys)], dtype=torch.float64, device=self.device
             )
             torch.distributed.all_reduce(packed)
-            seen, correct = int(packed[0]), int(packed[1])
-            sums = {k: float(v) for k, v in zip(keys, packed[2:].tolist(), strict=True)}
+            seen = int(packed[0])
+            sums = {k: float(v) for k, v in zip(keys, packed[1:].tolist(), strict=True)}
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
         row.update({f"train_{k}" if k == "loss" else k: v / seen for k, v in sums.items()})
-        if self.task is None:
-            row["train_acc"] = correct / seen
         row["epoch_time_s"] = time.perf_counter() - start
         return row
 
@@ -460,33 +446,24 @@ class Trainer:
         """What the run evaluates: the weights' moving average when ``ema_decay`` is set."""
         return self.ema.model if self.ema is not None else unwrap(self.model)
 
-    def _evaluate(self, dataset: Any) -> float:
-        model = self.method.eval_model(self._evaluated())
-        result = evaluate_accuracy(
-            model, dataset, batch_size=self.cfg.eval_batch_size, device=self.device
-        )
-        return result["top1"]
-
-    def _evaluate_dense(self, task: DenseTask, dataset: Any) -> dict[str, float]:
-        """The task's metrics (AP, AP50, AP75 / mIoU, pixel accuracy) on ``dataset``."""
+    def _evaluate(self, dataset: Any, *, detailed: bool = False) -> dict[str, float]:
+        """The task's metrics (accuracy / AP, AP50, AP75 / mIoU, pixel accuracy) on ``dataset``;
+        ``detailed`` adds the secondary ones (top-5 accuracy)."""
         model = self.method.eval_model(self._evaluated())
         loader = DataLoader(
             dataset,
             batch_size=self.cfg.eval_batch_size,
             num_workers=self.cfg.workers,
-            collate_fn=task.collate,
+            collate_fn=self.task.collate,
         )
-        result = task.evaluate(model, loader, device=self.device)
+        result = self.task.evaluate(model, loader, device=self.device, detailed=detailed)
         return {k: float(v) for k, v in result.items() if isinstance(v, int | float)}
 
     def _evaluate_into(self, row: dict[str, Any], split: str, dataset: Any) -> float:
-        """Add ``{split}_acc`` (or the dense metrics) to ``row``; return the selection metric."""
-        if self.task is None:
-            row[f"{split}_acc"] = self._evaluate(dataset)
-            return float(row[f"{split}_acc"])
-        result = self._evaluate_dense(self.task, dataset)
+        """Add ``{split}_<metric>`` to ``row``; return the primary metric (selects the best)."""
+        result = self._evaluate(dataset)
         row.update({f"{split}_{k}": v for k, v in result.items()})
-        return result[PRIMARY_METRIC[self.task.name]]
+        return result[self.task.primary_metric]
 
     def fit(self) -> dict[str, Any]:
         """Train (or finish training) and return the metrics written to ``metrics.json``.
@@ -602,18 +579,10 @@ class Trainer:
         if not self.cfg.progress:
             return
         parts = [f"epoch {row['epoch']}/{self.cfg.epochs}", f"loss {row['train_loss']:.4f}"]
-        if self.task is None:
-            parts.append(f"train {row['train_acc']:.3f}")
-            if "val_acc" in row:
-                parts.append(f"val {row['val_acc']:.3f}")
-            if "test_acc" in row:
-                parts.append(f"test {row['test_acc']:.3f}")
-        else:
-            key = PRIMARY_METRIC[self.task.name]
-            if f"val_{key}" in row:
-                parts.append(f"val {key} {row[f'val_{key}']:.3f}")
-            if f"test_{key}" in row:
-                parts.append(f"test {key} {row[f'test_{key}']:.3f}")
+        key = self.task.primary_metric
+        for split in ("train", "val", "test"):
+            if f"{split}_{key}" in row:
+                parts.append(f"{split} {key} {row[f'{split}_{key}']:.3f}")
         parts.append(f"{row['epoch_time_s']:.1f}s")
         print("  ".join(parts), file=sys.stderr, flush=True)
 
@@ -646,10 +615,7 @@ class Trainer:
             if self.ema is not None and "ema" in best:
                 self.ema.load_state_dict(best["ema"])
             self.method.load_state_dict(best["method"])
-        if self.task is not None:
-            metrics = self._dense_metrics(self.task)
-        else:
-            metrics = self._classification_metrics()
+        metrics = self._task_metrics()
         metrics["history"] = self.history
         metrics["config"] = cfg.to_dict()
         metrics["environment"] = {
@@ -671,44 +637,19 @@ class Trainer:
             "seed": cfg.seed,
         }
 
-    def _dense_metrics(self, task: DenseTask) -> dict[str, Any]:
-        """``clean_<metric>`` for each of the task's metrics, and the primary one per shifted domain."""
+    def _task_metrics(self) -> dict[str, Any]:
+        """``clean_<metric>`` for each of the task's metrics, the best validation value and the
+        primary metric per shifted domain."""
         cfg = self.cfg
         metrics = self._run_summary()
-        clean = self._evaluate_dense(task, self.data.test)
+        clean = self._evaluate(self.data.test, detailed=True)
         metrics.update({f"clean_{k}": v for k, v in clean.items()})
         metrics["train_time_s"] = round(self.train_time, 3)
-        key = PRIMARY_METRIC[task.name]
+        key = self.task.primary_metric
         if cfg.select_best and self.data.val is not None:
             metrics[f"best_val_{key}"] = self.best_val
         if cfg.eval_shifted and self.data.shifted:
             metrics[f"shifted_{key}"] = {
-                name: self._evaluate_dense(task, ds)[key] for name, ds in self.data.shifted.items()
-            }
-        return metrics
-
-    def _classification_metrics(self) -> dict[str, Any]:
-        cfg = self.cfg
-        model = self.method.eval_model(self._evaluated())
-        clean = evaluate_accuracy(
-            model,
-            self.data.test,
-            batch_size=cfg.eval_batch_size,
-            device=self.device,
-            topk=(1, 5) if self.data.num_classes > 5 else (1,),
-        )
-        metrics = self._run_summary()
-        metrics["clean_acc"] = clean["top1"]
-        metrics["train_time_s"] = round(self.train_time, 3)
-        if "top5" in clean:
-            metrics["clean_top5"] = clean["top5"]
-        if cfg.select_best and self.data.val is not None:
-            metrics["best_val_acc"] = self.best_val
-        if cfg.eval_shifted and self.data.shifted:
-            metrics["shifted_acc"] = {
-                name: evaluate_accuracy(
-                    model, ds, batch_size=cfg.eval_batch_size, device=self.device
-                )["top1"]
-                for name, ds in self.data.shifted.items()
+                name: self._evaluate(ds)[key] for name, ds in self.data.shifted.items()
             }
         return metrics

@@ -1,0 +1,102 @@
+"""Image classification as a task: logits, cross-entropy, top-k accuracy.
+
+Batches are ``(images [N, C, H, W] in [0, 1], labels int64 [N])``. The training loss is the mean
+cross-entropy; attacks ascend the summed cross-entropy (per-sample gradients independent of the
+batch size, :func:`advfeat.attacks.base.default_loss`); the metrics are top-1 (``acc``, the
+primary one) and top-5 accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import default_collate
+
+from advfeat.sites import last_stage
+from advfeat.tasks.base import ForwardPass, Task, TaskPass
+
+__all__ = ["ClassificationTask", "topk_hits"]
+
+
+def topk_hits(logits: Tensor, y: Tensor, topk: Sequence[int]) -> dict[int, int]:
+    """``{k: number of samples whose label is among the k largest logits}``."""
+    k_max = min(max(topk), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices
+    return {k: int((top[:, : min(k, k_max)] == y[:, None]).any(dim=1).sum()) for k in topk}
+
+
+class ClassificationTask(Task):
+    """Cross-entropy training, summed cross-entropy for attacks, top-k accuracy.
+
+    :meth:`evaluate` reports top-1 accuracy (``acc``), and with ``detailed=True`` top-5
+    (``top5``) too when there are more than 5 classes.
+    """
+
+    name = "classification"
+    metrics = ("acc", "top5")
+    primary_metric = "acc"
+
+    def __init__(self, num_classes: int | None = None) -> None:
+        self.num_classes = num_classes
+
+    def collate(self, batch: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
+        x, y = default_collate(list(batch))
+        return x, y
+
+    def to_device(self, x: Any, y: Any, device: torch.device) -> tuple[Any, Any]:
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def output_loss(self, output: Any, y: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = F.cross_entropy(output, y)
+        return loss, {"loss_ce": loss}
+
+    def attack_loss(self, output: Any, y: Any) -> Tensor:
+        return F.cross_entropy(output, y, reduction="sum")
+
+    def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
+        return ForwardPass(self, model, x, y, sites, replay=False)
+
+    def default_sites(self, model: nn.Module) -> list[str]:
+        """The last stage (:func:`advfeat.sites.last_stage`), "the last block" of ALFA / A-FAN."""
+        return [last_stage(model)]
+
+    def logits(self, output: Any) -> Tensor | None:
+        return output
+
+    def running_metrics(self, logits: Tensor | None, y: Any) -> dict[str, float]:
+        """``{"acc": top-1 hits}`` of a batch."""
+        return {} if logits is None else {"acc": float((logits.detach().argmax(1) == y).sum())}
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: Any,
+        *,
+        device: torch.device | str = "cpu",
+        attack: Any = None,
+        detailed: bool = False,
+    ) -> dict[str, Any]:
+        """Top-1 (``acc``) and top-5 accuracy in eval mode; ``attack(x, y)`` first when given."""
+        topk = (1, 5) if detailed and (self.num_classes or 0) > 5 else (1,)
+        flags = {m: m.training for m in model.modules()}
+        hits = dict.fromkeys(topk, 0)
+        total = 0
+        model.eval()
+        try:
+            for x, y in loader:
+                x, y = self.to_device(x, y, torch.device(device))
+                if attack is not None:
+                    with torch.enable_grad():
+                        x = attack(x, y)
+                for k, n in topk_hits(model(x), y, topk).items():
+                    hits[k] += n
+                total += y.numel()
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
+        return {("acc" if k == 1 else f"top{k}"): hits[k] / max(total, 1) for k in topk}
