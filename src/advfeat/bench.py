@@ -6,16 +6,33 @@ each, the methods are timed in interleaved rounds (A, B, C, A, B, C, ...) so tha
 machine's speed affects them alike; the median step time is reported with its ratio to
 ``standard`` and the ratio that the method's extra floating-point work predicts (matmul and
 convolution FLOPs of one step, forward and backward, counted by ``torch.utils.flop_counter``).
+
+Peak memory of one step, above what is resident before it (model, optimizer state, batch):
+on CUDA ``torch.cuda.max_memory_allocated`` (reset per method, in the timing process); on CPU
+the peak resident set size of a fresh process per method (``VmHWM`` after resetting it through
+``/proc/self/clear_refs``), so that memory freed by an earlier method and kept by the allocator
+does not hide a later method's peak.
+
+A method can be benchmarked under several configurations in one run: ``LABEL=METHOD`` names a
+configuration, whose options are then set with ``--set LABEL.option=value``. Bench-only
+settings per label (:data:`BENCH_SETTINGS`): ``frontier=false`` runs a site inside a residual
+block with the full-model fallback (as before frontiers were captured), ``live_site=SITE`` holds
+L-ALFA's strengths η one-hot at ``SITE`` (η converged to one live site).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import gc
+import multiprocessing
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +43,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from advfeat.errors import AdvfeatError
 from advfeat.methods import METHODS, Method, build_method
 from advfeat.models import build_model
+from advfeat.sites import frontier_capture
 from advfeat.train.checkpoint import save_checkpoint
 
-__all__ = ["BenchResult", "run_bench"]
+__all__ = [
+    "BENCH_SETTINGS",
+    "BenchResult",
+    "MethodSpec",
+    "bench_table",
+    "parse_method_specs",
+    "run_bench",
+]
+
+BENCH_SETTINGS = ("frontier", "live_site")
+"""Per-label settings of the benchmark itself (not method options); see the module doc."""
 
 
 @dataclass
@@ -42,20 +70,124 @@ class BenchResult:
     flops_ratio_vs_standard: float
     ratio_over_flops_ratio: float
     options: dict[str, Any]
+    peak_mem_mb: float | None = None
+    mem_ratio_vs_standard: float | None = None
+    label: str = ""
+    bench_settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One configuration to benchmark: ``label`` (table row), ``method`` (registered name)."""
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    frontier: bool = True
+    live_site: str | None = None
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every method's step is built from (picklable: CPU memory runs in a subprocess)."""
+
+    model_name: str
+    batch_size: int
+    image_size: int
+    num_classes: int
+    seed: int
+    device: str
+    threads: int
+
+
+def parse_method_specs(
+    methods: list[str], options: dict[str, dict[str, Any]] | None = None
+) -> list[MethodSpec]:
+    """``["standard", "alfa", "bn2=alfa"]`` and ``{label: {option: value}}`` into specs;
+    ``standard`` comes first (added when missing). Bench settings are taken out of the options."""
+    options = options or {}
+    specs: list[MethodSpec] = []
+    labels: list[str] = []
+    for entry in methods:
+        label, _, method = entry.partition("=")
+        label, method = label.strip(), (method or label).strip()
+        if not label or not method:
+            raise AdvfeatError(f"a method is NAME or LABEL=NAME, got {entry!r}")
+        METHODS.get(method)  # unknown names list close matches
+        if label in labels:
+            raise AdvfeatError(f"method label {label!r} is given twice; use LABEL=METHOD")
+        labels.append(label)
+        opts = dict(options.get(label, {}))
+        frontier = opts.pop("frontier", True)
+        live_site = opts.pop("live_site", None)
+        if not isinstance(frontier, bool):
+            raise AdvfeatError(f"{label}.frontier must be true or false, got {frontier!r}")
+        if live_site is not None and not isinstance(live_site, str):
+            raise AdvfeatError(f"{label}.live_site must be a site name, got {live_site!r}")
+        specs.append(MethodSpec(label, method, opts, frontier, live_site))
+    unknown = sorted(set(options) - set(labels))
+    if unknown:
+        raise AdvfeatError(
+            f"--set names {', '.join(map(repr, unknown))}, which is not among the benchmarked "
+            f"methods {labels}"
+        )
+    if "standard" not in labels:
+        specs.insert(0, MethodSpec("standard", "standard"))
+    else:
+        specs.sort(key=lambda s: s.label != "standard")
+    return specs
+
+
+def _hold_strengths(method: Method, site: str) -> Callable[[], None]:
+    """Set L-ALFA's η one-hot at ``site``; the returned function puts it back after a step."""
+    eta = getattr(method, "eta", None)
+    sites = getattr(method, "eta_sites", None)
+    if not isinstance(eta, torch.Tensor) or sites is None:
+        raise AdvfeatError(f"live_site holds L-ALFA's strengths η; method {method.name!r} has none")
+    if site not in sites:
+        raise AdvfeatError(f"live_site {site!r} is not one of L-ALFA's sites {sites}")
+    one_hot = torch.zeros_like(eta.detach())
+    one_hot[sites.index(site)] = 1.0
+
+    @torch.no_grad()
+    def hold() -> None:
+        eta.copy_(one_hot)
+
+    hold()
+    return hold
 
 
 def _make_step(
-    method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: MethodSpec
 ) -> Callable[[], None]:
     opt = torch.optim.SGD(method.parameter_groups(model), lr=1e-3, momentum=0.9)
+    hold = _hold_strengths(method, spec.live_site) if spec.live_site else None
 
     def step() -> None:
-        out = method(model, x, y)
+        with frontier_capture(spec.frontier):
+            out = method(model, x, y)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+        if hold is not None:
+            hold()
 
     return step
+
+
+def _build(setup: _Setup, spec: MethodSpec) -> tuple[Callable[[], None], Method]:
+    """The training step of ``spec`` on the benchmark's model and batch (seeded)."""
+    torch.manual_seed(setup.seed)
+    dev = torch.device(setup.device)
+    base = build_model(setup.model_name, num_classes=setup.num_classes, image_size=setup.image_size)
+    g = torch.Generator().manual_seed(setup.seed)
+    size = (setup.batch_size, 3, setup.image_size, setup.image_size)
+    x = torch.rand(size, generator=g).to(dev)
+    y = torch.randint(0, setup.num_classes, (setup.batch_size,), generator=g).to(dev)
+    method = build_method(spec.method, **spec.options)
+    model = method.prepare(copy.deepcopy(base)).to(dev).train()
+    method.to(dev)
+    return _make_step(method, model, x, y, spec), method
 
 
 def _count_flops(step: Callable[[], None]) -> float:
@@ -64,19 +196,77 @@ def _count_flops(step: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def _bench_options(name: str, base: nn.Module, tmp: Path, extra: dict[str, Any]) -> dict[str, Any]:
+def _bench_options(name: str, setup: _Setup, tmp: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """Options a method needs to run at all in a benchmark (e.g. AdvBN's pre-trained checkpoint)."""
     options = dict(extra)
     defaults = METHODS.get(name).defaults()
     if "init_checkpoint" in defaults and not options.get("init_checkpoint"):
         path = tmp / "init.pt"
-        save_checkpoint(path, {"model": base.state_dict(), "config": {}, "epoch": 0})
+        if not path.exists():
+            torch.manual_seed(setup.seed)
+            base = build_model(
+                setup.model_name, num_classes=setup.num_classes, image_size=setup.image_size
+            )
+            save_checkpoint(path, {"model": base.state_dict(), "config": {}, "epoch": 0})
         options["init_checkpoint"] = str(path)
     return options
 
 
+# ------------------------------------------------------------------------------ peak memory
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _cpu_peak_mb(setup: _Setup, spec: MethodSpec, warmup: int) -> float | None:
+    """Peak resident memory of one step above the resident memory before it (in a fresh
+    process: run by :func:`_cpu_peak_in_subprocess`). ``None`` where Linux's counters are
+    not available."""
+    torch.set_num_threads(setup.threads)
+    step, _ = _build(setup, spec)
+    for _ in range(max(warmup, 1)):  # one-time allocations: optimizer state, traces
+        step()
+    _release_free_memory()
+    try:
+        before = _proc_status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        step()
+        peak = _proc_status_kb("VmHWM")
+    except OSError:
+        return None
+    return max(peak - before, 0) / 1024
+
+
+def _cpu_peak_in_subprocess(setup: _Setup, spec: MethodSpec, warmup: int) -> float | None:
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_cpu_peak_mb, setup, spec, warmup).result()
+
+
+def _cuda_peak_mb(step: Callable[[], None], dev: torch.device) -> float:
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    step()
+    torch.cuda.synchronize(dev)
+    return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+
+
+# ------------------------------------------------------------------------------------ run
+
+
 def run_bench(
-    methods: list[str],
+    methods: list[str] | list[MethodSpec],
     *,
     model_name: str = "resnet20",
     batch_size: int = 128,
@@ -87,67 +277,118 @@ def run_bench(
     device: str = "cpu",
     seed: int = 0,
     method_options: dict[str, dict[str, Any]] | None = None,
+    memory: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
-    """Benchmark ``methods`` (``standard`` is added first when missing) and return one row each."""
+    """Benchmark ``methods`` (``standard`` is added first when missing) and return one row each.
+
+    ``methods`` are names or ``LABEL=NAME`` (options per label in ``method_options``), or
+    :class:`MethodSpec` objects. ``memory=False`` skips the peak-memory measurement.
+    """
     if iters <= 0 or warmup < 0 or batch_size <= 0:
         raise AdvfeatError(
             f"iters and batch size must be positive, warmup >= 0 (got {iters}, {batch_size}, {warmup})"
         )
-    for name in methods:
-        METHODS.get(name)
-    names = ["standard", *[m for m in methods if m != "standard"]]
-    torch.manual_seed(seed)
+    if all(isinstance(m, MethodSpec) for m in methods) and methods:
+        specs = list(methods)  # type: ignore[arg-type]
+        if specs[0].label != "standard":
+            specs = [
+                MethodSpec("standard", "standard"),
+                *[s for s in specs if s.label != "standard"],
+            ]
+    else:
+        specs = parse_method_specs([str(m) for m in methods], method_options)
+    setup = _Setup(
+        model_name, batch_size, image_size, num_classes, seed, device, torch.get_num_threads()
+    )
     dev = torch.device(device)
-    base = build_model(model_name, num_classes=num_classes, image_size=image_size)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch_size, 3, image_size, image_size, generator=g).to(dev)
-    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
+    labels = [s.label for s in specs]
     steps: dict[str, Callable[[], None]] = {}
     flops: dict[str, float] = {}
     used: dict[str, dict[str, Any]] = {}
+    peak: dict[str, float | None] = dict.fromkeys(labels)
     with tempfile.TemporaryDirectory() as tmpdir:
-        for name in names:
-            options = _bench_options(name, base, Path(tmpdir), (method_options or {}).get(name, {}))
-            method = build_method(name, **options)
-            model = method.prepare(copy.deepcopy(base)).to(dev).train()
-            method.to(dev)
-            steps[name] = _make_step(method, model, x, y)
-            used[name] = {k: v for k, v in asdict(method.opts).items() if k != "init_checkpoint"}
-            flops[name] = _count_flops(steps[name])
+        specs = [
+            MethodSpec(
+                s.label,
+                s.method,
+                _bench_options(s.method, setup, Path(tmpdir), s.options),
+                s.frontier,
+                s.live_site,
+            )
+            for s in specs
+        ]
+        for spec in specs:
+            step, method = _build(setup, spec)
+            steps[spec.label] = step
+            used[spec.label] = {
+                k: v for k, v in asdict(method.opts).items() if k != "init_checkpoint"
+            }
+            flops[spec.label] = _count_flops(step)
             for _ in range(warmup):
-                steps[name]()
+                step()
+            if memory and dev.type == "cuda":
+                peak[spec.label] = _cuda_peak_mb(step, dev)
             if progress:
-                progress(f"prepared {name}")
-        times: dict[str, list[float]] = {n: [] for n in names}
+                progress(f"prepared {spec.label}")
+        times: dict[str, list[float]] = {n: [] for n in labels}
         for r in range(iters):
-            for name in names:
+            for label in labels:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 start = time.perf_counter()
-                steps[name]()
+                steps[label]()
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                times[name].append(time.perf_counter() - start)
+                times[label].append(time.perf_counter() - start)
             if progress:
                 progress(f"round {r + 1}/{iters}")
+        steps.clear()
+        if memory and dev.type != "cuda":
+            for spec in specs:
+                peak[spec.label] = _cpu_peak_in_subprocess(setup, spec, warmup)
+                if progress:
+                    progress(f"peak memory of {spec.label}: {peak[spec.label]} MB")
+    return _results(specs, times, flops, used, peak)
+
+
+def _results(
+    specs: list[MethodSpec],
+    times: dict[str, list[float]],
+    flops: dict[str, float],
+    used: dict[str, dict[str, Any]],
+    peak: dict[str, float | None],
+) -> list[BenchResult]:
     ref_ms = statistics.median(times["standard"]) * 1e3
+    ref_mem = peak["standard"]
     results = []
-    for name in names:
-        ms = statistics.median(times[name]) * 1e3
-        flops_ratio = flops[name] / flops["standard"]
+    for spec in specs:
+        label = spec.label
+        ms = statistics.median(times[label]) * 1e3
+        flops_ratio = flops[label] / flops["standard"]
         ratio = ms / ref_ms
+        mem = peak[label]
+        mem_ratio = None if mem is None or not ref_mem else round(mem / ref_mem, 3)
+        settings: dict[str, Any] = {}
+        if not spec.frontier:
+            settings["frontier"] = False
+        if spec.live_site:
+            settings["live_site"] = spec.live_site
         results.append(
             BenchResult(
-                method=name,
+                method=spec.method,
                 step_ms=round(ms, 2),
-                step_ms_min=round(min(times[name]) * 1e3, 2),
-                step_ms_max=round(max(times[name]) * 1e3, 2),
+                step_ms_min=round(min(times[label]) * 1e3, 2),
+                step_ms_max=round(max(times[label]) * 1e3, 2),
                 ratio_vs_standard=round(ratio, 3),
-                flops_per_step=flops[name],
+                flops_per_step=flops[label],
                 flops_ratio_vs_standard=round(flops_ratio, 3),
                 ratio_over_flops_ratio=round(ratio / flops_ratio, 3),
-                options=used[name],
+                options=used[label],
+                peak_mem_mb=None if mem is None else round(mem, 1),
+                mem_ratio_vs_standard=mem_ratio,
+                label=label,
+                bench_settings=settings,
             )
         )
     return results
@@ -156,12 +397,17 @@ def run_bench(
 def bench_table(results: list[BenchResult]) -> str:
     """Markdown table of a benchmark."""
     lines = [
-        "| method | step ms (median) | × standard | × predicted by FLOPs | measured / predicted |",
-        "|---|---|---|---|---|",
+        "| method | step ms (median) | × standard | × predicted by FLOPs | measured / predicted "
+        "| peak memory MB | memory × standard |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        name = r.label if r.label in ("", r.method) else f"{r.label} ({r.method})"
+        mem = "n/a" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"
+        mem_ratio = "n/a" if r.mem_ratio_vs_standard is None else f"{r.mem_ratio_vs_standard:.2f}"
         lines.append(
-            f"| {r.method} | {r.step_ms:.1f} | {r.ratio_vs_standard:.2f} | {r.flops_ratio_vs_standard:.2f} | "
-            f"{r.ratio_over_flops_ratio:.2f} |"
+            f"| {name or r.method} | {r.step_ms:.1f} | {r.ratio_vs_standard:.2f} | "
+            f"{r.flops_ratio_vs_standard:.2f} | {r.ratio_over_flops_ratio:.2f} | {mem} | "
+            f"{mem_ratio} |"
         )
     return "\n".join(lines)

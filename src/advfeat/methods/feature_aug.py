@@ -463,8 +463,10 @@ class FeatureAugmentation(Method):
     def clean_pass(
         self, model: nn.Module, x: Tensor, sites: Sequence[str]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One forward of the (possibly wrapped) model, capturing the site features with graph."""
-        with capture_features(unwrap(model), list(sites)) as captured:
+        """One forward of the (possibly wrapped) model, capturing the site features with graph
+        (and, for a site inside a residual block, the values that jump over it, so that the
+        attack and adversarial passes run only the part after the site)."""
+        with capture_features(unwrap(model), list(sites), frontier=True) as captured:
             logits = model(x)
         feats: dict[str, Tensor] = {}
         for site in sites:
