@@ -74,6 +74,7 @@ class BenchResult:
     mem_ratio_vs_standard: float | None = None
     label: str = ""
     bench_settings: dict[str, Any] = field(default_factory=dict)
+    images_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ class _Setup:
     seed: int
     device: str
     threads: int
+    amp: str | None = None
+    channels_last: bool = False
 
 
 def parse_method_specs(
@@ -157,14 +160,28 @@ def _hold_strengths(method: Method, site: str) -> Callable[[], None]:
     return hold
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--amp`` choices: the step's forward passes run under ``torch.autocast`` with this dtype."""
+
+
 def _make_step(
-    method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: MethodSpec
+    method: Method,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: MethodSpec,
+    amp: str | None = None,
 ) -> Callable[[], None]:
     opt = torch.optim.SGD(method.parameter_groups(model), lr=1e-3, momentum=0.9)
     hold = _hold_strengths(method, spec.live_site) if spec.live_site else None
 
+    def autocast() -> contextlib.AbstractContextManager[Any]:
+        if amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=AMP_DTYPES[amp])
+
     def step() -> None:
-        with frontier_capture(spec.frontier):
+        with frontier_capture(spec.frontier), autocast():
             out = method(model, x, y)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -186,8 +203,11 @@ def _build(setup: _Setup, spec: MethodSpec) -> tuple[Callable[[], None], Method]
     y = torch.randint(0, setup.num_classes, (setup.batch_size,), generator=g).to(dev)
     method = build_method(spec.method, **spec.options)
     model = method.prepare(copy.deepcopy(base)).to(dev).train()
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     method.to(dev)
-    return _make_step(method, model, x, y, spec), method
+    return _make_step(method, model, x, y, spec, setup.amp), method
 
 
 def _count_flops(step: Callable[[], None]) -> float:
@@ -278,28 +298,40 @@ def run_bench(
     seed: int = 0,
     method_options: dict[str, dict[str, Any]] | None = None,
     memory: bool = True,
+    amp: str | None = None,
+    channels_last: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
     """Benchmark ``methods`` (``standard`` is added first when missing) and return one row each.
 
     ``methods`` are names or ``LABEL=NAME`` (options per label in ``method_options``), or
     :class:`MethodSpec` objects. ``memory=False`` skips the peak-memory measurement.
+    ``amp="bf16"`` runs the forward passes under autocast; ``channels_last`` converts the model
+    and the batch to that memory format.
     """
+    if amp is not None and amp not in AMP_DTYPES:
+        raise AdvfeatError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
     if iters <= 0 or warmup < 0 or batch_size <= 0:
         raise AdvfeatError(
             f"iters and batch size must be positive, warmup >= 0 (got {iters}, {batch_size}, {warmup})"
         )
-    if all(isinstance(m, MethodSpec) for m in methods) and methods:
-        specs = list(methods)  # type: ignore[arg-type]
-        if specs[0].label != "standard":
-            specs = [
-                MethodSpec("standard", "standard"),
-                *[s for s in specs if s.label != "standard"],
-            ]
+    given = [m for m in methods if isinstance(m, MethodSpec)]
+    specs: list[MethodSpec]
+    if given and len(given) == len(methods):
+        specs = [s for s in given if s.label == "standard"] or [MethodSpec("standard", "standard")]
+        specs += [s for s in given if s.label != "standard"]
     else:
         specs = parse_method_specs([str(m) for m in methods], method_options)
     setup = _Setup(
-        model_name, batch_size, image_size, num_classes, seed, device, torch.get_num_threads()
+        model_name,
+        batch_size,
+        image_size,
+        num_classes,
+        seed,
+        device,
+        torch.get_num_threads(),
+        amp,
+        channels_last,
     )
     dev = torch.device(device)
     labels = [s.label for s in specs]
@@ -349,7 +381,7 @@ def run_bench(
                 peak[spec.label] = _cpu_peak_in_subprocess(setup, spec, warmup)
                 if progress:
                     progress(f"peak memory of {spec.label}: {peak[spec.label]} MB")
-    return _results(specs, times, flops, used, peak)
+    return _results(specs, times, flops, used, peak, batch_size)
 
 
 def _results(
@@ -358,6 +390,7 @@ def _results(
     flops: dict[str, float],
     used: dict[str, dict[str, Any]],
     peak: dict[str, float | None],
+    batch_size: int,
 ) -> list[BenchResult]:
     ref_ms = statistics.median(times["standard"]) * 1e3
     ref_mem = peak["standard"]
@@ -389,6 +422,7 @@ def _results(
                 mem_ratio_vs_standard=mem_ratio,
                 label=label,
                 bench_settings=settings,
+                images_per_s=round(batch_size / (ms / 1e3), 1),
             )
         )
     return results
@@ -397,16 +431,17 @@ def _results(
 def bench_table(results: list[BenchResult]) -> str:
     """Markdown table of a benchmark."""
     lines = [
-        "| method | step ms (median) | × standard | × predicted by FLOPs | measured / predicted "
-        "| peak memory MB | memory × standard |",
-        "|---|---|---|---|---|---|---|",
+        "| method | step ms (median) | images/s | × standard | × predicted by FLOPs "
+        "| measured / predicted | peak memory MB | memory × standard |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         name = r.label if r.label in ("", r.method) else f"{r.label} ({r.method})"
         mem = "n/a" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"
         mem_ratio = "n/a" if r.mem_ratio_vs_standard is None else f"{r.mem_ratio_vs_standard:.2f}"
         lines.append(
-            f"| {name or r.method} | {r.step_ms:.1f} | {r.ratio_vs_standard:.2f} | "
+            f"| {name or r.method} | {r.step_ms:.1f} | {r.images_per_s:.0f} | "
+            f"{r.ratio_vs_standard:.2f} | "
             f"{r.flops_ratio_vs_standard:.2f} | {r.ratio_over_flops_ratio:.2f} | {mem} | "
             f"{mem_ratio} |"
         )

@@ -16,19 +16,29 @@ How the tail is built. ``nn.Sequential`` models split at a top-level child direc
 are traced with ``torch.fx``: the site (and any site to be replaced inside the tail) is a leaf, so
 are the standard ``torch.nn`` layers, batch-norm layers (including advfeat's multi-branch BN),
 modules carrying hooks, user-given leaves, and any submodule whose ``forward`` cannot be traced
-(it is tried, then kept whole). The graph is cut after the site's node; the cut is *clean* when the
-site's output is the only input-dependent value the rest of the graph uses. The tail is compiled
+(it is tried, then kept whole). The graph is cut after the site's node. The tail is compiled
 from the graph but runs against the live model (``self`` is the model itself), so it shares every
 submodule, parameter and buffer — training through the tail trains the model, and swapping a
 submodule, ``.to(device)`` or BN-branch routing are seen at once. Traces are cached per model and
 redone when module types, train/eval flags or the presence of hooks change (Python state read by
 non-leaf modules, e.g. ``if self.training``, is frozen into a trace).
 
-Fallback (model not traceable, cut not clean — e.g. a skip connection jumping over the site —, a
-hooked ancestor of the site, forward hooks on the root): the whole model runs on the input ``x``
-with the site's output replaced by a forward hook; the part before the site runs under
+The frontier. When the tail also needs values from before the site — a site inside a residual
+block, whose block input the shortcut adds back; a dense block, whose later layers concatenate
+earlier outputs — those values (the *frontier*: model inputs and outputs of module calls, with
+the function calls between them and the tail replayed) are recorded during the clean pass by
+``capture_features(model, sites, frontier=True)`` and handed to the tail when it is called with
+the same input ``x`` (the same tensor or an alias of it, not written to since). The tail is then
+tail-only at any site of a traceable model. The frontier keeps its autograd graph: with
+``prefix_grad=True`` gradients reach the layers before the site through it, as they do through the
+skip connection of the full model; by default it is a constant of the tail, like the fallback's
+prefix.
+
+Fallback (model not traceable, a frontier that no clean pass captured for this input, a hooked
+ancestor of the site, forward hooks on the root): the whole model runs on the input ``x`` with
+the site's output replaced by a forward hook; the part before the site runs under
 ``torch.no_grad()`` (grad mode is switched back on by the site hook). Slower, equally correct.
-Check :attr:`SiteSplit.is_fast`.
+Check :attr:`SiteSplit.is_fast` and :attr:`SiteSplit.frontier`.
 
 Root forward *pre*-hooks (e.g. :func:`advfeat.models.attach_normalize`) are part of the head and
 are not run by a fast tail, which starts after the site.
@@ -762,13 +772,15 @@ class SiteSplit:
         model: any ``nn.Module`` (wrappers are unwrapped); submodules are shared, never copied.
         site: dotted name of the submodule whose output is the split point.
         leaves: extra module types or dotted names to keep whole when tracing.
-        prefix_grad: fallback only — run the part before the site with gradients enabled, so
-            values that jump over the site (skip connections) carry gradients to earlier layers.
-            The default (``False``) gives the same gradients as the fast path, where only the
-            ``feature`` passed in connects the tail to anything before the site.
+        prefix_grad: let values that jump over the site (skip connections) carry gradients to
+            earlier layers: the captured frontier keeps its graph (fast path), the fallback runs
+            the part before the site with gradients. The default (``False``) makes them
+            constants: only the ``feature`` passed in connects the tail to anything before it.
 
     ``tail(feature)`` returns the model's output as if the site had output ``feature``;
-    ``head(x)`` returns the site's output for input ``x`` (running only up to the site).
+    ``head(x)`` returns the site's output for input ``x`` (running only up to the site). For a
+    site with a :attr:`frontier`, run the clean pass inside
+    ``capture_features(model, site, frontier=True)`` and call ``tail(feature, x=x)``.
     """
 
     def __init__(

@@ -43,6 +43,12 @@ def add_parser(sub: Any) -> None:
         "LABEL.live_site=SITE (L-ALFA: η held one-hot at SITE)",
     )
     p.add_argument(
+        "--amp", choices=["bf16", "fp16"], help="run the forward passes under torch.autocast"
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="model and batch in channels_last format"
+    )
+    p.add_argument(
         "--no-memory",
         dest="memory",
         action="store_false",
@@ -85,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         method_options=options,
         memory=args.memory,
+        amp=args.amp,
+        channels_last=args.channels_last,
         progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
     )
     print(bench_table(results))
@@ -94,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "iters": args.iters,
             "device": args.device,
+            "image_size": args.image_size,
+            "amp": args.amp,
+            "channels_last": args.channels_last,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
