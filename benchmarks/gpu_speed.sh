@@ -6,7 +6,9 @@
 #      every method (ResNet-20, 32 px);
 #   2. step time of each method (ratio to standard, images/s, FLOP prediction, peak CUDA
 #      memory) with `advfeat bench`: ResNet-20 at 32 px (batch 128), ResNet-50 at 224 px
-#      (batch 64) in fp32, and ResNet-50 again with bf16 autocast + channels_last.
+#      (batch 64) in fp32, and ResNet-50 again with bf16 autocast + channels_last;
+#      `alfa_inner` is ALFA at a site inside the last residual block (tail-only through the
+#      captured frontier).
 #
 # Every part has its own time box; a part that fails or runs out of time is reported in
 # $OUT/status.txt and the script goes on. Nothing is downloaded. From the repository root:
@@ -24,9 +26,10 @@ PY=${PY:-python3}
 export PYTHONPATH=${PYTHONPATH:-src}
 mkdir -p "$OUT"
 : > "$OUT/status.txt"
-METHODS=standard,alfa,afan,advprop,fast-advprop,advbn,l-alfa,pgd-at,trades,mart,afa,alfa_bn2=alfa
-SETS=(--set alfa_bn2.site=layer3.2.bn2 --set advprop.eps=1)
-R50_SETS=(--set alfa_bn2.site=layer4.2.bn3 --set advprop.eps=1)
+METHODS=standard,alfa,afan,advprop,fast-advprop,advbn,l-alfa,pgd-at,trades,mart,afa,alfa_inner=alfa
+SETS=(--set alfa_inner.site=layer3.2.bn2 --set advprop.eps=1)
+# torchvision writes the last BN of a bottleneck in place (out += identity): a conv site
+R50_SETS=(--set alfa_inner.site=layer4.2.conv3 --set advprop.eps=1)
 if [[ "${TINY:-0}" == 1 ]]; then
   R20=(--batch-size 4 --image-size 16 --iters 1 --warmup 0 --no-memory)
   R50=(--batch-size 2 --image-size 32 --iters 1 --warmup 0 --no-memory)

@@ -11,7 +11,8 @@ Peak memory of one step, above what is resident before it (model, optimizer stat
 on CUDA ``torch.cuda.max_memory_allocated`` (reset per method, in the timing process); on CPU
 the peak resident set size of a fresh process per method (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``), so that memory freed by an earlier method and kept by the allocator
-does not hide a later method's peak.
+does not hide a later method's peak; that process has glibc serve large blocks from ``mmap``
+(``MALLOC_MMAP_THRESHOLD_``), so that its resident set follows what is allocated.
 
 A method can be benchmarked under several configurations in one run: ``LABEL=METHOD`` names a
 configuration, whose options are then set with ``--set LABEL.option=value``. Bench-only
@@ -27,6 +28,7 @@ import copy
 import ctypes
 import gc
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -267,10 +269,24 @@ def _cpu_peak_mb(setup: _Setup, spec: MethodSpec, warmup: int) -> float | None:
     return max(peak - before, 0) / 1024
 
 
+# glibc: large blocks always come from (and go back to) mmap, so that the resident set follows
+# what is allocated instead of what the allocator keeps cached (in the measuring process only)
+_EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
 def _cpu_peak_in_subprocess(setup: _Setup, spec: MethodSpec, warmup: int) -> float | None:
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_cpu_peak_mb, setup, spec, warmup).result()
+    saved = {k: os.environ.get(k) for k in _EXACT_MALLOC}
+    os.environ.update(_EXACT_MALLOC)
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            return pool.submit(_cpu_peak_mb, setup, spec, warmup).result()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _cuda_peak_mb(step: Callable[[], None], dev: torch.device) -> float:
