@@ -84,7 +84,7 @@ def _not_tail_only(
     sites = _sites_run_once(model, x)
     if within != ("",):
         sites = [s for s in sites if "." not in s or s.startswith(within)]
-    assert len(sites) > 20
+    assert len(sites) >= 15
     stem_calls: list[int] = []
     handle = stem.register_forward_pre_hook(lambda *_: stem_calls.append(1))
     try:
@@ -102,11 +102,11 @@ def test_resnet20_every_site_is_tail_only() -> None:
 
 
 def test_resnet50_sites_are_tail_only() -> None:
-    """Every site of a bottleneck with a downsampling shortcut and of one with an identity
-    shortcut, and every top-level site (all 151 sites take minutes: 25 M parameters)."""
+    """Every site of a bottleneck with a downsampling shortcut (whose last BN the block writes
+    into: ``out += identity``) and every top-level site (all 151 sites take minutes)."""
     model = _build(lambda: torchvision.models.resnet50(num_classes=5), 3)
     x = torch.rand(2, 3, 32, 32, generator=_seeded(4))
-    assert _not_tail_only(model, model.conv1, x, within=("layer2.0", "layer3.1")) == []
+    assert _not_tail_only(model, model.conv1, x, within=("layer2.0",)) == []
 
 
 def test_densenet_every_site_is_tail_only() -> None:
