@@ -367,21 +367,39 @@ def test_site_order(resnet18: nn.Module, images) -> None:
 # ------------------------------------------------------------------------------- fallback
 
 
-def test_skip_over_the_site_falls_back_and_stays_correct() -> None:
+def test_skip_over_the_site_needs_the_captured_frontier() -> None:
     torch.manual_seed(12)
     model = SkipOverSite()
     x = torch.rand(2, 3, 8, 8, generator=_seeded(13))
     split = SiteSplit(model, "b")
-    assert not split.is_fast and "cross the cut" in split.fallback_reason
-    _check_tail_equals_full(model, "b", x, fast=False, prefix=("a",))
+    assert split.is_fast and split.frontier == ("a",)
+    # no frontier captured: the full-model fallback, whose prefix runs without gradients
     with torch.no_grad(), capture_features(model, "b") as feats:
         model(x)
-    with pytest.raises(AdvfeatError, match="pass the model input"):
+    with pytest.raises(AdvfeatError, match="frontier=True"):
         split.tail(feats["b"])
-    # The prefix runs without gradients: the skip value is a constant of the tail.
     f = feats["b"].clone().requires_grad_(True)
-    split.tail(f, x=x).sum().backward()
-    assert model.a.weight.grad is None and model.c[1].weight.grad is not None
+    out_full = split.tail(f, x=x)
+    out_full.sum().backward()
+    grad_c = model.c[1].weight.grad.clone()
+    assert model.a.weight.grad is None
+    model.zero_grad(set_to_none=True)
+    # the clean pass captured the frontier: tail-only (``a`` does not run), same results
+    with capture_features(model, "b", frontier=True) as feats:
+        model(x)
+    calls: list[int] = []
+    handle = model.a.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        f_fast = feats["b"].detach().requires_grad_(True)
+        out_fast = split.tail(f_fast, x=x)
+    finally:
+        handle.remove()
+    assert not calls
+    torch.testing.assert_close(out_fast, out_full)
+    out_fast.sum().backward()
+    assert model.a.weight.grad is None  # prefix_grad=False: the skip value is a constant
+    torch.testing.assert_close(model.c[1].weight.grad, grad_c)
+    torch.testing.assert_close(f_fast.grad, f.grad)
     model.zero_grad(set_to_none=True)
     assert torch.is_grad_enabled()
 

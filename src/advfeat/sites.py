@@ -16,19 +16,29 @@ How the tail is built. ``nn.Sequential`` models split at a top-level child direc
 are traced with ``torch.fx``: the site (and any site to be replaced inside the tail) is a leaf, so
 are the standard ``torch.nn`` layers, batch-norm layers (including advfeat's multi-branch BN),
 modules carrying hooks, user-given leaves, and any submodule whose ``forward`` cannot be traced
-(it is tried, then kept whole). The graph is cut after the site's node; the cut is *clean* when the
-site's output is the only input-dependent value the rest of the graph uses. The tail is compiled
+(it is tried, then kept whole). The graph is cut after the site's node. The tail is compiled
 from the graph but runs against the live model (``self`` is the model itself), so it shares every
 submodule, parameter and buffer — training through the tail trains the model, and swapping a
 submodule, ``.to(device)`` or BN-branch routing are seen at once. Traces are cached per model and
 redone when module types, train/eval flags or the presence of hooks change (Python state read by
 non-leaf modules, e.g. ``if self.training``, is frozen into a trace).
 
-Fallback (model not traceable, cut not clean — e.g. a skip connection jumping over the site —, a
-hooked ancestor of the site, forward hooks on the root): the whole model runs on the input ``x``
-with the site's output replaced by a forward hook; the part before the site runs under
+The frontier. When the tail also needs values from before the site — a site inside a residual
+block, whose block input the shortcut adds back; a dense block, whose later layers concatenate
+earlier outputs — those values (the *frontier*: model inputs and outputs of module calls, with
+the function calls between them and the tail replayed) are recorded during the clean pass by
+``capture_features(model, sites, frontier=True)`` and handed to the tail when it is called with
+the same input ``x`` (the same tensor or an alias of it, not written to since). The tail is then
+tail-only at any site of a traceable model. The frontier keeps its autograd graph: with
+``prefix_grad=True`` gradients reach the layers before the site through it, as they do through the
+skip connection of the full model; by default it is a constant of the tail, like the fallback's
+prefix.
+
+Fallback (model not traceable, a frontier that no clean pass captured for this input, a hooked
+ancestor of the site, forward hooks on the root): the whole model runs on the input ``x`` with
+the site's output replaced by a forward hook; the part before the site runs under
 ``torch.no_grad()`` (grad mode is switched back on by the site hook). Slower, equally correct.
-Check :attr:`SiteSplit.is_fast`.
+Check :attr:`SiteSplit.is_fast` and :attr:`SiteSplit.frontier`.
 
 Root forward *pre*-hooks (e.g. :func:`advfeat.models.attach_normalize`) are part of the head and
 are not run by a fast tail, which starts after the site.
@@ -37,10 +47,12 @@ are not run by a fast tail, which starts after the site.
 from __future__ import annotations
 
 import math
+import operator
 import sys
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -56,6 +68,7 @@ __all__ = [
     "FeatureFn",
     "SiteSplit",
     "capture_features",
+    "frontier_capture",
     "last_stage",
     "replace_features",
     "resolve_site",
@@ -132,7 +145,12 @@ def resolve_site(model: nn.Module, name: str) -> nn.Module:
 
 @contextmanager
 def capture_features(
-    model: nn.Module, sites: str | Sequence[str], *, detach: bool = False, clone: bool = False
+    model: nn.Module,
+    sites: str | Sequence[str],
+    *,
+    detach: bool = False,
+    clone: bool = False,
+    frontier: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Record the output of each site during the forward passes run inside the block.
 
@@ -141,25 +159,32 @@ def capture_features(
     last output. The stored tensor *is* the site's output: if the model later modifies it in
     place (a BN site followed by ``out += identity`` or ``ReLU(inplace=True)``), pass
     ``clone=True`` — block outputs (``layer3``, ``layer4.0``) are not modified that way.
+
+    ``frontier=True`` also records, for each site whose tail needs more than the site's output
+    (a site inside a residual block: the block's input, used by the shortcut), the values that
+    cross the cut, so that ``SiteSplit(model, site).tail(feature, x=x)`` with the same input
+    ``x`` runs only the part after the site (see :class:`SiteSplit`).
     """
     names = [sites] if isinstance(sites, str) else list(sites)
     store: dict[str, Any] = {}
     handles = []
-    try:
-        for name in names:
-            module = resolve_site(model, name)
+    capture = frontier and _FRONTIER_CAPTURE[0]
+    with _capture_frontier(model, names) if capture else nullcontext():
+        try:
+            for name in names:
+                module = resolve_site(model, name)
 
-            def hook(_m: nn.Module, _a: Any, output: Any, name: str = name) -> None:
-                if isinstance(output, Tensor):
-                    output = output.detach() if detach else output
-                    output = output.clone() if clone else output
-                store[name] = output
+                def hook(_m: nn.Module, _a: Any, output: Any, name: str = name) -> None:
+                    if isinstance(output, Tensor):
+                        output = output.detach() if detach else output
+                        output = output.clone() if clone else output
+                    store[name] = output
 
-            handles.append(module.register_forward_hook(hook))
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
+                handles.append(module.register_forward_hook(hook))
+            yield store
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _replacement_hook(name: str, value: Replacement) -> Callable[[nn.Module, Any, Any], Any]:
@@ -302,15 +327,32 @@ class _SiteTracer(fx.Tracer):
 
 # ------------------------------------------------------------------------------------ plans
 
-TailFn = Callable[[nn.Module, Any], Any]
+TailFn = Callable[..., Any]
+
+_INPLACE_OPERATORS = frozenset(
+    {
+        operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+        operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+        operator.ilshift, operator.irshift, operator.imatmul,
+    }
+)  # fmt: skip
+
+
+Source = tuple[str, str, int]
+"""Where a value crossing the cut comes from: ``("input", name, i)`` (the i-th model input) or
+``("module", name, k)`` (the output of the k-th call of that module in a forward)."""
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """How to run the tail: ``fn(model, feature)`` when fast, else ``reason`` for the fallback."""
+    """How to run the tail: ``fn(model, feature, *frontier)`` when fast, else ``reason`` for the
+    fallback. ``sources`` say where the frontier values come from (empty for a clean cut)."""
 
     fn: TailFn | None
     reason: str = ""
+    sources: tuple[Source, ...] = ()
+    frontier: tuple[str, ...] = ()
+    source_calls: tuple[int, ...] = ()
 
 
 def _call_module_nodes(graph: fx.Graph, target: str) -> list[fx.Node]:
@@ -328,6 +370,72 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
+    found: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a in found for a in n.all_input_nodes):
+            found.add(n)
+    return found
+
+
+def _writes_in_place(node: fx.Node, model: nn.Module) -> bool:
+    """Whether ``node`` may write into its first argument (``+=``, ``relu_``, ``inplace=True``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(model.get_submodule(str(node.target)), "inplace", False) is True
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+    elif node.op == "call_method":
+        name = str(node.target)
+    else:
+        return False
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _frontier(
+    graph: fx.Graph, after: set[fx.Node], site_node: fx.Node
+) -> tuple[list[fx.Node], set[fx.Node], set[fx.Node]]:
+    """What the tail needs from before the cut: ``(sources, replayed, constants)``.
+
+    *Sources* are values the clean pass can hand over: the model's inputs (placeholders) and
+    outputs of module calls. Function and method calls between them and the tail (a shortcut's
+    ``x[:, :, ::2, ::2]``, a dense block's ``torch.cat``) are *replayed* in the tail from their
+    sources; values that do not depend on the input are *constants* (copied as they are).
+    """
+    dependent = _input_dependent(graph)
+    sources: list[fx.Node] = []
+    replayed: set[fx.Node] = set()
+    constants: set[fx.Node] = set()
+    stack = [a for n in after for a in n.all_input_nodes if a is not site_node and a not in after]
+    while stack:
+        a = stack.pop()
+        if a in constants or a in replayed or a in sources:
+            continue
+        if a not in dependent:
+            constants.add(a)
+            stack.extend(a.all_input_nodes)
+        elif a.op in ("placeholder", "call_module"):
+            sources.append(a)
+        else:
+            replayed.add(a)
+            stack.extend(a.all_input_nodes)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    sources.sort(key=order.__getitem__)
+    return sources, replayed, constants
+
+
+def _source_of(graph: fx.Graph, node: fx.Node) -> Source:
+    """How the clean pass hands over ``node``: the i-th model input, or the k-th call of a module."""
+    if node.op == "placeholder":
+        index = [n for n in graph.nodes if n.op == "placeholder"].index(node)
+        return ("input", str(node.target), index)
+    calls = _call_module_nodes(graph, str(node.target))
+    return ("module", str(node.target), calls.index(node))
+
+
 def _cut_graph(model: nn.Module, graph: fx.Graph, site: str, replaced: frozenset[str]) -> _Plan:
     site_nodes = _call_module_nodes(graph, site)
     if not site_nodes:
@@ -339,28 +447,6 @@ def _cut_graph(model: nn.Module, graph: fx.Graph, site: str, replaced: frozenset
     output = next(n for n in graph.nodes if n.op == "output")
     if output not in after:
         raise AdvfeatError(f"the model's output does not depend on feature site {site!r}")
-    input_dependent: set[fx.Node] = set()
-    for n in graph.nodes:
-        if n.op == "placeholder" or any(a in input_dependent for a in n.all_input_nodes):
-            input_dependent.add(n)
-    constants: set[fx.Node] = set()
-    crossing: list[str] = []
-    for n in after:
-        for a in n.all_input_nodes:
-            if a is site_node or a in after:
-                continue
-            if a in input_dependent:
-                crossing.append(a.name)
-            else:
-                stack = [a]
-                while stack:
-                    c = stack.pop()
-                    if c not in constants:
-                        constants.add(c)
-                        stack.extend(c.all_input_nodes)
-    if crossing:
-        names = ", ".join(sorted(set(crossing))[:5])
-        return _Plan(None, f"values other than the site's output cross the cut ({names})")
     for r in sorted(replaced):
         nodes = _call_module_nodes(graph, r)
         if not nodes:
@@ -370,17 +456,44 @@ def _cut_graph(model: nn.Module, graph: fx.Graph, site: str, replaced: frozenset
                 f"feature site {r!r} does not run after the split site {site!r}; only sites "
                 f"downstream of the split can be replaced in its tail"
             )
+    sources, replayed, constants = _frontier(graph, after, site_node)
+    copied = after | replayed
+    written: set[fx.Node] = set()  # sources the tail writes into: it gets a copy of each
+    for n in graph.nodes:
+        if n in copied and n.args and _writes_in_place(n, model):
+            first = n.args[0]
+            if not isinstance(first, fx.Node) or (first not in sources and first not in replayed):
+                continue
+            if first in replayed or [u for u in first.users if u in copied] != [n]:
+                return _Plan(
+                    None,
+                    f"{n.name} writes in place into {first.name}, a value from before the site",
+                )
+            written.add(first)
     tail = fx.Graph()
     env: dict[fx.Node, fx.Node] = {site_node: tail.placeholder("feature")}
+    for i, n in enumerate(sources):
+        env[n] = tail.placeholder(f"frontier_{i}")
+    for n in sources:
+        if n in written:  # e.g. ``h.add_(out)`` in the tail, with ``h`` from before the site
+            env[n] = tail.call_method("clone", (env[n],))
     for n in graph.nodes:
-        if n in after or n in constants:
+        if n in copied or n in constants:
             env[n] = tail.node_copy(n, lambda a: env[a])
     compiled = fx.GraphModule(model, tail)
     compiled.graph.eliminate_dead_code()
     compiled.graph.lint()
     compiled.recompile()
     # The generated forward only reads ``self.<qualified name>``: run it against the live model.
-    return _Plan(type(compiled).forward)
+    return _Plan(
+        type(compiled).forward,
+        sources=tuple(_source_of(graph, n) for n in sources),
+        frontier=tuple(n.name for n in sources),
+        source_calls=tuple(
+            len(_call_module_nodes(graph, str(n.target))) if n.op == "call_module" else 0
+            for n in sources
+        ),
+    )
 
 
 def _sequential_plan(model: nn.Sequential, site: str, replaced: frozenset[str]) -> _Plan | None:
@@ -468,6 +581,185 @@ def _plan_for(
     return plan
 
 
+# ------------------------------------------------------------------------ frontier capture
+
+
+def _first_tensor(values: Iterable[Any]) -> Tensor | None:
+    return next((v for v in values if isinstance(v, Tensor)), None)
+
+
+def _input_key(x: Tensor) -> tuple[Any, ...]:
+    """What identifies the data of ``x`` (and its detached aliases): memory, layout, version."""
+    return (
+        x.untyped_storage().data_ptr(),
+        x.storage_offset(),
+        tuple(x.shape),
+        x.stride(),
+        x.dtype,
+        x.device,
+        x._version,
+    )
+
+
+@dataclass
+class _Capture:
+    """The values crossing a site's cut, recorded during one forward pass on ``input_ref()``."""
+
+    input_ref: weakref.ref[Tensor]
+    input_key: tuple[Any, ...]
+    values: dict[Source, Any]
+    versions: dict[Source, int]
+    calls: dict[str, int]
+    grad_enabled: bool
+
+    def matches(self, x: ModelInput | None, plan: _Plan) -> bool:
+        key = _first_tensor(_as_args(x)) if x is not None else None
+        if key is None or self.input_ref() is None or _input_key(key) != self.input_key:
+            return False
+        for source, count in zip(plan.sources, plan.source_calls, strict=True):
+            value = self.values.get(source, _MISSING)
+            if value is _MISSING:
+                return False
+            if source[0] == "module" and self.calls.get(source[1]) != count:
+                return False
+            if isinstance(value, Tensor) and value._version != self.versions[source]:
+                return False
+        return True
+
+    def untouched(self) -> bool:
+        return all(
+            v._version == self.versions[s] for s, v in self.values.items() if isinstance(v, Tensor)
+        )
+
+
+_MISSING = object()
+_FRONTIER_CAPTURE = [True]
+
+
+@contextmanager
+def frontier_capture(enabled: bool) -> Iterator[None]:
+    """Inside the block, ``capture_features(..., frontier=True)`` records frontiers only when
+    ``enabled``; with ``False`` a site inside a residual block takes the full-model fallback, as
+    before frontiers were captured (benchmarks measure what tail-only execution saves)."""
+    saved = _FRONTIER_CAPTURE[0]
+    _FRONTIER_CAPTURE[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _FRONTIER_CAPTURE[0] = saved
+
+
+_CAPTURES: WeakKeyDictionary[nn.Module, dict[str, _Capture]] = WeakKeyDictionary()
+
+
+def _forget_when_freed(store: dict[str, _Capture], site: str) -> Callable[[Any], None]:
+    """Weakref callback: once the input is gone, so are the values captured with it."""
+
+    def forget(ref: Any) -> None:
+        capture = store.get(site)
+        if capture is not None and capture.input_ref is ref:
+            del store[site]
+
+    return forget
+
+
+@contextmanager
+def _capture_frontier(model: nn.Module, sites: Sequence[str]) -> Iterator[None]:
+    """Record, in the forward passes run inside the block, the values that cross each site's
+    cut (:class:`SiteSplit`); the last forward's values are kept for ``tail(..., x=x)``."""
+    inner = unwrap_model(model)
+    plans: dict[str, _Plan] = {}
+    for name in sites:
+        resolve_site(model, name)
+    for name in sites:
+        site = split_site_name(model, name)[1]
+        try:
+            plan = _plan_for(inner, site, frozenset(), (), frozenset())
+        except AdvfeatError:
+            continue  # a site that never runs: the caller's capture reports it
+        if plan.fn is not None and plan.sources:
+            plans[site] = plan
+    if not plans:
+        yield
+        return
+    wanted: dict[str, set[int]] = {}
+    for plan in plans.values():
+        for kind, target, index in plan.sources:
+            if kind == "module":
+                wanted.setdefault(target, set()).add(index)
+    counts: dict[str, int] = {}
+    values: dict[Source, Any] = {}
+    versions: dict[Source, int] = {}
+    state: dict[str, Any] = {}
+
+    def start(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        counts.clear()
+        values.clear()
+        versions.clear()
+        key = _first_tensor([*args, *kwargs.values()])
+        state["input"] = key
+        state["key"] = None if key is None else _input_key(key)
+        state["grad"] = torch.is_grad_enabled()
+
+    def inputs(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for plan in plans.values():
+            for source in plan.sources:
+                kind, name, index = source
+                if kind == "input":
+                    value = args[index] if index < len(args) else kwargs.get(name, _MISSING)
+                    if value is not _MISSING:
+                        values[source] = value
+                    if isinstance(value, Tensor):
+                        versions[source] = value._version
+
+    def recorder(target: str, indices: set[int]) -> Callable[[nn.Module, Any, Any], None]:
+        def record(_m: nn.Module, _a: Any, output: Any) -> None:
+            k = counts.get(target, 0)
+            counts[target] = k + 1
+            if k in indices:
+                source = ("module", target, k)
+                if isinstance(output, Tensor):
+                    # a copy: the rest of the forward may write into the output
+                    # (torchvision's ``out += identity``, which fx records as ``out + identity``)
+                    output = output.clone()
+                    versions[source] = output._version
+                values[source] = output
+
+        return record
+
+    handles = [
+        inner.register_forward_pre_hook(start, with_kwargs=True, prepend=True),
+        inner.register_forward_pre_hook(inputs, with_kwargs=True),
+    ]
+    handles += [
+        inner.get_submodule(t).register_forward_hook(recorder(t, i)) for t, i in wanted.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    key_tensor = state.get("input")
+    if key_tensor is None:
+        return
+    # a value written in place after it was recorded is not handed over (the tail falls back)
+    kept = {
+        s: v
+        for s, v in values.items()
+        if not isinstance(v, Tensor) or v._version == versions.get(s)
+    }
+    store = _CAPTURES.setdefault(inner, {})
+    for site, plan in plans.items():
+        store[site] = _Capture(
+            weakref.ref(key_tensor, _forget_when_freed(store, site)),
+            state["key"],
+            {s: kept[s] for s in plan.sources if s in kept},
+            versions,
+            dict(counts),
+            state["grad"],
+        )
+
+
 # ---------------------------------------------------------------------------------- SiteSplit
 
 
@@ -486,13 +778,15 @@ class SiteSplit:
         model: any ``nn.Module`` (wrappers are unwrapped); submodules are shared, never copied.
         site: dotted name of the submodule whose output is the split point.
         leaves: extra module types or dotted names to keep whole when tracing.
-        prefix_grad: fallback only — run the part before the site with gradients enabled, so
-            values that jump over the site (skip connections) carry gradients to earlier layers.
-            The default (``False``) gives the same gradients as the fast path, where only the
-            ``feature`` passed in connects the tail to anything before the site.
+        prefix_grad: let values that jump over the site (skip connections) carry gradients to
+            earlier layers: the captured frontier keeps its graph (fast path), the fallback runs
+            the part before the site with gradients. The default (``False``) makes them
+            constants: only the ``feature`` passed in connects the tail to anything before it.
 
     ``tail(feature)`` returns the model's output as if the site had output ``feature``;
-    ``head(x)`` returns the site's output for input ``x`` (running only up to the site).
+    ``head(x)`` returns the site's output for input ``x`` (running only up to the site). For a
+    site with a :attr:`frontier`, run the clean pass inside
+    ``capture_features(model, site, frontier=True)`` and call ``tail(feature, x=x)``.
     """
 
     def __init__(
@@ -518,8 +812,19 @@ class SiteSplit:
 
     @property
     def is_fast(self) -> bool:
-        """``True`` when :meth:`tail` runs only the part of the network after the site."""
+        """``True`` when :meth:`tail` can run only the part of the network after the site.
+
+        When values other than the site's output cross the cut (:attr:`frontier`), the tail is
+        tail-only for an input whose clean pass ran inside
+        ``capture_features(model, site, frontier=True)``, and falls back otherwise.
+        """
         return self._plan().fn is not None
+
+    @property
+    def frontier(self) -> tuple[str, ...]:
+        """The values from before the site that the tail also needs (names in the ``fx``
+        trace, e.g. a residual block's shortcut input); empty for a clean cut."""
+        return self._plan().frontier
 
     @property
     def fallback_reason(self) -> str:
@@ -573,15 +878,43 @@ class SiteSplit:
             # The tail may start with an in-place op (ReLU(inplace=True), ``out += identity``):
             # never let it write into the caller's tensor.
             feature = feature.clone()
-        if plan.fn is not None:
+        capture = self._capture_for(plan, x)
+        if plan.fn is not None and (capture is not None or not plan.sources):
+            frontier = [] if capture is None else self._frontier_values(plan, capture)
             with replace_features(self.model, repl):
-                return plan.fn(self.model, feature)
+                out = plan.fn(self.model, feature, *frontier)
+            if capture is not None and not capture.untouched():
+                # the tail wrote into a value from before the site: later calls fall back
+                _CAPTURES.get(self.model, {}).pop(self.site, None)
+            return out
         if x is None:
+            reason = plan.reason or (
+                f"it needs values from before the site ({', '.join(plan.frontier)}) that no "
+                f"clean pass captured: run that pass inside capture_features(model, site, "
+                f"frontier=True)"
+            )
             raise AdvfeatError(
-                f"the tail after site {self.site!r} cannot run on its own ({plan.reason}); "
+                f"the tail after site {self.site!r} cannot run on its own ({reason}); "
                 f"pass the model input as tail(feature, x=inputs) to use the full-model fallback"
             )
         return self._full_forward(feature, repl, x)
+
+    def _capture_for(self, plan: _Plan, x: ModelInput | None) -> _Capture | None:
+        """The clean pass's record of the values crossing the cut, if it fits this call."""
+        if plan.fn is None or not plan.sources:
+            return None
+        capture = _CAPTURES.get(self.model, {}).get(self.site)
+        if capture is None or not capture.matches(x, plan):
+            return None
+        if self.prefix_grad and torch.is_grad_enabled() and not capture.grad_enabled:
+            return None  # the skip path must carry gradients, but was recorded without them
+        return capture
+
+    def _frontier_values(self, plan: _Plan, capture: _Capture) -> list[Any]:
+        values = [capture.values[s] for s in plan.sources]
+        if self.prefix_grad:
+            return values
+        return [v.detach() if isinstance(v, Tensor) else v for v in values]
 
     def _full_forward(self, feature: Any, repl: Mapping[str, Replacement], x: ModelInput) -> Any:
         grad_enabled = torch.is_grad_enabled()

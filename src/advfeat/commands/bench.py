@@ -23,7 +23,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument(
-        "--methods", default="standard,alfa,afan,advprop,advbn", help="comma-separated method names"
+        "--methods",
+        default="standard,alfa,afan,advprop,advbn",
+        help="comma-separated method names; LABEL=NAME benchmarks a named configuration "
+        "(options then set with --set LABEL.option=value)",
     )
     p.add_argument("--iters", type=int, default=10, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
@@ -35,7 +38,21 @@ def add_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="METHOD.OPTION=VALUE",
-        help="a method option, e.g. --set afan.k=5",
+        help="a method option, e.g. --set afan.k=5; bench settings per method or label: "
+        "LABEL.frontier=false (full-model fallback for a site inside a block), "
+        "LABEL.live_site=SITE (L-ALFA: η held one-hot at SITE)",
+    )
+    p.add_argument(
+        "--amp", choices=["bf16", "fp16"], help="run the forward passes under torch.autocast"
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="model and batch in channels_last format"
+    )
+    p.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the peak-memory measurement (on CPU: one fresh process per method)",
     )
     p.add_argument("--json", help="write the results to this JSON file")
     p.set_defaults(handler=run)
@@ -73,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         method_options=options,
+        memory=args.memory,
+        amp=args.amp,
+        channels_last=args.channels_last,
         progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
     )
     print(bench_table(results))
@@ -82,10 +102,19 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "iters": args.iters,
             "device": args.device,
+            "image_size": args.image_size,
+            "amp": args.amp,
+            "channels_last": args.channels_last,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "methods": {r.method: asdict(r) for r in results},
+            "memory": (
+                "peak CUDA memory allocated during one step, above that before it"
+                if args.device.startswith("cuda")
+                else "peak resident memory of one step above that before it (a fresh process "
+                "per method)"
+            ),
+            "methods": {r.label or r.method: asdict(r) for r in results},
         }
         atomic_write_json(args.json, payload)
     return 0

@@ -296,7 +296,9 @@ class ForwardPass(TaskPass):
         self.task, self.model, self.x, self.y = task, model, x, y
         self.inner = unwrap_model(model)
         self.rng = RngReplay(_device_of(x)) if replay else None
-        with capture_features(self.inner, list(sites)) as captured:
+        # clone: a BN site followed by `out += identity` (torchvision) is modified in place;
+        # frontier: the values that cross the cut, so that every tail runs only after the site
+        with capture_features(self.inner, list(sites), clone=True, frontier=True) as captured:
             self.output = task.forward_output(model, x, y)
         self.loss, self.parts = task.output_loss(self.output, y)
         self.features = {s: _tensor_feature(captured.get(s), s) for s in sites}
@@ -322,7 +324,7 @@ class HookPass(TaskPass):
         self.task, self.model, self.x, self.y = task, model, x, y
         self.inner = unwrap_model(model)
         self.rng = RngReplay(_device_of(x))
-        with capture_features(self.inner, list(sites)) as captured:
+        with capture_features(self.inner, list(sites), clone=True) as captured:
             self.output = task.forward_output(model, x, y)
         self.loss, self.parts = task.output_loss(self.output, y)
         self.features = {s: _tensor_feature(captured.get(s), s) for s in sites}
