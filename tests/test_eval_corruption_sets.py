@@ -24,6 +24,7 @@ from advfeat.eval.corruption_cifar import (
     UNIMPLEMENTED_CIFAR_SEVERITIES,
     corrupt_cifar,
 )
+from advfeat.eval.corruption_ops import clipped_zoom, disk_kernel, motion_blur
 from advfeat.eval.report import markdown_report
 from advfeat.eval.robust import correct
 
@@ -101,6 +102,25 @@ def test_32_px_corruptions_run_with_the_cifar_10_c_table(monkeypatch: pytest.Mon
             assert used == [(name, expected)], (name, severity)
             assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
     assert set(CIFAR_SEVERITIES) == set(CIFAR_10_C) - {"frost"}
+
+
+def test_blur_operations_equal_the_reference_helpers() -> None:
+    """The disk kernel, central zoom and motion-blur line equal imagecorruptions' versions of
+    the released generator's helpers at every CIFAR-10-C parameter (float precision)."""
+    ref = pytest.importorskip("imagecorruptions.corruptions", reason="optional extra")
+    x = np.random.default_rng(0).random((32, 32, 3))
+    for radius, alias in CIFAR_SEVERITIES["defocus_blur"]:  # type: ignore[misc]
+        np.testing.assert_allclose(disk_kernel(radius, alias), ref.disk(radius, alias), atol=1e-7)
+    for stop in CIFAR_SEVERITIES["zoom_blur"]:
+        for factor in np.arange(1, stop, 0.01)[[1, -1]]:  # type: ignore[call-overload]
+            zoomed = ref.clipped_zoom(x, factor)
+            trim = (zoomed.shape[0] - 32) // 2
+            expected = zoomed[trim : trim + 32, trim : trim + 32]
+            np.testing.assert_allclose(clipped_zoom(x, factor), expected, atol=1e-12)
+    for radius, sigma in CIFAR_SEVERITIES["motion_blur"]:  # type: ignore[misc]
+        for angle in (-130.0, -45.0, 10.0, 44.0):
+            expected = ref._motion_blur(x, radius, sigma, angle)
+            np.testing.assert_allclose(motion_blur(x, radius, sigma, angle), expected, atol=1e-12)
 
 
 def _test_image() -> np.ndarray:

@@ -18,8 +18,10 @@ operations Hendrycks & Dietterich (ICLR 2019) describe and release for CIFAR-10-
   uniform noise (σ) scaled by α.
 
 The generators of the release use OpenCV, SciPy and ImageMagick; these are our own NumPy
-versions of the same operations (image borders are mirrored or repeated as noted per function),
-so values agree in distribution, not bit for bit.
+versions of the same operations. The disk kernel, central zoom and motion-blur line equal
+``imagecorruptions``' versions of the release's helpers to float precision (tested); random
+draws, and borders and resampling in glass blur, fog and elastic, differ, so the corrupted images
+agree with CIFAR-10-C's in distribution, not bit for bit.
 """
 
 from __future__ import annotations
