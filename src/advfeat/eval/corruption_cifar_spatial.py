@@ -5,7 +5,7 @@ Each function takes a float H×W×3 image in [0, 1], its CIFAR-10-C parameter (o
 operations Hendrycks & Dietterich (ICLR 2019) describe and release for CIFAR-10-C:
 
 - ``defocus_blur`` (radius, alias σ): a flat disk kernel, anti-aliased;
-- ``glass_blur`` (σ, max shift, iterations): Gaussian blur, local pixel swaps, Gaussian blur;
+- ``glass_blur`` (σ, max shift, iterations): Gaussian blur, local pixel copies, Gaussian blur;
 - ``motion_blur`` (radius, σ): a one-sided Gaussian-weighted line at a random angle in ±45°;
 - ``zoom_blur`` (stop): the mean of the image and its central zooms by ``np.arange(1, stop,
   0.01)``;
@@ -57,12 +57,14 @@ def defocus_blur(x: np.ndarray, c: tuple[float, float], rng: np.random.Generator
 
 
 def glass_blur(x: np.ndarray, c: tuple[float, int, int], rng: np.random.Generator) -> np.ndarray:
-    """Every pixel, from the bottom-right corner up, swaps with a neighbour up to ``max shift``
-    rows/columns away (offsets drawn in ``[−max shift, max shift)``, so pixels drift up-left)."""
+    """Every pixel, from the bottom-right corner up, takes the value of a neighbour up to
+    ``max shift`` rows/columns away (offsets drawn in ``[−max shift, max shift)``). The release
+    writes this as a swap of two NumPy views, which copies instead of swapping: both pixels end
+    with the neighbour's value. We do the same, so the strength matches CIFAR-10-C's."""
     sigma, delta, iterations = c
     blurred = np.floor(np.clip(gaussian_filter(x, sigma), 0, 1) * 255) / 255
     h, w = x.shape[:2]
-    order = list(range(h * w))  # which original pixel sits at each flat position
+    source = list(range(h * w))  # which pixel of ``blurred`` each flat position shows
     visits = [
         (row, col)
         for _ in range(iterations)
@@ -71,9 +73,8 @@ def glass_blur(x: np.ndarray, c: tuple[float, int, int], rng: np.random.Generato
     ]
     offsets = rng.integers(-delta, delta, size=(len(visits), 2)).tolist()
     for (row, col), (dc, dr) in zip(visits, offsets, strict=True):
-        here, there = row * w + col, (row + dr) * w + col + dc
-        order[here], order[there] = order[there], order[here]
-    shuffled = blurred.reshape(h * w, -1)[order].reshape(blurred.shape)
+        source[row * w + col] = source[(row + dr) * w + col + dc]
+    shuffled = blurred.reshape(h * w, -1)[source].reshape(blurred.shape)
     return gaussian_filter(shuffled, sigma)
 
 
