@@ -11,11 +11,14 @@ enough to build in well under a second on one CPU core.
   breakable at ε = 8/255), in eval mode. Shared by the session: ``copy.deepcopy`` it before
   changing anything.
 * ``tiny_batch`` — ``(x, y)``: 32 test images of ``tiny_task`` (shared: do not modify).
+* ``no_autoattack`` — every AutoAttack backend looks uninstalled (``importlib.util.find_spec``
+  answers ``None`` for them), whatever this environment has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -128,3 +131,16 @@ def trained_tiny_model(tiny_task: TinyTask) -> TinyBNCNN:
 @pytest.fixture(scope="session")
 def tiny_batch(tiny_task: TinyTask) -> tuple[Tensor, Tensor]:
     return tiny_task.x_test[:32], tiny_task.y_test[:32]
+
+
+@pytest.fixture
+def no_autoattack(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    from advfeat.eval.autoattack import BACKENDS
+
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> object:
+        return None if name.split(".")[0] in BACKENDS else real(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    yield

@@ -176,10 +176,9 @@ def test_transfer_attack_uses_the_surrogate(trained_tiny_model: nn.Module, tiny_
 
 
 def test_autoattack_missing_package_names_the_pip_command(
-    trained_tiny_model: nn.Module, tiny_task: Any
+    trained_tiny_model: nn.Module, tiny_task: Any, no_autoattack: None
 ) -> None:
-    if autoattack_backend() is not None:
-        pytest.skip("an AutoAttack package is installed here")
+    assert autoattack_backend() is None
     with pytest.raises(AdvfeatError, match=r"pip install 'advfeat\[autoattack\]'"):
         evaluate(trained_tiny_model, _dataset(tiny_task, 8), ["attacks"], attacks=["autoattack"])
     with pytest.raises(AdvfeatError, match="pip install"):

@@ -141,12 +141,10 @@ def test_bad_input_exits_2_with_a_clear_message(
     capsys: pytest.CaptureFixture[str],
     extra: list[str],
     message: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     if extra == ["--autoattack"]:
-        from advfeat.eval.autoattack import autoattack_backend
-
-        if autoattack_backend() is not None:
-            pytest.skip("an AutoAttack package is installed here")
+        request.getfixturevalue("no_autoattack")  # as on an install without the extra
     assert main(_eval(checkpoint, tmp_path / "e.json", *extra)) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

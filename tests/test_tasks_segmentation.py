@@ -82,6 +82,32 @@ def test_miou_matches_a_hand_computation_with_ignore_index() -> None:
     assert result["miou"] == pytest.approx(miou) and result["pixel_acc"] == pytest.approx(5 / 7)
 
 
+def test_miou_equals_torchmetrics_macro_jaccard_to_float32_precision() -> None:
+    """Classes absent from both masks (4, 5), from the prediction only, from the target only,
+    and 20 % ignored pixels: the same mean as torchmetrics, which divides in float32."""
+    classification = pytest.importorskip("torchmetrics.classification")
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        target = torch.randint(0, 4, (3, 9, 11), generator=g)
+        pred = torch.randint(0, 4, (3, 9, 11), generator=g)
+        if trial % 2:
+            pred[pred == 3] = 2
+        else:
+            target[target == 1] = 0
+        target[torch.rand(target.shape, generator=g) < 0.2] = 255
+        ours = SegmentationMeter(6, ignore_index=255)
+        ours.update(pred, target)
+        result = ours.compute()
+        theirs = classification.MulticlassJaccardIndex(6, average="macro", ignore_index=255)
+        theirs.update(pred, target)
+        assert result["miou"] == pytest.approx(float(theirs.compute()), abs=1e-7)
+        per_class = classification.MulticlassJaccardIndex(6, average="none", ignore_index=255)
+        per_class.update(pred, target)
+        expected = [0.0 if math.isnan(v) else v for v in result["iou_per_class"]]
+        assert per_class.compute().tolist() == pytest.approx(expected, abs=1e-7)
+        assert math.isnan(result["iou_per_class"][4]) and math.isnan(result["iou_per_class"][5])
+
+
 def test_decoder_perturbation_reaches_the_loss_and_keeps_bn(seg_data) -> None:
     task, images, masks, mean, std = seg_data
     model = tiny_segmenter(task.num_classes, mean, std)

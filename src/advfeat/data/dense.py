@@ -9,6 +9,16 @@ Each class yields ``(image [3, H, W] float in [0, 1], target)`` like advfeat's e
 [H, W]`` masks with 255 = ignore. Datasets are read from ``root`` (``download=True`` lets
 torchvision fetch VOC; COCO and Cityscapes must be on disk). Resizing/cropping for training is
 the user's (or the trainer's) pair transform ``transform(image, target)``.
+
+:class:`SegmentationCrop` and :class:`PadTo` are ours, not ``torchvision.transforms.v2`` (checked
+with torchvision 0.29): v2 would change the training crops and break resume of runs trained so
+far. v2 has no "scale by a factor of the image's own size": ``ScaleJitter`` scales relative to a
+fixed target size and truncates (``int``) where ours rounds, and its ``Resize`` antialiases
+down-scaled images by default (ours is plain bilinear, as DeepLab's); ``RandomCrop(pad_if_needed=
+True)`` pads the missing ``diff`` on *both* sides (a larger canvas, other crop offsets), where
+ours pads bottom/right only so that :class:`PadTo` leaves evaluated pixels where they were. So
+even from the same generator state (v2 also draws one scale, two offsets and one flip
+from torch's global generator) a re-run or resumed training would see other crops.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Common corruptions generated on the fly and the mCE metric.
 
 Severities: ``scale="cifar"`` uses CIFAR-10-C's parameters wherever
-:mod:`advfeat.eval.corruption_cifar` implements them (10 corruptions, no extra package needed);
-every other corruption, and ``scale="imagenet"``, uses ImageNet-C's parameters through the
-``imagecorruptions`` package (install the extra
+:mod:`advfeat.eval.corruption_cifar` implements them (17 corruptions, no extra package needed);
+``frost`` (:data:`IMAGENET_ONLY`), and every corruption under ``scale="imagenet"``, uses
+ImageNet-C's parameters through the ``imagecorruptions`` package (install the extra
 ``advfeat[corruptions]``, which pulls its maintained fork ``imagecorruptions-imaug``; the
 original 1.1.2 release fails on NumPy ≥ 2). The package needs images of at least 32×32 pixels:
 smaller images are enlarged bilinearly to 32 pixels on their short side, corrupted, and shrunk
@@ -34,6 +34,7 @@ from advfeat.eval.corruption_cifar import corrupt_cifar, has_cifar_severities
 __all__ = [
     "ALEXNET_ERRORS",
     "ALEXNET_MEAN_ERRORS",
+    "IMAGENET_ONLY",
     "MIN_SIZE",
     "SCALES",
     "corrupt_batch",
@@ -71,6 +72,17 @@ ALEXNET_ERRORS: dict[str, dict[str, float]] = {
 }
 """The same as per-severity *accuracies* for :func:`corruption_errors` (equal per severity: only
 the sum over all five severities is published, so use it with all five)."""
+
+
+IMAGENET_ONLY: dict[str, str] = {
+    "frost": (
+        "ImageNet-C parameters: CIFAR-10-C's frost (image weight, frost weight) = "
+        "(1, 0.2) … (0.75, 0.45) blends crops of frost photographs shrunk to 0.2×, which "
+        "advfeat does not ship; imagecorruptions ships them but writes ImageNet-C's weights "
+        "(1, 0.4) … (0.6, 0.75) and scale into its frost function"
+    ),
+}
+"""Why a corruption runs at ImageNet-C's parameters even when CIFAR-10-C's are asked for."""
 
 
 def severity_scale(name: str, scale: str) -> str:

@@ -9,6 +9,21 @@
   in DeepLab (Chen et al.): one confusion matrix over the whole evaluation set, IoU_c =
   TP_c / (TP_c + FP_c + FN_c), mean over the classes that occur in prediction or ground truth;
   pixels whose target is ``ignore_index`` do not count.
+
+Why mIoU is ours and not ``torchmetrics.classification.MulticlassJaccardIndex`` (checked with
+torchmetrics 1.9.0, ``average="macro"``): with an ignore index outside the classes (255, the
+datasets' value) its mean is the same quantity, but no configuration reproduces ours exactly:
+
+- it divides in float32 (``_safe_divide`` casts the int64 confusion matrix to float32; setting the
+  metric's dtype does not change that), so mIoU differs from this float64 value by up to ~2e-8;
+- a class absent from prediction and target gets IoU ``zero_division`` (0.0) with
+  ``average="none"``, where ``iou_per_class`` reports NaN (both leave it out of the mean);
+- an ignore index inside ``[0, C)`` also drops that class from its mean; here the class keeps its
+  column (pixels predicted as it are still false positives), e.g. 0.110 vs 0.147 on random masks;
+- it is the optional extra ``advfeat[metrics]``, and segmentation must work on a base install.
+
+``tests/test_tasks_segmentation.py`` checks the agreement to float32 precision on random masks
+with absent classes and an ignore index.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``corruptions``: accuracy under the 15 common corruptions × 5 severities, and mCE.
 
 Corrupted images are generated on the fly (:mod:`advfeat.eval.corruption`; CIFAR-10-C's
-severities for images of at most 32 px where implemented, ImageNet-C's otherwise, recorded per
-corruption), or read from the released CIFAR-10-C / CIFAR-100-C / ImageNet-C files
+severities for images of at most 32 px where implemented (all but frost), ImageNet-C's otherwise,
+recorded per corruption with the reason for each fallback), or read from the released CIFAR-10-C / CIFAR-100-C / ImageNet-C files
 (``corruption_set``, ``corruption_dir``; :mod:`advfeat.data.corruptions_released`). mCE
 (Hendrycks & Dietterich 2019) is normalised by a baseline the user names (an earlier evaluation
 JSON, or a checkpoint evaluated here with the same settings); on the released ImageNet-C with all
@@ -22,6 +22,7 @@ from advfeat.errors import AdvfeatError
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.corruption import (
     ALEXNET_ERRORS,
+    IMAGENET_ONLY,
     corrupt_batch,
     corrupted_size,
     corruption_errors,
@@ -105,6 +106,13 @@ def corruption_table(ctx: EvalContext) -> dict[str, Any]:
             f"{'CIFAR-10-C' if k == 'cifar' else 'ImageNet-C'} severities" for k in kinds
         )
         result["severity_scale"] = scales
+        fallbacks = {
+            name: IMAGENET_ONLY.get(name, "ImageNet-C parameters: no CIFAR-10-C version here")
+            for name, used in scales.items()
+            if scale == "cifar" and used == "imagenet"
+        }
+        if fallbacks:
+            result["severity_scale_notes"] = fallbacks
         result["corrupted_at"] = list(corrupted_size(height, width))
     return result
 
