@@ -4,7 +4,7 @@ Feature Augmentation and Normalization for Visual Recognition", Algorithm 1).
 1. Augmentation (Eq. 3-5): k strengths α^(1..k) sampled uniformly from [0, α] (Algorithm 1,
    line 2); adversarial features ``f_adv^(i) = f + δ_i`` with δ_i from PGD at strength α^(i)
    on the site feature. With PGD-1, one attack suffices: ``f_adv^(i) = f + (α^(i)/α^(1))·δ_1``
-   (appendix S1.1, :func:`advfeat.attacks.feature.rescale_strengths`).
+   (appendix S1.1, :meth:`AFAN.perturbations`; exact when :attr:`AFAN.uses_rescaling`).
 2. Normalization (Eq. 6): ``f_mix^(i) = σ_adv^(i)·(f − μ_clean)/σ_clean + μ_adv^(i)`` with the
    per-channel batch statistics of batch normalization
    (:func:`advfeat.methods.feature_aug.adversarial_feature_normalization`).
@@ -161,8 +161,9 @@ class AFAN(FeatureAugmentation):
     ) -> list[tuple[Tensor, float]]:
         """``(δ, s)`` pairs with ``f_adv^(i) = f + s·δ`` for each strength (Eq. 5).
 
-        Rescaling (S1.1): one δ_1 at ``alphas[0]`` and ``s_i = α_i/α_1``
-        (:func:`advfeat.attacks.feature.rescale_strengths`); otherwise one attack (or one draw
+        Rescaling (S1.1, ``f_adv^(i) = f_adv^(1) + (α_i/α_1 − 1)·δ_1``, the same thing): one δ_1
+        at ``alphas[0]`` (Algorithm 1 lines 3-4: the first sampled strength) and
+        ``s_i = α_i/α_1``; otherwise one attack (or one draw
         of noise, std ``noise_std`` or α: Table 8's N(0, α²)) per strength and ``s_i = 1``.
         δ is detached; ``f`` keeps its graph.
         """
