@@ -236,7 +236,7 @@ def test_bad_options_raise_clear_errors(tiny_bn_cnn: nn.Module, batch) -> None:
         FeaturePGD(tiny_bn_cnn, "block1", alpha=0.1, norm="l2")
     with pytest.raises(AdvfeatError, match="leave eps=None"):
         FeaturePGD(tiny_bn_cnn, "block1", alpha=0.1, eps=0.1, norm="unbounded")
-    with pytest.raises(AdvfeatError, match="alpha must be positive"):
+    with pytest.raises(AdvfeatError, match="alpha must be a finite number > 0"):
         FeaturePGD(tiny_bn_cnn, "block1", alpha=0.0)
     with pytest.raises(AdvfeatError, match="steps"):
         FeaturePGD(tiny_bn_cnn, "block1", alpha=0.1, steps=0)

@@ -34,7 +34,14 @@ from torch import Tensor, nn
 
 from advfeat.attacks.base import Attack, BNMode, LossFn, attack_guard
 from advfeat.attacks.engine import IterativeAscent, Variable
-from advfeat.attacks.threat import ThreatModel, Unbounded, as_batch_eps, threat_model
+from advfeat.attacks.threat import (
+    ThreatModel,
+    Unbounded,
+    as_batch_eps,
+    check_budget,
+    check_steps,
+    threat_model,
+)
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.sites import SiteSplit, capture_features, resolve_site, site_order, split_site_name
 
@@ -56,26 +63,9 @@ def _detach(value: Any) -> Any:
 
 
 def _check_strength(name: str, value: Strength | None, *, positive: bool) -> None:
-    if value is None:
-        return
-    try:
-        if isinstance(value, Tensor):
-            t = value.detach().double().cpu()
-        else:
-            t = torch.as_tensor(value, dtype=torch.float64, device="cpu")
-    except (TypeError, ValueError, RuntimeError):
-        raise AdvfeatError(f"{name} must be a number or a (B,) tensor, got {value!r}") from None
-    if t.ndim > 1 or t.numel() == 0 or not bool(torch.isfinite(t).all()):
-        raise AdvfeatError(f"{name} must be a finite number or a (B,) tensor, got {value!r}")
-    low = float(t.min())
-    if (positive and low <= 0) or low < 0:
-        need = "positive" if positive else "non-negative"
-        raise AdvfeatError(f"{name} must be {need}, got {value!r}")
-
-
-def _check_steps(steps: int, *, minimum: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < minimum:
-        raise AdvfeatError(f"steps must be an integer >= {minimum}, got {steps!r}")
+    """:func:`~advfeat.attacks.threat.check_budget`, with ``None`` (unbounded) accepted."""
+    if value is not None:
+        check_budget(value, name, positive=positive)
 
 
 def _feature_threat(norm: str | ThreatModel, eps: Strength | None) -> ThreatModel:
@@ -271,7 +261,7 @@ class FeaturePGD(FeatureAttack):
         )  # fmt: skip
         _check_strength("alpha", alpha, positive=True)
         _check_strength("eps", eps, positive=False)
-        _check_steps(steps, minimum=1)
+        check_steps(steps, minimum=1)
         self.alpha = alpha
         self.steps = steps
         self.eps = eps
@@ -388,7 +378,7 @@ class MultiSiteFeaturePGD(FeatureAttack):
             raise unknown_name("multi-site mode", str(mode), ["joint", "separate"])
         _check_strength("alpha", alpha, positive=True)
         _check_strength("eps", eps, positive=False)
-        _check_steps(steps, minimum=1)
+        check_steps(steps, minimum=1)
         self.alpha = alpha
         self.steps = steps
         self.eps = eps
@@ -583,7 +573,7 @@ class BNStatsAttack(FeatureAttack):
                 raise AdvfeatError(f"{name} must be a number (multipliers are per batch)")
         _check_strength("eps", eps, positive=False)
         _check_strength("alpha", alpha, positive=True)
-        _check_steps(steps, minimum=0)
+        check_steps(steps, minimum=0)
         if stats not in ("batch", "instance"):
             raise unknown_name("AdvBN statistics", str(stats), ["batch", "instance"])
         self.radius = float(eps)
