@@ -77,14 +77,14 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def interrupt_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
     """Make the next fit raise KeyboardInterrupt when ``epoch`` (0-based) starts."""
-    original = Trainer._train_epoch
+    original = Trainer.train_epoch
 
     def crash(self: Trainer, e: int) -> dict:
         if e == epoch:
             raise KeyboardInterrupt
         return original(self, e)
 
-    monkeypatch.setattr(Trainer, "_train_epoch", crash)
+    monkeypatch.setattr(Trainer, "train_epoch", crash)
 
 
 # ------------------------------------------------------------------------------ item 1
@@ -138,7 +138,7 @@ def test_02_eval_resume_never_reuses_another_models_results(
 # ------------------------------------------------------------------------------ item 3
 def fixed_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     """Validation accuracy 0.1, 0.5, 0.2 for epochs 1-3: epoch 2 is the best."""
-    original = Trainer._evaluate_into
+    original = Trainer.evaluate_into
 
     def evaluate_into(self: Trainer, row: dict, split: str, dataset: object) -> float:
         if split != "val":
@@ -146,7 +146,7 @@ def fixed_validation(monkeypatch: pytest.MonkeyPatch) -> None:
         row["val_acc"] = {1: 0.1, 2: 0.5, 3: 0.2}[row["epoch"]]
         return float(row["val_acc"])
 
-    monkeypatch.setattr(Trainer, "_evaluate_into", evaluate_into)
+    monkeypatch.setattr(Trainer, "evaluate_into", evaluate_into)
 
 
 def test_03_kill_between_checkpoint_and_best_never_mixes_them(
@@ -188,7 +188,7 @@ def test_03_best_pt_disagreeing_with_checkpoint_is_detected_at_the_end(tmp_path:
     state["epoch"] = 7
     save_checkpoint(tmp_path / "run" / "best.pt", state)
     with pytest.raises(AdvfeatError, match="not the best epoch 1"):
-        trainer._finish()
+        trainer.finish()
 
 
 # ------------------------------------------------------------------------------ item 4
@@ -350,7 +350,7 @@ def test_07_two_concurrent_trainings_one_wins(tmp_path: Path) -> None:
 def test_08_exploded_weights_are_never_checkpointed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = Trainer._train_epoch
+    original = Trainer.train_epoch
 
     def explode_in_epoch_two(self: Trainer, epoch: int) -> dict:
         if epoch == 1:  # huge but finite weights: the loss stays finite, their norm does not
@@ -358,7 +358,7 @@ def test_08_exploded_weights_are_never_checkpointed(
                 self.model.fc.weight.mul_(1e25)
         return original(self, epoch)
 
-    monkeypatch.setattr(Trainer, "_train_epoch", explode_in_epoch_two)
+    monkeypatch.setattr(Trainer, "train_epoch", explode_in_epoch_two)
     with pytest.raises(TrainingDiverged, match=r"too large.*epoch 2, step 1.*last good checkpoint"):
         Trainer(tiny_config(max_steps_per_epoch=1), tmp_path / "run").fit()
     monkeypatch.undo()
@@ -608,7 +608,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(
     Trainer(
         tiny_config(max_steps_per_epoch=3, epochs=2, method=method), tmp_path / "straight"
     ).fit()
-    original = Trainer._set_lr
+    original = Trainer.set_lr
     sent = {"done": False}
 
     def signal_in_epoch_two(self: Trainer, progress: float, *rest: int) -> float:
@@ -617,7 +617,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, progress, *rest)
 
-    monkeypatch.setattr(Trainer, "_set_lr", signal_in_epoch_two)
+    monkeypatch.setattr(Trainer, "set_lr", signal_in_epoch_two)
     with pytest.raises(Preempted, match="SIGTERM"):
         Trainer(cfg, tmp_path / "run").fit()
     monkeypatch.undo()

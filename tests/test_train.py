@@ -65,19 +65,19 @@ def test_resume_after_a_crash_ends_with_the_same_weights(
 ) -> None:
     Trainer(tiny_config(), tmp_path / "straight").fit()
 
-    original = Trainer._train_epoch
+    original = Trainer.train_epoch
 
     def crash_in_epoch_three(self: Trainer, epoch: int) -> dict:
         if epoch == 2:
             raise KeyboardInterrupt
         return original(self, epoch)
 
-    monkeypatch.setattr(Trainer, "_train_epoch", crash_in_epoch_three)
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_three)
     with pytest.raises(KeyboardInterrupt):
         Trainer(tiny_config(), tmp_path / "killed").fit()
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 1
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
 
     Trainer(tiny_config(), tmp_path / "killed", resume=True).fit()
     a, b = (
@@ -105,14 +105,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trainer = Trainer(tiny_config(), tmp_path / "run")
-    original = Trainer._train_epoch
+    original = Trainer.train_epoch
 
     def poison(self: Trainer, epoch: int) -> dict:
         if epoch == 1:
             self.model.fc.weight.data.fill_(float("nan"))
         return original(self, epoch)
 
-    monkeypatch.setattr(Trainer, "_train_epoch", poison)
+    monkeypatch.setattr(Trainer, "train_epoch", poison)
     with pytest.raises(TrainingDiverged, match="last good checkpoint is kept"):
         trainer.fit()
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")

@@ -141,18 +141,18 @@ def test_resume_after_a_kill_ends_with_the_same_weights(
 ) -> None:
     assert main(train_args(setup, "afan", tmp_path / "straight")) == 0
 
-    original = Trainer._train_epoch
+    original = Trainer.train_epoch
 
     def killed_in_epoch_two(self: Trainer, epoch: int) -> dict:
         if epoch == 1:
             raise KeyboardInterrupt
         return original(self, epoch)
 
-    monkeypatch.setattr(Trainer, "_train_epoch", killed_in_epoch_two)
+    monkeypatch.setattr(Trainer, "train_epoch", killed_in_epoch_two)
     assert main(train_args(setup, "afan", tmp_path / "killed")) != 0
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 0
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
 
     assert main(train_args(setup, "afan", tmp_path / "killed", "--resume")) == 0
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")

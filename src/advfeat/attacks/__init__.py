@@ -11,10 +11,8 @@ from advfeat.attacks.feature import (
     BNStatsAttack,
     FeatureAttack,
     FeaturePGD,
-    GaussianFeatureNoise,
     MultiSiteFeaturePGD,
     advbn_feature,
-    rescale_strengths,
     sample_strengths,
 )
 from advfeat.attacks.pixel import (
@@ -41,7 +39,6 @@ __all__ = [
     "BNStatsAttack",
     "FeatureAttack",
     "FeaturePGD",
-    "GaussianFeatureNoise",
     "IterativeGradientAttack",
     "Linf",
     "MultiSiteFeaturePGD",
@@ -53,7 +50,6 @@ __all__ = [
     "attack_guard",
     "check_image_range",
     "cw_margin_loss",
-    "rescale_strengths",
     "sample_strengths",
     "threat_model",
 ]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advfeat.errors import AdvfeatError
+from advfeat.modes import restored_train_flags
 from advfeat.norm.stats import frozen_bn_statistics
 
 __all__ = ["Attack", "BNMode", "LossFn", "attack_guard", "check_image_range"]
@@ -80,28 +81,26 @@ def attack_guard(
     """
     if bn_mode not in ("eval", "train", "keep"):
         raise AdvfeatError(f"bn_mode must be 'eval', 'train' or 'keep', got {bn_mode!r}")
-    modes = {m: m.training for m in model.modules()}
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        if bn_mode == "eval":
-            model.eval()
-        elif bn_mode == "train":
-            model.train()
-        with ExitStack() as stack:
-            stack.enter_context(frozen_bn_statistics(model))
-            if branch is not None:
-                from advfeat.norm import use_branch
+    with restored_train_flags(model.modules()):
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            if bn_mode == "eval":
+                model.eval()
+            elif bn_mode == "train":
+                model.train()
+            with ExitStack() as stack:
+                stack.enter_context(frozen_bn_statistics(model))
+                if branch is not None:
+                    from advfeat.norm import use_branch
 
-                stack.enter_context(use_branch(model, branch))
-            yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-        for m, was_training in modes.items():
-            m.training = was_training
+                    stack.enter_context(use_branch(model, branch))
+                yield
+        finally:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
 
 
 class Attack(ABC):

@@ -3,13 +3,13 @@
 * :class:`FeaturePGD` — PGD on an intermediate feature (ALFA Eq. 4; A-FAN Eq. 3). With
   ``eps=None`` the ε-ball is dropped and PGD becomes plain sign-gradient ascent, the setting of
   every ALFA and A-FAN experiment ("we set ... ϵ to be unbounded", ALFA §3.2).
-* :func:`sample_strengths`, :func:`rescale_strengths` — A-FAN's k strengths from one PGD-1 step
-  (A-FAN Eq. 5, Algorithm 1 and appendix S1.1).
+* :func:`sample_strengths` — A-FAN's k perturbation strengths (A-FAN Eq. 5, Algorithm 1); the
+  rescaling of one PGD-1 step to the k strengths (appendix S1.1) is
+  :meth:`advfeat.methods.afan.AFAN.perturbations`.
 * :class:`MultiSiteFeaturePGD` — L-ALFA's perturbations at r sites scaled by strengths η
   (ALFA Eq. 5, Algorithm 1).
 * :class:`BNStatsAttack` — AdvBN's PGD on per-channel multipliers of the feature's batch mean
   and standard deviation (AdvBN Eq. 1-2, Algorithm 1).
-* :class:`GaussianFeatureNoise` — the random-noise ablation (A-FAN Table 8, ALFA Table 7).
 
 Every attack runs only the part of the network after the site (:class:`advfeat.sites.SiteSplit`,
 or the ``tail=`` a task gives, e.g. a detector's box predictor and losses) and, when called with
@@ -34,7 +34,14 @@ from torch import Tensor, nn
 
 from advfeat.attacks.base import Attack, BNMode, LossFn, attack_guard
 from advfeat.attacks.engine import IterativeAscent, Variable
-from advfeat.attacks.threat import ThreatModel, Unbounded, as_batch_eps, threat_model
+from advfeat.attacks.threat import (
+    ThreatModel,
+    Unbounded,
+    as_batch_eps,
+    check_budget,
+    check_steps,
+    threat_model,
+)
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.sites import SiteSplit, capture_features, resolve_site, site_order, split_site_name
 
@@ -42,10 +49,8 @@ __all__ = [
     "BNStatsAttack",
     "FeatureAttack",
     "FeaturePGD",
-    "GaussianFeatureNoise",
     "MultiSiteFeaturePGD",
     "advbn_feature",
-    "rescale_strengths",
     "sample_strengths",
 ]
 
@@ -58,26 +63,9 @@ def _detach(value: Any) -> Any:
 
 
 def _check_strength(name: str, value: Strength | None, *, positive: bool) -> None:
-    if value is None:
-        return
-    try:
-        if isinstance(value, Tensor):
-            t = value.detach().double().cpu()
-        else:
-            t = torch.as_tensor(value, dtype=torch.float64, device="cpu")
-    except (TypeError, ValueError, RuntimeError):
-        raise AdvfeatError(f"{name} must be a number or a (B,) tensor, got {value!r}") from None
-    if t.ndim > 1 or t.numel() == 0 or not bool(torch.isfinite(t).all()):
-        raise AdvfeatError(f"{name} must be a finite number or a (B,) tensor, got {value!r}")
-    low = float(t.min())
-    if (positive and low <= 0) or low < 0:
-        need = "positive" if positive else "non-negative"
-        raise AdvfeatError(f"{name} must be {need}, got {value!r}")
-
-
-def _check_steps(steps: int, *, minimum: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < minimum:
-        raise AdvfeatError(f"steps must be an integer >= {minimum}, got {steps!r}")
+    """:func:`~advfeat.attacks.threat.check_budget`, with ``None`` (unbounded) accepted."""
+    if value is not None:
+        check_budget(value, name, positive=positive)
 
 
 def _feature_threat(norm: str | ThreatModel, eps: Strength | None) -> ThreatModel:
@@ -273,7 +261,7 @@ class FeaturePGD(FeatureAttack):
         )  # fmt: skip
         _check_strength("alpha", alpha, positive=True)
         _check_strength("eps", eps, positive=False)
-        _check_steps(steps, minimum=1)
+        check_steps(steps, minimum=1)
         self.alpha = alpha
         self.steps = steps
         self.eps = eps
@@ -311,7 +299,7 @@ def sample_strengths(
     from [0, α]", §4). ``spacing="random"`` (default) draws k i.i.d. uniform values, redrawn at
     every call; ``spacing="grid"`` is the other reading, the fixed grid ``alpha_max·i/k``,
     i = 1..k. Zero is excluded (a zero strength is no augmentation and cannot serve as the
-    reference strength of :func:`rescale_strengths`). Returns a CPU tensor of shape ``(k,)``.
+    reference strength of A-FAN's S1.1 rescaling). Returns a CPU tensor of shape ``(k,)``.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise AdvfeatError(f"k (number of strengths) must be an integer >= 1, got {k!r}")
@@ -322,27 +310,6 @@ def sample_strengths(
         raise unknown_name("strength spacing", str(spacing), ["random", "grid"])
     u = torch.rand(k, generator=generator, dtype=torch.float64)
     return (alpha_max * (1.0 - u)).float()
-
-
-def rescale_strengths(
-    feature: Tensor, delta1: Tensor, alpha1: float | Tensor, alphas: Sequence[float] | Tensor
-) -> list[Tensor]:
-    """A-FAN's efficient multi-strength features ``f_adv^(i) = f + (α_i/α_1)·δ_1`` (appendix S1.1).
-
-    ``delta1`` is the PGD-1 perturbation computed at strength ``alpha1``; the appendix writes
-    ``f_adv^(i) = f_adv^(1) + (α_i/α_1 − 1)·δ_1``, the same thing. In Algorithm 1, δ_1 is computed
-    at the *first sampled* strength ε^(1) (lines 3-4), so ``alpha1 = alphas[0]`` reproduces the
-    paper; since a sign step is linear in α, any reference strength gives the same features.
-    Exact for one unbounded sign step (``FeaturePGD(steps=1, eps=None)``) and for one bounded
-    step while every α_i ≤ ε; "not available for multi-step PGD" (S1.1). ``feature`` keeps its
-    autograd graph (training features); ``delta1`` is used as given.
-    """
-    _check_strength("alpha1", alpha1, positive=True)
-    values = alphas.detach().flatten().tolist() if isinstance(alphas, Tensor) else list(alphas)
-    if not values:
-        raise AdvfeatError("alphas must hold at least one strength")
-    reference = float(alpha1)
-    return [feature + (float(a) / reference) * delta1 for a in values]
 
 
 # ------------------------------------------------------------------------------ L-ALFA
@@ -411,7 +378,7 @@ class MultiSiteFeaturePGD(FeatureAttack):
             raise unknown_name("multi-site mode", str(mode), ["joint", "separate"])
         _check_strength("alpha", alpha, positive=True)
         _check_strength("eps", eps, positive=False)
-        _check_steps(steps, minimum=1)
+        check_steps(steps, minimum=1)
         self.alpha = alpha
         self.steps = steps
         self.eps = eps
@@ -606,7 +573,7 @@ class BNStatsAttack(FeatureAttack):
                 raise AdvfeatError(f"{name} must be a number (multipliers are per batch)")
         _check_strength("eps", eps, positive=False)
         _check_strength("alpha", alpha, positive=True)
-        _check_steps(steps, minimum=0)
+        check_steps(steps, minimum=0)
         if stats not in ("batch", "instance"):
             raise unknown_name("AdvBN statistics", str(stats), ["batch", "instance"])
         self.radius = float(eps)
@@ -655,69 +622,3 @@ class BNStatsAttack(FeatureAttack):
     def renormalize(self, feature: Tensor, d_mu: Tensor, d_sigma: Tensor) -> Tensor:
         """:func:`advbn_feature` with this attack's statistics."""
         return advbn_feature(feature, d_mu, d_sigma, stats=self.stats, channel_dim=self.channel_dim)
-
-
-# ------------------------------------------------------------------------------ noise
-
-
-class GaussianFeatureNoise(FeatureAttack):
-    """Random-noise baseline: ``δ ~ N(0, std²)`` per element (A-FAN Table 8, ALFA Table 7).
-
-    "Same strength" as an attack means ``std`` equal to the attack's step size α: A-FAN Table 8
-    compares adversarial perturbations "with the strength α" against noise from ``N(0, α²)``, and
-    ALFA Table 7 uses ``N(0, (1.0/255)²)`` next to its α = 1.0/255 attack. One unbounded sign step
-    moves every element by exactly α, so its per-element RMS equals the noise's std.
-    :meth:`matching` builds the noise from an attack (``rule="step"``: std = α, the papers'
-    choice; ``rule="total"``: std = steps·α, the largest per-element move of a T-step sign
-    attack).
-
-    With ``model`` and ``site`` the noise is shaped like the site's feature (computed from ``x``
-    unless ``feature=`` is given); without them, ``feature=`` is required. Returns δ; seeded
-    noise comes from the attack's own generator, never the global RNG.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        site: str | None = None,
-        *,
-        std: Strength,
-        seed: int | None = None,
-    ) -> None:
-        if (model is None) != (site is None):
-            raise AdvfeatError("give both model and site, or neither (then pass feature=...)")
-        Attack.__init__(self, model if model is not None else nn.Module(), seed=seed)
-        self.site = site or "<feature>"
-        self.sites = [self.site]
-        self.custom_tail = None
-        self.eps = None
-        self.threat = Unbounded()
-        self._noise_split = SiteSplit(model, site) if model is not None and site else None
-        _check_strength("std", std, positive=False)
-        self.std = std
-
-    @classmethod
-    def matching(
-        cls, attack: FeaturePGD, *, rule: Literal["step", "total"] = "step", seed: int | None = None
-    ) -> GaussianFeatureNoise:
-        """Noise of the same strength as ``attack`` (see the class docstring for ``rule``)."""
-        if rule not in ("step", "total"):
-            raise unknown_name("strength rule", str(rule), ["step", "total"])
-        std = attack.alpha if rule == "step" else attack.alpha * attack.steps
-        return cls(attack.model, attack.site, std=std, seed=seed)
-
-    def site_feature(self, x: Any, feature: Tensor | None) -> Tensor:
-        if feature is not None:
-            return feature
-        if self._noise_split is None or x is None:
-            raise AdvfeatError("GaussianFeatureNoise needs feature=... (or model, site and x)")
-        with torch.no_grad():
-            return _as_tensor_feature(self._noise_split.head(x), self.site).detach()
-
-    def perturb(  # type: ignore[override]
-        self, x: Any, y: Any, features: Mapping[str, Tensor], **options: Any
-    ) -> dict[str, Tensor]:
-        f = self.site_feature(x, features.get(self.site))
-        gen = self.generator(f.device)
-        noise = torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
-        return {self.site: noise * as_batch_eps(self.std, f)}

@@ -29,7 +29,16 @@ from torch import Tensor, nn
 
 from advfeat.attacks.base import Attack, BNMode, LossFn
 from advfeat.attacks.engine import IterativeAscent
-from advfeat.attacks.threat import Linf, ThreatModel, Unbounded, as_batch_eps, threat_model
+from advfeat.attacks.threat import (
+    Budget,
+    Linf,
+    ThreatModel,
+    Unbounded,
+    as_batch_eps,
+    check_budget,
+    check_steps,
+    threat_model,
+)
 from advfeat.errors import AdvfeatError
 
 __all__ = [
@@ -44,43 +53,8 @@ __all__ = [
     "cw_margin_loss",
 ]
 
-Budget = float | Tensor
-"""A scalar, or one value per sample (shape ``(B,)``)."""
-
 
 # --------------------------------------------------------------------------- argument checks
-def _check_budget(value: Budget, name: str, *, positive: bool = False) -> Budget:
-    """Validate ε or α: a finite number ≥ 0 (> 0 when ``positive``), scalar or shape ``(B,)``."""
-    bound = "> 0" if positive else ">= 0"
-    if isinstance(value, Tensor):
-        if value.ndim > 1:
-            raise AdvfeatError(
-                f"{name} must be a number or a per-sample tensor of shape (B,), got shape "
-                f"{tuple(value.shape)}"
-            )
-        v = value.detach()
-        if not v.is_floating_point():
-            v = v.float()
-        if not bool(torch.isfinite(v).all()):
-            raise AdvfeatError(f"{name} must be finite, got {value}")
-        bad = v <= 0 if positive else v < 0
-        if bool(bad.any()):
-            raise AdvfeatError(f"{name} must be {bound}, got {value}")
-        return v
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise AdvfeatError(f"{name} must be a number or a per-sample tensor, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0 or (positive and number == 0):
-        raise AdvfeatError(f"{name} must be a finite number {bound}, got {value!r}")
-    return number
-
-
-def _check_steps(steps: int, name: str = "steps") -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise AdvfeatError(f"{name} must be an integer >= 0, got {steps!r}")
-    return steps
-
-
 def _per_sample(value: Budget, like: Tensor, name: str) -> Tensor:
     """``value`` broadcast to ``(B, 1, …, 1)``; a wrong per-sample shape names ``name``."""
     try:
@@ -166,9 +140,9 @@ class IterativeGradientAttack(Attack):
         )
         self.threat = threat
         self.norm = threat.name
-        self.eps = _check_budget(eps, "eps") if threat.bounded else math.inf
-        self.alpha = _check_budget(alpha, "alpha")
-        self.steps = _check_steps(steps)
+        self.eps = check_budget(eps, "eps") if threat.bounded else math.inf
+        self.alpha = check_budget(alpha, "alpha")
+        self.steps = check_steps(steps)
         self.random_start = bool(random_start)
 
     def initial_delta(self, x: Tensor, eps: Tensor, init: Tensor | None) -> Tensor:
@@ -244,7 +218,7 @@ class PGD(IterativeGradientAttack):
             model,
             threat=threat_model(norm),
             eps=eps,
-            alpha=_check_budget(alpha, "alpha", positive=True),
+            alpha=check_budget(alpha, "alpha", positive=True),
             steps=steps,
             random_start=random_start,
             loss_fn=loss_fn,
@@ -273,7 +247,7 @@ class FGSM(IterativeGradientAttack):
         branch: str | None = None,
         seed: int | None = None,
     ) -> None:
-        eps = _check_budget(eps, "eps")
+        eps = check_budget(eps, "eps")
         super().__init__(
             model,
             threat=threat_model(norm),
@@ -310,7 +284,7 @@ class IFGSM(IterativeGradientAttack):
             model,
             threat=threat_model(norm),
             eps=eps,
-            alpha=_check_budget(alpha, "alpha", positive=True),
+            alpha=check_budget(alpha, "alpha", positive=True),
             steps=steps,
             random_start=False,
             loss_fn=loss_fn,
@@ -347,7 +321,7 @@ class GD(IterativeGradientAttack):
             model,
             threat=Unbounded(),
             eps=math.inf,
-            alpha=_check_budget(alpha, "alpha", positive=True),
+            alpha=check_budget(alpha, "alpha", positive=True),
             steps=steps,
             random_start=init_eps is not None,
             loss_fn=loss_fn,
@@ -356,7 +330,7 @@ class GD(IterativeGradientAttack):
             branch=branch,
             seed=seed,
         )
-        self.init_eps = None if init_eps is None else _check_budget(init_eps, "init_eps")
+        self.init_eps = None if init_eps is None else check_budget(init_eps, "init_eps")
 
     def initial_delta(self, x: Tensor, eps: Tensor, init: Tensor | None) -> Tensor:
         if init is None and self.init_eps is not None:
@@ -420,11 +394,11 @@ class CWL2(Attack):
         seed: int | None = None,
     ) -> None:
         super().__init__(model, targeted=targeted, bn_mode=bn_mode, branch=branch, seed=seed)
-        self.c = float(_check_budget(c, "c", positive=True))
-        self.kappa = float(_check_budget(kappa, "kappa"))
-        self.steps = _check_steps(steps)
-        self.lr = float(_check_budget(lr, "lr", positive=True))
-        self.search_steps = _check_steps(search_steps, "search_steps")
+        self.c = float(check_budget(c, "c", positive=True))
+        self.kappa = float(check_budget(kappa, "kappa"))
+        self.steps = check_steps(steps)
+        self.lr = float(check_budget(lr, "lr", positive=True))
+        self.search_steps = check_steps(search_steps, "search_steps")
         if self.search_steps < 1:
             raise AdvfeatError(f"search_steps must be >= 1, got {search_steps!r}")
 

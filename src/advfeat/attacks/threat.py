@@ -7,6 +7,8 @@ the same result for the same values.
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 
 import torch
@@ -14,7 +16,54 @@ from torch import Tensor
 
 from advfeat.errors import AdvfeatError, unknown_name
 
-__all__ = ["L2", "Linf", "ThreatModel", "Unbounded", "as_batch_eps", "threat_model"]
+__all__ = [
+    "L2",
+    "Budget",
+    "Linf",
+    "ThreatModel",
+    "Unbounded",
+    "as_batch_eps",
+    "check_budget",
+    "check_steps",
+    "threat_model",
+]
+
+Budget = float | Tensor
+"""A scalar ε / α, or one value per sample (shape ``(B,)``)."""
+
+
+def check_budget(value: Budget, name: str, *, positive: bool = False) -> Budget:
+    """Validate ε, α or another attack strength: a finite number ≥ 0 (> 0 when ``positive``),
+    scalar or per-sample of shape ``(B,)``; returns it as a float or a float tensor."""
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, Tensor):
+        if value.ndim > 1 or value.numel() == 0:
+            raise AdvfeatError(
+                f"{name} must be a number or a per-sample tensor of shape (B,), got shape "
+                f"{tuple(value.shape)}"
+            )
+        v = value.detach()
+        if not v.is_floating_point():
+            v = v.float()
+        if not bool(torch.isfinite(v).all()):
+            raise AdvfeatError(f"{name} must be finite, got {value}")
+        bad = v <= 0 if positive else v < 0
+        if bool(bad.any()):
+            raise AdvfeatError(f"{name} must be {bound}, got {value}")
+        return v
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise AdvfeatError(f"{name} must be a number or a per-sample tensor, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise AdvfeatError(f"{name} must be a finite number {bound}, got {value!r}")
+    return number
+
+
+def check_steps(steps: int, name: str = "steps", *, minimum: int = 0) -> int:
+    """An iteration count: an integer (not a bool) ``>= minimum``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < minimum:
+        raise AdvfeatError(f"{name} must be an integer >= {minimum}, got {steps!r}")
+    return steps
 
 
 def as_batch_eps(eps: float | Tensor, like: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ Feature Augmentation and Normalization for Visual Recognition", Algorithm 1).
 1. Augmentation (Eq. 3-5): k strengths α^(1..k) sampled uniformly from [0, α] (Algorithm 1,
    line 2); adversarial features ``f_adv^(i) = f + δ_i`` with δ_i from PGD at strength α^(i)
    on the site feature. With PGD-1, one attack suffices: ``f_adv^(i) = f + (α^(i)/α^(1))·δ_1``
-   (appendix S1.1, :func:`advfeat.attacks.feature.rescale_strengths`).
+   (appendix S1.1, :meth:`AFAN.perturbations`; exact when :attr:`AFAN.uses_rescaling`).
 2. Normalization (Eq. 6): ``f_mix^(i) = σ_adv^(i)·(f − μ_clean)/σ_clean + μ_adv^(i)`` with the
    per-channel batch statistics of batch normalization
    (:func:`advfeat.methods.feature_aug.adversarial_feature_normalization`).
@@ -13,7 +13,6 @@ Feature Augmentation and Normalization for Visual Recognition", Algorithm 1).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,13 +23,22 @@ from advfeat.attacks.feature import sample_strengths
 from advfeat.errors import AdvfeatError
 from advfeat.methods.base import MethodOutput
 from advfeat.methods.feature_aug import (
+    ADV_BN_STATS,
+    ADV_GRAD,
+    ALPHA,
+    ATTACK_BN_MODE,
     AUTO_SITE,
+    EPS,
+    LAM,
+    LOSS_WEIGHTING,
+    NOISE_STD,
+    RANDOM_NOISE,
+    STEPS,
     AdversarialFeatureNormalization,
     FeatureAugmentation,
-    check_choice,
-    check_common_options,
 )
 from advfeat.methods.registry import register_method
+from advfeat.options import Choice, Flag, Integer, Number, option
 from advfeat.tasks.base import TaskPass
 
 __all__ = ["AFAN"]
@@ -104,41 +112,30 @@ class AFAN(FeatureAugmentation):
     class Options:
         site: str = AUTO_SITE  # §4: the last block (dense: the task's sites)
         sites: list[str] | None = None
-        alpha: float = 1.0 / 255  # S2 / Fig. S5: PGD-1 with α = 1.0/255 (CIFAR-10)
-        k: int = 3  # §4: three strengths
-        strength_spacing: str = "random"  # Algorithm 1, line 2
-        steps: int = 1  # S1.1 / Fig. S5: PGD-1
-        eps: float | None = 8 / 255  # S1.1: ε = 8/255
-        lam: float = 1.0  # Eq. 7: λ = 1
-        loss_weighting: str = "mean"  # measured (docs/results.md); "sum": Eq. 7 as written
-        adv_grad: str = "full"  # Eq. 7: L_adv trains every weight; "tail": only after the site
+        # S2 / Fig. S5: PGD-1 with α = 1.0/255 (CIFAR-10)
+        alpha: float = option(1.0 / 255, ALPHA)
+        # §4: three strengths
+        k: int = option(3, Integer(low=1, hint="number of perturbation strengths"))
+        strength_spacing: str = option("random", Choice("random", "grid"))  # Algorithm 1, line 2
+        steps: int = option(1, STEPS)  # S1.1 / Fig. S5: PGD-1
+        eps: float | None = option(8 / 255, EPS)  # S1.1: ε = 8/255
+        lam: float = option(1.0, LAM)  # Eq. 7: λ = 1
+        # measured (docs/results.md); "sum": Eq. 7 as written
+        loss_weighting: str = option("mean", LOSS_WEIGHTING)
+        # Eq. 7: L_adv trains every weight; "tail": only after the site
+        adv_grad: str = option("full", ADV_GRAD)
         rescale: bool | None = None  # S1.1 when exact
-        afn: bool = True  # Table S10: False = AFA only
-        afn_stats: str = "channel"  # Eq. 6; "positional" = released code
-        afn_eps: float = 1e-5  # batch norm's ε
-        random_noise: str | None = None  # Table 8: "gaussian" + AFN
-        noise_std: float | None = None  # None: alpha
-        attack_bn_mode: str = "train"
-        adv_bn_stats: str = "update"
+        afn: bool = option(True, Flag())  # Table S10: False = AFA only
+        # Eq. 6; "positional" = released code
+        afn_stats: str = option("channel", Choice("channel", "positional"))
+        afn_eps: float = option(1e-5, Number(low=0))  # batch norm's ε
+        random_noise: str | None = option(None, RANDOM_NOISE)  # Table 8: "gaussian" + AFN
+        noise_std: float | None = option(None, NOISE_STD)  # None: alpha
+        attack_bn_mode: str = option("train", ATTACK_BN_MODE)
+        adv_bn_stats: str = option("update", ADV_BN_STATS)
 
     def validate_options(self) -> None:
         opts = self.opts
-        check_common_options(opts)
-        if isinstance(opts.k, bool) or not isinstance(opts.k, int) or opts.k < 1:
-            raise AdvfeatError(f"k (number of perturbation strengths) must be >= 1, got {opts.k!r}")
-        check_choice("strength_spacing", opts.strength_spacing, ("random", "grid"))
-        check_choice("afn_stats", opts.afn_stats, ("channel", "positional"))
-        if opts.eps is not None and (
-            isinstance(opts.eps, bool)
-            or not isinstance(opts.eps, int | float)
-            or not 0 < opts.eps < math.inf
-        ):
-            raise AdvfeatError(f"eps must be a number > 0 or null (unbounded), got {opts.eps!r}")
-        afn_eps = opts.afn_eps
-        if isinstance(afn_eps, bool) or not isinstance(afn_eps, int | float) or not afn_eps >= 0:
-            raise AdvfeatError(f"afn_eps must be a number >= 0, got {afn_eps!r}")
-        if not isinstance(opts.afn, bool):
-            raise AdvfeatError(f"afn must be true or false, got {opts.afn!r}")
         if opts.rescale is not None and not isinstance(opts.rescale, bool):
             raise AdvfeatError(f"rescale must be true, false or null, got {opts.rescale!r}")
         self.requested_sites()
@@ -161,8 +158,9 @@ class AFAN(FeatureAugmentation):
     ) -> list[tuple[Tensor, float]]:
         """``(δ, s)`` pairs with ``f_adv^(i) = f + s·δ`` for each strength (Eq. 5).
 
-        Rescaling (S1.1): one δ_1 at ``alphas[0]`` and ``s_i = α_i/α_1``
-        (:func:`advfeat.attacks.feature.rescale_strengths`); otherwise one attack (or one draw
+        Rescaling (S1.1, ``f_adv^(i) = f_adv^(1) + (α_i/α_1 − 1)·δ_1``, the same thing): one δ_1
+        at ``alphas[0]`` (Algorithm 1 lines 3-4: the first sampled strength) and
+        ``s_i = α_i/α_1``; otherwise one attack (or one draw
         of noise, std ``noise_std`` or α: Table 8's N(0, α²)) per strength and ``s_i = 1``.
         δ is detached; ``f`` keeps its graph.
         """

@@ -19,13 +19,21 @@ from torch import nn
 
 from advfeat.methods.base import MethodOutput
 from advfeat.methods.feature_aug import (
+    ADV_BN_STATS,
+    ADV_GRAD,
+    ALPHA,
+    ATTACK_BN_MODE,
     AUTO_SITE,
+    EPS,
+    LAM,
+    LOSS_WEIGHTING,
+    NOISE_STD,
+    RANDOM_NOISE,
+    STEPS,
     FeatureAugmentation,
-    check_choice,
-    check_common_options,
-    check_eps_option,
 )
 from advfeat.methods.registry import register_method
+from advfeat.options import Choice, option
 
 __all__ = ["ALFA"]
 
@@ -82,22 +90,22 @@ class ALFA(FeatureAugmentation):
     class Options:
         site: str = AUTO_SITE  # Table 2: the last residual block (dense: the task's sites)
         sites: list[str] | None = None
-        alpha: float = 0.5 / 255  # Table 2, ResNet-20s
-        steps: int = 5  # Table 2: PGD-5, ε unbounded
-        eps: float | None = None  # §3.2: unbounded; a number clips δ to [-eps, eps]
-        lam: float = 1.0  # not reported (grid search); A-FAN Eq. 7 uses λ = 1
-        multi_site: str = "separate"
-        loss_weighting: str = "sum"  # Eq. 3 as written; "mean": the released code's average
-        adv_grad: str = "full"  # Eq. 3: L_adv trains every weight; "tail": only after the site
-        random_noise: str | None = None  # Table 7 ablation: "gaussian" / "uniform"
-        noise_std: float | None = None  # None: alpha
-        attack_bn_mode: str = "train"
-        adv_bn_stats: str = "update"
+        alpha: float = option(0.5 / 255, ALPHA)  # Table 2, ResNet-20s
+        steps: int = option(5, STEPS)  # Table 2: PGD-5, ε unbounded
+        eps: float | None = option(None, EPS)  # §3.2: unbounded; a number clips δ to [-eps, eps]
+        lam: float = option(1.0, LAM)  # not reported (grid search); A-FAN Eq. 7 uses λ = 1
+        multi_site: str = option("separate", Choice("separate", "joint"))
+        # Eq. 3 as written; "mean": the released code's average
+        loss_weighting: str = option("sum", LOSS_WEIGHTING)
+        # Eq. 3: L_adv trains every weight; "tail": only after the site
+        adv_grad: str = option("full", ADV_GRAD)
+        # Table 7 ablation: "gaussian" / "uniform"
+        random_noise: str | None = option(None, RANDOM_NOISE)
+        noise_std: float | None = option(None, NOISE_STD)  # None: alpha
+        attack_bn_mode: str = option("train", ATTACK_BN_MODE)
+        adv_bn_stats: str = option("update", ADV_BN_STATS)
 
     def validate_options(self) -> None:
-        check_common_options(self.opts)
-        check_eps_option(self.opts.eps)
-        check_choice("multi_site", self.opts.multi_site, ("separate", "joint"))
         self.check_joint_sites()
         self.requested_sites()
 

@@ -30,6 +30,7 @@ from advfeat.attacks.feature import FeaturePGD, MultiSiteFeaturePGD
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.base import Method, cross_entropy, unwrap
 from advfeat.norm.stats import frozen_bn_statistics
+from advfeat.options import Choice, Integer, Number
 from advfeat.sites import (
     SiteSplit,
     last_stage,
@@ -232,7 +233,7 @@ def combine_losses(
       ``(L_clean + Σ L_adv) / (1 + n)``. Same minimisers as ``"sum"`` for a fixed n, the
       gradient scale of standard training.
     """
-    check_choice("loss_weighting", weighting, LOSS_WEIGHTINGS)
+    LOSS_WEIGHTING("", "loss_weighting", weighting)
     loss_adv = torch.stack(list(adv_losses)).sum() if adv_losses else loss_clean.new_zeros(())
     total = loss_clean + lam * loss_adv
     if weighting == "mean":
@@ -276,31 +277,17 @@ def multi_site_outputs(
 
 
 # ---------------------------------------------------------------------------- option checks
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-
-
-def check_step_options(alpha: Any, steps: Any, lam: Any) -> None:
-    """Shared checks: ``alpha > 0``, ``steps ≥ 1`` (an integer), ``lam ≥ 0``."""
-    if not _is_number(alpha) or alpha <= 0:
-        raise AdvfeatError(f"alpha (the attack step size) must be a number > 0, got {alpha!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise AdvfeatError(f"steps (PGD steps) must be an integer >= 1, got {steps!r}")
-    if not _is_number(lam) or lam < 0:
-        raise AdvfeatError(f"lam (the weight of the adversarial loss) must be >= 0, got {lam!r}")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    """``value`` must be one of ``choices`` (unknown values list close matches)."""
-    if value not in choices:
-        raise unknown_name(f"value of {name}", str(value), choices)
-
-
-def check_noise_options(random_noise: Any, noise_std: Any) -> None:
-    if random_noise is not None:
-        check_choice("random_noise", random_noise, NOISE_KINDS)
-    if noise_std is not None and (not _is_number(noise_std) or noise_std < 0):
-        raise AdvfeatError(f"noise_std must be a number >= 0 (or null: alpha), got {noise_std!r}")
+# Declared with advfeat.options.option(default, check) in the Options of ALFA, L-ALFA and A-FAN.
+ALPHA = Number(low=0, low_open=True, hint="the attack step size")
+STEPS = Integer(low=1, hint="PGD steps")
+LAM = Number(low=0, hint="the weight of the adversarial loss")
+EPS = Number(low=0, low_open=True, optional=True, hint="null: unbounded")
+RANDOM_NOISE = Choice(*NOISE_KINDS, optional=True)
+NOISE_STD = Number(low=0, optional=True, hint="null: alpha")
+LOSS_WEIGHTING = Choice(*LOSS_WEIGHTINGS)
+ADV_GRAD = Choice(*ADV_GRADS)
+ATTACK_BN_MODE = Choice(*ATTACK_BN_MODES)
+ADV_BN_STATS = Choice(*BN_STATS)
 
 
 def check_sites_option(site: Any, sites: Any) -> list[str] | None:
@@ -318,22 +305,6 @@ def check_sites_option(site: Any, sites: Any) -> list[str] | None:
     if len(set(sites)) != len(sites):
         raise AdvfeatError(f"sites names a site twice: {sites!r}")
     return list(sites)
-
-
-def check_eps_option(eps: Any) -> None:
-    """``eps``: ``None`` (unbounded) or a finite number > 0."""
-    if eps is not None and (not _is_number(eps) or eps <= 0):
-        raise AdvfeatError(f"eps must be a number > 0 or null (unbounded), got {eps!r}")
-
-
-def check_common_options(opts: Any) -> None:
-    """The options every feature-augmentation method has."""
-    check_step_options(opts.alpha, opts.steps, opts.lam)
-    check_noise_options(opts.random_noise, opts.noise_std)
-    check_choice("loss_weighting", opts.loss_weighting, LOSS_WEIGHTINGS)
-    check_choice("adv_grad", opts.adv_grad, ADV_GRADS)
-    check_choice("attack_bn_mode", opts.attack_bn_mode, ATTACK_BN_MODES)
-    check_choice("adv_bn_stats", opts.adv_bn_stats, BN_STATS)
 
 
 # ------------------------------------------------------------------------------ the base class

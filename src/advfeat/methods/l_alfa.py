@@ -34,15 +34,23 @@ from torch import Tensor, nn
 from advfeat.errors import AdvfeatError
 from advfeat.methods.base import MethodOutput, unwrap
 from advfeat.methods.feature_aug import (
+    ADV_BN_STATS,
+    ADV_GRAD,
+    ALPHA,
+    ATTACK_BN_MODE,
     AUTO_SITE,
+    LAM,
+    LOSS_WEIGHTING,
+    NOISE_STD,
+    RANDOM_NOISE,
+    STEPS,
     FeatureAugmentation,
-    check_choice,
-    check_common_options,
     check_sites_option,
     project_simplex,
     spread_blocks,
 )
 from advfeat.methods.registry import register_method
+from advfeat.options import Choice, option
 
 __all__ = ["LALFA"]
 
@@ -102,21 +110,23 @@ class LALFA(FeatureAugmentation):
     class Options:
         sites: list[str] | None = None  # None: num_sites blocks (Table 8: dim η = 9)
         num_sites: int | None = 9  # Tables 8-9; null: every block
-        alpha: float = 0.5 / 255  # ALFA Table 2, ResNet-20s
-        steps: int = 5  # ALFA Table 2: PGD-5, ε unbounded
-        lam: float = 1.0  # not reported; as ALFA
+        alpha: float = option(0.5 / 255, ALPHA)  # ALFA Table 2, ResNet-20s
+        steps: int = option(5, STEPS)  # ALFA Table 2: PGD-5, ε unbounded
+        lam: float = option(1.0, LAM)  # not reported; as ALFA
         gamma: float = 1.0  # Table 10 (CIFAR-100, ResNet-56s)
         eta_init: float = 1.0  # Algorithm 1: η_0 = (1, ..., 1)
         eta_lr_scale: float = 1.0
         eta_weight_decay: float = 0.0
-        multi_site: str = "joint"  # Algorithm 1, line 3: one PGD for the tuple δ
-        loss_weighting: str = "sum"  # Eq. 5 as written
-        adv_grad: str = "full"  # Eq. 5: L_adv trains every weight
-        projection: str = "simplex"  # Alg. 1 line 5; "hyperplane": P = {1ᵀη = 1} literally
-        random_noise: str | None = None
-        noise_std: float | None = None
-        attack_bn_mode: str = "train"
-        adv_bn_stats: str = "update"
+        # Algorithm 1, line 3: one PGD for the tuple δ
+        multi_site: str = option("joint", Choice("separate", "joint"))
+        loss_weighting: str = option("sum", LOSS_WEIGHTING)  # Eq. 5 as written
+        adv_grad: str = option("full", ADV_GRAD)  # Eq. 5: L_adv trains every weight
+        # Alg. 1 line 5; "hyperplane": P = {1ᵀη = 1} literally
+        projection: str = option("simplex", Choice(*PROJECTIONS))
+        random_noise: str | None = option(None, RANDOM_NOISE)
+        noise_std: float | None = option(None, NOISE_STD)
+        attack_bn_mode: str = option("train", ATTACK_BN_MODE)
+        adv_bn_stats: str = option("update", ADV_BN_STATS)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -129,13 +139,10 @@ class LALFA(FeatureAugmentation):
 
     def validate_options(self) -> None:
         opts = self.opts
-        check_common_options(opts)
-        check_choice("multi_site", opts.multi_site, ("separate", "joint"))
         _positive("gamma", opts.gamma, allow_zero=True)
         _positive("eta_init", opts.eta_init)
         _positive("eta_lr_scale", opts.eta_lr_scale)
         _positive("eta_weight_decay", opts.eta_weight_decay, allow_zero=True)
-        check_choice("projection", opts.projection, PROJECTIONS)
         n = opts.num_sites
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise AdvfeatError(

@@ -270,14 +270,10 @@ class DenseTask(Task):
         """Training mode (losses available), BN in eval mode when ``bn_mode == "eval"``; every
         train/eval flag is restored afterwards. Feature attacks run inside it with the guard's
         ``bn_mode="keep"``; :class:`~advfeat.tasks.DensePGD` inside a ``"train"`` guard."""
-        flags = {m: m.training for m in model.modules()}
-        try:
+        with restored_train_flags(model.modules()):
             model.train()
             with batchnorm_eval(model) if bn_mode == "eval" else nullcontext():
                 yield
-        finally:
-            for m, flag in flags.items():
-                m.training = flag
 
 
 class ForwardPass(TaskPass):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
+from advfeat.modes import eval_mode
 from advfeat.sites import last_stage
 from advfeat.tasks.base import ForwardPass, Task, TaskPass
 
@@ -83,11 +84,9 @@ class ClassificationTask(Task):
     ) -> dict[str, Any]:
         """Top-1 (``acc``) and top-5 accuracy in eval mode; ``attack(x, y)`` first when given."""
         topk = (1, 5) if detailed and (self.num_classes or 0) > 5 else (1,)
-        flags = {m: m.training for m in model.modules()}
         hits = dict.fromkeys(topk, 0)
         total = 0
-        model.eval()
-        try:
+        with eval_mode(model):
             for x, y in loader:
                 x, y = self.to_device(x, y, torch.device(device))
                 if attack is not None:
@@ -96,7 +95,4 @@ class ClassificationTask(Task):
                 for k, n in topk_hits(model(x), y, topk).items():
                     hits[k] += n
                 total += y.numel()
-        finally:
-            for m, flag in flags.items():
-                m.training = flag
         return {("acc" if k == 1 else f"top{k}"): hits[k] / max(total, 1) for k in topk}

@@ -107,7 +107,13 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 class Trainer:
-    """Train one run described by a :class:`TrainConfig` into ``out_dir``."""
+    """Train one run described by a :class:`TrainConfig` into ``out_dir``.
+
+    :meth:`fit` runs the epochs; each one calls the public steps :meth:`train_epoch` (which sets
+    the learning rate through :meth:`set_lr` at every step), :meth:`evaluate_into` for the
+    validation and test splits, and the run ends with :meth:`finish`. A subclass (or a test) may
+    wrap these steps; they are the trainer's only extension points.
+    """
 
     def __init__(
         self,
@@ -272,7 +278,9 @@ class Trainer:
         self._partial = state.get("partial")
 
     # ----------------------------------------------------------------------------- training
-    def _set_lr(self, progress: float, steps_per_epoch: int = 1) -> float:
+    def set_lr(self, progress: float, steps_per_epoch: int = 1) -> float:
+        """Set every parameter group's learning rate for ``progress`` (epochs done, fractional;
+        a group's ``lr_scale`` multiplies it) and return the base learning rate."""
         cfg = self.cfg
         warmup = max(cfg.warmup_epochs, cfg.warmup_steps / max(steps_per_epoch, 1))
         factor = lr_factor(
@@ -303,7 +311,9 @@ class Trainer:
             collate_fn=self.task.collate,
         )
 
-    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train epoch ``epoch`` (0-based; a resumed partial epoch continues) and return its
+        history row (``epoch``, ``train_loss``, the method's logs, ``epoch_time_s``, ...)."""
         cfg = self.cfg
         torch.manual_seed(_epoch_seed(cfg.seed, epoch))
         self.sampler.skip = 0
@@ -340,11 +350,11 @@ class Trainer:
         if bar is not None and first:
             bar.update(first)
         start = time.perf_counter() - elapsed
-        lr = self._set_lr(epoch + first / steps, steps)
+        lr = self.set_lr(epoch + first / steps, steps)
         for step, (x, y) in enumerate(loader, start=first):
             if step >= steps:
                 break
-            lr = self._set_lr(epoch + step / steps, steps)
+            lr = self.set_lr(epoch + step / steps, steps)
             x, y = self.task.to_device(x, y, self.device)
             if cfg.channels_last and isinstance(x, torch.Tensor):
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -459,7 +469,7 @@ class Trainer:
         result = self.task.evaluate(model, loader, device=self.device, detailed=detailed)
         return {k: float(v) for k, v in result.items() if isinstance(v, int | float)}
 
-    def _evaluate_into(self, row: dict[str, Any], split: str, dataset: Any) -> float:
+    def evaluate_into(self, row: dict[str, Any], split: str, dataset: Any) -> float:
         """Add ``{split}_<metric>`` to ``row``; return the primary metric (selects the best)."""
         result = self._evaluate(dataset)
         row.update({f"{split}_{k}": v for k, v in result.items()})
@@ -537,17 +547,17 @@ class Trainer:
     def _train(self) -> dict[str, Any]:
         cfg = self.cfg
         for epoch in range(self.start_epoch, cfg.epochs):
-            row = self._train_epoch(epoch)
+            row = self.train_epoch(epoch)
             self.train_time += row["epoch_time_s"]
             row.update(self.method.on_epoch_end(unwrap(self.model), epoch))
             self._check_finite_state(epoch)
             if self.dist.is_main:
                 val = -math.inf
                 if self.data.val is not None:
-                    val = self._evaluate_into(row, "val", self.data.val)
+                    val = self.evaluate_into(row, "val", self.data.val)
                 last = epoch == cfg.epochs - 1
                 if last or (epoch + 1) % cfg.eval_every == 0:
-                    self._evaluate_into(row, "test", self.data.test)
+                    self.evaluate_into(row, "test", self.data.test)
                 self.history.append(row)
                 improved = self.data.val is not None and val > self.best_val
                 if improved:
@@ -573,7 +583,7 @@ class Trainer:
                     f"{epoch + 1} finished and checkpointed; continue with "
                     f"`advfeat train --out {self.out} --resume`"
                 )
-        return self._finish()
+        return self.finish()
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
         if not self.cfg.progress:
@@ -596,7 +606,9 @@ class Trainer:
         writer.writerows(self.history)
         atomic_write_text(self.out / "history.csv", buf.getvalue())
 
-    def _finish(self) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
+        """End the run: close the loggers, restore ``best.pt`` when ``select_best`` (refusing a
+        ``best.pt`` that is not the recorded best epoch), write and return ``metrics.json``."""
         cfg = self.cfg
         if self.loggers is not None:
             self.loggers.close()

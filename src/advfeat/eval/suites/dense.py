@@ -4,7 +4,8 @@ A dense model is evaluated by its task (:meth:`advfeat.tasks.DenseTask.evaluate`
 AP50 / AP75 for Faster R-CNN, mIoU / pixel accuracy for DeepLab — the numbers of A-FAN Tables 5
 and 6. Every unit runs under its own seeded RNG (forked, so the caller's global RNG is left as
 it was): Faster R-CNN samples proposals and DeepLab's ASPP drops out while PGD runs the model in
-training mode, so a unit's result depends on ``(config.seed, unit key)`` alone.
+training mode, so a unit's result depends on ``(config.seed, unit key)`` alone. The headline
+metric of a task is its ``primary_metric`` (VOC mAP@0.5, A-FAN Table 5; mIoU, Table 6).
 
 The suites that measure class accuracy (corruptions, bn, divergence, hessian, features) declare
 ``tasks=("classification",)`` when they register: ``EvalConfig`` rejects them for dense data
@@ -23,10 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from advfeat.eval.context import EvalContext
 from advfeat.tasks import DenseTask
 
-__all__ = ["PRIMARY_METRIC", "dense_task", "task_metrics"]
-
-PRIMARY_METRIC = {"detection": "ap50", "segmentation": "miou"}
-"""The headline metric of each task (VOC mAP@0.5, A-FAN Table 5; mIoU, Table 6)."""
+__all__ = ["dense_task", "task_metrics"]
 
 
 def dense_task(ctx: EvalContext) -> DenseTask | None:

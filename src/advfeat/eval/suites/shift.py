@@ -13,7 +13,7 @@ from typing import Any
 from advfeat.eval.accuracy import evaluate_accuracy
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.report import DENSE_METRICS, dense_scalars, md_table, pct
-from advfeat.eval.suites.dense import PRIMARY_METRIC, dense_task, task_metrics
+from advfeat.eval.suites.dense import dense_task, task_metrics
 from advfeat.eval.suites.registry import ALL_TASKS, register_suite, skipped
 
 __all__ = ["run"]
@@ -66,7 +66,7 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     if task is None:
         accs = [r["accuracy"] for r in results.values()]
         return {"domains": results, "mean_accuracy": sum(accs) / len(accs)}
-    metric = PRIMARY_METRIC[task.name]
+    metric = task.primary_metric
     values = [r[metric] for r in results.values() if r.get(metric) is not None]
     mean = sum(values) / len(values) if values else None
     return {"domains": results, "metric": metric, f"mean_{metric}": mean}
