@@ -14,6 +14,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from advfeat.data.corruptions_released import BENCHMARK_CORRUPTIONS
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.options import Choice, Each, Flag, Integer, Number, Text, check_options, option
 
@@ -51,23 +52,7 @@ ATTACK_NAMES: tuple[str, ...] = (
 """Attacks of the ``attacks`` suite; ``transfer`` needs a surrogate, ``adaptive`` an AFA model;
 ``autoattack-fast`` is a cheaper variant, never the standard AutoAttack."""
 
-CORRUPTION_NAMES: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
+CORRUPTION_NAMES: tuple[str, ...] = BENCHMARK_CORRUPTIONS
 """The 15 corruption types of CIFAR-10-C / ImageNet-C (Hendrycks & Dietterich 2019)."""
 
 ADAPTIVE_WEIGHTS: tuple[tuple[float, float], ...] = (
