@@ -44,7 +44,6 @@ from advfeat.checkpoint import InitialWeights
 from advfeat.errors import AdvfeatError
 from advfeat.methods.auxbn import (
     ADV,
-    ATTACK_BN_MODES,
     MAIN,
     ROUTINGS,
     AuxBNMethod,
@@ -52,7 +51,7 @@ from advfeat.methods.auxbn import (
     require_branches,
     resolve_routing,
 )
-from advfeat.methods.base import MethodOutput, cross_entropy, unwrap
+from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput, cross_entropy, unwrap
 from advfeat.methods.registry import register_method
 from advfeat.modes import restored_train_flags
 from advfeat.norm import split_branches, use_branch
@@ -147,8 +146,8 @@ class AdvBN(AuxBNMethod):
         random_start: bool = option(False, Flag())
         # Eq. 1: per-channel batch statistics
         stats: str = option("batch", Choice("batch", "instance"))
-        attack_bn_mode: str = option("train", Choice(*ATTACK_BN_MODES))
-        prefix_bn_mode: str = option("eval", Choice(*ATTACK_BN_MODES))
+        attack_bn_mode: str = option("train", ATTACK_BN_MODE)
+        prefix_bn_mode: str = option("eval", ATTACK_BN_MODE)
         adv_weight: float = option(1.0, Number(low=0))  # Eq. 3
         routing: str = option("auto", Choice(*ROUTINGS))
         eval_branch: str = MAIN  # Appendix A.3: main BN on data close to the training data

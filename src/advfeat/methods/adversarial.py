@@ -50,7 +50,6 @@ from advfeat.options import Choice, Integer, Number
 
 __all__ = [
     "BASES",
-    "BN_MODE",
     "EPS",
     "INIT_STD",
     "RANDOM_START",
@@ -77,7 +76,6 @@ BASES: tuple[str, ...] = get_args(Base)
 AttackLoss = Literal["ce", "kl"]
 RandomStart = Literal["uniform", "normal", "none"]
 RANDOM_STARTS: tuple[str, ...] = get_args(RandomStart)
-ATTACK_BN_MODES: tuple[str, ...] = ("train", "eval")
 
 
 @dataclass(frozen=True)
@@ -248,7 +246,6 @@ STEP = Number(low=0, low_open=True, hint="the attack step")
 STEPS = Integer(low=1)
 RANDOM_START = Choice(*RANDOM_STARTS)
 INIT_STD = Number(low=0)
-BN_MODE = Choice(*ATTACK_BN_MODES)
 
 
 class PixelAdversarialTraining(Method):
@@ -257,7 +254,7 @@ class PixelAdversarialTraining(Method):
     Subclasses set ``recipe`` (a key of :data:`RECIPES`) and declare ``Options`` with the fields
     ``eps``, ``alpha``, ``steps``, ``random_start``, ``init_std`` and ``attack_bn_mode``, each with
     its constraint (:data:`EPS`, :data:`STEP`, :data:`STEPS`, :data:`RANDOM_START`,
-    :data:`INIT_STD`, :data:`BN_MODE`).
+    :data:`INIT_STD`, :data:`~advfeat.methods.base.ATTACK_BN_MODE`).
     """
 
     recipe: ClassVar[str] = ""

@@ -21,7 +21,6 @@ from advfeat.attacks.pixel import GD, IFGSM, PGD, advprop_pgd_steps
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.auxbn import (
     ADV,
-    ATTACK_BN_MODES,
     EXTRA_SOURCES,
     MAIN,
     PIXEL_LEVELS,
@@ -30,7 +29,7 @@ from advfeat.methods.auxbn import (
     branch_forward,
     require_branches,
 )
-from advfeat.methods.base import MethodOutput, cross_entropy
+from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput, cross_entropy
 from advfeat.methods.registry import register_method
 from advfeat.options import Choice, Flag, Integer, Number, option
 
@@ -87,7 +86,7 @@ class AdvProp(AuxBNMethod):
         steps: int | None = option(None, Integer(low=1, optional=True))
         # 0-255 units; Sec. 5.1: step size fixed to 1
         alpha: float = option(1.0, Number(low=0, low_open=True, hint=PIXEL_LEVELS))
-        attack_bn_mode: str = option("train", Choice(*ATTACK_BN_MODES))
+        attack_bn_mode: str = option("train", ATTACK_BN_MODE)
         attack_branch: str = ADV  # Algorithm 1: attack through the auxiliary BNs
         routing: str = option("auto", Choice(*ROUTINGS))
         adv_weight: float = option(1.0, Number(low=0))  # Algorithm 1: L^a + L^c

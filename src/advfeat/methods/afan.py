@@ -21,12 +21,11 @@ from torch import Tensor, nn
 
 from advfeat.attacks.feature import sample_strengths
 from advfeat.errors import AdvfeatError
-from advfeat.methods.base import MethodOutput
+from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput
 from advfeat.methods.feature_aug import (
     ADV_BN_STATS,
     ADV_GRAD,
     ALPHA,
-    ATTACK_BN_MODE,
     AUTO_SITE,
     EPS,
     LAM,

@@ -17,12 +17,11 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from advfeat.methods.base import MethodOutput
+from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput
 from advfeat.methods.feature_aug import (
     ADV_BN_STATS,
     ADV_GRAD,
     ALPHA,
-    ATTACK_BN_MODE,
     AUTO_SITE,
     EPS,
     LAM,

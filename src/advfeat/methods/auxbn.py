@@ -42,7 +42,6 @@ from advfeat.options import Choice
 
 __all__ = [
     "ADV",
-    "ATTACK_BN_MODES",
     "EXTRA_SOURCES",
     "MAIN",
     "PIXEL_LEVELS",
@@ -59,7 +58,6 @@ MAIN = "clean"
 ADV = "adv"
 """The auxiliary BN branch of adversarial examples / features."""
 ROUTINGS = ("auto", "split", "separate")
-ATTACK_BN_MODES = ("train", "eval")
 PIXEL_LEVELS = "in 0-255 pixel levels"
 """The unit of AdvProp's budgets: ``eps=4`` means 4/255."""
 

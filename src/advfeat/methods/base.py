@@ -32,12 +32,24 @@ from torch import Tensor, nn
 
 from advfeat.checkpoint import InitialWeights, read_initial_weights
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.options import check_options
+from advfeat.options import Choice, check_options
 from advfeat.sites import unwrap_model as unwrap
 from advfeat.tasks.base import Task
 from advfeat.tasks.classification import ClassificationTask
 
-__all__ = ["Method", "MethodOutput", "PrepareContext", "unwrap"]
+__all__ = [
+    "ATTACK_BN_MODE",
+    "ATTACK_BN_MODES",
+    "Method",
+    "MethodOutput",
+    "PrepareContext",
+    "unwrap",
+]
+
+ATTACK_BN_MODES: tuple[str, ...] = ("train", "eval")
+"""How BN layers normalise while a training attack runs: batch statistics or running ones."""
+ATTACK_BN_MODE = Choice(*ATTACK_BN_MODES)
+"""The constraint of every method's ``attack_bn_mode`` option."""
 
 
 @dataclass

@@ -63,7 +63,6 @@ AUTO_SITE = "auto"
 AFNStats = Literal["channel", "positional"]
 NOISE_KINDS = ("gaussian", "uniform")
 BN_STATS = ("update", "frozen")
-ATTACK_BN_MODES = ("train", "eval")
 LOSS_WEIGHTINGS = ("sum", "mean")
 ADV_GRADS = ("full", "tail")
 
@@ -286,7 +285,6 @@ RANDOM_NOISE = Choice(*NOISE_KINDS, optional=True)
 NOISE_STD = Number(low=0, optional=True, hint="null: alpha")
 LOSS_WEIGHTING = Choice(*LOSS_WEIGHTINGS)
 ADV_GRAD = Choice(*ADV_GRADS)
-ATTACK_BN_MODE = Choice(*ATTACK_BN_MODES)
 ADV_BN_STATS = Choice(*BN_STATS)
 
 

@@ -32,12 +32,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from advfeat.errors import AdvfeatError
-from advfeat.methods.base import MethodOutput, unwrap
+from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput, unwrap
 from advfeat.methods.feature_aug import (
     ADV_BN_STATS,
     ADV_GRAD,
     ALPHA,
-    ATTACK_BN_MODE,
     AUTO_SITE,
     LAM,
     LOSS_WEIGHTING,

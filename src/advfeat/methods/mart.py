@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advfeat.methods.adversarial import (
-    BN_MODE,
     EPS,
     INIT_STD,
     RANDOM_START,
@@ -18,7 +17,7 @@ from advfeat.methods.adversarial import (
     boosted_cross_entropy,
     mart_loss,
 )
-from advfeat.methods.base import MethodOutput, unwrap
+from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput, unwrap
 from advfeat.methods.registry import register_method
 from advfeat.options import Number, option
 
@@ -51,7 +50,7 @@ class MART(PixelAdversarialTraining):
         lam: float = option(6.0, Number(low=0, hint="the KL weight λ"))
         random_start: str = option("normal", RANDOM_START)
         init_std: float = option(0.001, INIT_STD)
-        attack_bn_mode: str = option("eval", BN_MODE)
+        attack_bn_mode: str = option("eval", ATTACK_BN_MODE)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
         x_adv = self.adversarial_examples(unwrap(model), x, y)

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advfeat.methods.adversarial import (
-    BN_MODE,
     EPS,
     INIT_STD,
     RANDOM_START,
@@ -18,7 +17,7 @@ from advfeat.methods.adversarial import (
     PixelAdversarialTraining,
     pgd_at_loss,
 )
-from advfeat.methods.base import MethodOutput, unwrap
+from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput, unwrap
 from advfeat.methods.registry import register_method
 from advfeat.norm.stats import frozen_bn_statistics
 from advfeat.options import Flag, option
@@ -52,7 +51,7 @@ class PGDAT(PixelAdversarialTraining):
         steps: int = option(10, STEPS)
         random_start: str = option("uniform", RANDOM_START)
         init_std: float = option(0.001, INIT_STD)  # only used with random_start="normal"
-        attack_bn_mode: str = option("train", BN_MODE)
+        attack_bn_mode: str = option("train", ATTACK_BN_MODE)
         log_clean: bool = option(True, Flag())
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advfeat.methods.adversarial import (
-    BN_MODE,
     EPS,
     INIT_STD,
     RANDOM_START,
@@ -19,7 +18,7 @@ from advfeat.methods.adversarial import (
     trades_kl,
     trades_loss,
 )
-from advfeat.methods.base import MethodOutput, unwrap
+from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput, unwrap
 from advfeat.methods.registry import register_method
 from advfeat.options import Number, option
 
@@ -53,7 +52,7 @@ class TRADES(PixelAdversarialTraining):
         beta: float = option(6.0, Number(low=0, hint="= 1/λ"))
         random_start: str = option("normal", RANDOM_START)
         init_std: float = option(0.001, INIT_STD)
-        attack_bn_mode: str = option("eval", BN_MODE)
+        attack_bn_mode: str = option("eval", ATTACK_BN_MODE)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
         net = unwrap(model)
