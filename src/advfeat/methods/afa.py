@@ -77,7 +77,7 @@ from advfeat.methods.adversarial import (
     pixel_attack,
 )
 from advfeat.methods.auxbn import ROUTINGS, resolve_routing
-from advfeat.methods.base import Method, MethodOutput, unwrap
+from advfeat.methods.base import ATTACK_BN_MODES, Method, MethodOutput, unwrap
 from advfeat.methods.registry import register_method
 from advfeat.modes import eval_mode
 from advfeat.norm import (
@@ -136,7 +136,7 @@ class AFA(Method):
         random_start: str | None = option(None, Choice(*RANDOM_STARTS, optional=True))
         init_std: float = option(0.001, INIT_STD)
         # None → the base's (train / eval)
-        attack_bn_mode: str | None = option(None, Choice("train", "eval", optional=True))
+        attack_bn_mode: str | None = option(None, Choice(*ATTACK_BN_MODES, optional=True))
         # TRADES β (Zhang et al. 2019, CIFAR-10), MART λ (Wang et al. 2020, WideResNet)
         trades_beta: float = option(6.0, Number(low=0))
         mart_lambda: float = option(6.0, Number(low=0))
