@@ -7,12 +7,16 @@ shape of the results.
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from advfeat.bench import (
     MethodSpec,
     _cpu_peak_mb,
     _Setup,
     bench_table,
+    count_step_flops,
     parse_method_specs,
     run_bench,
 )
@@ -97,3 +101,33 @@ def test_cpu_peak_memory_of_a_step() -> None:
         pytest.skip("this kernel does not expose VmHWM / clear_refs")
     # ResNet-20's activations for 8 images of 16x16 alone take more than 1 MB
     assert 1.0 < peak < 2000.0
+
+
+def _conv_step(conv: nn.Module, x: torch.Tensor) -> None:
+    conv(x.requires_grad_(True)).square().sum().backward()
+
+
+def test_flops_of_a_grouped_convolution_count_each_group_once() -> None:
+    x = torch.randn(2, 8, 6, 6)
+    # depthwise 3x3, 8 channels, 6x6 output: 2·N·H·W·C·k² per pass; backward = input gradient
+    # + weight gradient, each the forward's multiply-adds
+    depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    forward = 2 * 2 * 6 * 6 * 8 * 9
+    assert count_step_flops(lambda: _conv_step(depthwise, x)) == 3 * forward
+    # only the input gradient (frozen weights): forward + one backward term
+    depthwise.weight.requires_grad_(False)
+    assert count_step_flops(lambda: _conv_step(depthwise, x)) == 2 * forward
+    # grouped (4 groups of 2 channels): the same rule
+    grouped = nn.Conv2d(8, 16, 3, padding=1, groups=4, bias=False)
+    assert count_step_flops(lambda: _conv_step(grouped, x)) == 3 * (2 * 2 * 36 * 16 * 2 * 9)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2), nn.ConvTranspose2d(8, 4, 3, stride=2)],
+)
+def test_flops_of_an_ungrouped_convolution_are_torchs(conv: nn.Module) -> None:
+    x = torch.randn(2, 8, 6, 6)
+    with FlopCounterMode(display=False) as torch_counter:
+        _conv_step(conv, x)
+    assert count_step_flops(lambda: _conv_step(conv, x)) == torch_counter.get_total_flops() > 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from advfeat.tasks import (
     confusion_matrix,
     iou_from_confusion,
 )
+from advfeat.tasks.base import HookPass, TaskPass
 
 torch.set_num_threads(1)
 
@@ -175,3 +178,65 @@ def test_torchvision_deeplab_and_deeplabv3plus_have_the_afan_sites() -> None:
         model = build_segmenter(name, 5)
         assert task.default_sites(model) == sites
         assert hasattr(model, "normalize")
+
+
+class WholeModelSegmentation(SegmentationTask):
+    """The reference: every attack and adversarial pass runs the whole segmenter."""
+
+    def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
+        return HookPass(self, model, x, y, sites)
+
+
+def _deeplab_afan_step(
+    task: SegmentationTask, images: Tensor, masks: Tensor
+) -> tuple[Tensor, dict[str, Tensor], dict[str, int]]:
+    """One A-FAN step (k = 3, PGD-1 rescaled: one attack and 3 adversarial passes per site) on
+    torchvision's DeepLabV3-MobileNetV3 (the benchmark's segmenter): loss, gradients and the
+    forward calls of the modules before, at and after the sites."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_segmenter("deeplabv3_mobilenet_v3_large", task.num_classes).train()
+        afan = build_task_method("afan", task, k=3, alpha=0.05)
+        watched = ["normalize", "backbone.0", "backbone.16", "classifier.0", "classifier.4"]
+        calls = dict.fromkeys(watched, 0)
+        handles = [
+            model.get_submodule(name).register_forward_hook(
+                lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+            )
+            for name in watched
+        ]
+        try:
+            out = afan(model, images, masks)
+        finally:
+            for handle in handles:
+                handle.remove()
+    model.zero_grad()
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads, calls
+
+
+def test_deeplab_afan_runs_the_prefix_once_and_equals_the_whole_model(seg_data) -> None:
+    task, images, masks, _, _ = seg_data
+    fast = SegmentationTask(task.num_classes)
+    afan = build_task_method("afan", fast)
+    model = build_segmenter("deeplabv3_mobilenet_v3_large", task.num_classes)
+    assert afan.resolve_sites(model) == ["backbone.16", "classifier.3"]
+    loss, grads, calls = _deeplab_afan_step(fast, images[:2], masks[:2])
+    # the normalization and the backbone run once (clean pass); the ASPP once more for each of
+    # the 4 tails after the backbone site, the last 1x1 conv for the 4 + 4 tails of both sites
+    assert calls == {
+        "normalize": 1,
+        "backbone.0": 1,
+        "backbone.16": 1,
+        "classifier.0": 1 + 4,
+        "classifier.4": 1 + 4 + 4,
+    }
+    ref_loss, ref_grads, ref_calls = _deeplab_afan_step(
+        WholeModelSegmentation(task.num_classes), images[:2], masks[:2]
+    )
+    assert ref_calls["backbone.0"] == 1 + 4 + 4  # the reference re-runs the prefix every pass
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

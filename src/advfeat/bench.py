@@ -5,7 +5,8 @@ training step (method forward, backward, SGD step) on one fixed batch. After ``w
 each, the methods are timed in interleaved rounds (A, B, C, A, B, C, ...) so that a drift in the
 machine's speed affects them alike; the median step time is reported with its ratio to
 ``standard`` and the ratio that the method's extra floating-point work predicts (matmul and
-convolution FLOPs of one step, forward and backward, counted by ``torch.utils.flop_counter``).
+convolution FLOPs of one step, forward and backward, counted by ``torch.utils.flop_counter``,
+with the weight gradient of a grouped convolution counted per group: :func:`conv_backward_flops`).
 
 Peak memory of one step, above what is resident before it (model, optimizer state, batch):
 on CUDA ``torch.cuda.max_memory_allocated`` (reset per method, in the timing process); on CPU
@@ -45,7 +46,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from advfeat.checkpoint import InitialWeights
 from advfeat.errors import AdvfeatError
@@ -69,6 +70,8 @@ __all__ = [
     "BenchResult",
     "MethodSpec",
     "bench_table",
+    "conv_backward_flops",
+    "count_step_flops",
     "parse_method_specs",
     "run_bench",
 ]
@@ -269,8 +272,38 @@ def _build(setup: _Setup, spec: MethodSpec) -> tuple[Callable[[], None], Method]
     return _make_step(method, model, x, y, spec, setup.amp, dev.type), method
 
 
-def _count_flops(step: Callable[[], None]) -> float:
-    with FlopCounterMode(display=False) as counter:
+def conv_backward_flops(
+    grad_out_shape: Any,
+    x_shape: Any,
+    w_shape: Any,
+    _bias: Any,
+    _stride: Any,
+    _padding: Any,
+    _dilation: Any,
+    transposed: bool,
+    _output_padding: Any,
+    _groups: int,
+    output_mask: Any,
+    **_: Any,
+) -> int:
+    """FLOPs of ``aten.convolution_backward``: the forward convolution's FLOPs once for the input
+    gradient and once for the weight gradient (each forward multiply-add ``x·w`` is one
+    multiply-add of ``∂x`` and one of ``∂w``), as many times as ``output_mask`` asks.
+
+    ``torch.utils.flop_counter`` counts the weight gradient as a convolution of the input with
+    the output gradient over *all* input channels, which for a grouped convolution is ``groups``
+    times the real work (960× for a depthwise layer of MobileNetV3's last stage); for
+    ``groups == 1`` the two counts are equal.
+    """
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_step_flops(step: Callable[[], None]) -> float:
+    """Matmul and convolution FLOPs of one call of ``step`` (forward and backward), as
+    ``torch.utils.flop_counter`` counts them but with :func:`conv_backward_flops`."""
+    mapping = {torch.ops.aten.convolution_backward: conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         step()
     return float(counter.get_total_flops())
 
@@ -400,7 +433,7 @@ def run_bench(
         step, method = _build(setup, spec)
         steps[spec.label] = step
         used[spec.label] = {k: v for k, v in asdict(method.opts).items() if k != "init_checkpoint"}
-        flops[spec.label] = _count_flops(step)
+        flops[spec.label] = count_step_flops(step)
         for _ in range(warmup):
             step()
         if memory and dev.type == "cuda":
