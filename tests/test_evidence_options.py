@@ -103,13 +103,16 @@ def test_tail_only_reading_gives_the_prefix_exactly_the_clean_gradient(
 
 # ---------------------------------------------------------------- L-ALFA zero-η skipping
 @pytest.mark.parametrize("mode", ["joint", "separate"])
+@pytest.mark.parametrize("weighting", ["sum", "mean"])
 def test_zero_strength_sites_are_skipped_with_the_same_loss_and_gradients(
-    tiny_bn_cnn: nn.Module, mode: str
+    tiny_bn_cnn: nn.Module, mode: str, weighting: str
 ) -> None:
     x, y = batch()
     eta = torch.tensor([0.0, 1.0])
     model = copy.deepcopy(tiny_bn_cnn).train()
-    method = LALFA(sites=SITES, alpha=ALPHA, steps=2, gamma=0.5, multi_site=mode)
+    method = LALFA(
+        sites=SITES, alpha=ALPHA, steps=2, gamma=0.5, multi_site=mode, loss_weighting=weighting
+    )
     with torch.no_grad():
         method.eta.copy_(eta)
     out = method(model, x, y)
@@ -126,6 +129,8 @@ def test_zero_strength_sites_are_skipped_with_the_same_loss_and_gradients(
     assert float(deltas["block1"].abs().max()) == 0.0  # η = 0: the attack does not move δ
     outputs = multi_site_outputs(atk, x, deltas, features=feats, strengths=eta_ref)
     expected = F.cross_entropy(logits, y) + sum(F.cross_entropy(o, y) for o in outputs)
+    if weighting == "mean":  # the skipped site still counts in 1 + n
+        expected = expected / (1 + len(outputs))
     expected = expected + 0.5 * eta_ref.sum()
     expected.backward()
 

@@ -75,7 +75,7 @@ def test_loss_is_clean_plus_lambda_sum_of_site_losses(
     lam, steps = 0.6, 3
     hand_model = copy.deepcopy(tiny_bn_cnn).train()
     model = tiny_bn_cnn.train()
-    method = ALFA(sites=sites, alpha=ALPHA, steps=steps, lam=lam)
+    method = ALFA(sites=sites, alpha=ALPHA, steps=steps, lam=lam, loss_weighting="sum")
     out = method(model, x, y)
 
     loss_clean = F.cross_entropy(hand_model(x), y)

@@ -110,7 +110,13 @@ def test_loss_is_eq5_and_eta_gets_its_gradient(tiny_bn_cnn: nn.Module) -> None:
     hand_model = copy.deepcopy(tiny_bn_cnn).train()
     model = tiny_bn_cnn.train()
     method = LALFA(
-        sites=SITES, alpha=ALPHA, steps=steps, lam=lam, gamma=gamma, multi_site="separate"
+        sites=SITES,
+        alpha=ALPHA,
+        steps=steps,
+        lam=lam,
+        gamma=gamma,
+        multi_site="separate",
+        loss_weighting="sum",  # Eq. 5 as written
     )
     with torch.no_grad():
         method.eta.copy_(eta)  # a point of the simplex: the projection keeps it

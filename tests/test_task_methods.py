@@ -129,7 +129,7 @@ def test_site_option_and_dense_refusal_of_joint_sites(detection: Any) -> None:
 
 def test_task_defaults_and_classification_defaults() -> None:
     """Dense defaults are A-FAN §5's setting and the measured convex combination; the user's
-    options win; classification keeps the paper defaults."""
+    options win; classification keeps its own defaults."""
     det = DetectionTask(3)
     afan = build_task_method("afan", det)
     assert (afan.opts.alpha, afan.opts.k, afan.opts.eps) == (0.3 / 255, 5, None)
@@ -138,4 +138,7 @@ def test_task_defaults_and_classification_defaults() -> None:
     assert build_task_method("alfa", det, loss_weighting="sum").opts.loss_weighting == "sum"
     cls = build_method("afan")
     assert (cls.opts.alpha, cls.opts.k, cls.opts.eps) == (1.0 / 255, 3, 8 / 255)
-    assert cls.opts.adv_bn_stats == "update" and build_method("alfa").opts.loss_weighting == "sum"
+    assert cls.opts.adv_bn_stats == "update" and build_method("alfa").opts.adv_bn_stats == "update"
+    # the measured convex combination (docs/results.md §4-5) is every task's default
+    assert build_method("alfa").opts.loss_weighting == "mean"
+    assert build_method("l-alfa").opts.loss_weighting == "mean"

@@ -85,8 +85,10 @@ class LALFA(FeatureAugmentation):
     * ``multi_site``: ``"joint"`` (default, Algorithm 1 line 3: *one* PGD generates the tuple
       δ = (δ¹…δʳ), one adversarial pass with all sites perturbed) or ``"separate"`` (Eq. 5 term
       by term: r attacks and r adversarial tail passes, r times the cost).
-    * ``loss_weighting``, ``adv_grad``: as ALFA. Sites whose η is exactly 0 are skipped with the
-      same loss and gradients (:meth:`FeatureAugmentation.site_losses`).
+    * ``loss_weighting``, ``adv_grad``: as ALFA (default ``"mean"``, the convex combination:
+      ahead of Eq. 5's sum on each of 3 seeds, ``docs/results.md`` §4). Sites whose η is
+      exactly 0 are skipped with the same loss and gradients
+      (:meth:`FeatureAugmentation.site_losses`).
     * ``projection``: ``"simplex"`` (default, the Euclidean projection onto {η ≥ 0, 1ᵀη = 1})
       or ``"hyperplane"`` (onto {1ᵀη = 1}, Eq. 5's P read literally; η may turn negative).
     * ``random_noise``, ``noise_std``, ``attack_bn_mode``, ``adv_bn_stats``: as in ALFA.
@@ -118,7 +120,8 @@ class LALFA(FeatureAugmentation):
         eta_weight_decay: float = 0.0
         # Algorithm 1, line 3: one PGD for the tuple δ
         multi_site: str = option("joint", Choice("separate", "joint"))
-        loss_weighting: str = option("sum", LOSS_WEIGHTING)  # Eq. 5 as written
+        # measured (docs/results.md §4-5: ahead on every seed); "sum": Eq. 5 as written
+        loss_weighting: str = option("mean", LOSS_WEIGHTING)
         adv_grad: str = option("full", ADV_GRAD)  # Eq. 5: L_adv trains every weight
         # Alg. 1 line 5; "hyperplane": P = {1ᵀη = 1} literally
         projection: str = option("simplex", Choice(*PROJECTIONS))
