@@ -196,6 +196,34 @@ def test_user_loop_keeps_eta_on_the_simplex_and_trains(
     assert logged == {f"eta_{s}": v for s, v in strengths.items()}
 
 
+def test_eta_momentum_zero_is_plain_projected_sgd(
+    make_tiny_bn_cnn: Callable[..., nn.Module],
+) -> None:
+    """With ``eta_momentum=0`` η takes Algorithm 1's step, η ← P(η − lr·∇η), while the network
+    keeps its momentum; by default η shares the network's."""
+    model = make_tiny_bn_cnn()
+    method = build_method("l-alfa", sites=SITES, alpha=ALPHA, steps=1, eta_momentum=0.0)
+    model = method.prepare(model).train()
+    with torch.no_grad():
+        method.eta.copy_(torch.tensor([0.6, 0.4]))
+    opt = torch.optim.SGD(method.parameter_groups(model, lr=0.5), lr=0.5, momentum=0.9)
+    assert [g["momentum"] for g in opt.param_groups] == [0.9, 0.0]
+    x, y = batch(16)
+    for _ in range(2):  # the second step would differ under momentum
+        before = method.eta.detach().clone()
+        out = method(model, x, y)  # projects the previous step's η first
+        before = project_simplex(before)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        assert method.eta.grad is not None
+        expected = before - 0.5 * method.eta.grad
+        opt.step()
+        torch.testing.assert_close(method.eta.detach(), expected)
+    shared = build_method("l-alfa", sites=SITES)
+    groups = shared.parameter_groups(make_tiny_bn_cnn(), lr=0.5, momentum=0.9)
+    assert groups[1]["momentum"] == 0.9
+
+
 def test_hyperplane_projection_option_only_shifts_eta(tiny_bn_cnn: nn.Module) -> None:
     method = LALFA(sites=SITES, projection="hyperplane")
     with torch.no_grad():
@@ -255,6 +283,7 @@ def test_cli_logs_eta_every_epoch(tmp_path: Path) -> None:
         ({"gamma": -1.0}, "gamma"),
         ({"eta_init": 0}, "eta_init"),
         ({"eta_lr_scale": -1}, "eta_lr_scale"),
+        ({"eta_momentum": -0.5}, "eta_momentum"),
         ({"multi_site": "both"}, "separate"),
         ({"projection": "simplx"}, "simplex"),
         ({"sites": "block1"}, "list"),

@@ -82,6 +82,10 @@ class LALFA(FeatureAugmentation):
       (Algorithm 1, line 4; the paper gives no separate learning rate) in its own parameter group,
       whose lr is the network's times ``eta_lr_scale`` and whose weight decay is 0 by default (the
       only regulariser of η in Eq. 5 is γ‖η‖₁).
+    * ``eta_momentum``: ``None`` (default) gives η the network's SGD momentum (§4.1: 0.9); a
+      number sets η's own, ``0`` being Algorithm 1's plain projected SGD step. The paper does not
+      say which; with momentum, strengths near zero rarely stay exactly zero
+      (``docs/results.md`` §4). Not measured; applies to the SGD optimizer.
     * ``multi_site``: ``"joint"`` (default, Algorithm 1 line 3: *one* PGD generates the tuple
       δ = (δ¹…δʳ), one adversarial pass with all sites perturbed) or ``"separate"`` (Eq. 5 term
       by term: r attacks and r adversarial tail passes, r times the cost).
@@ -118,6 +122,7 @@ class LALFA(FeatureAugmentation):
         eta_init: float = 1.0  # Algorithm 1: η_0 = (1, ..., 1)
         eta_lr_scale: float = 1.0
         eta_weight_decay: float = 0.0
+        eta_momentum: float | None = None  # None: the network's momentum
         # Algorithm 1, line 3: one PGD for the tuple δ
         multi_site: str = option("joint", Choice("separate", "joint"))
         # measured (docs/results.md §4-5: ahead on every seed); "sum": Eq. 5 as written
@@ -145,6 +150,8 @@ class LALFA(FeatureAugmentation):
         _positive("eta_init", opts.eta_init)
         _positive("eta_lr_scale", opts.eta_lr_scale)
         _positive("eta_weight_decay", opts.eta_weight_decay, allow_zero=True)
+        if opts.eta_momentum is not None:
+            _positive("eta_momentum", opts.eta_momentum, allow_zero=True)
         n = opts.num_sites
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise AdvfeatError(
@@ -211,6 +218,8 @@ class LALFA(FeatureAugmentation):
         }
         if "lr" in group:
             eta_group["lr"] = group["lr"] * self.opts.eta_lr_scale
+        if self.opts.eta_momentum is not None:
+            eta_group["momentum"] = self.opts.eta_momentum
         return [{"params": params, **group}, eta_group]
 
     @torch.no_grad()
