@@ -138,7 +138,8 @@ def test_task_defaults_and_classification_defaults() -> None:
     assert build_task_method("alfa", det, loss_weighting="sum").opts.loss_weighting == "sum"
     cls = build_method("afan")
     assert (cls.opts.alpha, cls.opts.k, cls.opts.eps) == (1.0 / 255, 3, 8 / 255)
-    assert cls.opts.adv_bn_stats == "update" and build_method("alfa").opts.adv_bn_stats == "update"
+    alfa = build_method("alfa")
+    assert cls.opts.adv_bn_stats == "update" and alfa.opts.adv_bn_stats == "update"
     # the measured convex combination (docs/results.md §4-5) is every task's default
-    assert build_method("alfa").opts.loss_weighting == "mean"
+    assert alfa.opts.loss_weighting == "mean"
     assert build_method("l-alfa").opts.loss_weighting == "mean"
