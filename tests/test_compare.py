@@ -7,8 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
-from advfeat.cli import main
+from advfeat.cli import build_parser, main
+from advfeat.commands.compare import plan
 from advfeat.compare import PlannedRun, aggregate, flatten_metrics, markdown, parse_arm
 from advfeat.errors import AdvfeatError
 from advfeat.stats import paired_difference, student_t_cdf, student_t_ppf, summarize
@@ -191,3 +193,41 @@ def test_compare_end_to_end_matches_the_run_folders(
     assert main(args) == 0
     assert (out / "runs" / "standard-s0" / "metrics.json").stat().st_mtime_ns == stamp
     assert "4 of 4 runs already finished" in capsys.readouterr().err
+
+
+def test_runs_from_other_comparisons_are_tabulated_and_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["compare", "--methods", "standard,afan", "--seeds", "0", "1", "--epochs", "1"]
+    _, planned = plan(build_parser().parse_args([*argv, "--out", str(tmp_path / "x")]))
+    configs = {f"{r.arm}-s{r.seed}": r.config for r in planned}
+
+    def finished(folder: Path, name: str, acc: float, **changes: object) -> None:
+        folder = folder / "runs" / name
+        folder.mkdir(parents=True)
+        config = {**configs[name].to_dict(), **changes}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        (folder / "metrics.json").write_text(json.dumps({"clean_acc": acc}))
+
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "all"
+    finished(a, "standard-s0", 50.0)
+    finished(a, "standard-s1", 60.0)
+    finished(b, "afan-s0", 70.0)
+    finished(b, "afan-s1", 90.0)
+    finished(out, "afan-s1", 80.0)  # the comparison's own finished run comes first
+    sources = ["--runs-from", str(a), "--runs-from", str(b)]
+    assert main([*argv, "--out", str(out), *sources, "--report-only"]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["missing"] == []
+    assert summary["run_folders"]["afan-s0"] == str(b / "runs" / "afan-s0")
+    assert summary["run_folders"]["afan-s1"] == str(out / "runs" / "afan-s1")
+    diff = summary["results"]["afan"]["metrics"]["clean_acc"]["diff_vs_baseline"]
+    assert diff["mean"] == pytest.approx(((70 - 50) + (80 - 60)) / 2)
+    assert "3 finished runs taken from --runs-from" in capsys.readouterr().err
+    # a run of another protocol is refused, naming what differs; so is a folder with no runs
+    finished(tmp_path / "c", "standard-s0", 55.0, epochs=3)
+    other = ["--runs-from", str(tmp_path / "c"), "--report-only"]
+    assert main([*argv, "--out", str(tmp_path / "d"), *other]) == 2
+    assert main([*argv, "--out", str(tmp_path / "d"), "--runs-from", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "another protocol (epochs: 3 there, 1 now)" in err and "no runs/ folder" in err

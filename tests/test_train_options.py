@@ -41,6 +41,18 @@ def test_adamw_is_built_with_its_betas_and_decoupled_decay(tmp_path: Path) -> No
     assert "exp_avg_sq" in next(iter(state["optimizer"]["state"].values()))
 
 
+def test_an_sgd_only_group_option_under_adamw_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = nn.Parameter(torch.ones(3))
+    build_optimizer("sgd", [{"params": [p], "momentum": 0.0}], lr=0.1, weight_decay=0.0)
+    eta_without_momentum = ["--set", "method_options.eta_momentum=0"]
+    assert _train(tmp_path / "run", "--method", "l-alfa", "--set", "optimizer=adamw",
+                  *eta_without_momentum) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "sets momentum" in err and "optimizer=sgd" in err and "\n" not in err
+
+
 def test_ema_update_and_the_run_evaluates_the_average(tmp_path: Path) -> None:
     model = nn.Linear(2, 1)
     ema = ModelEMA(model, 0.9)

@@ -53,6 +53,14 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1)")
     p.add_argument(
+        "--runs-from",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another comparison folder whose finished runs (DIR/runs/LABEL-sSEED, same "
+        "protocol) are used instead of training them again; may be repeated",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="train nothing: tabulate the runs finished so far",
@@ -74,6 +82,25 @@ def _arms(args: argparse.Namespace) -> list[Arm]:
     return arms
 
 
+def _runs_folder(folder: Path) -> Path:
+    """The ``runs`` folder of a comparison given to ``--runs-from``."""
+    if not (folder / "runs").is_dir():
+        raise AdvfeatError(
+            f"--runs-from {folder}: no comparison there (it has no runs/ folder); give the --out "
+            f"folder of an earlier `advfeat compare`"
+        )
+    return folder / "runs"
+
+
+def _run_folder(name: str, own: Path, sources: list[Path]) -> Path:
+    """Where run ``name`` lives: this comparison's own folder, unless it has not finished there
+    and a ``--runs-from`` comparison holds it finished (the first one that does)."""
+    if (own / name / "metrics.json").is_file():
+        return own / name
+    found = [s / name for s in sources if (s / name / "metrics.json").is_file()]
+    return found[0] if found else own / name
+
+
 def plan(args: argparse.Namespace) -> tuple[list[Arm], list[PlannedRun]]:
     """Validate every run's configuration (before anything is written) and place it."""
     arms = _arms(args)
@@ -82,6 +109,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Arm], list[PlannedRun]]:
     if args.threads < 1 or (args.jobs is not None and args.jobs < 1):
         raise AdvfeatError(f"--jobs and --threads must be >= 1, got {args.jobs}, {args.threads}")
     out = Path(args.out)
+    sources = [_runs_folder(Path(d)) for d in args.runs_from]
     runs = []
     for arm in arms:  # names and options of every run, before any run starts
         for seed in args.seeds:
@@ -98,7 +126,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Arm], list[PlannedRun]]:
                     arm=arm.label,
                     seed=seed,
                     config=cfg,
-                    folder=out / "runs" / name,
+                    folder=_run_folder(name, out / "runs", sources),
                     config_file=out / "configs" / f"{name}.yaml",
                     log_file=out / "logs" / f"{name}.log",
                 )
@@ -114,7 +142,17 @@ def run(args: argparse.Namespace) -> int:
         raise AdvfeatError(f"--baseline {baseline!r} is not an arm ({', '.join(labels)})")
     out = Path(args.out)
     failed = []
-    if not args.report_only:
+    borrowed = [r for r in runs if r.folder.parent != out / "runs"]
+    if borrowed:
+        print(
+            f"advfeat compare: {len(borrowed)} finished runs taken from --runs-from "
+            f"({', '.join(sorted({str(r.folder.parent.parent) for r in borrowed}))})",
+            file=sys.stderr,
+        )
+    if args.report_only:
+        for r in runs:
+            r.check_folder()
+    else:
         jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
         results = run_all(runs, jobs=jobs, threads=args.threads)
         failed = [r for r in results if r.returncode != 0]
@@ -129,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     summary["command"] = (
         "advfeat " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
     )
+    summary["run_folders"] = {f"{r.arm}-s{r.seed}": str(r.folder) for r in runs}
     summary["missing"] = [f"{r.arm}-s{r.seed}" for r in runs if not r.finished]
     table = markdown(summary)
     out.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,7 @@ class LALFA(FeatureAugmentation):
       number sets η's own, ``0`` being Algorithm 1's plain projected SGD step. The paper does not
       say which. Measured (``docs/results.md`` §4, 3 seeds): without momentum η stays dense,
       with it η concentrates on 2-3 sites (rarely exactly zero); accuracy does not separate
-      them. Applies to the SGD optimizer.
+      them. Needs ``optimizer=sgd`` (AdamW has no momentum to set; it is refused there).
     * ``multi_site``: ``"joint"`` (default, Algorithm 1 line 3: *one* PGD generates the tuple
       δ = (δ¹…δʳ), one adversarial pass with all sites perturbed) or ``"separate"`` (Eq. 5 term
       by term: r attacks and r adversarial tail passes, r times the cost).

@@ -31,6 +31,16 @@ def build_optimizer(
             groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
         )
     if name == "adamw":
+        groups = list(groups)
+        sgd_only = sorted(
+            {k for g in groups if isinstance(g, dict) for k in g} & {"momentum", "nesterov"}
+        )
+        if sgd_only:
+            raise AdvfeatError(
+                f"a parameter group sets {', '.join(sgd_only)} (e.g. l-alfa's "
+                f"method_options.eta_momentum), which only optimizer=sgd has; use optimizer=sgd "
+                f"or leave that option unset"
+            )
         b = tuple(float(v) for v in betas)
         if len(b) != 2 or not all(0 <= v < 1 for v in b):
             raise AdvfeatError(f"adam_betas must be two numbers in [0, 1), got {list(betas)!r}")
