@@ -234,6 +234,18 @@ def test_afa_adaptive_attack_and_fusion_weight(
     w0 = res["curve"]["fusion_weight_w0"]
     assert len(w0) == 2 and all(0 < w < 1 for w in w0)
     assert res["curve"]["fusion_weight_w1"] == pytest.approx([1 - w for w in w0])
+    # at ε = 0 the images are the clean ones: the mean and per-image spread by hand
+    from advfeat.eval.adaptive import find_fusion, fusion_weight_tap
+
+    x = tiny_task.x_test[:48]
+    fusion = find_fusion(model)
+    assert fusion is not None
+    with fusion_weight_tap(fusion) as store, torch.no_grad():
+        model(x)
+    by_hand = store["w0"].double().reshape(48, -1).mean(dim=1)
+    assert w0[0] == pytest.approx(float(by_hand.mean()), abs=1e-6)
+    spread = res["curve"]["fusion_weight_w1_image_std"]
+    assert spread[0] == pytest.approx(float(by_hand.std(correction=0)), abs=1e-6) and spread[0] > 0
     plain = evaluate(trained_tiny_model, _dataset(tiny_task, 8), ["attacks"], attacks=["adaptive"])
     assert "skipped" in plain["suites"]["attacks"]["adaptive"]
 

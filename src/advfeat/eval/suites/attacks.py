@@ -88,6 +88,7 @@ def _curve(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]:
     cfg = ctx.config
     outcomes: list[Outcome] = []
     weights: list[float] = []
+    spreads: list[float] = []
     for eps in cfg.eps_curve:
         key = f"attacks/curve/{_eps_key(eps)}"
 
@@ -113,7 +114,9 @@ def _curve(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]:
         saved = ctx.unit(key, compute)
         outcomes.append(Outcome.from_json(saved["outcome"]))
         if saved["w0"]:
-            weights.append(sum(saved["w0"]) / len(saved["w0"]))
+            w0 = torch.tensor(saved["w0"], dtype=torch.float64)
+            weights.append(float(w0.mean()))
+            spreads.append(float(w0.std(correction=0)))
     result = worst_case_curve(list(cfg.eps_curve), outcomes)
     result["eps_255"] = [round(e * 255, 4) for e in cfg.eps_curve]
     result["alpha_ratio"] = cfg.curve_alpha_ratio
@@ -121,6 +124,9 @@ def _curve(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]:
     if weights:
         result["fusion_weight_w0"] = weights
         result["fusion_weight_w1"] = [1 - w for w in weights]
+        # spread over the attacked images: ~0 when the generator outputs one weight for every
+        # input instead of adapting to it (AFA Fig. 6)
+        result["fusion_weight_w1_image_std"] = spreads
     return result
 
 
@@ -416,14 +422,16 @@ def _attacks(att: dict[str, Any]) -> list[str]:
         if "accuracy" in transfer:
             head.append("transfer")
         if "fusion_weight_w1" in curve:
-            head.append("AFA W₁")
+            head.append("AFA W₁ (± std over images)")
         rows = []
         for i, e in enumerate(curve["eps_255"]):
             row = [f"{e:g}", pct(curve["accuracy"][i]), pct(curve["pointwise_accuracy"][i])]
             if "accuracy" in transfer:
                 row.append(pct(transfer["accuracy"][i]))
             if "fusion_weight_w1" in curve:
-                row.append(f"{curve['fusion_weight_w1'][i]:.3f}")
+                spread = curve.get("fusion_weight_w1_image_std")
+                w1 = f"{curve['fusion_weight_w1'][i]:.3f}"
+                row.append(f"{w1} ± {spread[i]:.3f}" if spread else w1)
             rows.append(row)
         lines += ["**Accuracy vs ε** (PGD, step ε/4):", "", *md_table(head, rows)]
     ada = att.get("adaptive", {})
