@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from advfeat.checkpoint import atomic_write_json, atomic_write_text
-from advfeat.commands.train import add_protocol_arguments, config_from_args
+from advfeat.commands.protocol import add_protocol_arguments, config_from_args
 from advfeat.compare import Arm, PlannedRun, aggregate, collect, markdown, parse_arm, plot, run_all
 from advfeat.errors import AdvfeatError
 from advfeat.train.build import check_config
 
-__all__ = ["add_parser", "plan", "run"]
+__all__ = ["add_parser", "parse", "plan", "run"]
 
 
 def add_parser(sub: Any) -> None:
@@ -30,6 +30,19 @@ def add_parser(sub: Any) -> None:
         "Student-t interval. Method recipes are not applied: every arm trains under the same "
         "schedule.",
     )
+    _add_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The namespace of ``advfeat compare ARGV`` (what the default run of ``advfeat train``
+    hands :func:`run`)."""
+    parser = argparse.ArgumentParser(prog="advfeat compare")
+    _add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods", help="comma-separated methods, one arm each (e.g. standard,alfa,afan)"
     )
@@ -65,7 +78,6 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="train nothing: tabulate the runs finished so far",
     )
-    p.set_defaults(handler=run)
 
 
 def _arms(args: argparse.Namespace) -> list[Arm]:

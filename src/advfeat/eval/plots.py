@@ -8,8 +8,8 @@ object API on an Agg canvas: no global backend or style is changed.
 * :func:`plot_corruptions` — accuracy per corruption type and severity (heat map);
 * :func:`plot_divergence` — AdvBN feature divergence per layer (one line per dataset pair);
 * :func:`plot_training` — loss, accuracy and learning rate over epochs of a run folder;
-* :func:`plot_eta` — L-ALFA's strengths η per site over epochs (history keys ``eta_<site>``;
-  defined in :mod:`advfeat.eval.trajectories`);
+* :func:`plot_eta` — L-ALFA's strengths η per site over epochs (ALFA Fig. 4; history keys
+  ``eta_<site>``, read by :func:`advfeat.eval.trajectories.eta_trajectories`);
 * :func:`plot_fusion_weight` — AFA's fusion weight W_1 against ε (AFA Fig. 6);
 * :func:`plot_feature_maps` — clean / perturbed / re-normalized feature maps (A-FAN Fig. S6).
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from advfeat.errors import AdvfeatError
-from advfeat.eval.trajectories import plot_eta
+from advfeat.eval.trajectories import eta_trajectories
 
 __all__ = [
     "load_history",
@@ -332,6 +332,52 @@ def plot_training(history: list[dict[str, Any]], path: Path, title: str = "") ->
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(f"Training — {title}" if title else "Training", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_eta(history: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """ALFA Fig. 4: η of each site against the epoch; the dominant site's line is drawn bold
+    and labelled with its final value."""
+    traj = eta_trajectories(history)
+    if not traj or not traj["epoch"]:
+        return None
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    values = [v for series in traj["eta"].values() for v in series]
+    sites = traj["sites"]
+    if len(sites) <= len(COLOURS):
+        colours: list[Any] = list(COLOURS[: len(sites)])
+    else:  # many sites: a colour map ordered by depth (light = early, dark = late)
+        from matplotlib import colormaps
+
+        cmap = colormaps["viridis"]
+        colours = [cmap(0.9 * (1 - i / (len(sites) - 1))) for i in range(len(sites))]
+    for i, site in enumerate(sites):
+        main = site == traj.get("dominant_site")
+        ys = traj["eta"][site]
+        ax.plot(
+            traj["epoch"],
+            ys,
+            "o-",
+            color="black" if main else colours[i],
+            lw=2.5 if main else 1.2,
+            ms=3,
+            label=f"{site} (final {ys[-1]:.2f})",
+        )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("η (sum over sites = 1)")
+    # zoomed on the data (η near 1/r would be a flat line on [0, 1]), always showing 0
+    lo, hi = min(0.0, min(values)), max(values)
+    pad = 0.08 * (hi - lo) + 1e-3
+    ax.set_ylim(lo - pad, hi + 3 * pad)
+    ax.axhline(1 / len(traj["sites"]), color="grey", lw=0.8, ls=":", label="uniform 1/r")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="site (input → output)", fontsize=7, ncols=2 if len(sites) > 5 else 1)
+    head = "L-ALFA strengths η over training"
+    ax.set_title(f"{head} — {title}" if title else head, fontsize=10)
     return _save(fig, path)
 
 
