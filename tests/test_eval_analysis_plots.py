@@ -14,9 +14,9 @@ from torch.utils.data import TensorDataset
 
 from advfeat.eval import EvalData, evaluate
 from advfeat.eval.analysis_plots import branch_accuracies, plot_branches
-from advfeat.eval.plots import load_history, plot_all
+from advfeat.eval.plots import load_history, plot_all, plot_eta
 from advfeat.eval.report import markdown_report
-from advfeat.eval.trajectories import eta_trajectories, plot_eta
+from advfeat.eval.trajectories import eta_trajectories
 
 pytest.importorskip("matplotlib", reason="the plot extra is not installed")
 
