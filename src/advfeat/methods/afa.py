@@ -44,8 +44,12 @@ Readings of the paper (the other reading is an option where it is a real alterna
   steps. (Sec. 5.3 generates the samples of Fig. 6 with a separately trained ResNet-34; that
   transfer reading is not offered.)
 * **Generator** — see :mod:`advfeat.norm.afa`: one W_0 per sample shared by all fused layers,
-  computed from the input images (``generator_source`` names an intermediate module instead;
-  ``generator_per_layer`` gives one weight per fused layer).
+  computed from the input images (``generator_source`` names an intermediate module instead,
+  §4.3's "end of an intermediate layer"; ``generator_per_layer`` gives one weight per fused
+  layer). The default was chosen by measurement (``docs/results.md`` §6, 3 seeds): the end of
+  ``layer1`` and the input images gave the same robust accuracy at every ε, and the input
+  leaves no fixed ``prefix_weight`` to choose. The grid and attack settings above were not
+  compared with alternatives.
 * **Evaluating a stage-I run** — the paper reports only the final (stage-II) model. A stage-I
   run is evaluated through branch ``eval_branch`` (default 0, the clean branch BN_0, which is
   what the clean accuracy of the trainer measures; −1 selects the most robust branch BN_{K−1}).
