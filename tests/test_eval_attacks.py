@@ -245,7 +245,7 @@ def test_afa_adaptive_attack_and_fusion_weight(
     by_hand = store["w0"].double().reshape(48, -1).mean(dim=1)
     assert w0[0] == pytest.approx(float(by_hand.mean()), abs=1e-6)
     spread = res["curve"]["fusion_weight_w1_image_std"]
-    assert spread[0] == pytest.approx(float(by_hand.std(correction=0)), abs=1e-6) and spread[0] > 0
+    assert spread[0] == pytest.approx(float(by_hand.std(correction=0)), rel=1e-4) and spread[0] > 0
     plain = evaluate(trained_tiny_model, _dataset(tiny_task, 8), ["attacks"], attacks=["adaptive"])
     assert "skipped" in plain["suites"]["attacks"]["adaptive"]
 

@@ -69,7 +69,7 @@ def protocol_keys() -> list[str]:
     """The argument names that :func:`add_protocol_arguments` adds."""
     parser = argparse.ArgumentParser(add_help=False)
     add_protocol_arguments(parser)
-    return [action.dest for action in parser._actions]
+    return list(vars(parser.parse_args([])))
 
 
 def config_from_args(

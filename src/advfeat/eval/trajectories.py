@@ -2,9 +2,9 @@
 
 The trainer logs ``eta_<site>`` once per epoch (the value after the epoch's last projection
 onto {1ᵀη = 1}); :func:`eta_trajectories` collects them in the order the sites appear in the
-history (the model's order, input → output); :func:`advfeat.eval.plots.plot_eta` draws them. ALFA reports that
-L-ALFA learns to put the strength on the last block; ``dominant_site`` names the site with the
-largest final η, and ``final_share`` its share of Σ|η|.
+history (the model's order, input → output); :func:`advfeat.eval.plots.plot_eta` draws them.
+ALFA reports that L-ALFA learns to put the strength on the last block; ``dominant_site`` names
+the site with the largest final η, and ``final_share`` its share of Σ|η|.
 """
 
 from __future__ import annotations
