@@ -498,3 +498,83 @@ def test_bad_subset_size_is_caught_before_reading(name: str, tmp_path: Path) -> 
 def test_validation_split_needs_training_items() -> None:
     with pytest.raises(AdvfeatError, match="leaves no training items"):
         build_dataset("shapes", val_fraction=0.9, n_train=1, n_test=4, image_size=16)
+
+
+# ----------------------------------------------------------------- Pascal VOC, read offline
+
+
+def _write_voc(root: Path) -> None:
+    """A two-image VOC2007 folder in the released layout: boxes 1-based and inclusive, one
+    difficult object, one annotation with a single object (parsed as a dict, not a list)."""
+    voc = root / "VOCdevkit" / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Main",
+                "ImageSets/Segmentation"):  # fmt: skip
+        (voc / sub).mkdir(parents=True)
+    objects = {
+        "000001": [("dog", (10, 20, 40, 50), 0), ("person", (1, 1, 60, 30), 1)],
+        "000002": [("car", (5, 6, 7, 8), 0)],
+    }
+    for i, (name, objs) in enumerate(objects.items()):
+        Image.new("RGB", (64, 48), (40 * i, 80, 120)).save(voc / "JPEGImages" / f"{name}.jpg")
+        xml = "".join(
+            f"<object><name>{cls}</name><difficult>{hard}</difficult><bndbox><xmin>{b[0]}</xmin>"
+            f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+            for cls, b, hard in objs
+        )
+        (voc / "Annotations" / f"{name}.xml").write_text(
+            f"<annotation><filename>{name}.jpg</filename>{xml}</annotation>"
+        )
+        mask = np.zeros((48, 64), dtype=np.uint8)
+        mask[10:20, 5:30] = 12  # dog
+        mask[9, 5:30] = 255  # the object's boundary, ignored by the metric
+        Image.fromarray(mask, mode="L").save(voc / "SegmentationClass" / f"{name}.png")
+    for split in ("trainval", "test"):
+        for sets in ("Main", "Segmentation"):
+            (voc / "ImageSets" / sets / f"{split}.txt").write_text("000001\n000002\n")
+
+
+def test_voc_detection_boxes_are_zero_based_and_difficult_objects_dropped(tmp_path: Path) -> None:
+    from advfeat.data.dense import VOC_CLASSES
+
+    _write_voc(tmp_path)
+    bundle = build_dataset("voc-det", tmp_path, augment=False)
+    assert bundle.task == "detection" and bundle.num_classes == 21
+    assert bundle.class_names[VOC_CLASSES.index("dog") + 1] == "dog"
+    image, target = bundle.test[0]
+    assert image.shape == (3, 48, 64) and float(image.max()) <= 1.0
+    # VOC's (xmin, ymin, xmax, ymax) = (10, 20, 40, 50), 1-based inclusive -> [9, 19, 40, 50)
+    assert target["boxes"].tolist() == [[9.0, 19.0, 40.0, 50.0]]
+    assert target["labels"].tolist() == [VOC_CLASSES.index("dog") + 1]
+    _, single = bundle.test[1]
+    assert single["boxes"].tolist() == [[4.0, 5.0, 7.0, 8.0]]
+    assert single["labels"].tolist() == [VOC_CLASSES.index("car") + 1]
+    keep = build_dataset("voc-det", tmp_path, augment=False, keep_difficult=True)
+    assert keep.test[0][1]["labels"].tolist() == [
+        VOC_CLASSES.index("dog") + 1,
+        VOC_CLASSES.index("person") + 1,
+    ]
+    flipped = build_dataset("voc-det", tmp_path, augment=True, seed=0)
+    seen = {tuple(flipped.train[0][1]["boxes"][0].tolist()) for _ in range(20)}
+    assert seen == {(9.0, 19.0, 40.0, 50.0), (64 - 40.0, 19.0, 64 - 9.0, 50.0)}
+
+
+def test_voc_segmentation_keeps_labels_and_pads_with_the_ignore_index(tmp_path: Path) -> None:
+    _write_voc(tmp_path)
+    bundle = build_dataset("voc-seg", tmp_path, year="2007", eval_size=80, crop_size=32)
+    assert bundle.task == "segmentation" and bundle.num_classes == 21
+    image, mask = bundle.test[0]
+    assert image.shape == (3, 80, 80) and mask.shape == (80, 80) and mask.dtype == torch.int64
+    assert (mask[10:20, 5:30] == 12).all() and (mask[9, 5:30] == 255).all()
+    assert (mask[:48, :64] == torch.from_numpy(_mask_of(tmp_path))).all()
+    assert (mask[48:] == 255).all() and (mask[:, 64:] == 255).all()
+    assert float(image[:, 48:].abs().max()) == 0.0
+    crop, crop_mask = bundle.train[0]
+    assert crop.shape == (3, 32, 32) and crop_mask.shape == (32, 32)
+    assert set(crop_mask.unique().tolist()) <= {0, 12, 255}
+    with pytest.raises(AdvfeatError, match="does not fit the 40 px evaluation canvas"):
+        build_dataset("voc-seg", tmp_path, year="2007", eval_size=40).test[0]
+
+
+def _mask_of(root: Path) -> np.ndarray:
+    path = root / "VOCdevkit" / "VOC2007" / "SegmentationClass" / "000001.png"
+    return np.array(Image.open(path), dtype=np.int64)

@@ -79,6 +79,12 @@ def _root(root: str | Path, what: str) -> str:
     return str(path)
 
 
+def _voc(reader: Any, root: str | Path, year: str, image_set: str, download: bool) -> Any:
+    """torchvision's VOC ``reader`` (boxes or masks) over ``root/VOCdevkit/VOC<year>``."""
+    where = str(root) if download else _root(root, "VOC")
+    return reader(where, year=year, image_set=image_set, download=download)
+
+
 class _Wrapped(Dataset):
     def __init__(self, base: Any, transform: PairTransform | None) -> None:
         self.base = base
@@ -110,13 +116,7 @@ class VOCDetection(_Wrapped):
     ) -> None:  # fmt: skip
         from torchvision.datasets import VOCDetection as TV
 
-        base = TV(
-            _root(root, "VOC") if not download else str(root),
-            year=year,
-            image_set=image_set,
-            download=download,
-        )
-        super().__init__(base, transform)
+        super().__init__(_voc(TV, root, year, image_set, download), transform)
         self.keep_difficult = keep_difficult
 
     def convert(self, image: Any, target: Any) -> tuple[Tensor, Any]:
@@ -145,13 +145,7 @@ class VOCSegmentation(_Wrapped):
     ) -> None:  # fmt: skip
         from torchvision.datasets import VOCSegmentation as TV
 
-        base = TV(
-            _root(root, "VOC") if not download else str(root),
-            year=year,
-            image_set=image_set,
-            download=download,
-        )
-        super().__init__(base, transform)
+        super().__init__(_voc(TV, root, year, image_set, download), transform)
 
     def convert(self, image: Any, target: Any) -> tuple[Tensor, Any]:
         return _image(image), torch.from_numpy(np.array(target, dtype=np.int64))
