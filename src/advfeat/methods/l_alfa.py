@@ -96,6 +96,9 @@ class LALFA(FeatureAugmentation):
       (:meth:`FeatureAugmentation.site_losses`).
     * ``projection``: ``"simplex"`` (default, the Euclidean projection onto {η ≥ 0, 1ᵀη = 1})
       or ``"hyperplane"`` (onto {1ᵀη = 1}, Eq. 5's P read literally; η may turn negative).
+      Measured (``docs/results.md`` §4, 3 seeds under each loss scale): only the simplex makes
+      η sparse (Eq. 5's purpose); accuracy does not separate them (hyperplane − simplex: −1.77
+      [−25.54, +22.01] clean with the sum, +1.50 [−8.50, +11.50] with the convex combination).
     * ``random_noise``, ``noise_std``, ``attack_bn_mode``, ``adv_bn_stats``: as in ALFA.
 
     The projection. The trainer (and a user's loop) call ``loss.backward(); optimizer.step()``
