@@ -11,7 +11,7 @@ import yaml
 
 from advfeat.cli import build_parser, main
 from advfeat.commands.compare import plan
-from advfeat.compare import PlannedRun, aggregate, flatten_metrics, markdown, parse_arm
+from advfeat.compare import PlannedRun, aggregate, flatten_metrics, markdown, parse_arm, verdicts
 from advfeat.errors import AdvfeatError
 from advfeat.stats import paired_difference, student_t_cdf, student_t_ppf, summarize
 from advfeat.train.config import TrainConfig
@@ -73,6 +73,38 @@ def test_aggregate_pairs_by_seed_and_tabulates() -> None:
     assert "| afan | 3 | 82.83 ± 2.57 |" in table
     assert f"**+2.50 [{100 * (0.025 - half):+.2f}, {100 * (0.025 + half):+.2f}]**" in table
     assert "| alfa | 1 | -8.00 |" in table
+
+
+def test_verdicts_end_with_one_plain_sentence() -> None:
+    standard = {0: {"clean_acc": 0.78}, 1: {"clean_acc": 0.81}, 2: {"clean_acc": 0.82}}
+    ahead = {
+        s: {"clean_acc": v["clean_acc"] + d}
+        for (s, v), d in zip(standard.items(), (0.02, 0.025, 0.03), strict=True)
+    }
+    mixed = {
+        s: {"clean_acc": v["clean_acc"] + d}
+        for (s, v), d in zip(standard.items(), (0.02, -0.03, 0.01), strict=True)
+    }
+    summary = aggregate(
+        {"standard": standard, "afan": ahead, "alfa": mixed},
+        ["standard", "afan", "alfa"],
+        "standard",
+    )
+    lines = verdicts(summary)
+    assert lines[0].endswith("better than standard") and "no difference shown" in lines[1]
+    assert lines[-1] == "In short: better than standard: afan (clean_acc)."
+    summary = aggregate({"standard": standard, "alfa": mixed}, ["standard", "alfa"], "standard")
+    assert (
+        verdicts(summary)[-1] == "In short: no arm beats standard on clean_acc at this noise level."
+    )
+    one_seed = aggregate(
+        {"standard": {0: {"clean_acc": 0.8}}, "afan": {0: {"clean_acc": 0.9}}},
+        ["standard", "afan"],
+        "standard",
+    )
+    assert [
+        line for line in verdicts(one_seed) if "In short" in line
+    ] == []  # no spread, no verdict
 
 
 def test_flatten_metrics_reads_shifted_domains_and_their_mean() -> None:

@@ -354,9 +354,12 @@ _HEADLINES = ("clean_acc", "clean_ap50", "clean_miou", "shifted_acc/mean", "shif
 
 
 def verdicts(summary: Mapping[str, Any]) -> list[str]:
-    """One plain sentence per non-baseline arm and headline metric (clean, shifted mean)."""
+    """One plain sentence per non-baseline arm and headline metric (clean, shifted mean), then
+    one that sums them up: which arms beat the baseline, or that none does."""
     baseline = summary["baseline"]
     lines = []
+    better: list[str] = []
+    judged: set[str] = set()
     for arm in summary["arms"]:
         if arm == baseline:
             continue
@@ -373,7 +376,9 @@ def verdicts(summary: Mapping[str, Any]) -> list[str]:
                 )
                 continue
             low, high = diff["ci95"]
+            judged.add(metric)
             if low > 0:
+                better.append(f"{arm} ({metric})")
                 word = f"better than {baseline}"
             elif high < 0:
                 word = f"worse than {baseline}"
@@ -383,6 +388,13 @@ def verdicts(summary: Mapping[str, Any]) -> list[str]:
                 f"{arm} vs {baseline}, {metric}: {points} "
                 f"[{100 * low:+.2f}, {100 * high:+.2f}] over {diff['n']} seeds: {word}"
             )
+    if better:
+        lines.append(f"In short: better than {baseline}: {', '.join(better)}.")
+    elif judged:
+        lines.append(
+            f"In short: no arm beats {baseline} on {' or '.join(sorted(judged))} "
+            "at this noise level."
+        )
     return lines
 
 
