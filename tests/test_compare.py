@@ -102,9 +102,7 @@ def test_verdicts_end_with_one_plain_sentence() -> None:
         ["standard", "afan"],
         "standard",
     )
-    assert [
-        line for line in verdicts(one_seed) if "In short" in line
-    ] == []  # no spread, no verdict
+    assert not any("In short" in line for line in verdicts(one_seed))  # no spread, no verdict
 
 
 def test_flatten_metrics_reads_shifted_domains_and_their_mean() -> None:
