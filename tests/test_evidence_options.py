@@ -180,22 +180,76 @@ def _config(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
     return dict(yaml.safe_load(capsys.readouterr().out))
 
 
-def test_method_recipe_fills_only_the_keys_the_user_did_not_set(
+def test_every_method_trains_under_one_schedule_unless_a_recipe_is_asked_for(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    cfg = _config(capsys, "--method", "afan")
-    assert cfg["schedule"] == "multistep" and cfg["milestones"] == [0.25, 0.75]
-    assert cfg["warmup_steps"] == 200  # ALFA §4.1 / A-FAN S2.1: 200 warm-up iterations
-    cfg = _config(capsys, "--method", "afan", "--set", "schedule=cosine")
-    assert cfg["schedule"] == "cosine" and cfg["warmup_steps"] == 200
-    cfg = _config(capsys, "--method", "standard")
-    assert cfg["schedule"] == "cosine" and cfg["warmup_steps"] == 0
-    cfg = _config(capsys, "--preset", "afan-resnet20-cifar10")
-    assert cfg["warmup_steps"] == 200
-    # the classification recipe is not a detector's: dense recipes are the presets
-    det = ("--dataset", "shapes-det", "--model", "fasterrcnn_mobilenet_v3_large_fpn")
-    cfg = _config(capsys, "--method", "afan", *det)
-    assert cfg["schedule"] == "cosine" and cfg["warmup_steps"] == 0
+    """No recipe mixes into a preset's schedule: ``--method afan`` and ``--method standard`` get
+    the same schedule, and ``--recipe`` replaces every schedule key at once."""
+    schedule = ("schedule", "milestones", "gamma", "warmup_epochs", "warmup_steps")
+    for base in ((), ("--preset", "default")):
+        afan = _config(capsys, *base, "--method", "afan")
+        standard = _config(capsys, *base, "--method", "standard")
+        assert {k: afan[k] for k in schedule} == {k: standard[k] for k in schedule}
+    # the recipe is whole: the default preset's 0.5-epoch warm-up does not survive beside it
+    for method in ("afan", "standard"):
+        cfg = _config(capsys, "--preset", "default", "--method", method, "--recipe", "afan")
+        assert cfg["schedule"] == "multistep" and cfg["milestones"] == [0.25, 0.75]
+        assert cfg["warmup_steps"] == 200 and cfg["warmup_epochs"] == 0  # ALFA §4.1 / A-FAN S2.1
+    assert _config(capsys, "--method", "alfa", "--recipe", "paper")["warmup_steps"] == 200
+    preset = _config(capsys, "--preset", "afan-resnet20-cifar10")  # a paper preset is whole too
+    assert preset["warmup_epochs"] == 0.57 and preset["warmup_steps"] == 0  # 200 of 352 steps
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--method", "afan", "--recipe", "afan", "--set", "schedule=cosine"), "cannot be mixed"),
+        (("--method", "standard", "--recipe", "paper"), "standard declares no paper recipe"),
+        (("--method", "standard", "--recipe", "afn"), "unknown --recipe method 'afn'"),
+        (
+            ("--method", "afan", "--recipe", "afan", "--dataset", "shapes-det", "--model",
+             "fasterrcnn_mobilenet_v3_large_fpn"),
+            "no paper recipe",
+        ),
+    ],
+)  # fmt: skip
+def test_recipe_refusals_are_one_line(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...], message: str
+) -> None:
+    assert main(["train", *args, "--show-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_warmup_past_the_first_step_decay_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """200 warm-up steps at 2 steps per epoch end at epoch 100, after the first decay at 1/4 of
+    8 epochs: the rate would jump from the ramp to lr/10. Refused before anything is written."""
+    args = [
+        "train", "--method", "standard", "--epochs", "8", "--batch-size", "32",
+        "--set", "schedule=multistep", "--set", "milestones=[0.25, 0.75]",
+        "--set", "warmup_steps=200",
+        "--set", "dataset_options={n_train: 64, n_test: 32, image_size: 16}",
+        "--out", str(tmp_path / "run"), "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_schedule_a_run_trained_with_is_printed_and_recorded(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    args = [
+        "train", "--method", "standard", "--epochs", "2", "--batch-size", "32",
+        "--set", "dataset_options={n_train: 64, n_test: 32, image_size: 16}",
+        "--set", "schedule=multistep", "--set", "milestones=[0.5]", "--set", "warmup_steps=1",
+        "--set", "eval_shifted=false", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    said = "lr 0.1, multistep ×0.1 at epochs 1 of 2, linear warm-up over 1 steps (0.5 epochs)"
+    assert f"schedule: {said}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["schedule"] == said
 
 
 def test_afan_default_is_a_setting_the_paper_ran() -> None:

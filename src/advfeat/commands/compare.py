@@ -116,6 +116,11 @@ def _run_folder(name: str, own: Path, sources: list[Path]) -> Path:
 def plan(args: argparse.Namespace) -> tuple[list[Arm], list[PlannedRun]]:
     """Validate every run's configuration (before anything is written) and place it."""
     arms = _arms(args)
+    if getattr(args, "recipe", None) == "paper" and len(arms) > 1:
+        raise AdvfeatError(
+            "--recipe paper would train each arm under its own method's schedule; a comparison "
+            "trains every arm under one: name the method whose recipe they share (--recipe afan)"
+        )
     if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise AdvfeatError(f"--seeds must be distinct integers >= 0, got {args.seeds}")
     if args.threads < 1 or (args.jobs is not None and args.jobs < 1):
@@ -125,13 +130,11 @@ def plan(args: argparse.Namespace) -> tuple[list[Arm], list[PlannedRun]]:
     runs = []
     for arm in arms:  # names and options of every run, before any run starts
         for seed in args.seeds:
-            check_config(
-                config_from_args(args, recipe=False, extra={**arm.for_seed(seed), "seed": seed})
-            )
+            check_config(config_from_args(args, extra={**arm.for_seed(seed), "seed": seed}))
     for seed in args.seeds:
         for arm in arms:
             extra = {**arm.for_seed(seed), "seed": seed, "progress": False}
-            cfg = config_from_args(args, recipe=False, extra=extra)
+            cfg = config_from_args(args, extra=extra)
             name = f"{arm.label}-s{seed}"
             runs.append(
                 PlannedRun(

@@ -7,13 +7,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from advfeat.errors import AdvfeatError
+from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.presets import load_preset
 from advfeat.train.config import TrainConfig, apply_overrides, load_yaml, parse_override
 
 __all__ = [
     "DEFAULT_PRESET",
     "FLAG_KEYS",
+    "SCHEDULE_KEYS",
     "add_protocol_arguments",
     "config_from_args",
     "method_recipe",
@@ -36,6 +37,16 @@ FLAG_KEYS: dict[str, str] = {
 }
 """Command-line flag (argument name) → the config key it sets."""
 
+SCHEDULE_KEYS: tuple[str, ...] = (
+    "schedule",
+    "milestones",
+    "gamma",
+    "poly_power",
+    "warmup_epochs",
+    "warmup_steps",
+)
+"""The config keys that make up a learning-rate schedule: a paper recipe sets all of them."""
+
 
 def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that describe a run's protocol (shared by ``train`` and ``compare``)."""
@@ -55,6 +66,13 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
         "--preset", help="start from a packaged preset of a paper's setting (see `advfeat methods`)"
     )
     p.add_argument("--config", help="YAML file of config keys (print them with --show-config)")
+    p.add_argument(
+        "--recipe",
+        metavar="METHOD",
+        help="train under the learning-rate schedule of METHOD's paper (e.g. afan: ×0.1 at 1/4 "
+        "and 3/4 of the run, 200 warm-up steps), whatever the method trained; `paper`: the "
+        "method's own. The whole schedule: refused beside schedule keys of --config or --set",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -76,42 +94,45 @@ def config_from_args(
     args: argparse.Namespace,
     method: str | None = None,
     *,
-    recipe: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults ← method recipe ← ``--preset`` ← ``--config`` file ← explicit flags ← ``--set``
+    """Defaults ← ``--preset`` ← ``--recipe`` ← ``--config`` file ← explicit flags ← ``--set``
     ← ``extra`` (an ``advfeat compare`` arm).
 
-    The method's paper recipe (:attr:`advfeat.methods.Method.training_recipe`) fills only the
-    keys that none of the other sources sets; ``recipe=False`` leaves it out (``advfeat compare``
-    trains every arm under one protocol).
+    A paper recipe (``--recipe``) is applied whole: it replaces every schedule key
+    (:data:`SCHEDULE_KEYS`) of the preset and the defaults, and a config file, ``--set`` or arm
+    that also sets one is refused, so that no run trains under a mix of two schedules.
+    Without ``--recipe`` every method trains under the same schedule.
     """
     layers: list[dict[str, Any]] = []
     if args.preset:
         layers.append(load_preset(args.preset))
     elif not (getattr(args, "method", None) or args.config or args.dataset):
         layers.append(load_preset(DEFAULT_PRESET))
+    user: list[dict[str, Any]] = []
     if args.config:
-        layers.append(load_yaml(args.config))
-    layers.append(
+        user.append(load_yaml(args.config))
+    user.append(
         {
             key: getattr(args, attr, None)
             for attr, key in FLAG_KEYS.items()
             if getattr(args, attr, None) is not None
         }
     )
-    layers.append(dict(parse_override(o) for o in args.overrides))
+    user.append(dict(parse_override(o) for o in args.overrides))
     if extra:
-        layers.append(dict(extra))
+        user.append(dict(extra))
     if method is not None:
-        layers.append({"method": method})
+        user.append({"method": method})
     cfg = TrainConfig()
-    for layer in layers:
+    for layer in layers + user:
         apply_overrides(cfg, layer)
-    if recipe:
-        given = {key.partition(".")[0] for layer in layers for key in layer}
-        paper = {k: v for k, v in method_recipe(cfg.method, cfg.model).items() if k not in given}
-        apply_overrides(cfg, paper)
+    recipe_name = getattr(args, "recipe", None)
+    if recipe_name:
+        schedule = _recipe_schedule(recipe_name, cfg.method, cfg.model, user)
+        cfg = TrainConfig()
+        for layer in [*layers, schedule, *user]:
+            apply_overrides(cfg, layer)
     if getattr(args, "quiet", False):
         cfg.progress = False
     _absolute_paths(cfg)
@@ -125,10 +146,37 @@ def config_from_args(
     return cfg
 
 
+def _recipe_schedule(
+    name: str, method: str, model: str, user: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Every schedule key, from the recipe of method ``name`` (``paper``: ``method``'s own) where
+    it declares one and from :class:`TrainConfig`'s defaults elsewhere."""
+    from advfeat.methods import METHODS
+
+    owner = method if name == "paper" else name
+    if owner not in METHODS:
+        raise unknown_name("--recipe method", owner, METHODS.names())
+    recipe = method_recipe(owner, model)
+    if not recipe:
+        having = [m for m in METHODS.names() if METHODS.get(m).training_recipe]
+        raise AdvfeatError(
+            f"--recipe {name}: {owner} declares no paper recipe for {model} (detection and "
+            f"segmentation recipes are presets); methods with one: {', '.join(having)}"
+        )
+    mixed = sorted({k.partition(".")[0] for layer in user for k in layer} & set(SCHEDULE_KEYS))
+    if mixed:
+        raise AdvfeatError(
+            f"--recipe {name} sets the whole schedule ({', '.join(SCHEDULE_KEYS)}); it cannot be "
+            f"mixed with {', '.join(mixed)} from --config, --set or an arm: drop one or the other"
+        )
+    defaults = TrainConfig()
+    return {key: recipe.get(key, getattr(defaults, key)) for key in SCHEDULE_KEYS}
+
+
 def method_recipe(name: str, model: str = "") -> dict[str, Any]:
-    """The classification training recipe declared by method ``name`` (empty for unknown names,
-    which the trainer reports, and for detection / segmentation models, whose papers' recipes
-    are the presets)."""
+    """The classification training recipe declared by method ``name`` (empty for methods that
+    declare none, and for detection / segmentation models, whose papers' recipes are the
+    presets)."""
     from advfeat.methods import METHODS
     from advfeat.tasks import DETECTORS, SEGMENTERS
 

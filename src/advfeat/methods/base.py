@@ -100,8 +100,8 @@ class Method(nn.Module):
     """Per task, option defaults that differ from the classification ones (the paper's
     detection / segmentation setting); the user's options win."""
     training_recipe: ClassVar[dict[str, Any]] = {}
-    """The training recipe of the method's paper (``TrainConfig`` keys, e.g. schedule and
-    warm-up); ``advfeat train --method NAME`` applies it to the keys the user did not set."""
+    """The learning-rate schedule of the method's paper (``TrainConfig`` schedule keys);
+    ``advfeat train --recipe NAME`` (or ``--recipe paper``) applies it whole, to any method."""
 
     @dataclass
     class Options:

@@ -32,8 +32,9 @@ class TrainConfig:
     over ``warmup_epochs`` or ``warmup_steps`` optimiser steps (the longer of the two; ALFA and
     A-FAN warm up over the first 200 iterations).
 
-    A method may declare the recipe its paper trains with (:attr:`advfeat.methods.Method.training_recipe`);
-    ``advfeat train`` applies it to the keys that no preset, config file, flag or ``--set`` gave.
+    A method may declare the schedule its paper trains with
+    (:attr:`advfeat.methods.Method.training_recipe`); ``--recipe METHOD`` applies it whole, to
+    any method, so that every method otherwise trains under the same schedule.
     """
 
     method: str = "standard"

@@ -64,7 +64,7 @@ from advfeat.train.rundir import (
     resume_refusal,
 )
 from advfeat.train.runtime import set_deterministic, sync_batchnorm
-from advfeat.train.schedule import lr_factor
+from advfeat.train.schedule import check_warmup, describe_schedule, lr_factor, warmup_length
 
 __all__ = ["PREEMPTED_EXIT", "Preempted", "Trainer", "TrainingDiverged", "resolve_device"]
 
@@ -176,6 +176,21 @@ class Trainer:
             seed=cfg.seed,
             info=self.dist,
         )
+        warmup = warmup_length(cfg.warmup_epochs, cfg.warmup_steps, self.steps_per_epoch)
+        check_warmup(
+            warmup, total_epochs=cfg.epochs, schedule=cfg.schedule, milestones=cfg.milestones
+        )
+        self.schedule = describe_schedule(
+            lr=cfg.lr,
+            total_epochs=cfg.epochs,
+            schedule=cfg.schedule,
+            warmup=warmup,
+            warmup_steps=cfg.warmup_steps if warmup > cfg.warmup_epochs else 0,
+            milestones=cfg.milestones,
+            gamma=cfg.gamma,
+            power=cfg.poly_power,
+        )
+        """The learning-rate schedule in words (printed at the start, saved in metrics.json)."""
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.best_val = -1.0
@@ -278,11 +293,18 @@ class Trainer:
         self._partial = state.get("partial")
 
     # ----------------------------------------------------------------------------- training
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch (full batches of this process's share of the data)."""
+        steps = len(self.sampler) // (self.cfg.batch_size // self.dist.world_size)
+        cap = self.cfg.max_steps_per_epoch
+        return steps if cap is None else min(steps, cap)
+
     def set_lr(self, progress: float, steps_per_epoch: int = 1) -> float:
         """Set every parameter group's learning rate for ``progress`` (epochs done, fractional;
         a group's ``lr_scale`` multiplies it) and return the base learning rate."""
         cfg = self.cfg
-        warmup = max(cfg.warmup_epochs, cfg.warmup_steps / max(steps_per_epoch, 1))
+        warmup = warmup_length(cfg.warmup_epochs, cfg.warmup_steps, steps_per_epoch)
         factor = lr_factor(
             progress,
             total_epochs=cfg.epochs,
@@ -489,6 +511,8 @@ class Trainer:
             if self._resume_state is not None:
                 self._load_resume(self._resume_state)
                 self._resume_state = None
+            if self.cfg.progress and self.dist.is_main:
+                print(f"schedule: {self.schedule}", file=sys.stderr, flush=True)
             return self._train()
         finally:
             for signum, handler in previous.items():
@@ -628,6 +652,7 @@ class Trainer:
                 self.ema.load_state_dict(best["ema"])
             self.method.load_state_dict(best["method"])
         metrics = self._task_metrics()
+        metrics["schedule"] = self.schedule
         metrics["history"] = self.history
         metrics["config"] = cfg.to_dict()
         metrics["environment"] = {
