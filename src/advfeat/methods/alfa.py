@@ -119,7 +119,9 @@ class ALFA(FeatureAugmentation):
         if len(sites) == 1 or self.opts.multi_site == "separate":
             losses, delta_l2 = self.separate_site_losses(model, clean, y, sites)
         else:
-            losses, delta_l2 = self.site_losses(model, x, y, clean.features, sites)
+            losses, delta_l2 = self.site_losses(
+                model, x, y, clean.features, sites, eps=self.opts.eps
+            )
         loss, loss_adv = self.combine(clean.loss, losses)
         logs = self.detach_logs(
             loss_clean=clean.loss,

@@ -246,20 +246,25 @@ def multi_site_outputs(
     deltas: Mapping[str, Tensor],
     features: Mapping[str, Tensor] | None = None,
     strengths: Sequence[float] | Tensor | None = None,
+    *,
+    prefix_grad: bool = True,
 ) -> list[Any]:
     """The model output(s) on the features perturbed by ``attack`` (ALFA Eq. 5), for training.
 
     ``"joint"``: one output, all sites perturbed (``f_i + η_i·δ_i``) in one tail pass from the
     earliest site. ``"separate"``: one output per site (in the order of ``attack.sites``).
     Features and η keep their autograd graph (η is learned by L-ALFA); sites missing from
-    ``features`` are computed from ``x`` with gradients.
+    ``features`` are computed from ``x`` with gradients. ``prefix_grad`` (ALFA Eq. 3/5: L_adv is
+    a loss of every weight) lets the values that jump over a site — the shortcut of a residual
+    block the site lies in — carry gradients too, as in the full model
+    (:class:`advfeat.sites.SiteSplit`); ``False`` is ``adv_grad="tail"``, with detached features.
     """
     model = attack.model
     scales = attack.scales(strengths, detach=False)
     given = dict(features or {})
     if attack.mode == "joint":
         first, *rest = attack.ordered_sites(x)
-        split = SiteSplit(model, first)
+        split = SiteSplit(model, first, prefix_grad=prefix_grad)
         f = given[first] if first in given else split.head(x)
 
         def add(site: str) -> Callable[[Tensor], Tensor]:
@@ -269,7 +274,7 @@ def multi_site_outputs(
         return [split.tail(f + scales[first] * deltas[first], later, x=x)]
     outputs = []
     for s in attack.sites:
-        split_s = SiteSplit(model, s)
+        split_s = SiteSplit(model, s, prefix_grad=prefix_grad)
         f = given[s] if s in given else split_s.head(x)
         outputs.append(split_s.tail(f + scales[s] * deltas[s], x=x))
     return outputs
@@ -486,17 +491,20 @@ class FeatureAugmentation(Method):
         std = self.opts.alpha if self.opts.noise_std is None else self.opts.noise_std
         return random_feature_noise(feature.detach(), self.opts.random_noise, std)
 
-    def multi_site_attack(self, model: nn.Module, sites: list[str]) -> MultiSiteFeaturePGD:
-        """The (cached) PGD at ``sites``: unbounded sign steps, ALFA Eq. 4-5."""
+    def multi_site_attack(
+        self, model: nn.Module, sites: list[str], eps: float | None = None
+    ) -> MultiSiteFeaturePGD:
+        """The (cached) PGD at ``sites`` (ALFA Eq. 4-5): sign steps, δ clipped to the L∞ ball of
+        radius ``eps`` (``None``: unbounded, §3.2)."""
         inner = unwrap(model)
         atk = self._multi_attack
-        if atk is None or atk.model is not inner or atk.sites != sites:
+        if atk is None or atk.model is not inner or atk.sites != sites or atk.eps != eps:
             atk = MultiSiteFeaturePGD(
                 inner,
                 sites,
                 alpha=self.opts.alpha,
                 steps=self.opts.steps,
-                eps=None,
+                eps=eps,
                 mode=self.opts.multi_site,
                 bn_mode=self.opts.attack_bn_mode,
             )
@@ -532,6 +540,7 @@ class FeatureAugmentation(Method):
         sites: list[str],
         strengths: Tensor | None = None,
         clean_logits: Tensor | None = None,
+        eps: float | None = None,
     ) -> tuple[list[Tensor], Tensor]:
         """ALFA / L-ALFA adversarial losses: ``L(tail(f_i + η_i·δ_i))`` and the mean ‖δ‖₂.
 
@@ -543,16 +552,23 @@ class FeatureAugmentation(Method):
         Sites with η_i = 0 exactly are skipped, with the same losses and gradients as not
         skipping them: their δ_i is 0 (the attack's gradient carries the factor η_i, and
         ``sgn 0 = 0``), so ``f_i + η_i·δ_i = f_i``. In ``"joint"`` mode the pass starts at the
-        earliest live site; in ``"separate"`` mode the dead site's loss is the clean loss
-        (``clean_logits``, when L_adv reaches the prefix) or one tail pass from ``f_i``, with no
-        attack. The only difference: a skipped pass does not repeat the update of the tail's BN
-        running statistics with the clean batch.
+        earliest live site (with ``adv_grad="tail"`` at the earliest site, where the part that
+        L_adv trains begins: dead sites before the first live one are kept, with δ = 0); in
+        ``"separate"`` mode the dead site's loss is the clean loss (``clean_logits``, when L_adv
+        reaches the prefix) or one tail pass from ``f_i``, with no attack. The only difference:
+        a skipped pass does not repeat the update of the tail's BN running statistics with the
+        clean batch.
+
+        ``eps``: the L∞ radius of the multi-site attack's δ (``None``: unbounded, ALFA §3.2).
         """
         feats = {s: self.adv_feature(f) for s, f in feats.items()}
         live = list(sites)
         if strengths is not None:
             values = strengths.detach().tolist()
             live = [s for s, v in zip(sites, values, strict=True) if v != 0.0]
+            if live and self.opts.multi_site == "joint" and not self.adv_reaches_prefix:
+                # L_adv trains what follows the earliest site: the pass must start there
+                live = sites[: sites.index(live[0])] + live
         dead = [s for s in sites if s not in live]
         losses: list[Tensor] = []
         sizes: list[Tensor] = []
@@ -561,7 +577,7 @@ class FeatureAugmentation(Method):
             if strengths is not None:
                 keep = torch.tensor([s in live for s in sites], device=strengths.device)
                 live_eta = strengths[keep]
-            atk = self.multi_site_attack(model, live)
+            atk = self.multi_site_attack(model, live, eps)
             if self.opts.random_noise is not None:
                 deltas = {s: self.noise(feats[s]) for s in live}
             else:
@@ -570,7 +586,12 @@ class FeatureAugmentation(Method):
                 deltas = atk(x, y, features=clean, strengths=eta)
             with self.adversarial_bn(model):
                 outputs = multi_site_outputs(
-                    atk, x, deltas, features={s: feats[s] for s in live}, strengths=live_eta
+                    atk,
+                    x,
+                    deltas,
+                    features={s: feats[s] for s in live},
+                    strengths=live_eta,
+                    prefix_grad=self.adv_reaches_prefix,
                 )
             losses += [cross_entropy(out, y) for out in outputs]
             sizes += [d.flatten(1).norm(dim=1).mean() for d in deltas.values()]
