@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
 from advfeat.data import build_dataset
 from advfeat.errors import AdvfeatError
@@ -276,3 +277,62 @@ def test_stage_by_stage_clean_pass_is_the_detector_forward(det_data) -> None:
     assert not calls
     for key, value in reference.items():
         torch.testing.assert_close(tail[key], value.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_detector(det_data) -> nn.Module:
+    """torchvision's Faster R-CNN MobileNetV3-Large FPN, random weights, 64-pixel inputs."""
+    task = det_data[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return fasterrcnn_mobilenet_v3_large_fpn(
+            weights=None,
+            weights_backbone=None,
+            num_classes=task.num_classes,
+            min_size=64,
+            max_size=64,
+        ).train()
+
+
+@pytest.mark.parametrize(
+    ("site", "in_place"),
+    [
+        ("backbone.body.15.block", True),  # the block then runs `result += input` on it
+        ("backbone.body.16.1", True),  # batch norm followed by Hardswish(inplace=True)
+        ("backbone.body.16", False),  # the body's last stage: the tail is the FPN onwards
+    ],
+)
+def test_mobilenet_detector_site_feature_is_the_site_output_and_zero_delta_tail_is_clean(
+    det_data, mobilenet_detector: nn.Module, site: str, in_place: bool
+) -> None:
+    """The clean pass records the site's output as the site returned it, before the rest of the
+    detector writes into it; the tail from that feature (δ = 0) gives the clean losses."""
+    task, images, targets, _, _ = det_data
+    model = mobilenet_detector
+    returned: dict[str, Tensor] = {}
+
+    def record(_m: nn.Module, _a: Any, output: Tensor) -> None:
+        returned["copy"], returned["live"] = output.detach().clone(), output
+
+    handle = model.get_submodule(site).register_forward_hook(record)
+    try:
+        torch.manual_seed(4)
+        clean = task.clean_pass(model, images, targets, [site])
+    finally:
+        handle.remove()
+    assert isinstance(clean, DetectionPass)
+    # the site is (or is not) written into later in the forward pass
+    assert torch.equal(returned["live"], returned["copy"]) is not in_place
+    torch.testing.assert_close(clean.features[site].detach(), returned["copy"], rtol=0, atol=0)
+    calls: list[int] = []
+    stem = model.get_submodule("backbone.body.0").register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            tail = clean.tail(site, clean.features[site].detach(), prefix_grad=False)
+    finally:
+        stem.remove()
+    if site == "backbone.body.16":
+        assert not calls  # the last stage's tail starts at the FPN
+    assert sorted(tail) == sorted(clean.parts)
+    for key, value in clean.parts.items():
+        torch.testing.assert_close(tail[key], value.detach(), rtol=1e-5, atol=1e-6, msg=key)

@@ -240,3 +240,47 @@ def test_deeplab_afan_runs_the_prefix_once_and_equals_the_whole_model(seg_data) 
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("name", "site"),
+    [
+        ("deeplabv3_mobilenet_v3_large", "backbone.15.block"),  # then `result += input` on it
+        ("deeplabv3_mobilenet_v3_large", "backbone.16.1"),  # BN, then Hardswish(inplace=True)
+        ("deeplabv3plus_tiny", "decoder.1.1"),  # BN, then ReLU(inplace=True)
+    ],
+)
+def test_in_place_site_feature_is_the_site_output_and_zero_delta_tail_is_clean(
+    seg_data, name: str, site: str
+) -> None:
+    """The clean pass records the site's output as the site returned it, before the rest of the
+    segmenter writes into it; the tail from that feature (δ = 0) runs only after the site and
+    gives the clean losses."""
+    task, images, masks, mean, std = seg_data
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_segmenter(name, task.num_classes, mean=mean, std=std).train()
+    returned: dict[str, Tensor] = {}
+
+    def record(_m: nn.Module, _a: Any, output: Tensor) -> None:
+        returned["copy"], returned["live"] = output.detach().clone(), output
+
+    handle = model.get_submodule(site).register_forward_hook(record)
+    try:
+        clean = task.clean_pass(model, images[:2], masks[:2], [site])
+    finally:
+        handle.remove()
+    assert not torch.equal(returned["live"], returned["copy"])  # written into after the site
+    torch.testing.assert_close(clean.features[site].detach(), returned["copy"], rtol=0, atol=0)
+    first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    calls: list[int] = []
+    stem = model.get_submodule(first).register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            tail = clean.tail(site, clean.features[site].detach(), prefix_grad=False)
+    finally:
+        stem.remove()
+    assert not calls  # tail-only: the layers before the site do not run again
+    loss, parts = task.output_loss(tail, masks[:2])
+    assert parts.keys() == clean.parts.keys()
+    torch.testing.assert_close(loss, clean.loss.detach(), rtol=1e-6, atol=1e-7)

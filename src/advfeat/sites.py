@@ -156,9 +156,12 @@ def capture_features(
 
     Yields a dict ``{site: output}`` filled by forward hooks (keys as given). Outputs keep their
     autograd graph unless ``detach=True``. A site that runs several times per forward keeps its
-    last output. The stored tensor *is* the site's output: if the model later modifies it in
-    place (a BN site followed by ``out += identity`` or ``ReLU(inplace=True)``), pass
-    ``clone=True`` — block outputs (``layer3``, ``layer4.0``) are not modified that way.
+    last output. Without ``clone`` the stored tensor *is* the site's output, and the rest of the
+    forward may write into it: a BN site followed by ``out += identity`` or
+    ``ReLU(inplace=True)``, the inner ``block`` of a MobileNetV3 ``InvertedResidual``
+    (``result += input``). ``clone=True`` stores a copy taken when the site returns (it keeps
+    the autograd graph; ``detach=True`` alone shares the memory and does not protect). Both
+    apply to the tensors inside a dict, list or tuple output (a backbone's feature dict).
 
     ``frontier=True`` also records, for each site whose tail needs more than the site's output
     (a site inside a residual block: the block's input, used by the shortcut), the values that
@@ -175,16 +178,33 @@ def capture_features(
                 module = resolve_site(model, name)
 
                 def hook(_m: nn.Module, _a: Any, output: Any, name: str = name) -> None:
-                    if isinstance(output, Tensor):
-                        output = output.detach() if detach else output
-                        output = output.clone() if clone else output
-                    store[name] = output
+                    store[name] = _stored(output, detach=detach, clone=clone)
 
                 handles.append(module.register_forward_hook(hook))
             yield store
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _stored(output: Any, *, detach: bool, clone: bool) -> Any:
+    """``output`` with each tensor (also inside a dict, list or tuple) detached and/or copied."""
+    if isinstance(output, Tensor):
+        output = output.detach() if detach else output
+        return output.clone() if clone else output
+    if not (detach or clone):
+        return output
+    if isinstance(output, dict):
+        items = [(k, _stored(v, detach=detach, clone=clone)) for k, v in output.items()]
+        return OrderedDict(items) if isinstance(output, OrderedDict) else dict(items)
+    if isinstance(output, (list, tuple)):
+        values = [_stored(v, detach=detach, clone=clone) for v in output]
+        if isinstance(output, list):
+            return values
+        if hasattr(output, "_make"):  # a named tuple
+            return output._make(values)
+        return type(output)(values)  # a tuple, or torch's named return types
+    return output
 
 
 def _replacement_hook(name: str, value: Replacement) -> Callable[[nn.Module, Any, Any], Any]:

@@ -434,7 +434,11 @@ class MultiSiteFeaturePGD(FeatureAttack):
             return {s: features[s] for s in needed}
         if x is None:
             raise AdvfeatError(f"features for sites {missing} were not given and x is None")
-        with torch.no_grad(), capture_features(self.model, missing, detach=True) as got:
+        # copies: the rest of the forward may write into a site's output (`out += identity`)
+        with (
+            torch.no_grad(),
+            capture_features(self.model, missing, detach=True, clone=True) as got,
+        ):
             self.model(*(x if isinstance(x, tuple) else (x,)))
         out = dict(features)
         for s in missing:

@@ -131,7 +131,9 @@ def feature_moments(
     moments = {name: ChannelMoments() for name in layers}
     with torch.no_grad():
         for x in batches:
-            with capture_features(model, list(layers), detach=True) as feats:
+            # copies: later layers may write into a layer's output (a BN before an in-place
+            # ReLU or `out += identity`)
+            with capture_features(model, list(layers), detach=True, clone=True) as feats:
                 model(x)
             for name in layers:
                 moments[name].update(feats[name])

@@ -34,7 +34,12 @@ def perturb_feature(
 ) -> tuple[Tensor, Tensor]:
     """``(f_clean, δ)``: the site's clean output and ``steps`` unbounded sign-gradient steps of
     size ``alpha`` ascending the cross-entropy (ALFA Eq. 2 with ε = ∞)."""
-    with attack_guard(model), torch.no_grad(), capture_features(model, site, detach=True) as f:
+    # a copy: the rest of the forward may write into the site's output (`out += identity`)
+    with (
+        attack_guard(model),
+        torch.no_grad(),
+        capture_features(model, site, detach=True, clone=True) as f,
+    ):
         model(x)
     clean = f[site]
     if not isinstance(clean, Tensor) or clean.ndim != 4:

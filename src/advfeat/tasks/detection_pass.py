@@ -64,7 +64,13 @@ class DetectionPass(TaskPass):
             task.forward_output(model, images, targets)  # raises the clear error
         body = "backbone.body" if hasattr(detector.backbone, "body") else None
         watched = list(sites) + ([body] if body and body not in sites else [])
-        with capture_features(model, watched) as captured:
+        # copies: the rest of the forward may write into a site's output (a MobileNetV3 block's
+        # `result += input`, an in-place activation after a BN site); the live outputs only
+        # tell which of the body's outputs a site produced
+        with (
+            capture_features(model, watched, clone=True) as captured,
+            capture_features(model, watched) as live,
+        ):
             self.images, self.targets = detector.transform(list(images), list(targets))
             self.rng = RngReplay(device)  # the stream the backbone, RPN and ROI heads draw from
             features = detector.backbone(self.images.tensors)
@@ -81,6 +87,12 @@ class DetectionPass(TaskPass):
         self.loss, self.parts = task.output_loss(self.output, targets)
         self.features = {s: captured[s] for s in sites}
         self.body_out = captured.get(body) if body else None
+        live_body = live.get(body) if body else None
+        self.body_keys = {
+            s: [k for k, v in live_body.items() if v is live[s]]
+            for s in sites
+            if isinstance(live_body, dict)
+        }
 
     def _box_losses(self, box_features: Tensor) -> dict[str, Tensor]:
         heads: Any = self.model.roi_heads  # type: ignore[union-attr]
@@ -109,16 +121,16 @@ class DetectionPass(TaskPass):
         """The backbone's output with ``feature`` at ``site`` (a site inside the backbone)."""
         backbone: Any = self.model.backbone  # type: ignore[union-attr]
         relative = site.removeprefix("backbone.")
-        clean = self.features[site]
+        keys = self.body_keys.get(site)
         if (
             isinstance(self.body_out, dict)
+            and keys
             and relative == f"body.{list(backbone.body.named_children())[-1][0]}"
-            and any(v is clean for v in self.body_out.values())
         ):
             # the site is the body's last stage: its other outputs (the FPN's other levels)
             # are the clean pass's; only the FPN runs again
             body_out = OrderedDict(
-                (k, feature if v is clean else v if prefix_grad else v.detach())
+                (k, feature if k in keys else v if prefix_grad else v.detach())
                 for k, v in self.body_out.items()
             )
             return backbone.fpn(body_out)
