@@ -111,7 +111,13 @@ def test_zero_strength_sites_are_skipped_with_the_same_loss_and_gradients(
     eta = torch.tensor([0.0, 1.0])
     model = copy.deepcopy(tiny_bn_cnn).train()
     method = LALFA(
-        sites=SITES, alpha=ALPHA, steps=2, gamma=0.5, multi_site=mode, loss_weighting=weighting
+        sites=SITES,
+        alpha=ALPHA,
+        steps=2,
+        gamma=0.5,
+        multi_site=mode,
+        loss_weighting=weighting,
+        projection="simplex",  # γ‖η‖₁ taken as γ·1ᵀη, as the reference below writes it
     )
     with torch.no_grad():
         method.eta.copy_(eta)
@@ -146,7 +152,7 @@ def test_zero_strength_sites_are_skipped_with_the_same_loss_and_gradients(
 def test_gamma_does_not_densify_eta_on_the_simplex(tiny_bn_cnn: nn.Module) -> None:
     """With the true simplex γ‖η‖₁ is constant: a zero strength stays zero under γ alone."""
     model = copy.deepcopy(tiny_bn_cnn).train()
-    method = LALFA(sites=SITES, alpha=ALPHA, steps=1, lam=0.0, gamma=1.0)
+    method = LALFA(sites=SITES, alpha=ALPHA, steps=1, lam=0.0, gamma=1.0, projection="simplex")
     with torch.no_grad():
         method.eta.copy_(torch.tensor([0.0, 1.0]))
     opt = torch.optim.SGD(method.parameter_groups(model, lr=0.1), lr=0.1)
@@ -288,3 +294,13 @@ def test_warmup_steps_are_optimiser_steps(tmp_path) -> None:  # type: ignore[no-
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     lrs = [row["lr"] for row in history]
     assert lrs[0] < lrs[1] < 0.1 and lrs[2] == pytest.approx(0.1)
+
+
+def test_l_alfa_projects_onto_the_papers_written_set() -> None:
+    """Eq. 5: P = {η | 1ᵀη = 1}; the simplex (the "bisection" reading) is the option."""
+    method = build_method("l-alfa", sites=["a", "b"])
+    assert method.opts.projection == "hyperplane"
+    with torch.no_grad():
+        method.eta.copy_(torch.tensor([1.5, -0.1]))
+    method.project_strengths_()
+    torch.testing.assert_close(method.eta.detach(), torch.tensor([1.3, -0.3]))

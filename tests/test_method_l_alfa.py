@@ -230,7 +230,7 @@ def test_hyperplane_projection_option_only_shifts_eta(tiny_bn_cnn: nn.Module) ->
         method.eta.copy_(torch.tensor([1.5, -0.1]))
     method.project_strengths_()
     torch.testing.assert_close(method.eta.detach(), torch.tensor([1.3, -0.3]))  # sum 1, not ≥ 0
-    simplex = LALFA(sites=SITES)
+    simplex = LALFA(sites=SITES, projection="simplex")
     with torch.no_grad():
         simplex.eta.copy_(torch.tensor([1.5, -0.1]))
     simplex.project_strengths_()

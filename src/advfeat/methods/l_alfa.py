@@ -6,11 +6,11 @@ Objective (Eq. 5)::
     min_{Θ, η ∈ P}  L_std + λ · Σ_{i=1..r} max_{δ_i} L_at(tail_i(f_i(x) + η_i·δ_i), y) + γ·‖η‖₁
 
 with learnable strengths η, one per site, projected onto P after every SGD step (Algorithm 1,
-line 5). The paper writes P = {η | 1ᵀη = 1} and projects "via the bisection method" of Wang
-et al. (2019b), which is the projection onto the probability simplex {η ≥ 0, 1ᵀη = 1}; that is
-the set used here by default (:func:`project_simplex`, sort-based, same point as bisection).
-``projection="hyperplane"`` is the other reading, P taken literally as the hyperplane
-{1ᵀη = 1} (η shifted to sum to one, negative entries kept: what the authors' released code does).
+line 5). The paper writes P = {η | 1ᵀη = 1}: by default η is projected onto that hyperplane as
+written (η shifted to sum to one, negative entries kept: also what the authors' released code
+does). It projects "via the bisection method" of Wang et al. (2019b), a method for the
+probability simplex {η ≥ 0, 1ᵀη = 1}: ``projection="simplex"`` is that other reading
+(:func:`project_simplex`, sort-based, same point as bisection).
 
 Note on γ: on the simplex ‖η‖₁ = 1ᵀη = 1, so γ‖η‖₁ adds a constant to the loss. Its gradient
 must then be γ·1, which is normal to the simplex: the projection removes it and γ does not change
@@ -94,11 +94,11 @@ class LALFA(FeatureAugmentation):
       ahead of Eq. 5's sum on each of 3 seeds, ``docs/results.md`` §4). Sites whose η is
       exactly 0 are skipped with the same loss and gradients
       (:meth:`FeatureAugmentation.site_losses`).
-    * ``projection``: ``"simplex"`` (default, the Euclidean projection onto {η ≥ 0, 1ᵀη = 1})
-      or ``"hyperplane"`` (onto {1ᵀη = 1}, Eq. 5's P read literally; η may turn negative).
-      Measured (``docs/results.md`` §4, 3 seeds under each loss scale): only the simplex makes
-      η sparse (Eq. 5's purpose); accuracy does not separate them (hyperplane − simplex: −1.77
-      [−25.54, +22.01] clean with the sum, +1.50 [−8.50, +11.50] with the convex combination).
+    * ``projection``: ``"hyperplane"`` (default: onto {1ᵀη = 1}, Eq. 5's P as written; η may
+      turn negative) or ``"simplex"`` (the Euclidean projection onto {η ≥ 0, 1ᵀη = 1}, the
+      reading of "bisection"). ``docs/results.md`` §4: accuracy does not separate them, and the
+      simplex's sparsity appears only with η momentum, which Algorithm 1 does not specify; with
+      no measurement against it, the paper's written set is the default.
     * ``random_noise``, ``noise_std``, ``attack_bn_mode``, ``adv_bn_stats``: as in ALFA.
 
     The projection. The trainer (and a user's loop) call ``loss.backward(); optimizer.step()``
@@ -132,8 +132,8 @@ class LALFA(FeatureAugmentation):
         # measured (docs/results.md §4-5: ahead on every seed); "sum": Eq. 5 as written
         loss_weighting: str = option("mean", LOSS_WEIGHTING)
         adv_grad: str = option("full", ADV_GRAD)  # Eq. 5: L_adv trains every weight
-        # Alg. 1 line 5; "hyperplane": P = {1ᵀη = 1} literally
-        projection: str = option("simplex", Choice(*PROJECTIONS))
+        # Alg. 1 line 5, Eq. 5: P = {1ᵀη = 1} as written; "simplex": the bisection reading
+        projection: str = option("hyperplane", Choice(*PROJECTIONS))
         random_noise: str | None = option(None, RANDOM_NOISE)
         noise_std: float | None = option(None, NOISE_STD)
         attack_bn_mode: str = option("train", ATTACK_BN_MODE)
