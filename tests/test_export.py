@@ -1,22 +1,36 @@
 """``advfeat export``: exported weights load into a fresh torchvision / timm / CIFAR model and give
 the logits of the evaluated model; normalization is in the weights; aux BNs are gone; the model
-card and RobustBench's model_info are written."""
+card and RobustBench's model_info are written. Every method's run exports (AFA stage I as a stock
+model with one BN branch, stage II as the fused model with its weight generator) and the exported
+model gives the run's logits."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 from torchvision import models as tv_models
 
+from advfeat.checkpoint import load_checkpoint
 from advfeat.cli import main
-from advfeat.eval.loading import load_run
-from advfeat.export import deployable, load_exported, load_exported_state, save_weights
+from advfeat.errors import AdvfeatError
+from advfeat.eval.loading import load_run, rebuild_model
+from advfeat.export import (
+    NORMALIZE_KEYS,
+    build_exported,
+    deployable,
+    load_exported,
+    load_exported_state,
+    save_weights,
+)
+from advfeat.methods.registry import METHODS
 from advfeat.models import build_model
-from advfeat.norm import MultiBatchNorm, convert_multibn
+from advfeat.norm import AdaptiveFeatureAlignment, BranchModel, MultiBatchNorm, convert_multibn
 
 DATA = "dataset_options={n_train: 64, n_test: 16, image_size: 32}"
 
@@ -135,3 +149,202 @@ def test_export_errors_are_one_line(advprop_run: Path, capsys: pytest.CaptureFix
     assert main(["export", str(advprop_run), "--format", "onnx"]) == 2
     err = capsys.readouterr().err.strip()
     assert "export format" in err and "state_dict" in err and "\n" not in err
+
+
+# --------------------------------------------------------------------------- every method's run
+TINY_RUN = ["--model", "resnet20", "--dataset", "shapes", "--epochs", "1", "--batch-size", "16"]
+TINY_RUN += ["--device", "cpu", "--quiet", "--set", "eval_shifted=false"]
+TINY_RUN += ["--set", "max_steps_per_epoch=1"]
+TINY_RUN += ["--set", "dataset_options={n_train: 32, n_test: 16, image_size: 8}"]
+# options that keep each method's run tiny; a method not named here trains with its defaults
+TINY_OPTIONS: dict[str, dict[str, Any]] = {
+    "pgd-at": {"steps": 1},
+    "trades": {"steps": 1},
+    "mart": {"steps": 1},
+    "advprop": {"steps": 1},
+    "alfa": {"steps": 1},
+    "l-alfa": {"steps": 1},
+    "afan": {"steps": 1},
+    "advbn": {"steps": 1},
+    "afa": {"num_branches": 3, "steps": 1},
+}
+STAGED = {"afa": ("afa-stage1", "afa-stage2")}  # methods whose stages export differently
+CASES = [case for name in METHODS.names() for case in STAGED.get(name, (name,))]
+FUSED_CASES = {"afa-stage2"}  # not a stock architecture: exported as what it is
+
+
+def _method_options(case: str, train: Callable[..., Path]) -> tuple[str, dict[str, Any]]:
+    """The method and tiny options of ``case`` (``afa-stage2`` reads a stage-I run, ``advbn``
+    fine-tunes a standard one)."""
+    method, _, stage = case.partition("-stage")
+    options = dict(TINY_OPTIONS.get(method, {}))
+    if stage:
+        options["stage"] = int(stage)
+    if stage == "2":
+        options["stage1_checkpoint"] = str(train("afa-stage1") / "checkpoint.pt")
+    if method == "advbn":
+        options["init_checkpoint"] = str(train("standard") / "checkpoint.pt")
+    return method, options
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_run(case, **options)``: the folder of a one-step resnet20 run of ``case`` (a method
+    name, or ``afa-stage1`` / ``afa-stage2``), trained once per module."""
+    root = tmp_path_factory.mktemp("runs")
+    done: dict[str, Path] = {}
+
+    def train(case: str, **extra: Any) -> Path:
+        key = case + (json.dumps(extra, sort_keys=True) if extra else "")
+        if key not in done:
+            method, options = _method_options(case, train)
+            folder = root / f"{case}-{len(done)}"
+            args = ["train", "--method", method, "--out", str(folder), *TINY_RUN]
+            args += ["--set", f"method_options={json.dumps({**options, **extra})}"]
+            assert main(args) == 0
+            done[key] = folder
+        return done[key]
+
+    return train
+
+
+def _run_logits(run: Path, x: torch.Tensor) -> torch.Tensor:
+    """The logits of the run's evaluated model (``advfeat eval``'s), in eval mode."""
+    with torch.no_grad():
+        return rebuild_model(run / "checkpoint.pt").model.eval()(x)
+
+
+def _export(run: Path, out: Path, *extra: str) -> None:
+    """``advfeat export`` of ``run`` into ``out`` in every format."""
+    args = ["export", str(run), "--out", str(out), "--format", "state_dict,safetensors,torchscript"]
+    assert main([*args, *extra]) == 0
+
+
+IMAGES = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_method_exports_a_model_giving_its_runs_logits(
+    case: str, tiny_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tiny_run(case)
+    expected = _run_logits(run, IMAGES)
+    capsys.readouterr()
+    _export(run, tmp_path)
+    printed = capsys.readouterr().out
+    info = json.loads((tmp_path / "export.json").read_text())
+    assert f"contents: {info['contents']['summary']}" in printed  # it says what it exported
+    with torch.no_grad():
+        loaded = build_exported(tmp_path)  # export.json's architecture + model.pt
+        assert torch.allclose(loaded(IMAGES), expected, atol=1e-6)
+        scripted = torch.jit.load(str(tmp_path / "model.torchscript.pt"))
+        assert torch.allclose(scripted(IMAGES), expected, atol=1e-5)
+    state = load_exported_state(tmp_path / "model.pt")
+    safetensors_state = load_exported_state(tmp_path / "model.safetensors")
+    assert state.keys() == safetensors_state.keys()
+    assert all(torch.equal(state[k], safetensors_state[k]) for k in state)
+    if case in FUSED_CASES:
+        assert info["contents"]["kind"] == "afa-stage2"
+        assert isinstance(loaded, AdaptiveFeatureAlignment)
+        normalize_keys = {f"model.{k}" for k in NORMALIZE_KEYS}
+        assert normalize_keys <= state.keys()
+        assert state.keys() - normalize_keys == loaded.state_dict().keys()
+        return
+    assert info["contents"]["kind"] == "stock"
+    stock = build_model("resnet20", num_classes=info["architecture"]["num_classes"])
+    assert state.keys() - set(NORMALIZE_KEYS) == stock.state_dict().keys()  # its own keys
+    load_exported(stock, tmp_path / "model.pt")  # as the model card says: strict
+    with torch.no_grad():
+        assert torch.allclose(stock.eval()(IMAGES), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("eval_branch", "kept", "dropped"), [(0, "eps0", "eps2"), (-1, "eps2", "eps0")]
+)
+def test_afa_stage1_exports_the_stock_model_of_its_evaluated_branch_and_names_it(
+    eval_branch: int,
+    kept: str,
+    dropped: str,
+    tiny_run: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tiny_run("afa-stage1", eval_branch=eval_branch) if eval_branch else tiny_run("afa-stage1")
+    capsys.readouterr()
+    _export(run, tmp_path)
+    printed = capsys.readouterr().out
+    contents = json.loads((tmp_path / "export.json").read_text())["contents"]
+    assert contents["bn_branch"] == kept
+    assert contents["bn_branches"] == ["eps0", "eps1", "eps2"]
+    assert f"BN branch {kept}" in contents["summary"] and contents["summary"] in printed
+    assert contents["summary"] in (tmp_path / "MODEL_CARD.md").read_text()
+    raw = rebuild_model(run / "checkpoint.pt").raw_model.eval()
+    with torch.no_grad():
+        exported = build_exported(tmp_path)(IMAGES)
+        assert torch.allclose(exported, BranchModel(raw, kept)(IMAGES), atol=1e-6)
+        assert not torch.allclose(exported, BranchModel(raw, dropped)(IMAGES), atol=1e-4)
+
+
+def test_afa_stage2_exports_the_fused_model_and_says_what_it_holds(
+    tiny_run: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tiny_run("afa-stage2")
+    capsys.readouterr()
+    _export(run, tmp_path, "--robustbench")
+    printed = capsys.readouterr().out
+    info = json.loads((tmp_path / "export.json").read_text())
+    contents = info["contents"]
+    summary = contents["summary"]
+    assert summary in printed and summary in (tmp_path / "MODEL_CARD.md").read_text()
+    assert "not a stock" in summary and "weight generator" in summary
+    assert "BN_0 = branch eps0" in summary and "BN_K-1 = branch eps2" in summary
+    afa = contents["afa"]
+    assert {k: afa[k] for k in ("first", "last", "source", "per_layer")} == {
+        "first": "eps0",
+        "last": "eps2",
+        "source": None,
+        "per_layer": False,
+    }
+    assert afa["generator"]["in_channels"] == 3 and afa["generator"]["out_features"] == 1
+    model_info = json.loads((tmp_path / "model_info.json").read_text())
+    assert "weight generator" in model_info["architecture"]
+    # the stock backbone's keys, each BN layer as BN_0 (first) and BN_K-1 (last), and the generator
+    state = load_exported_state(tmp_path / "model.pt")
+    stock = build_model("resnet20", num_classes=info["architecture"]["num_classes"])
+    backbone = {k.removeprefix("model.") for k in state if k.startswith("model.")}
+    merged = {k.replace(".first.", ".").replace(".last.", ".") for k in backbone}
+    assert merged == stock.state_dict().keys() | set(NORMALIZE_KEYS)
+    assert any(k.startswith("generator.") for k in state)
+    assert all(k.startswith(("model.", "generator.")) for k in state)
+    stage1 = load_checkpoint(tiny_run("afa-stage1") / "checkpoint.pt")["model"]
+    fused = [k for k in backbone if ".first." in k or ".last." in k]
+    assert fused
+    for key in fused:
+        branch_key = key.replace(".first.", ".").replace(".last.", ".aux.eps2.")
+        assert torch.equal(state[f"model.{key}"], stage1[branch_key]), key
+
+
+def test_afa_stage2_export_rebuilds_a_per_layer_generator_reading_an_intermediate_module(
+    tiny_run: Callable[..., Path], tmp_path: Path
+) -> None:
+    options = {"generator_source": "layer1", "generator_per_layer": True, "prefix_weight": 0.25}
+    run = tiny_run("afa-stage2", generator_channels=8, **options)
+    assert main(["export", str(run), "--out", str(tmp_path)]) == 0
+    contents = json.loads((tmp_path / "export.json").read_text())["contents"]
+    afa = contents["afa"]
+    assert (afa["source"], afa["per_layer"], afa["prefix_weight"]) == ("layer1", True, 0.25)
+    assert afa["generator"]["in_channels"] == 16 and afa["generator"]["channels"] == 8
+    assert afa["generator"]["out_features"] == afa["fused_layers"] > 1
+    assert "the output of module 'layer1'" in contents["summary"]
+    with torch.no_grad():
+        assert torch.allclose(build_exported(tmp_path)(IMAGES), _run_logits(run, IMAGES), atol=1e-6)
+
+
+def test_build_exported_without_weights_says_which_formats_it_reads(
+    tiny_run: Callable[..., Path], tmp_path: Path
+) -> None:
+    args = ["export", str(tiny_run("standard")), "--out", str(tmp_path), "--format", "torchscript"]
+    assert main(args) == 0
+    with pytest.raises(AdvfeatError, match="state_dict or safetensors") as err:
+        build_exported(tmp_path)
+    assert "\n" not in str(err.value)

@@ -1,5 +1,6 @@
 """``advfeat export``: the deployed model of a run (aux BNs stripped, normalization in the
-weights, the architecture's own keys), a model card and RobustBench's ``model_info`` JSON."""
+weights, the architecture's own keys; AFA stage II as its fused model with the weight generator),
+a model card and RobustBench's ``model_info`` JSON."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "export",
         help="export a trained run as plain weights with a model card",
-        description="Write the model that `advfeat eval` evaluates (main BN branch only, input "
-        "normalization stored as normalize.mean / normalize.std, the architecture's own keys) "
-        "with export.json and MODEL_CARD.md. It takes images in [0, 1] and returns logits.",
+        description="Write the model that `advfeat eval` evaluates (the evaluated BN branch only, "
+        "input normalization stored as normalize.mean / normalize.std, the architecture's own "
+        "keys) with export.json and MODEL_CARD.md. It takes images in [0, 1] and returns logits. "
+        "An AFA stage-II run is no stock architecture: it is exported as the backbone with its "
+        "dual BN layers and the weight generator (load it with advfeat.export.build_exported). "
+        "The first line printed says what was exported.",
     )
     p.add_argument("run", metavar="RUN", help="run folder or its checkpoint.pt / best.pt")
     p.add_argument(
@@ -44,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     folder = source if source.is_dir() else source.parent
     out = Path(args.out) if args.out else folder / "export"
     result = export_run(source, out, formats or ("state_dict",), robustbench=args.robustbench)
+    print(f"contents: {result.info['contents']['summary']}")
     for name, path in result.files.items():
         print(f"{name}: {path}")
     return 0
