@@ -574,3 +574,38 @@ def test_presets_show_config(
     else:  # the stage-II preset needs the stage-I run's checkpoint
         with pytest.raises(AdvfeatError, match="stage1_checkpoint"):
             build_method("afa", **cfg["method_options"])
+
+
+def test_stage2_generator_reads_the_end_of_the_first_stage_by_default(tmp_path: Path) -> None:
+    """§4.3: the generator sits "to the end of an intermediate layer" (``layer1`` of a ResNet);
+    the BN layers before it fuse with the fixed W_0 = 0.5, those after it with WG's weight."""
+    from advfeat.methods.base import PrepareContext
+    from advfeat.models import build_model
+
+    first = build_model("resnet20", num_classes=3, image_size=16)
+    convert_multibn(first, BRANCHES)
+    randomise_branches(first)
+    path = write_stage1(tmp_path / "stage1.pt", first)
+    method = build_method("afa", stage=2, num_branches=3, stage1_checkpoint=path)
+    resnet = build_model("resnet20", num_classes=3, image_size=16)
+    fused = method.prepare_with(resnet, PrepareContext(input_shape=(3, 16, 16)))
+    assert isinstance(fused, AdaptiveFeatureAlignment) and fused.source == "layer1"
+    assert fused.weights.prefix_weight == 0.5
+    fused.generator = Constant(0.9)  # WG's weight, once layer1 has run
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+    for name in ("bn1", "layer3.2.bn2"):  # the stem's BN runs before layer1, the last one after
+        layer = fused.model.get_submodule(name)
+        assert isinstance(layer, FusedDualBN)
+        layer.register_forward_hook(lambda m, i, o, name=name: seen.update({name: (i[0], o)}))
+    fused.eval()
+    x = torch.rand(4, 3, 16, 16)
+    fused(x)
+    for name, w in (("bn1", 0.5), ("layer3.2.bn2", 0.9)):
+        given, out = seen[name]
+        bn0 = branch_layer(first.get_submodule(name), "eps0").eval()(given)
+        bn_last = branch_layer(first.get_submodule(name), "eps2").eval()(given)
+        torch.testing.assert_close(out, w * bn0 + (1 - w) * bn_last)
+    none = build_method(
+        "afa", stage=2, num_branches=3, stage1_checkpoint=path, generator_source=None
+    )
+    assert none.prepare(build_model("resnet20", num_classes=3, image_size=16)).source is None

@@ -44,12 +44,15 @@ Readings of the paper (the other reading is an option where it is a real alterna
   steps. (Sec. 5.3 generates the samples of Fig. 6 with a separately trained ResNet-34; that
   transfer reading is not offered.)
 * **Generator** — see :mod:`advfeat.norm.afa`: one W_0 per sample shared by all fused layers,
-  computed from the input images (``generator_source`` names an intermediate module instead,
-  §4.3's "end of an intermediate layer"; ``generator_per_layer`` gives one weight per fused
-  layer). The default was chosen by measurement (``docs/results.md`` §6, 3 seeds): the end of
-  ``layer1`` and the input images gave the same robust accuracy at every ε, and the input
-  leaves no fixed ``prefix_weight`` to choose. The grid and attack settings above were not
-  compared with alternatives.
+  computed, as §4.3 places it, at "the end of an intermediate layer": ``generator_source="auto"``
+  (default) reads the end of the first stage (the module ``layer1`` of the ResNets and WRNs;
+  the input images for a model without one), another module name reads that module, ``None``
+  the input images. The fused BN layers that run before the generator's source use a fixed
+  W_0, ``prefix_weight`` (default 0.5, an equal blend: the paper does not say).
+  ``generator_per_layer`` gives one weight per fused layer. ``docs/results.md`` §6 (3 seeds)
+  found no difference between the end of ``layer1`` and the input images at any ε, so the
+  paper's placement is the default. The grid and attack settings above were not compared with
+  alternatives.
 * **Evaluating a stage-I run** — the paper reports only the final (stage-II) model. A stage-I
   run is evaluated through branch ``eval_branch`` (default 0, the clean branch BN_0, which is
   what the clean accuracy of the trainer measures; −1 selects the most robust branch BN_{K−1}).
@@ -148,7 +151,7 @@ class AFA(Method):
         eval_branch: int = 0
         stage1_checkpoint: str | None = None
         stage2_strengths: str = option("uniform", Choice(*STAGE2_STRENGTHS))
-        generator_source: str | None = None
+        generator_source: str | None = "auto"  # §4.3: the end of an intermediate layer
         generator_per_layer: bool = option(False, Flag())
         generator_channels: int = option(64, Integer(low=1))
         prefix_weight: float | None = option(
@@ -158,6 +161,7 @@ class AFA(Method):
                 hint="the fixed W_0 of BN layers that run before generator_source",
             ),
         )  # fmt: skip
+        """None: 0.5 where the generator reads an intermediate module."""
         # stage I: one split pass over the K−1 strengths, or one per branch
         routing: str = option("auto", Choice(*ROUTINGS))
 
@@ -237,8 +241,9 @@ class AFA(Method):
         self._load_stage1(model)
         o = self.opts
         fused_layers = sum(1 for m in model.modules() if isinstance(m, MultiBatchNorm))
+        source = self.generator_source(model)
         generator = WeightGenerator(
-            self._generator_in_channels(model),
+            self._generator_in_channels(model, source),
             fused_layers if o.generator_per_layer else 1,
             channels=o.generator_channels,
             hidden=o.generator_channels,
@@ -248,10 +253,18 @@ class AFA(Method):
             generator,
             self.branches[0],
             self.branches[-1],
-            source=o.generator_source,
+            source=source,
             per_layer=o.generator_per_layer,
-            prefix_weight=o.prefix_weight,
+            prefix_weight=o.prefix_weight if source is None or o.prefix_weight is not None else 0.5,
         )
+
+    def generator_source(self, model: nn.Module) -> str | None:
+        """The module whose output the generator reads (``None``: the input images);
+        ``"auto"``: ``layer1``, the end of the first stage, where the model has one."""
+        source = self.opts.generator_source
+        if source != "auto":
+            return source
+        return "layer1" if "layer1" in dict(model.named_modules()) else None
 
     def initial_checkpoint(self) -> str | None:
         return self.opts.stage1_checkpoint if self.opts.stage == 2 else None
@@ -291,8 +304,7 @@ class AFA(Method):
                 f"K={saved.num_branches}) does not fit this run's model: {first}"
             ) from None
 
-    def _generator_in_channels(self, model: nn.Module) -> int:
-        source = self.opts.generator_source
+    def _generator_in_channels(self, model: nn.Module, source: str | None) -> int:
         if source is None:
             return 3
         names = dict(model.named_modules())
