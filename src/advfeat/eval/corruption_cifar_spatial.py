@@ -19,9 +19,11 @@ operations Hendrycks & Dietterich (ICLR 2019) describe and release for CIFAR-10-
 
 The generators of the release use OpenCV, SciPy and ImageMagick; these are our own NumPy
 versions of the same operations. The disk kernel, central zoom and motion-blur line equal
-``imagecorruptions``' versions of the release's helpers to float precision (tested); random
-draws, and borders and resampling in glass blur, fog and elastic, differ, so the corrupted images
-agree with CIFAR-10-C's in distribution, not bit for bit.
+``imagecorruptions``' versions of the release's helpers to float precision, and every corruption
+agrees with the release's recipe at CIFAR-10-C's parameters (tests/test_eval_corruption_reference:
+image for image within one grey level where nothing is random, in distribution over seeds where
+it is). The random draws come from a NumPy generator, not the release's global random state, so
+the corrupted images are CIFAR-10-C's in distribution, not bit for bit.
 """
 
 from __future__ import annotations
@@ -78,10 +80,17 @@ def glass_blur(x: np.ndarray, c: tuple[float, int, int], rng: np.random.Generato
     return gaussian_filter(shuffled, sigma)
 
 
+def _to_8_bits(x: np.ndarray) -> np.ndarray:
+    """Rounded to the nearest of 256 grey levels, as ImageMagick writes an 8-bit PNG."""
+    return np.floor(np.clip(x, 0, 1) * 255 + 0.5) / 255  # type: ignore[no-any-return]
+
+
 def motion_blur_corruption(
     x: np.ndarray, c: tuple[int, float], rng: np.random.Generator
 ) -> np.ndarray:
-    return motion_blur(x, c[0], c[1], rng.uniform(-45, 45))
+    """The release blurs with ImageMagick and reads the result back from an 8-bit PNG: rounded,
+    where the other corruptions' results are truncated to 8 bits."""
+    return _to_8_bits(motion_blur(x, c[0], c[1], rng.uniform(-45, 45)))
 
 
 def zoom_blur(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
@@ -101,8 +110,7 @@ def snow(x: np.ndarray, c: tuple[float, ...], rng: np.random.Generator) -> np.nd
     layer = clipped_zoom(layer, zoom)
     layer[layer < threshold] = 0
     layer = np.floor(np.clip(layer, 0, 1) * 255) / 255  # stored as an 8-bit grey image
-    layer = motion_blur(layer, int(radius), sigma, rng.uniform(-135, -45))
-    layer = np.floor(np.clip(layer, 0, 1) * 255 + 0.5) / 255
+    layer = _to_8_bits(motion_blur(layer, int(radius), sigma, rng.uniform(-135, -45)))
     whitened = blend * x + (1 - blend) * np.maximum(x, _grey(x) * 1.5 + 0.5)
     return whitened + layer + np.rot90(layer, k=2)  # type: ignore[no-any-return]
 
@@ -126,7 +134,9 @@ def _affine_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 def elastic_transform(
     x: np.ndarray, c: tuple[float, float, float], rng: np.random.Generator
 ) -> np.ndarray:
-    """Borders are mirrored in the affine warp and in the displacement field's sampling."""
+    """The affine warp mirrors about the border pixels (OpenCV's BORDER_REFLECT_101 in the
+    release); the displacement field is read with the border pixel repeated in the mirror
+    (SciPy's ``map_coordinates(mode="reflect")`` in the release, half-sample symmetric)."""
     alpha, sigma, affine = (v * REFERENCE_SIZE for v in c)
     h, w = x.shape[:2]
     centre = np.array([w // 2, h // 2], dtype=np.float64)
@@ -145,4 +155,4 @@ def elastic_transform(
         * alpha
         for _ in range(2)
     )
-    return bilinear_sample(warped, rows + dy, cols + dx)
+    return bilinear_sample(warped, rows + dy, cols + dx, mode="symmetric")

@@ -32,14 +32,17 @@ def gaussian_kernel(sigma: float, radius: int) -> np.ndarray:
 
 
 def filter_separable(x: np.ndarray, kernel: np.ndarray, mode: str = "edge") -> np.ndarray:
-    """``x`` correlated with ``kernel`` along rows, then along columns (axes 0 and 1)."""
+    """``x`` correlated with ``kernel`` (summing to 1) along rows, then along columns (axes 0
+    and 1); summed as ``x + Σ k·(neighbour − x)``, so a flat region keeps its exact value."""
     r = len(kernel) // 2
     out = x
     for axis in (0, 1):
         pad = [(r, r) if a == axis else (0, 0) for a in range(x.ndim)]
         padded = np.pad(out, pad, mode=mode)  # type: ignore[call-overload]
         n = x.shape[axis]
-        out = sum(k * np.take(padded, range(i, i + n), axis=axis) for i, k in enumerate(kernel))
+        out = out + sum(
+            k * (np.take(padded, range(i, i + n), axis=axis) - out) for i, k in enumerate(kernel)
+        )
     return out
 
 
@@ -55,13 +58,18 @@ def gaussian_filter(
 
 
 def convolve(x: np.ndarray, kernel: np.ndarray, mode: str = "reflect") -> np.ndarray:
-    """``x`` (H×W×C) correlated with the 2-D ``kernel`` (odd sides), per channel."""
+    """``x`` (H×W×C) correlated with the 2-D ``kernel`` (odd sides, summing to 1), per channel.
+
+    Summed as ``x + Σ k·(neighbour − x)``: a flat region keeps its exact value, as with the
+    CIFAR-10-C generator's float32 disk kernels (which sum to just over 1); ``Σ k·neighbour``
+    lands a rounding error below it, which the 8-bit truncation turns into one grey level less.
+    """
     rh, rw = kernel.shape[0] // 2, kernel.shape[1] // 2
     padded = np.pad(x, [(rh, rh), (rw, rw)] + [(0, 0)] * (x.ndim - 2), mode=mode)  # type: ignore[call-overload]
     h, w = x.shape[:2]
-    out = np.zeros_like(x, dtype=np.float64)
+    out = np.array(x, dtype=np.float64)
     for i, j in zip(*np.nonzero(kernel), strict=True):
-        out += kernel[i, j] * padded[i : i + h, j : j + w]
+        out += kernel[i, j] * (padded[i : i + h, j : j + w] - x)
     return out
 
 
@@ -77,28 +85,41 @@ def disk_kernel(radius: float, alias_sigma: float) -> np.ndarray:
     return filter_separable(disk, smooth, mode="constant")
 
 
-def _mirror(t: np.ndarray, n: int) -> np.ndarray:
-    """Coordinates folded into ``[0, n − 1]`` by mirroring about the border pixels."""
+def _fold(index: np.ndarray, n: int, mode: str) -> np.ndarray:
+    """Integer pixel indices outside ``0 … n − 1`` folded back into it: ``"reflect"`` mirrors
+    about the border pixels (OpenCV's BORDER_REFLECT_101, SciPy's ``mirror``), ``"symmetric"``
+    about the image edges, repeating the border pixel (SciPy's ``reflect``)."""
     if n == 1:
-        return np.zeros_like(t)
-    period = 2 * (n - 1)
-    t = np.abs(np.mod(t, period))
-    return np.where(t > n - 1, period - t, t)
+        return np.zeros_like(index)
+    if mode == "reflect":
+        period = 2 * (n - 1)
+        index = np.mod(index, period)
+        return np.where(index > n - 1, period - index, index)
+    if mode == "symmetric":
+        period = 2 * n
+        index = np.mod(index, period)
+        return np.where(index > n - 1, period - 1 - index, index)
+    raise ValueError(f"unknown border mode {mode!r}: use 'reflect' or 'symmetric'")
 
 
-def bilinear_sample(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def bilinear_sample(
+    x: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode: str = "reflect"
+) -> np.ndarray:
     """``x`` (H×W×C) read at fractional ``rows``/``cols`` (any equal shape) by bilinear
-    interpolation; coordinates outside the image are mirrored back into it."""
+    interpolation between the four nearest pixels, those outside the image taken from its
+    extension by ``mode`` (see :func:`_fold`). Written ``a + (b − a)·t``: equal neighbours give
+    their exact value."""
     h, w = x.shape[:2]
-    r = _mirror(np.asarray(rows, dtype=np.float64), h)
-    c = _mirror(np.asarray(cols, dtype=np.float64), w)
-    r0 = np.minimum(np.floor(r).astype(int), h - 1)
-    c0 = np.minimum(np.floor(c).astype(int), w - 1)
-    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
-    fr, fc = (r - r0)[..., None], (c - c0)[..., None]
-    top = x[r0, c0] * (1 - fc) + x[r0, c1] * fc
-    bottom = x[r1, c0] * (1 - fc) + x[r1, c1] * fc
-    return top * (1 - fr) + bottom * fr  # type: ignore[no-any-return]
+    r = np.asarray(rows, dtype=np.float64)
+    c = np.asarray(cols, dtype=np.float64)
+    r_floor, c_floor = np.floor(r), np.floor(c)
+    fr, fc = (r - r_floor)[..., None], (c - c_floor)[..., None]
+    r0, c0 = r_floor.astype(int), c_floor.astype(int)
+    r1, c1 = _fold(r0 + 1, h, mode), _fold(c0 + 1, w, mode)
+    r0, c0 = _fold(r0, h, mode), _fold(c0, w, mode)
+    top = x[r0, c0] + (x[r0, c1] - x[r0, c0]) * fc
+    bottom = x[r1, c0] + (x[r1, c1] - x[r1, c0]) * fc
+    return top + (bottom - top) * fr  # type: ignore[no-any-return]
 
 
 def clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
@@ -135,20 +156,26 @@ def motion_blur(x: np.ndarray, radius: int, sigma: float, angle: float) -> np.nd
 
 def plasma_fractal(size: int, decay: float, rng: np.random.Generator) -> np.ndarray:
     """A ``size``×``size`` (a power of two) diamond-square height map on a torus, scaled to
-    [0, 1]: random offsets start at ±100 and are divided by ``decay`` at every level."""
+    [0, 1], as Hendrycks & Dietterich's (2019) CIFAR-10-C / ImageNet-C generator makes it: each
+    new point is the mean of its four neighbours plus ``w · U(−w, w)``, where ``w`` starts at
+    100 and is divided by ``decay`` after every level (so the offsets shrink by ``decay²``)."""
     grid = np.zeros((size, size))
     step, wibble = size, 100.0
+
+    def offsets(shape: tuple[int, ...]) -> np.ndarray:
+        return wibble * rng.uniform(-wibble, wibble, shape)  # type: ignore[no-any-return]
+
     while step >= 2:
         half = step // 2
         corners = grid[::step, ::step]
         below, right = np.roll(corners, -1, 0), np.roll(corners, -1, 1)
         centres = (corners + below + right + np.roll(below, -1, 1)) / 4
-        grid[half::step, half::step] = centres + rng.uniform(-wibble, wibble, centres.shape)
+        grid[half::step, half::step] = centres + offsets(centres.shape)
         centres = grid[half::step, half::step]
         top_edge = (corners + right + centres + np.roll(centres, 1, 0)) / 4
         left_edge = (corners + below + centres + np.roll(centres, 1, 1)) / 4
-        grid[::step, half::step] = top_edge + rng.uniform(-wibble, wibble, top_edge.shape)
-        grid[half::step, ::step] = left_edge + rng.uniform(-wibble, wibble, left_edge.shape)
+        grid[::step, half::step] = top_edge + offsets(top_edge.shape)
+        grid[half::step, ::step] = left_edge + offsets(left_edge.shape)
         step, wibble = half, wibble / decay
     grid -= grid.min()
     return grid / grid.max()
