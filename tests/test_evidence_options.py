@@ -304,3 +304,27 @@ def test_l_alfa_projects_onto_the_papers_written_set() -> None:
         method.eta.copy_(torch.tensor([1.5, -0.1]))
     method.project_strengths_()
     torch.testing.assert_close(method.eta.detach(), torch.tensor([1.3, -0.3]))
+
+
+@pytest.mark.parametrize(("name", "n_adv"), [("afan", 3), ("alfa", 1)])
+def test_the_convex_combination_is_the_sum_at_a_scaled_learning_rate(
+    tiny_bn_cnn: nn.Module, name: str, n_adv: int
+) -> None:
+    """With SGD (momentum, coupled weight decay), (L_clean + λΣL_adv)/(1 + λn) at (lr, wd) takes
+    the same steps as the sum at (lr/(1 + λn), wd·(1 + λn)): the two readings differ only by the
+    learning rate, which is why docs/results.md compares them at matched rates."""
+    scale = 1.0 + n_adv
+    runs = {}
+    for weighting, lr, wd in (("mean", 0.1, 5e-4), ("sum", 0.1 / scale, 5e-4 * scale)):
+        model = copy.deepcopy(tiny_bn_cnn).train()
+        method = build_method(name, site="block2", loss_weighting=weighting, alpha=ALPHA)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+        torch.manual_seed(0)  # the same random strengths in both runs
+        for step in range(3):
+            x, y = batch(seed=step)
+            opt.zero_grad()
+            method(model, x, y).loss.backward()
+            opt.step()
+        runs[weighting] = model.state_dict()
+    for key, value in runs["mean"].items():
+        torch.testing.assert_close(runs["sum"][key], value, rtol=1e-4, atol=1e-6)
