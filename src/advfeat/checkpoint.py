@@ -8,14 +8,19 @@ format (no digest) still load, unverified.
 
 Files are written through a temporary file in the same folder, ``fsync``-ed and renamed; they get
 the permissions of a newly created file (``0666`` less the umask), not ``mkstemp``'s ``0600``.
+A write that runs out of space removes its temporary file and raises
+:class:`~advfeat.errors.DiskFull` naming the file and the space left; the file it was to replace
+is unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable
@@ -25,7 +30,7 @@ from typing import IO, Any
 
 import torch
 
-from advfeat.errors import AdvfeatError
+from advfeat.errors import AdvfeatError, DiskFull
 
 __all__ = [
     "FORMAT",
@@ -65,6 +70,27 @@ def _umask() -> int:
 
 
 def _atomic_replace(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    try:
+        _write_and_rename(path, write)
+    except Exception as err:
+        code = _no_space(err)
+        if code is not None:
+            raise _disk_full(path, code) from err
+        raise
+    try:  # make the rename itself durable (best effort: not every system can fsync a folder)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _write_and_rename(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write a temporary file beside ``path`` and rename it to ``path`` (removed on failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
@@ -77,16 +103,49 @@ def _atomic_replace(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable (best effort: not every system can fsync a folder)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space(err: BaseException) -> int | None:
+    """``ENOSPC`` / ``EDQUOT`` when ``err`` or an error it arose from ran out of space (a full
+    disk reaches ``torch.save``'s caller as a ``RuntimeError`` raised while handling it)."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain:
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            return int(cause.errno)
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _disk_full(path: Path, code: int) -> DiskFull:
+    """The error of a write of ``path`` that ran out of space (``code``: ``ENOSPC`` or
+    ``EDQUOT``), said once its temporary file is removed."""
     try:
-        os.fsync(dir_fd)
+        free = _bytes(shutil.disk_usage(path.parent).free)
     except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+        free = "unknown space"
+    what = "no space left on the device" if code == errno.ENOSPC else "over the disk quota"
+    kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+    return DiskFull(
+        str(path),
+        f"{what} to write {str(path)!r} ({free} free there); {kept}: free some space, then run "
+        "the command again (a training run continues with --resume)",
+        code,
+    )
+
+
+def _bytes(n: int) -> str:
+    """``n`` bytes for a reader: ``512 B``, ``3.2 MB``, ``1.5 GB``."""
+    size, unit = float(n), "B"
+    for larger in ("kB", "MB", "GB", "TB"):
+        if size < 1000:
+            break
+        size, unit = size / 1000, larger
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:

@@ -2,7 +2,9 @@
 
 User mistakes print one line (``advfeat: error: ...``) and exit with status 2; a diverged run
 exits with status 3 and keeps its last good checkpoint; a run stopped by SIGTERM / SIGUSR1
-(preemption) writes a checkpoint mid-epoch and exits with status 75 (resume it with --resume).
+(preemption) writes a checkpoint mid-epoch and exits with status 75 (resume it with --resume); a
+write that finds the disk full prints one line (the file, the space left) and exits with status
+74, the file it was to replace unchanged.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from advfeat.errors import AdvfeatError
+from advfeat.errors import AdvfeatError, DiskFull
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DISK_FULL_EXIT", "build_parser", "main"]
+
+DISK_FULL_EXIT = 74
+"""Exit status when a file could not be written for want of space (``EX_IOERR``)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AdvfeatError as err:
         print(f"advfeat: error: {err}", file=sys.stderr)
         return 2
+    except DiskFull as err:
+        print(f"advfeat: error: {err}", file=sys.stderr)
+        return DISK_FULL_EXIT
     except KeyboardInterrupt:
         print(
             "advfeat: interrupted; the last finished epoch's checkpoint is kept (use --resume)",

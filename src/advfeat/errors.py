@@ -8,13 +8,26 @@ status 2; library users catch it like any ``ValueError``.
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
-__all__ = ["AdvfeatError", "close_matches", "unknown_name"]
+__all__ = ["AdvfeatError", "DiskFull", "close_matches", "unknown_name"]
 
 
 class AdvfeatError(ValueError):
     """A user error: the message says what was wrong and what would be right."""
+
+
+class DiskFull(OSError):
+    """A file could not be written for want of space (``ENOSPC``, or ``EDQUOT``: over quota);
+    the file it was to replace is unchanged. The command line prints the message on one line and
+    exits with status 74 (``EX_IOERR``)."""
+
+    def __init__(self, path: str, message: str, code: int = errno.ENOSPC) -> None:
+        super().__init__(code, message, path)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def close_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:

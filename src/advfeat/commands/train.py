@@ -18,6 +18,7 @@ from advfeat.commands.protocol import (
     protocol_keys,
 )
 from advfeat.presets import load_preset
+from advfeat.train.build import check_config
 from advfeat.train.config import TrainConfig, load_yaml, parse_override
 
 __all__ = ["DEFAULT_METHODS", "DEFAULT_SEEDS", "add_parser", "run"]
@@ -84,9 +85,12 @@ def run(args: argparse.Namespace) -> int:
         for cfg, _, _ in runs:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    for cfg, out, _ in runs:  # what each run checks at its start, before any run starts
+        if not _finished(args, out):
+            check_config(cfg)
     results = []
     for cfg, out, resume in runs:
-        if args.auto_resume and (out / "metrics.json").is_file():
+        if _finished(args, out):
             print(f"advfeat: {out} holds a finished run; nothing to do", file=sys.stderr)
             results.append((out, json.loads((out / "metrics.json").read_text())))
             continue
@@ -115,6 +119,11 @@ def _default_comparison(args: argparse.Namespace) -> int:
     for key in protocol_keys():  # the protocol flags given to `advfeat train`
         setattr(ns, key, getattr(args, key))
     return compare.run(ns)
+
+
+def _finished(args: argparse.Namespace, out: Path) -> bool:
+    """``--auto-resume`` of a run folder whose run has finished: nothing to train."""
+    return bool(args.auto_resume) and (out / "metrics.json").is_file()
 
 
 def _out_dir(args: argparse.Namespace, cfg: TrainConfig, n_runs: int) -> Path:

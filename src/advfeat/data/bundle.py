@@ -24,6 +24,7 @@ from advfeat.registry import Registry
 
 __all__ = [
     "DATASETS",
+    "DATASET_CHECKS",
     "ArrayDataset",
     "BoxTargets",
     "DatasetBundle",
@@ -33,6 +34,7 @@ __all__ = [
     "Task",
     "build_dataset",
     "channel_stats",
+    "check_dataset",
     "check_positive_int",
     "detection_collate",
     "split_indices",
@@ -68,6 +70,12 @@ DatasetFactory = Callable[..., DatasetBundle]
 DATASETS: Registry[DatasetFactory] = Registry("dataset")
 """Dataset factories by name; :func:`build_dataset` calls them."""
 
+DatasetCheck = Callable[..., None]
+DATASET_CHECKS: Registry[DatasetCheck] = Registry("dataset check")
+"""What a dataset's factory refuses before it reads or generates any data, by dataset name:
+called with every argument of the factory (its defaults filled in), it raises
+:class:`AdvfeatError` where the factory would (:func:`check_dataset` calls it)."""
+
 _COMMON_ARGS = ("root", "seed", "val_fraction", "augment", "download")
 
 
@@ -90,6 +98,33 @@ def build_dataset(
     (e.g. ``n_train``, ``image_size``, ``max_per_class``); unknown ones raise
     :class:`AdvfeatError` listing the accepted ones.
     """
+    check_dataset(
+        name, root, seed=seed, val_fraction=val_fraction, augment=augment, download=download, **kw
+    )
+    return DATASETS.get(name)(
+        root,
+        seed=int(seed),
+        val_fraction=float(val_fraction),
+        augment=bool(augment),
+        download=bool(download),
+        **kw,
+    )
+
+
+def check_dataset(
+    name: str,
+    root: str | Path | None = None,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.0,
+    augment: bool = True,
+    download: bool = False,
+    **kw: Any,
+) -> None:
+    """Raise :class:`AdvfeatError` where :func:`build_dataset` with the same arguments would
+    before it reads, downloads or generates data: the name, the options' names, ``seed``,
+    ``val_fraction`` and the dataset's own check (:data:`DATASET_CHECKS`: its option values and,
+    for real data, whether the files are where ``root`` says)."""
     factory = DATASETS.get(name)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise AdvfeatError(f"seed must be an integer, got {seed!r}")
@@ -103,14 +138,12 @@ def build_dataset(
             f"got {val_fraction!r}"
         )
     _check_options(name, factory, kw)
-    return factory(
-        root,
-        seed=int(seed),
-        val_fraction=float(val_fraction),
-        augment=bool(augment),
-        download=bool(download),
-        **kw,
-    )
+    if name in DATASET_CHECKS:
+        arguments = inspect.signature(factory).bind(
+            root, seed=seed, val_fraction=val_fraction, augment=augment, download=download, **kw
+        )
+        arguments.apply_defaults()
+        DATASET_CHECKS.get(name)(**arguments.arguments)
 
 
 def _check_options(name: str, factory: DatasetFactory, kw: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
-from advfeat.data.bundle import DATASETS, DatasetBundle, Task, split_indices
+from advfeat.data.bundle import DATASET_CHECKS, DATASETS, DatasetBundle, Task, split_indices
 from advfeat.data.transforms import IMAGENET_MEAN, IMAGENET_STD, HorizontalFlip
 from advfeat.errors import AdvfeatError
 
@@ -327,6 +327,12 @@ def _require_voc(path: Path, year: str, download: bool) -> None:
         )
 
 
+@DATASET_CHECKS.register("voc-det")
+@DATASET_CHECKS.register("voc-seg")
+def _check_voc(*, root: str | Path | None, year: str, download: bool, **_: Any) -> None:
+    _require_voc(_data_root(root, "voc"), str(year), download)
+
+
 @DATASETS.register("voc-det")
 def voc_det(
     root: str | Path | None = None,
@@ -369,26 +375,10 @@ def voc_det(
     )  # fmt: skip
 
 
-@DATASETS.register("coco")
-def coco(
-    root: str | Path | None = None,
-    *,
-    seed: int = 0,
-    val_fraction: float = 0.0,
-    augment: bool = True,
-    download: bool = False,
-    year: str = "2017",
-    image_size: int = 800,
-) -> DatasetBundle:
-    """COCO detection (81 classes with background; A-FAN §5: train2017 → val2017).
-
-    Expects ``root/train2017``, ``root/val2017`` and ``root/annotations/instances_*.json``
-    (https://cocodataset.org/#download; torchvision cannot download COCO) and pycocotools
-    (``pip install "advfeat[detection]"``). The detector resizes the shorter side to
-    ``image_size`` (800, torchvision's default).
-    """
+def _coco_root(root: str | Path | None, year: str, download: bool) -> Path:
+    """The COCO folder, refused unless it holds the images and annotations of ``year`` and
+    pycocotools is installed (COCO cannot be downloaded)."""
     path = _data_root(root, "coco")
-    year = str(year)
     need = [
         path / f"train{year}",
         path / f"val{year}",
@@ -409,6 +399,34 @@ def coco(
         import pycocotools  # noqa: F401
     except ImportError:
         raise AdvfeatError('COCO needs pycocotools: pip install "advfeat[detection]"') from None
+    return path
+
+
+@DATASET_CHECKS.register("coco")
+def _check_coco(*, root: str | Path | None, year: str, download: bool, **_: Any) -> None:
+    _coco_root(root, str(year), download)
+
+
+@DATASETS.register("coco")
+def coco(
+    root: str | Path | None = None,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.0,
+    augment: bool = True,
+    download: bool = False,
+    year: str = "2017",
+    image_size: int = 800,
+) -> DatasetBundle:
+    """COCO detection (81 classes with background; A-FAN §5: train2017 → val2017).
+
+    Expects ``root/train2017``, ``root/val2017`` and ``root/annotations/instances_*.json``
+    (https://cocodataset.org/#download; torchvision cannot download COCO) and pycocotools
+    (``pip install "advfeat[detection]"``). The detector resizes the shorter side to
+    ``image_size`` (800, torchvision's default).
+    """
+    year = str(year)
+    path = _coco_root(root, year, download)
 
     def make(split: str) -> Callable[[PairTransform | None], Dataset]:
         return lambda t: CocoDetection(
@@ -473,6 +491,26 @@ def voc_seg(
     )  # fmt: skip
 
 
+def _cityscapes_root(root: str | Path | None, download: bool) -> Path:
+    """The Cityscapes folder, refused unless it holds ``leftImg8bit`` and ``gtFine`` (Cityscapes
+    cannot be downloaded)."""
+    path = _data_root(root, "cityscapes")
+    missing = [str(path / d) for d in ("leftImg8bit", "gtFine") if not (path / d).is_dir()]
+    if missing or download:
+        found = f"missing {', '.join(missing)}" if missing else "torchvision cannot download it"
+        raise AdvfeatError(
+            f"Cityscapes not found under {str(path)!r} ({found}). Download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
+            f"https://www.cityscapes-dataset.com (free account), unzip them into that folder and "
+            f"point --data-dir at it"
+        )
+    return path
+
+
+@DATASET_CHECKS.register("cityscapes")
+def _check_cityscapes(*, root: str | Path | None, download: bool, **_: Any) -> None:
+    _cityscapes_root(root, download)
+
+
 @DATASETS.register("cityscapes")
 def cityscapes(
     root: str | Path | None = None,
@@ -489,15 +527,7 @@ def cityscapes(
     gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com, which needs an account;
     torchvision cannot download it). Training: random scale 0.5-2, ``crop_size`` crops, flips.
     """
-    path = _data_root(root, "cityscapes")
-    missing = [str(path / d) for d in ("leftImg8bit", "gtFine") if not (path / d).is_dir()]
-    if missing or download:
-        found = f"missing {', '.join(missing)}" if missing else "torchvision cannot download it"
-        raise AdvfeatError(
-            f"Cityscapes not found under {str(path)!r} ({found}). Download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
-            f"https://www.cityscapes-dataset.com (free account), unzip them into that folder and "
-            f"point --data-dir at it"
-        )
+    path = _cityscapes_root(root, download)
 
     def make(split: str) -> Callable[[PairTransform | None], Dataset]:
         return lambda t: CityscapesSegmentation(path, split=split, transform=t)

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from advfeat.checkpoint import atomic_write_bytes
 from advfeat.data.bundle import (
+    DATASET_CHECKS,
     DATASETS,
     ArrayDataset,
     DatasetBundle,
@@ -144,15 +145,12 @@ def _hwc(data: Any) -> Tensor:
 # ----------------------------------------------------------------------------- torchvision
 
 
-def _cifar(
-    version: int,
-    root: str | Path | None,
-    download: bool,
-) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], list[str]]:
+def _cifar_root(version: int, root: str | Path | None, download: bool) -> Path:
+    """The folder torchvision reads CIFAR-``version`` from (it holds the extracted folder);
+    refused when the data is not there and not to be downloaded."""
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    cls = CIFAR10 if version == 10 else CIFAR100
-    folder = cls.base_folder
+    folder = (CIFAR10 if version == 10 else CIFAR100).base_folder
     path = _resolve_root(root, f"cifar{version}")
     if path.name == folder:  # the user pointed at the extracted folder itself
         path = path.parent
@@ -163,6 +161,18 @@ def _cifar(
             f"contains {folder!r}, or pass download=True (--set dataset_options.download=true) "
             f"to fetch it."
         )
+    return path
+
+
+def _cifar(
+    version: int,
+    root: str | Path | None,
+    download: bool,
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], list[str]]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if version == 10 else CIFAR100
+    path = _cifar_root(version, root, download)
     try:
         train = cls(str(path), train=True, download=download)
         test = cls(str(path), train=False, download=download)
@@ -175,6 +185,14 @@ def _cifar(
         (_hwc(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64)) for ds in (train, test)
     )
     return pairs[0], pairs[1], list(train.classes)
+
+
+@DATASET_CHECKS.register("cifar10")
+def _check_cifar10(
+    *, root: str | Path | None, download: bool, max_per_class: int | None, **_: Any
+) -> None:
+    _check_limit(max_per_class)
+    _cifar_root(10, root, download)
 
 
 @DATASETS.register("cifar10")
@@ -207,6 +225,14 @@ def cifar10(
     )
 
 
+@DATASET_CHECKS.register("cifar100")
+def _check_cifar100(
+    *, root: str | Path | None, download: bool, max_per_class: int | None, **_: Any
+) -> None:
+    _check_limit(max_per_class)
+    _cifar_root(100, root, download)
+
+
 @DATASETS.register("cifar100")
 def cifar100(
     root: str | Path | None = None,
@@ -237,6 +263,27 @@ def cifar100(
     )
 
 
+def _svhn_root(root: str | Path | None, download: bool) -> Path:
+    """The folder holding SVHN's ``.mat`` files; refused when they are not there and not to be
+    downloaded."""
+    path = _resolve_root(root, "svhn")
+    files = [path / "train_32x32.mat", path / "test_32x32.mat"]
+    if not download and not all(f.is_file() for f in files):
+        raise AdvfeatError(
+            f"SVHN not found: expected {str(files[0])!r} and {str(files[1])!r}. Point root / "
+            f"--data-dir at the folder holding them, or pass download=True to fetch them."
+        )
+    return path
+
+
+@DATASET_CHECKS.register("svhn")
+def _check_svhn(
+    *, root: str | Path | None, download: bool, max_per_class: int | None, **_: Any
+) -> None:
+    _check_limit(max_per_class)
+    _svhn_root(root, download)
+
+
 @DATASETS.register("svhn")
 def svhn(
     root: str | Path | None = None,
@@ -253,13 +300,7 @@ def svhn(
     from torchvision.datasets import SVHN
 
     _check_limit(max_per_class)
-    path = _resolve_root(root, "svhn")
-    files = [path / "train_32x32.mat", path / "test_32x32.mat"]
-    if not download and not all(f.is_file() for f in files):
-        raise AdvfeatError(
-            f"SVHN not found: expected {str(files[0])!r} and {str(files[1])!r}. Point root / "
-            f"--data-dir at the folder holding them, or pass download=True to fetch them."
-        )
+    path = _svhn_root(root, download)
     try:
         sets = [SVHN(str(path), split=s, download=download) for s in ("train", "test")]
     except ImportError as err:
@@ -319,6 +360,25 @@ def _scan_folder(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return list(scanned.samples), list(scanned.classes)
 
 
+def _imagefolder_root(root: str | Path | None) -> Path:
+    """``root``, refused unless it has the ``train/`` and ``val/`` folders of the layout."""
+    path = Path(root).expanduser() if root is not None else None
+    layout = "root/train/<class>/<image> and root/val/<class>/<image> (the ImageNet layout)"
+    if path is None or not (path / "train").is_dir() or not (path / "val").is_dir():
+        where = "no root was given" if path is None else f"{str(path)!r} lacks train/ or val/"
+        raise AdvfeatError(f"imagefolder needs {layout}; {where}")
+    return path
+
+
+@DATASET_CHECKS.register("imagefolder")
+def _check_imagefolder(
+    *, root: str | Path | None, image_size: int, max_per_class: int | None, **_: Any
+) -> None:
+    check_positive_int("image_size", image_size)
+    _check_limit(max_per_class)
+    _imagefolder_root(root)
+
+
 @DATASETS.register("imagefolder")
 def imagefolder(
     root: str | Path | None = None,
@@ -340,11 +400,7 @@ def imagefolder(
 
     image_size = check_positive_int("image_size", image_size)
     _check_limit(max_per_class)
-    path = Path(root).expanduser() if root is not None else None
-    layout = "root/train/<class>/<image> and root/val/<class>/<image> (the ImageNet layout)"
-    if path is None or not (path / "train").is_dir() or not (path / "val").is_dir():
-        where = "no root was given" if path is None else f"{str(path)!r} lacks train/ or val/"
-        raise AdvfeatError(f"imagefolder needs {layout}; {where}")
+    path = _imagefolder_root(root)
     train_samples, classes = _scan_folder(path / "train")
     test_samples, test_classes = _scan_folder(path / "val")
     if test_classes != classes:
@@ -562,6 +618,12 @@ def _try_cache(files: Sequence[Path], images: np.ndarray, labels: np.ndarray) ->
             f"could not cache the decoded cifar10-jpeg in {str(files[0].parent)!r}: {err}",
             stacklevel=3,
         )
+
+
+@DATASET_CHECKS.register("cifar10-jpeg")
+def _check_cifar10_jpeg(*, root: str | Path | None, max_per_class: int | None, **_: Any) -> None:
+    _check_limit(max_per_class)
+    _locate_zip(root)
 
 
 @DATASETS.register("cifar10-jpeg")

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from advfeat.data.bundle import (
+    DATASET_CHECKS,
     DATASETS,
     ArrayDataset,
     BoxTargets,
@@ -63,6 +64,7 @@ __all__ = [
     "build_shapes",
     "render_scenes",
     "sample_scenes",
+    "shape_sizes",
 ]
 
 SHAPE_NAMES = ("circle", "square", "triangle", "ring", "cross", "star", "crescent", "heart")
@@ -423,6 +425,19 @@ def _targets(task: Task, scenes: Scenes, instances: torch.Tensor, ignore_boundar
     return MaskTargets(masks)
 
 
+def shape_sizes(
+    n_train: Any, n_test: Any, image_size: Any, max_objects: Any = 1
+) -> tuple[int, int, int, int]:
+    """``(n_train, n_test, image_size, max_objects)`` checked (each image holds a grid of
+    ``max_objects`` cells of at least 8 pixels) and made ``int``."""
+    n_train = check_positive_int("n_train", n_train)
+    n_test = check_positive_int("n_test", n_test)
+    max_objects = check_positive_int("max_objects", max_objects)
+    grid = math.ceil(math.sqrt(max_objects))
+    image_size = check_positive_int("image_size", image_size, minimum=8 * grid)
+    return n_train, n_test, image_size, max_objects
+
+
 def build_shapes(
     task: Task,
     *,
@@ -436,11 +451,7 @@ def build_shapes(
     ignore_boundary: bool = False,
 ) -> DatasetBundle:
     """Generate the ``shapes`` data for ``task`` (see the module docstring)."""
-    n_train = check_positive_int("n_train", n_train)
-    n_test = check_positive_int("n_test", n_test)
-    max_objects = check_positive_int("max_objects", max_objects)
-    grid = math.ceil(math.sqrt(max_objects))
-    image_size = check_positive_int("image_size", image_size, minimum=8 * grid)
+    n_train, n_test, image_size, max_objects = shape_sizes(n_train, n_test, image_size, max_objects)
     made = {}
     for split, n in (("train", n_train), ("test", n_test)):
         scenes = sample_scenes(n, _rng(seed, split), image_size=image_size, max_objects=max_objects)
@@ -555,3 +566,12 @@ def shapes_seg(
         max_objects=max_objects,
         ignore_boundary=bool(ignore_boundary),
     )
+
+
+@DATASET_CHECKS.register("shapes")
+@DATASET_CHECKS.register("shapes-det")
+@DATASET_CHECKS.register("shapes-seg")
+def _check_shapes(
+    *, n_train: Any, n_test: Any, image_size: Any, max_objects: Any = 1, **_: Any
+) -> None:
+    shape_sizes(n_train, n_test, image_size, max_objects)

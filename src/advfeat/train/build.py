@@ -14,7 +14,8 @@ from typing import Any
 from torch import nn
 
 from advfeat.checkpoint import read_initial_weights
-from advfeat.data import DATASETS, DatasetBundle, build_dataset
+from advfeat.data import DatasetBundle, build_dataset
+from advfeat.data.bundle import check_dataset
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods import Method, PrepareContext
 from advfeat.methods.dense import build_task_method, task_methods
@@ -57,24 +58,46 @@ class RunParts:
     its task as ``method.task``."""
 
 
+_RUN_KEYS = {
+    "root": "data_dir",
+    "seed": "seed",
+    "val_fraction": "val_fraction",
+    "augment": "augment",
+}
+"""Dataset arguments that the run's own config keys give (argument → config key)."""
+
+
 def build_data(cfg: TrainConfig, **extra: Any) -> DatasetBundle:
-    return build_dataset(
-        cfg.dataset,
-        cfg.data_dir,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        augment=cfg.augment,
-        **{**cfg.dataset_options, **extra},
-    )
+    return build_dataset(cfg.dataset, cfg.data_dir, **_dataset_arguments(cfg, extra))
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Check what can be checked without loading data: the values, the names of dataset, model
-    and method, and the method's options (``advfeat compare`` checks every arm this way before
-    it starts a run)."""
+def _dataset_arguments(cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of the run's dataset: its seed, validation split, augmentation and
+    ``dataset_options`` (refused where an option repeats one of the run's own keys)."""
+    options = {**cfg.dataset_options, **extra}
+    for argument, key in _RUN_KEYS.items():
+        if argument in options:
+            raise AdvfeatError(
+                f"dataset_options.{argument} repeats the config key {key!r}: set {key} instead "
+                f"(e.g. --set {key}=...)"
+            )
+    return dict(seed=cfg.seed, val_fraction=cfg.val_fraction, augment=cfg.augment, **options)
+
+
+def check_config(cfg: TrainConfig, *, check_device: bool = True) -> None:
+    """Check everything a run checks when it starts, without reading data or training: the
+    values, the device (unless ``check_device`` is false), the dataset's name and options (and,
+    for real data, where its files are), the model's and the method's names and options.
+
+    ``advfeat train`` checks its run and ``advfeat compare`` every run of every arm this way
+    before the first one starts.
+    """
+    from advfeat.train.trainer import resolve_device  # the trainer imports this module
+
     cfg.validate()
-    if cfg.dataset not in DATASETS:
-        raise unknown_name("dataset", cfg.dataset, DATASETS.names())
+    if check_device:
+        resolve_device(cfg.device)
+    check_dataset(cfg.dataset, cfg.data_dir, **_dataset_arguments(cfg, {}))
     if cfg.model in DETECTORS or cfg.model in SEGMENTERS:
         task: Task = DetectionTask(2) if cfg.model in DETECTORS else SegmentationTask(2)
         build_task_method(cfg.method, task, **cfg.method_options)
