@@ -3,8 +3,9 @@
 An *arm* is a label and the config keys that distinguish it (``method=afan``,
 ``method_options.loss_weighting=mean``); every arm shares the *protocol* (dataset, model,
 schedule, epochs: everything else). Each (arm, seed) is an ordinary run folder trained by
-``advfeat train`` in its own process, so a comparison can be killed and started again (finished
-runs are kept, interrupted ones resumed) and any run can be inspected or re-evaluated alone.
+``advfeat train`` in its own process or SLURM job (:mod:`advfeat.launchers`), so a comparison can
+be killed and started again (finished runs are kept, interrupted ones resumed) and any run can be
+inspected or re-evaluated alone.
 
 :func:`collect` reads the run folders, :func:`aggregate` gives per arm the mean ± standard
 deviation of every metric and the difference to the baseline arm paired by seed with its 95 %
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 import yaml
 
 from advfeat.errors import AdvfeatError
+from advfeat.launchers import Launcher, ProcessLauncher, run_environment
 from advfeat.stats import paired_difference, summarize
 from advfeat.train.config import TrainConfig
 
@@ -153,16 +153,21 @@ def run_all(
     *,
     jobs: int,
     threads: int,
+    launcher: Launcher | None = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> list[RunResult]:
-    """Train every unfinished run, ``jobs`` processes at a time with ``threads`` threads each."""
+    """Train every unfinished run, ``jobs`` at a time with ``threads`` threads each, through
+    ``launcher`` (default: a process each on this machine; runs that share it share its GPU's
+    memory)."""
+    launcher = launcher or ProcessLauncher()
     for run in runs:
         run.check_folder()
     for run in runs:
         run.config_file.parent.mkdir(parents=True, exist_ok=True)
         run.config_file.write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False))
     todo = [r for r in runs if not r.finished]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    sharing = min(jobs, len(todo)) if launcher.shares_machine else 1
+    env = run_environment(threads, sharing)
     done = len(runs) - len(todo)
     if done:
         log(f"advfeat compare: {done} of {len(runs)} runs already finished")
@@ -172,15 +177,20 @@ def run_all(
         how = "resuming" if run.interrupted else "training"
         log(f"advfeat compare: {how} {run.arm} seed {run.seed} → {run.folder}")
         run.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with run.log_file.open("a") as out:
-            code = subprocess.call(run.command(), stdout=out, stderr=subprocess.STDOUT, env=env)
+        code = launcher.train(run.command(), run.log_file, env, f"{run.arm}-s{run.seed}")
         seconds = time.time() - start
         state = "done" if code == 0 else f"FAILED (exit {code}, log: {run.log_file})"
         log(f"advfeat compare: {run.arm} seed {run.seed} {state} in {seconds:.0f} s")
         return RunResult(run.arm, run.seed, run.folder, code, seconds)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         return list(pool.map(one, todo))
+    except KeyboardInterrupt:
+        launcher.cancel()  # no run starts after Ctrl-C, and submitted jobs are cancelled
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

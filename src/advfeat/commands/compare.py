@@ -12,6 +12,7 @@ from advfeat.checkpoint import atomic_write_json, atomic_write_text
 from advfeat.commands.protocol import add_protocol_arguments, config_from_args
 from advfeat.compare import Arm, PlannedRun, aggregate, collect, markdown, parse_arm, plot, run_all
 from advfeat.errors import AdvfeatError
+from advfeat.launchers import LAUNCHERS, make_launcher
 from advfeat.train.build import check_config
 
 __all__ = ["add_parser", "parse", "plan", "run"]
@@ -65,6 +66,23 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--jobs", type=int, help="runs trained at once (default: CPU cores // --threads)"
     )
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1)")
+    p.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="process",
+        help="process: runs on this machine (default; --jobs > 1 share its GPU's memory); slurm: "
+        "one SLURM job per run through submitit, requeued at its time limit or on preemption; "
+        "submitit-local: those jobs on this machine",
+    )
+    p.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the SLURM jobs (submitit's SlurmExecutor), e.g. --slurm time=240 "
+        "(minutes, required) --slurm partition=gpu --slurm gpus_per_task=1 --slurm mem=32G; "
+        "cpus_per_task defaults to --threads",
+    )
     p.add_argument(
         "--runs-from",
         action="append",
@@ -128,9 +146,11 @@ def plan(args: argparse.Namespace) -> tuple[list[Arm], list[PlannedRun]]:
     out = Path(args.out)
     sources = [_runs_folder(Path(d)) for d in args.runs_from]
     runs = []
-    for arm in arms:  # names and options of every run, before any run starts
+    trains_here = not args.report_only and getattr(args, "launcher", "process") != "slurm"
+    for arm in arms:  # what every run checks at its start, before any run starts
         for seed in args.seeds:
-            check_config(config_from_args(args, extra={**arm.for_seed(seed), "seed": seed}))
+            cfg = config_from_args(args, extra={**arm.for_seed(seed), "seed": seed})
+            check_config(cfg, check_device=trains_here)  # SLURM jobs have their own devices
     for seed in args.seeds:
         for arm in arms:
             extra = {**arm.for_seed(seed), "seed": seed, "progress": False}
@@ -168,8 +188,11 @@ def run(args: argparse.Namespace) -> int:
         for r in runs:
             r.check_folder()
     else:
+        launcher = make_launcher(args.launcher, args.slurm, out / "submitit", threads=args.threads)
         jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
-        results = run_all(runs, jobs=jobs, threads=args.threads)
+        if args.launcher == "slurm":
+            jobs = args.jobs or len(runs)  # the scheduler decides
+        results = run_all(runs, jobs=jobs, threads=args.threads, launcher=launcher)
         failed = [r for r in results if r.returncode != 0]
     summary = aggregate(collect(runs), labels, baseline)
     summary["protocol"] = {

@@ -1,13 +1,20 @@
-"""Process-wide run settings: deterministic algorithms and SyncBN under DDP."""
+"""Process-wide run settings: deterministic algorithms, SyncBN under DDP, a CUDA memory cap."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from torch import nn
 
-__all__ = ["set_deterministic", "sync_batchnorm"]
+from advfeat.errors import AdvfeatError
+
+__all__ = ["CUDA_MEMORY_FRACTION_ENV", "cap_cuda_memory", "set_deterministic", "sync_batchnorm"]
+
+CUDA_MEMORY_FRACTION_ENV = "ADVFEAT_CUDA_MEMORY_FRACTION"
+"""Environment variable: the share of its GPU's memory a run may allocate (``advfeat compare
+--jobs N`` sets it for runs that share a GPU)."""
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -32,3 +39,22 @@ def sync_batchnorm(model: nn.Module, process_group: object = None) -> nn.Module:
         # never torch's converter on these: it would rebuild them as plain layers, losing routing
         return convert_sync_multibn(model, process_group)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)  # type: ignore[arg-type]
+
+
+def cap_cuda_memory(device: torch.device) -> float | None:
+    """Cap this process's CUDA allocations on ``device`` at the share of the GPU's memory that
+    ``$ADVFEAT_CUDA_MEMORY_FRACTION`` gives (nothing when unset, or on CPU); return the share."""
+    text = os.environ.get(CUDA_MEMORY_FRACTION_ENV, "").strip()
+    if not text or device.type != "cuda":
+        return None
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction <= 1:
+        raise AdvfeatError(
+            f"{CUDA_MEMORY_FRACTION_ENV}={text!r}: expected a share of the GPU's memory in (0, 1]"
+        )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(fraction, index)  # it wants the GPU's index
+    return fraction
