@@ -172,7 +172,7 @@ def test_a_classification_only_method_on_detection_is_a_user_error(
 ) -> None:
     assert main(train_args(DETECTION, "advprop", tmp_path / "run")) == 2
     err = capsys.readouterr().err
-    assert "advprop" in err and "train with: afan, alfa, standard" in err
+    assert "advprop" in err and "detection trains with: afan, alfa, standard" in err
 
 
 def test_a_classifier_on_segmentation_is_a_user_error(
