@@ -6,6 +6,10 @@ shape of the results.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -131,3 +135,51 @@ def test_flops_of_an_ungrouped_convolution_are_torchs(conv: nn.Module) -> None:
     with FlopCounterMode(display=False) as torch_counter:
         _conv_step(conv, x)
     assert count_step_flops(lambda: _conv_step(conv, x)) == torch_counter.get_total_flops() > 0
+
+
+def test_sequential_order_reports_each_method_as_it_finishes() -> None:
+    seen: list[list[str]] = []
+    results = run_bench(
+        ["alfa", "afan"],
+        batch_size=2,
+        image_size=8,
+        iters=2,
+        warmup=0,
+        memory=False,
+        order="sequential",
+        on_rows=lambda rows: seen.append([r.label for r in rows]),
+    )
+    assert seen == [["standard"], ["standard", "alfa"], ["standard", "alfa", "afan"]]
+    assert [r.label for r in results] == ["standard", "alfa", "afan"]
+    assert results[0].ratio_vs_standard == 1.0
+    with pytest.raises(AdvfeatError, match="order must be one of"):
+        run_bench(["alfa"], batch_size=2, image_size=8, iters=1, order="random")
+
+
+def test_bench_json_keeps_the_methods_finished_before_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``advfeat bench --json`` rewrites its file after each method: a run stopped part-way (here
+    the second method fails) leaves the rows it measured, marked incomplete."""
+    import advfeat.bench as bench_module
+    from advfeat.cli import main
+
+    build = bench_module._build
+
+    def failing_build(setup: Any, spec: MethodSpec) -> Any:
+        if spec.label == "afan":
+            raise RuntimeError("stopped")
+        return build(setup, spec)
+
+    monkeypatch.setattr(bench_module, "_build", failing_build)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--methods", "alfa,afan", "--batch-size", "2", "--image-size", "8"]
+    argv += ["--iters", "1", "--warmup", "0", "--no-memory", "--order", "sequential"]
+    with pytest.raises(RuntimeError, match="stopped"):
+        main([*argv, "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and list(data["methods"]) == ["standard", "alfa"]
+    monkeypatch.setattr(bench_module, "_build", build)
+    assert main([*argv, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["complete"] is True and list(data["methods"]) == ["standard", "alfa", "afan"]

@@ -59,10 +59,15 @@ def test_sampler_ranks_partition_the_single_process_batches() -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_the_same_model_as_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--set", "device_data=true", "--set", "augment=true"]],
+    ids=["dataloader", "device-data-augmented"],  # crops drawn by epoch position: the same in both
+)
+def test_two_gloo_processes_train_the_same_model_as_one(tmp_path: Path, extra: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     one = subprocess.run(
-        [sys.executable, "-m", "advfeat.cli", *ARGS, "--out", str(tmp_path / "one")],
+        [sys.executable, "-m", "advfeat.cli", *ARGS, *extra, "--out", str(tmp_path / "one")],
         capture_output=True,
         text=True,
         env=env,
@@ -80,6 +85,7 @@ def test_two_gloo_processes_train_the_same_model_as_one(tmp_path: Path) -> None:
             "-m",
             "advfeat.cli",
             *ARGS,
+            *extra,
             "--out",
             str(tmp_path / "two"),
         ],

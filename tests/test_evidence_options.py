@@ -261,7 +261,7 @@ def test_the_schedule_a_run_trained_with_is_printed_and_recorded(
 def test_afan_default_is_a_setting_the_paper_ran() -> None:
     opts = build_method("afan").opts
     assert opts.steps == 1 and opts.alpha == pytest.approx(1.0 / 255)  # Fig. S5: PGD-1, 1/255
-    assert opts.k == 3 and opts.loss_weighting == "mean"  # measured: docs/results.md
+    assert opts.k == 3 and opts.loss_weighting == "sum"  # Eq. 7; docs/results.md §10
 
 
 # ------------------------------------------------------------------- reflect padding

@@ -609,3 +609,19 @@ def test_stage2_generator_reads_the_end_of_the_first_stage_by_default(tmp_path: 
         "afa", stage=2, num_branches=3, stage1_checkpoint=path, generator_source=None
     )
     assert none.prepare(build_model("resnet20", num_classes=3, image_size=16)).source is None
+
+
+def test_stage2_generator_probe_runs_on_the_models_device(tmp_path: Path) -> None:
+    """Sizing the generator at ``generator_source`` runs the model once on a probe input made on
+    the model's device (a model on ``meta`` refuses a CPU input)."""
+    from advfeat.methods.base import PrepareContext
+    from advfeat.models import build_model
+
+    first = build_model("resnet20", num_classes=3, image_size=16)
+    convert_multibn(first, BRANCHES)
+    path = write_stage1(tmp_path / "stage1.pt", first)
+    with torch.device("meta"):
+        model = build_model("resnet20", num_classes=3, image_size=16)
+    method = build_method("afa", stage=2, num_branches=3, stage1_checkpoint=path)
+    method.context = PrepareContext(input_shape=(3, 16, 16))
+    assert method._generator_in_channels(model, "layer1") == 16  # layer1 of a ResNet-20

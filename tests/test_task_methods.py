@@ -140,6 +140,6 @@ def test_task_defaults_and_classification_defaults() -> None:
     assert (cls.opts.alpha, cls.opts.k, cls.opts.eps) == (1.0 / 255, 3, 8 / 255)
     alfa = build_method("alfa")
     assert cls.opts.adv_bn_stats == "update" and alfa.opts.adv_bn_stats == "update"
-    # the measured convex combination (docs/results.md §4-5) is every task's default
-    assert alfa.opts.loss_weighting == "mean"
+    # classification: the papers' sum (docs/results.md §10); dense: the convex combination
+    assert alfa.opts.loss_weighting == "sum" and cls.opts.loss_weighting == "sum"
     assert build_method("l-alfa").opts.loss_weighting == "mean"

@@ -21,6 +21,12 @@ task (:mod:`advfeat.tasks`), with the methods that train that task (``standard``
 ``afan``) at their task defaults. A method that fine-tunes a trained model (AdvBN) starts from
 the benchmark's base model unless its options name a checkpoint.
 
+Order (``order``): ``"interleaved"`` (default) prepares every method, then times them in
+interleaved rounds; ``"sequential"`` prepares and times one method after the other (``standard``
+first) and drops each method's step before the next, so that a benchmark stopped part-way keeps
+the methods it finished. ``on_rows`` receives the rows measured so far whenever they change
+(after each method, or after each round): ``advfeat bench --json`` rewrites its file then.
+
 A method can be benchmarked under several configurations in one run: ``LABEL=METHOD`` names a
 configuration, whose options are then set with ``--set LABEL.option=value``. Bench-only
 settings per label (:data:`BENCH_SETTINGS`): ``frontier=false`` runs a site inside a residual
@@ -67,6 +73,7 @@ from advfeat.tasks import (
 
 __all__ = [
     "BENCH_SETTINGS",
+    "ORDERS",
     "BenchResult",
     "MethodSpec",
     "bench_table",
@@ -77,6 +84,8 @@ __all__ = [
 ]
 
 BENCH_SETTINGS = ("frontier", "live_site")
+ORDERS = ("interleaved", "sequential")
+"""How the methods are timed (module doc)."""
 """Per-label settings of the benchmark itself (not method options); see the module doc."""
 
 
@@ -391,14 +400,18 @@ def run_bench(
     amp: str | None = None,
     channels_last: bool = False,
     progress: Callable[[str], None] | None = None,
+    order: str = "interleaved",
+    on_rows: Callable[[list[BenchResult]], None] | None = None,
 ) -> list[BenchResult]:
     """Benchmark ``methods`` (``standard`` is added first when missing) and return one row each.
 
     ``methods`` are names or ``LABEL=NAME`` (options per label in ``method_options``), or
     :class:`MethodSpec` objects. ``memory=False`` skips the peak-memory measurement.
     ``amp="bf16"`` runs the forward passes under autocast; ``channels_last`` converts the model
-    and the batch to that memory format.
+    and the batch to that memory format. ``order`` and ``on_rows``: see the module doc.
     """
+    if order not in ORDERS:
+        raise AdvfeatError(f"order must be one of {list(ORDERS)}, got {order!r}")
     if amp is not None and amp not in AMP_DTYPES:
         raise AdvfeatError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
     if iters <= 0 or warmup < 0 or batch_size <= 0:
@@ -429,7 +442,9 @@ def run_bench(
     flops: dict[str, float] = {}
     used: dict[str, dict[str, Any]] = {}
     peak: dict[str, float | None] = dict.fromkeys(labels)
-    for spec in specs:
+    times: dict[str, list[float]] = {n: [] for n in labels}
+
+    def prepare(spec: MethodSpec) -> None:
         step, method = _build(setup, spec)
         steps[spec.label] = step
         used[spec.label] = {k: v for k, v in asdict(method.opts).items() if k != "init_checkpoint"}
@@ -440,24 +455,51 @@ def run_bench(
             peak[spec.label] = _cuda_peak_mb(step, dev)
         if progress:
             progress(f"prepared {spec.label}")
-    times: dict[str, list[float]] = {n: [] for n in labels}
-    for r in range(iters):
-        for label in labels:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            start = time.perf_counter()
-            steps[label]()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times[label].append(time.perf_counter() - start)
-        if progress:
-            progress(f"round {r + 1}/{iters}")
-    steps.clear()
-    if memory and dev.type != "cuda":
-        for spec in specs:
+
+    def time_step(label: str) -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        steps[label]()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times[label].append(time.perf_counter() - start)
+
+    def cpu_peak(spec: MethodSpec) -> None:
+        if memory and dev.type != "cuda":
             peak[spec.label] = _cpu_peak_in_subprocess(setup, spec, warmup)
             if progress:
                 progress(f"peak memory of {spec.label}: {peak[spec.label]} MB")
+
+    def report(done: list[MethodSpec]) -> None:
+        if on_rows is not None:
+            on_rows(_results(done, times, flops, used, peak, batch_size))
+
+    if order == "sequential":
+        for i, spec in enumerate(specs):
+            prepare(spec)
+            for _ in range(iters):
+                time_step(spec.label)
+            steps.clear()  # the next method starts from what is resident before a step
+            gc.collect()
+            cpu_peak(spec)
+            if progress:
+                progress(f"timed {spec.label} ({i + 1}/{len(specs)})")
+            report(specs[: i + 1])
+        return _results(specs, times, flops, used, peak, batch_size)
+    for spec in specs:
+        prepare(spec)
+    for r in range(iters):
+        for label in labels:
+            time_step(label)
+        if progress:
+            progress(f"round {r + 1}/{iters}")
+        report(specs)
+    steps.clear()
+    if memory and dev.type != "cuda":
+        for spec in specs:
+            cpu_peak(spec)
+        report(specs)
     return _results(specs, times, flops, used, peak, batch_size)
 
 

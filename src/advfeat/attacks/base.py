@@ -16,10 +16,12 @@ Subclasses implement :meth:`Attack.perturb` and may assume the guard is active.
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from typing import Any, Literal
 
 import torch
@@ -30,7 +32,15 @@ from advfeat.errors import AdvfeatError
 from advfeat.modes import restored_train_flags
 from advfeat.norm.stats import frozen_bn_statistics
 
-__all__ = ["Attack", "BNMode", "LossFn", "attack_guard", "check_image_range"]
+__all__ = [
+    "Attack",
+    "BNMode",
+    "LossFn",
+    "attack_guard",
+    "check_image_range",
+    "deferred_finite_checks",
+    "finite_checks_deferred",
+]
 
 BNMode = Literal["eval", "train", "keep"]
 LossFn = Callable[[Any, Tensor], Tensor]
@@ -40,6 +50,26 @@ LossFn = Callable[[Any, Tensor], Tensor]
 def default_loss(output: Tensor, target: Tensor) -> Tensor:
     """Summed cross-entropy: per-sample gradients independent of the batch size."""
     return F.cross_entropy(output, target, reduction="sum")
+
+
+_DEFERRED_FINITE_CHECKS: ContextVar[bool] = ContextVar("deferred_finite_checks", default=False)
+
+
+@contextmanager
+def deferred_finite_checks() -> Iterator[None]:
+    """Within this block, attacks leave out their check that a result is finite (a host
+    synchronisation per attack): for a caller that checks what the result flows into, as the
+    trainer watches every step's loss on the device."""
+    token = _DEFERRED_FINITE_CHECKS.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED_FINITE_CHECKS.reset(token)
+
+
+def finite_checks_deferred() -> bool:
+    """Whether the caller checks finiteness itself (:func:`deferred_finite_checks`)."""
+    return _DEFERRED_FINITE_CHECKS.get()
 
 
 def check_image_range(x: Tensor, *, tol: float = 1e-6, strict: bool = True) -> None:
@@ -53,8 +83,9 @@ def check_image_range(x: Tensor, *, tol: float = 1e-6, strict: bool = True) -> N
     if x.numel() == 0:
         return
     values = x.detach()
-    lo, hi = float(values.min()), float(values.max())
-    if not bool(torch.isfinite(values).all()):
+    # one copy to the host: min and max are NaN / infinite exactly when some value is
+    lo, hi = torch.stack([values.min(), values.max()]).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         msg = "images contain NaN or infinite values; attacks need finite images in [0, 1]"
         if strict:
             raise AdvfeatError(msg)

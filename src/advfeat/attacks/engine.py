@@ -12,6 +12,10 @@ steps and clamping, L2 normalised steps and radial projection, unbounded sign st
 ``constrain`` is an optional extra feasibility map (pixel attacks keep ``x + δ`` in [0, 1]).
 The attack supplies only the objective: a function that builds the attacked computation from the
 current variables (Madry et al. 2018, Eq. 2.1; ALFA Eq. 4-5; A-FAN Eq. 3; AdvBN Alg. 1).
+
+Precision (:mod:`advfeat.attacks.precision`): variables are created and stepped in float32 (or
+wider) whatever the dtype of the tensor they are shaped like, so a bf16 feature under autocast
+gets a float32 δ; under float16 autocast the objective is scaled before its backward.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from advfeat.attacks.precision import attack_loss_scale, wide_dtype
 from advfeat.attacks.threat import ThreatModel, as_batch_eps
 from advfeat.errors import AdvfeatError
 
@@ -82,13 +87,19 @@ class IterativeAscent:
         """``value`` broadcast against ``like`` (a number, or one value per row of dimension 0)."""
         return as_batch_eps(value, like)
 
-    def feasible(self, name: str, delta: Tensor) -> Tensor:
-        """Π_ε(δ), then ``constrain``: the closest allowed perturbation."""
-        delta = self.threat.project(delta, self.budget(self.eps, delta))
+    def feasible(self, name: str, delta: Tensor, eps: Tensor | None = None) -> Tensor:
+        """Π_ε(δ), then ``constrain``: the closest allowed perturbation (``eps``: the radius
+        already broadcast against ``delta``, else :meth:`budget` of ``self.eps``)."""
+        radius = self.budget(self.eps, delta) if eps is None else eps
+        delta = self.threat.project(delta, radius)
         return self.constrain(name, delta) if self.constrain is not None else delta
 
     def start(self, name: str, like: Tensor) -> Tensor:
-        """δ₀ of a new variable: a random point of the ball or zero, made feasible."""
+        """δ₀ of a new variable: a random point of the ball or zero, made feasible; in float32
+        (or ``like``'s dtype when wider), so that small steps are not rounded away."""
+        wide = wide_dtype(like.dtype)
+        if like.dtype != wide:
+            like = like.detach().to(wide)
         if self.random_start and self.threat.bounded:
             delta = self.threat.random_init(like, self.budget(self.eps, like), self.generator)
         else:
@@ -107,6 +118,7 @@ class IterativeAscent:
         perturbations (used as given: make them feasible first); the others start by the rule.
         """
         deltas = {k: v.detach() for k, v in (init or {}).items()}
+        budgets: dict[str, tuple[Tensor, Tensor]] = {}  # (α, ε) of each variable, built once
         for _ in range(self.steps):
             leaves: dict[str, Tensor] = {}
 
@@ -122,12 +134,31 @@ class IterativeAscent:
                 raise AdvfeatError("the attack objective used none of its perturbation variables")
             grads: tuple[Tensor | None, ...] = (None,) * len(leaves)
             if value.requires_grad:
-                grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                grads = _gradients(value, list(leaves.values()))
             for (name, leaf), grad in zip(leaves.items(), grads, strict=True):
                 if grad is None:
                     if self.missing_gradient == "error":
                         raise AdvfeatError(_NO_GRADIENT)
                     grad = torch.zeros_like(leaf)
-                step = self.threat.step(grad, self.budget(self.alpha, leaf))
-                deltas[name] = self.feasible(name, leaf.detach() + step)
+                if name not in budgets:
+                    budgets[name] = (self.budget(self.alpha, leaf), self.budget(self.eps, leaf))
+                alpha, eps = budgets[name]
+                deltas[name] = self.feasible(
+                    name, leaf.detach() + self.threat.step(grad, alpha), eps
+                )
         return deltas
+
+
+def _gradients(value: Tensor, leaves: list[Tensor]) -> tuple[Tensor | None, ...]:
+    """∇ of ``value`` with respect to ``leaves``; under float16 autocast of ``value * scale``
+    (:func:`advfeat.attacks.precision.attack_loss_scale`), the scale divided by 2¹⁰ and the
+    backward run again while a gradient overflows. Only the direction of the result is used."""
+    scale = attack_loss_scale(value.device.type)
+    if scale == 1.0:
+        return torch.autograd.grad(value, leaves, allow_unused=True)
+    while True:
+        grads = torch.autograd.grad(value * scale, leaves, allow_unused=True, retain_graph=True)
+        finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+        if finite or scale <= 1.0:
+            return grads
+        scale = max(scale / 2.0**10, 1.0)

@@ -19,7 +19,11 @@ keep the feature-attack contract of :class:`FeatureAttack` (a detached, finite r
 the feature, in its ε-ball, one per site for multi-site attacks) and the guarantees of
 :class:`advfeat.attacks.base.Attack` (train/eval flags, ``requires_grad`` flags, parameter
 ``.grad`` and BN running statistics untouched; ``bn_mode`` and ``branch`` say how the tail
-runs). Build training features from the results (``f + δ``) yourself.
+runs). Build training features from the results with :func:`add_perturbation` (``f + δ``).
+
+Precision: δ is float32 (or the feature's dtype when wider) and ``f + δ`` is added in float32,
+also for a bf16 feature under autocast (:mod:`advfeat.attacks.precision`: at ALFA's α = 0.5/255
+a bf16 δ or ``f + δ`` rounds back to ``f``).
 """
 
 from __future__ import annotations
@@ -32,8 +36,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from advfeat.attacks.base import Attack, BNMode, LossFn, attack_guard
+from advfeat.attacks.base import (
+    Attack,
+    BNMode,
+    LossFn,
+    attack_guard,
+    finite_checks_deferred,
+)
 from advfeat.attacks.engine import IterativeAscent, Variable
+from advfeat.attacks.precision import add_perturbation, perturbed_dtype, wide_dtype
 from advfeat.attacks.threat import (
     ThreatModel,
     Unbounded,
@@ -50,6 +61,7 @@ __all__ = [
     "FeatureAttack",
     "FeaturePGD",
     "MultiSiteFeaturePGD",
+    "add_perturbation",
     "advbn_feature",
     "sample_strengths",
 ]
@@ -107,8 +119,11 @@ class FeatureAttack(Attack):
     guarantees of :class:`~advfeat.attacks.base.Attack` (flags, ``requires_grad``, ``.grad``
     and BN statistics restored; explicit ``bn_mode`` and ``branch``):
 
-    * the result is detached, a tensor of the feature's shape, dtype and device;
-    * it is finite whenever the clean feature is;
+    * the result is detached, a tensor of the feature's shape and device; a perturbation in
+      float32 (or the feature's dtype when wider), an adversarial feature in the dtype of
+      ``f + δ`` (:func:`~advfeat.attacks.precision.perturbed_dtype`: float32 under autocast);
+    * it is finite whenever the clean feature is (left to the caller inside
+      :func:`~advfeat.attacks.base.deferred_finite_checks`: the trainer watches the loss);
     * a perturbation (``returns == "delta"``) lies in the threat model's ε-ball (``eps=None``:
       unbounded); an adversarial feature (``returns == "feature"``, AdvBN) is what the
       attack's own constraint allows (:class:`BNStatsAttack`: multipliers in [1 − ε, 1 + ε]);
@@ -169,13 +184,17 @@ class FeatureAttack(Attack):
     def enforce(self, site: str, result: Tensor, feature: Tensor | None) -> Tensor:
         """The contract on one site's result (class docstring); returns it detached."""
         result = result.detach()
-        if feature is not None and (result.shape != feature.shape or result.dtype != feature.dtype):
-            raise AdvfeatError(
-                f"{type(self).__name__} returned {result.dtype} {tuple(result.shape)} for site "
-                f"{site!r}, whose feature is {feature.dtype} {tuple(feature.shape)}"
+        if feature is not None:
+            dtype = (
+                wide_dtype(feature.dtype) if self.returns == "delta" else perturbed_dtype(feature)
             )
-        finite_input = feature is None or bool(torch.isfinite(feature).all())
-        if finite_input and not bool(torch.isfinite(result).all()):
+            if result.shape != feature.shape or result.dtype != dtype:
+                raise AdvfeatError(
+                    f"{type(self).__name__} returned {result.dtype} {tuple(result.shape)} for "
+                    f"site {site!r}, whose feature is {feature.dtype} {tuple(feature.shape)} "
+                    f"(expected {dtype})"
+                )
+        if not finite_checks_deferred() and self._non_finite_from_finite(result, feature):
             raise AdvfeatError(
                 f"{type(self).__name__} produced non-finite values at site {site!r} from a "
                 f"finite feature (the loss gradient through the tail is NaN or infinite)"
@@ -183,6 +202,15 @@ class FeatureAttack(Attack):
         if self.returns == "delta" and self.eps is not None and self.threat.bounded:
             result = self.threat.project(result, as_batch_eps(self.eps, result))
         return result
+
+    @staticmethod
+    def _non_finite_from_finite(result: Tensor, feature: Tensor | None) -> bool:
+        """Whether ``result`` holds NaN / inf although ``feature`` (when given) does not (one
+        copy to the host)."""
+        bad = ~torch.isfinite(result).all()
+        if feature is not None:
+            bad &= torch.isfinite(feature).all()
+        return bool(bad)
 
     def validate(self, x: Any) -> None:
         """The model input is passed through untouched; nothing to check here."""
@@ -221,8 +249,8 @@ class FeatureAttack(Attack):
 
 
 def _scaled(variable: Variable, site: str, feature: Tensor, scale: Strength | float) -> Tensor:
-    """``f + η·δ``: the perturbed feature of ALFA Eq. 4 (η = 1) and Eq. 5."""
-    return feature + scale * variable(site, feature)
+    """``f + η·δ``: the perturbed feature of ALFA Eq. 4 (η = 1) and Eq. 5, added in float32."""
+    return add_perturbation(feature, variable(site, feature), scale)
 
 
 class FeaturePGD(FeatureAttack):
@@ -592,11 +620,12 @@ class BNStatsAttack(FeatureAttack):
     returns = "feature"
 
     def _start(self, channels: int, like: Tensor) -> Tensor:
-        ones = torch.ones(channels, dtype=like.dtype, device=like.device)
+        dtype = wide_dtype(like.dtype)  # multipliers in float32, as every δ
+        ones = torch.ones(channels, dtype=dtype, device=like.device)
         if not self.random_start:
             return ones
         gen = self.generator(like.device)
-        u = torch.rand(channels, generator=gen, dtype=like.dtype, device=like.device)
+        u = torch.rand(channels, generator=gen, dtype=dtype, device=like.device)
         return ones + (2 * u - 1) * self.radius
 
     def perturb(  # type: ignore[override]
@@ -624,5 +653,8 @@ class BNStatsAttack(FeatureAttack):
         return {self.site: self.renormalize(f, d["mu"], d["sigma"])}
 
     def renormalize(self, feature: Tensor, d_mu: Tensor, d_sigma: Tensor) -> Tensor:
-        """:func:`advbn_feature` with this attack's statistics."""
-        return advbn_feature(feature, d_mu, d_sigma, stats=self.stats, channel_dim=self.channel_dim)
+        """:func:`advbn_feature` with this attack's statistics, computed in float32 (or wider)
+        and returned in :func:`~advfeat.attacks.precision.perturbed_dtype`."""
+        wide = feature.to(wide_dtype(feature.dtype))
+        out = advbn_feature(wide, d_mu, d_sigma, stats=self.stats, channel_dim=self.channel_dim)
+        return out.to(perturbed_dtype(feature))

@@ -45,10 +45,11 @@ def check_budget(value: Budget, name: str, *, positive: bool = False) -> Budget:
         v = value.detach()
         if not v.is_floating_point():
             v = v.float()
-        if not bool(torch.isfinite(v).all()):
-            raise AdvfeatError(f"{name} must be finite, got {value}")
-        bad = v <= 0 if positive else v < 0
-        if bool(bad.any()):
+        finite = torch.isfinite(v)
+        out_of_range = v <= 0 if positive else v < 0
+        if bool((~finite | out_of_range).any()):  # one read from the device when valid
+            if not bool(finite.all()):
+                raise AdvfeatError(f"{name} must be finite, got {value}")
             raise AdvfeatError(f"{name} must be {bound}, got {value}")
         return v
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -67,7 +68,14 @@ def check_steps(steps: int, name: str = "steps", *, minimum: int = 0) -> int:
 
 
 def as_batch_eps(eps: float | Tensor, like: Tensor) -> Tensor:
-    """Broadcast a scalar or per-sample ``eps`` to shape ``(B, 1, ..., 1)`` matching ``like``."""
+    """Broadcast a scalar or per-sample ``eps`` to shape ``(B, 1, ..., 1)`` matching ``like``.
+
+    A number is filled in on ``like``'s device (no copy from the host, which would wait for the
+    device); a tensor is moved there.
+    """
+    if not isinstance(eps, Tensor):
+        e = torch.full((like.shape[0],), float(eps), dtype=like.dtype, device=like.device)
+        return e.view(-1, *([1] * (like.ndim - 1)))
     e = torch.as_tensor(eps, dtype=like.dtype, device=like.device)
     if e.ndim == 0:
         e = e.expand(like.shape[0])

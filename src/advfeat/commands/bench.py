@@ -54,12 +54,25 @@ def add_parser(sub: Any) -> None:
         action="store_false",
         help="skip the peak-memory measurement (on CPU: one fresh process per method)",
     )
-    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument(
+        "--order",
+        choices=["interleaved", "sequential"],
+        default="interleaved",
+        help="interleaved: prepare every method, then time them in interleaved rounds "
+        "(default); sequential: prepare and time one method after the other, so that a "
+        "benchmark stopped part-way keeps the methods it finished",
+    )
+    p.add_argument(
+        "--json",
+        help="write the results to this JSON file, rewritten as rows come in (after each "
+        "method with --order sequential, after each round otherwise); 'complete' says "
+        "whether every method was measured",
+    )
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from advfeat.bench import bench_table, run_bench
+    from advfeat.bench import BenchResult, bench_table, run_bench
     from advfeat.checkpoint import atomic_write_json
     from advfeat.errors import AdvfeatError
 
@@ -80,6 +93,34 @@ def run(args: argparse.Namespace) -> int:
         if target.is_dir():
             raise AdvfeatError(f"--json {args.json!r} is a folder; --json names the results file")
         check_writable(target.parent)
+
+    def payload(rows: list[BenchResult], complete: bool) -> dict[str, Any]:
+        return {
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "iters": args.iters,
+            "device": args.device,
+            "image_size": args.image_size,
+            "amp": args.amp,
+            "channels_last": args.channels_last,
+            "order": args.order,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "memory": (
+                "peak CUDA memory allocated during one step, above that before it"
+                if args.device.startswith("cuda")
+                else "peak resident memory of one step above that before it (a fresh process "
+                "per method)"
+            ),
+            "complete": complete,
+            "methods": {r.label or r.method: asdict(r) for r in rows},
+        }
+
+    def write(rows: list[BenchResult]) -> None:
+        if args.json:
+            atomic_write_json(args.json, payload(rows, complete=False))
+
     results = run_bench(
         methods,
         model_name=args.model,
@@ -94,27 +135,10 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         channels_last=args.channels_last,
         progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
+        order=args.order,
+        on_rows=write,
     )
     print(bench_table(results))
     if args.json:
-        payload = {
-            "model": args.model,
-            "batch_size": args.batch_size,
-            "iters": args.iters,
-            "device": args.device,
-            "image_size": args.image_size,
-            "amp": args.amp,
-            "channels_last": args.channels_last,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "memory": (
-                "peak CUDA memory allocated during one step, above that before it"
-                if args.device.startswith("cuda")
-                else "peak resident memory of one step above that before it (a fresh process "
-                "per method)"
-            ),
-            "methods": {r.label or r.method: asdict(r) for r in results},
-        }
-        atomic_write_json(args.json, payload)
+        atomic_write_json(args.json, payload(results, complete=True))
     return 0

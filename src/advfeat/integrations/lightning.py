@@ -100,7 +100,7 @@ class MethodModule(L.LightningModule):
         if out.logits is not None:
             acc = (out.logits.argmax(1) == y).float().mean()
             self.log("train_acc", acc, prog_bar=True)
-        for key, value in out.logs.items():
+        for key, value in out.log_values.items():  # tensors: Lightning reads them when it logs
             self.log(f"train/{key}", value)
         return out.loss
 

@@ -323,9 +323,12 @@ class AFA(Method):
                 "it with method.prepare_with(model, PrepareContext(input_shape=(C, H, W)))"
             )
         handle = names[source].register_forward_hook(tap)
+        like = next(itertools.chain(model.parameters(), model.buffers()), None)
+        device = like.device if like is not None else torch.device("cpu")
+        dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
         try:
-            with eval_mode(model), torch.no_grad():
-                model(torch.zeros(2, *shape))
+            with eval_mode(model), torch.no_grad():  # a probe input on the model's device
+                model(torch.zeros(2, *shape, device=device, dtype=dtype))
         finally:
             handle.remove()
         if not seen:

@@ -24,7 +24,8 @@ checkpoints and optimised with the model.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -52,19 +53,34 @@ ATTACK_BN_MODE = Choice(*ATTACK_BN_MODES)
 """The constraint of every method's ``attack_bn_mode`` option."""
 
 
-@dataclass
 class MethodOutput:
     """What one training step of a method produces.
 
     Attributes:
         loss: the scalar to back-propagate.
         logits: the clean-batch output (for running training accuracy), when the method has one.
-        logs: scalar diagnostics (``loss_clean``, ``loss_adv``, ...), already detached floats.
+        log_values: scalar diagnostics (``loss_clean``, ``loss_adv``, ...) as the method gave
+            them (``logs=``): detached one-element tensors, left on the device, or numbers. The
+            trainer sums them on the device, so that a step never waits for it.
+        logs: the same diagnostics as floats (reading them waits for the device).
     """
 
-    loss: Tensor
-    logits: Tensor | None = None
-    logs: dict[str, float] = field(default_factory=dict)
+    def __init__(
+        self,
+        loss: Tensor,
+        logits: Tensor | None = None,
+        logs: Mapping[str, Tensor | float] | None = None,
+    ) -> None:
+        self.loss = loss
+        self.logits = logits
+        self.log_values: dict[str, Tensor | float] = dict(logs or {})
+
+    @property
+    def logs(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.log_values.items()}
+
+    def __repr__(self) -> str:
+        return f"MethodOutput(loss={self.loss!r}, logits={self.logits!r}, logs={self.log_values!r})"
 
 
 @dataclass(frozen=True)
@@ -186,10 +202,10 @@ class Method(nn.Module):
         return model
 
     @staticmethod
-    def detach_logs(**values: Tensor | float) -> dict[str, float]:
-        return {
-            k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in values.items()
-        }
+    def detach_logs(**values: Tensor | float) -> dict[str, Tensor | float]:
+        """The diagnostics for :class:`MethodOutput`: tensors detached (left on their device,
+        read later without stalling the step), numbers as floats."""
+        return {k: v.detach() if isinstance(v, Tensor) else float(v) for k, v in values.items()}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.opts).items())

@@ -27,6 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from advfeat.attacks.feature import FeaturePGD, MultiSiteFeaturePGD
+from advfeat.attacks.precision import (
+    add_perturbation,
+    float32_tail,
+    perturbed_dtype,
+    wide_dtype,
+)
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.base import Method, cross_entropy, unwrap
 from advfeat.norm.stats import frozen_bn_statistics
@@ -131,13 +137,15 @@ class AdversarialFeatureNormalization:
     ``(f − μ_clean)/σ_clean`` are computed once, and the adversarial moments follow from
     ``μ_adv = μ_f + s·μ_δ`` and ``Var_adv = Var_f + 2s·Cov(f, δ) + s²·Var_δ``: with A-FAN's
     rescaled strengths (one δ, k scales; appendix S1.1) the k adversarial features are never
-    materialised. Moments are taken in at least float32; results have the clean feature's dtype.
+    materialised. Moments are taken in at least float32; results have the dtype of ``f + δ``
+    (:func:`advfeat.attacks.precision.perturbed_dtype`: float32 under autocast, so that the small
+    change of statistics is not rounded away in bf16; else the clean feature's dtype).
     """
 
     def __init__(self, clean: Tensor, stats: AFNStats = "channel", eps: float = 1e-5) -> None:
         self.dims = _moment_dims(clean, stats)
         self.eps = eps
-        self.dtype = clean.dtype
+        self.dtype = perturbed_dtype(clean)
         f = _wide(clean)
         self.mean = f.mean(dim=self.dims, keepdim=True)
         self.centered = f - self.mean
@@ -153,7 +161,7 @@ class AdversarialFeatureNormalization:
                     f"the perturbation has shape {tuple(delta.shape)}, the clean feature "
                     f"{tuple(self.centered.shape)}; they must match"
                 )
-            d = delta.detach().to(self.centered.dtype)
+            d = delta.detach().to(self.centered.dtype)  # float32 or wider: δ is not rounded
             mu = d.mean(dim=self.dims, keepdim=True)
             d = d - mu
             var = d.square().mean(dim=self.dims, keepdim=True)
@@ -268,15 +276,15 @@ def multi_site_outputs(
         f = given[first] if first in given else split.head(x)
 
         def add(site: str) -> Callable[[Tensor], Tensor]:
-            return lambda t: t + scales[site] * deltas[site]
+            return lambda t: add_perturbation(t, deltas[site], scales[site])
 
         later = {s: add(s) for s in rest}
-        return [split.tail(f + scales[first] * deltas[first], later, x=x)]
+        return [split.tail(add_perturbation(f, deltas[first], scales[first]), later, x=x)]
     outputs = []
     for s in attack.sites:
         split_s = SiteSplit(model, s, prefix_grad=prefix_grad)
         f = given[s] if s in given else split_s.head(x)
-        outputs.append(split_s.tail(f + scales[s] * deltas[s], x=x))
+        outputs.append(split_s.tail(add_perturbation(f, deltas[s], scales[s]), x=x))
     return outputs
 
 
@@ -448,8 +456,10 @@ class FeatureAugmentation(Method):
     ) -> Any:
         """The task output with ``feature`` at ``site``: a training pass of what follows the site
         (:meth:`TaskPass.tail`), under ``adv_bn_stats``. With ``adv_grad="full"`` values that
-        jump over the site (skip connections, a detector's RPN losses) keep their gradient."""
-        with self.adversarial_bn(model):
+        jump over the site (skip connections, a detector's RPN losses) keep their gradient.
+        A float32 feature under autocast (a perturbed one) runs the tail in float32
+        (:func:`advfeat.attacks.precision.float32_tail`: bf16 logits round A-FAN's effect away)."""
+        with self.adversarial_bn(model), float32_tail(feature):
             return clean.tail(site, feature, prefix_grad=self.adv_reaches_prefix)
 
     def adversarial_loss(
@@ -489,7 +499,8 @@ class FeatureAugmentation(Method):
     def noise(self, feature: Tensor) -> Tensor:
         """The random-noise ablation's perturbation (``noise_std``, default ``alpha``)."""
         std = self.opts.alpha if self.opts.noise_std is None else self.opts.noise_std
-        return random_feature_noise(feature.detach(), self.opts.random_noise, std)
+        like = feature.detach().to(wide_dtype(feature.dtype))  # float32, as an attack's δ
+        return random_feature_noise(like, self.opts.random_noise, std)
 
     def multi_site_attack(
         self, model: nn.Module, sites: list[str], eps: float | None = None
@@ -527,7 +538,10 @@ class FeatureAugmentation(Method):
             else self.feature_attack(model, clean, s, feats[s], y, self.opts.alpha, self.opts.eps)
             for s in sites
         }
-        losses = [self.adversarial_loss(model, clean, s, feats[s] + deltas[s], y) for s in sites]
+        losses = [
+            self.adversarial_loss(model, clean, s, add_perturbation(feats[s], deltas[s]), y)
+            for s in sites
+        ]
         sizes = [d.flatten(1).norm(dim=1).mean() for d in deltas.values()]
         return losses, torch.stack(sizes).mean()
 

@@ -185,8 +185,9 @@ class Task(ABC):
         """The clean logits of a classifier's output (running training accuracy), else ``None``."""
         return None
 
-    def running_metrics(self, logits: Tensor | None, y: Any) -> dict[str, float]:
-        """Per-batch sums of the training metrics the trainer averages over an epoch."""
+    def running_metrics(self, logits: Tensor | None, y: Any) -> dict[str, Tensor]:
+        """Per-batch sums of the training metrics the trainer averages over an epoch, as
+        one-element tensors left on the device (the trainer reads them once per epoch)."""
         return {}
 
     def log_parts(self, parts: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -68,9 +68,9 @@ class ClassificationTask(Task):
     def logits(self, output: Any) -> Tensor | None:
         return output
 
-    def running_metrics(self, logits: Tensor | None, y: Any) -> dict[str, float]:
-        """``{"acc": top-1 hits}`` of a batch."""
-        return {} if logits is None else {"acc": float((logits.detach().argmax(1) == y).sum())}
+    def running_metrics(self, logits: Tensor | None, y: Any) -> dict[str, Tensor]:
+        """``{"acc": top-1 hits}`` of a batch, counted on the device."""
+        return {} if logits is None else {"acc": (logits.detach().argmax(1) == y).sum()}
 
     @torch.no_grad()
     def evaluate(

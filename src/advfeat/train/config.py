@@ -90,6 +90,10 @@ class TrainConfig:
     channels_last: bool = option(False, Flag())
     compile: bool = option(False, Flag())
     workers: int = option(0, Integer(low=0))
+    device_data: str = option("auto", Choice("auto", "true", "false"))
+    """Hold the training images on the device and crop / flip them there in batches (the
+    in-memory datasets: CIFAR-10/100, SVHN, cifar10-jpeg, shapes); ``auto``: on CUDA when the
+    dataset allows it, ``true``: on any device, ``false``: a DataLoader."""
     eval_shifted: bool = option(True, Flag())
     max_steps_per_epoch: int | None = option(None, Integer(low=1, optional=True))
     progress: bool = option(True, Flag())
@@ -178,6 +182,8 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         return kind(value)
     if kind is list and not isinstance(value, list):
         raise AdvfeatError(f"{key} must be a list, got {value!r}")
+    if kind is str and isinstance(value, bool):
+        return "true" if value else "false"  # YAML reads `true` as a bool (device_data=true)
     if kind is str and not isinstance(value, str):
         return str(value)
     return value

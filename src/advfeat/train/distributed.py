@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import Sampler
 
 from advfeat.errors import AdvfeatError
@@ -74,11 +75,18 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.n // self.info.world_size
 
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+    def permutation(self) -> Tensor:
+        """The epoch's order of all ``n`` indices (the identity without ``shuffle``)."""
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def share(self) -> slice:
+        """This rank's positions in :meth:`permutation`: every ``world_size``-th, the tail that
+        would leave the ranks uneven dropped."""
         usable = len(self) * self.info.world_size
-        return iter(order[self.info.rank : usable : self.info.world_size][self.skip :])
+        return slice(self.info.rank, usable, self.info.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.permutation()[self.share()][self.skip :].tolist())

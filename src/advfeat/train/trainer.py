@@ -20,6 +20,12 @@ history ``val_<metric>`` / ``test_<metric>``, ``best_val_<primary metric>`` and
 Reproducibility: the model is initialised from ``seed``; each epoch re-seeds the global RNG and the
 sampler from ``(seed, epoch)``, so a run killed after epoch *k* and resumed ends with the same
 weights as one that never stopped.
+
+Batches come from a DataLoader or, with ``device_data`` (the default on CUDA for the in-memory
+datasets), from the training images held on the device (:mod:`advfeat.train.device_data`: crop
+and flip draws seeded by ``(seed, epoch)`` too). A step never waits for the device: the running
+sums and the divergence watch stay there (:mod:`advfeat.train.running`) and are read at the end
+of the epoch, before a mid-epoch checkpoint and every :data:`PROGRESS_EVERY` steps of the bar.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from advfeat.attacks.base import deferred_finite_checks
 from advfeat.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -51,6 +58,7 @@ from advfeat.methods import unwrap
 from advfeat.tasks import Task
 from advfeat.train.build import build_parts
 from advfeat.train.config import TrainConfig
+from advfeat.train.device_data import DeviceEpoch, augment_seed, device_images
 from advfeat.train.distributed import EpochSampler, init_distributed
 from advfeat.train.ema import ModelEMA
 from advfeat.train.loggers import Loggers
@@ -63,7 +71,8 @@ from advfeat.train.rundir import (
     config_differences,
     resume_refusal,
 )
-from advfeat.train.runtime import set_deterministic, sync_batchnorm
+from advfeat.train.running import DivergenceWatch, RunningSums
+from advfeat.train.runtime import cap_cuda_memory, set_deterministic, sync_batchnorm
 from advfeat.train.schedule import check_warmup, describe_schedule, lr_factor, warmup_length
 
 __all__ = ["PREEMPTED_EXIT", "Preempted", "Trainer", "TrainingDiverged", "resolve_device"]
@@ -83,6 +92,10 @@ PREEMPTED_EXIT = 75
 
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 """Signals that make the trainer checkpoint at the next step and stop (cluster preemption)."""
+
+PROGRESS_EVERY = 50
+"""Steps between two updates of the progress bar's running averages: each reads the running sums
+from the device (a synchronisation); without the bar they are read once, at the end of the epoch."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,6 +145,7 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        cap_cuda_memory(self.device)  # runs sharing a GPU (advfeat compare --jobs N)
         if cfg.batch_size % self.dist.world_size:
             raise AdvfeatError(
                 f"batch_size {cfg.batch_size} must be divisible by the {self.dist.world_size} processes"
@@ -176,6 +190,10 @@ class Trainer:
             seed=cfg.seed,
             info=self.dist,
         )
+        self.device_images = device_images(
+            cfg.device_data, self.data.train, self.device, name=cfg.dataset
+        )
+        """The training images held on the device (``device_data``), or ``None``: a DataLoader."""
         warmup = warmup_length(cfg.warmup_epochs, cfg.warmup_steps, self.steps_per_epoch)
         check_warmup(
             warmup, total_epochs=cfg.epochs, schedule=cfg.schedule, milestones=cfg.milestones
@@ -318,12 +336,18 @@ class Trainer:
             group["lr"] = cfg.lr * factor * group.get("lr_scale", 1.0)
         return cfg.lr * factor
 
-    def _loader(self, epoch: int) -> DataLoader:
+    def _loader(self, epoch: int) -> DataLoader | DeviceEpoch:
+        """Epoch ``epoch``'s batches of this process: cut on the device (``device_data``) or
+        loaded by a DataLoader; both start after the sampler's ``skip`` items when iterated."""
         self.sampler.set_epoch(epoch)
+        batch_size = self.cfg.batch_size // self.dist.world_size
+        if self.device_images is not None:
+            seed = augment_seed(self.cfg.seed, epoch)
+            return DeviceEpoch(self.device_images, self.sampler, batch_size, seed=seed)
         g = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch))
         return DataLoader(
             self.data.train,
-            batch_size=self.cfg.batch_size // self.dist.world_size,
+            batch_size=batch_size,
             sampler=self.sampler,
             num_workers=self.cfg.workers,
             drop_last=True,
@@ -351,7 +375,7 @@ class Trainer:
                 f"of {cfg.batch_size}"
             )
         self.train_model.train()
-        sums: dict[str, float] = {}
+        restored: dict[str, float] = {}
         seen = 0
         first = 0
         elapsed = 0.0
@@ -360,89 +384,119 @@ class Trainer:
             # resumed mid-epoch: skip the batches already trained on, restore the RNG and sums
             first = int(partial["step"])
             self.sampler.skip = first * (cfg.batch_size // self.dist.world_size)
-            sums = {str(k): float(v) for k, v in partial["sums"].items()}
+            restored = {str(k): float(v) for k, v in partial["sums"].items()}
             seen = int(partial["seen"])
-            if partial.get("correct") and "train_acc" not in sums:  # checkpoints before Task
-                sums["train_acc"] = float(partial["correct"])
+            if partial.get("correct") and "train_acc" not in restored:  # checkpoints before Task
+                restored["train_acc"] = float(partial["correct"])
             elapsed = float(partial["elapsed_s"])
             torch.set_rng_state(partial["rng"])
             if self.device.type == "cuda" and partial.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(partial["cuda_rng"], self.device)
+        sums = RunningSums(self.device, restored)
+        watch = DivergenceWatch(self.device)
         bar = self._progress(steps, epoch)
         if bar is not None and first:
             bar.update(first)
         start = time.perf_counter() - elapsed
         lr = self.set_lr(epoch + first / steps, steps)
-        for step, (x, y) in enumerate(loader, start=first):
-            if step >= steps:
-                break
-            lr = self.set_lr(epoch + step / steps, steps)
-            x, y = self.task.to_device(x, y, self.device)
-            if cfg.channels_last and isinstance(x, torch.Tensor):
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self.precision.autocast():
-                out = self.method(self.train_model, x, y)
-            loss_value = float(out.loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"the loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; stopped. "
-                    + self._kept_message()
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.precision.step(out.loss, self.optimizer)
-            if self.ema is not None:
-                self.ema.update(unwrap(self.model))
-            norm = self._weight_norm()
-            if not math.isfinite(norm):
-                raise TrainingDiverged(
-                    f"the weights became {'non-finite' if math.isnan(norm) else 'too large'} "
-                    f"(their norm overflowed to {norm}) at epoch {epoch + 1}, step {step + 1}; "
-                    "stopped (lower the lr). " + self._kept_message()
-                )
-            n = self.task.batch_size(x)
-            seen += n
-            running = self.task.running_metrics(out.logits, y)
-            for k, v in running.items():
-                sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + v
-            sums["loss"] = sums.get("loss", 0.0) + loss_value * n
-            for k, v in out.logs.items():
-                sums[k] = sums.get(k, 0.0) + v * n
-            if bar is not None:
-                rate = seen * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
-                shown = {"loss": f"{sums['loss'] / seen:.3f}"}
-                shown.update({k: f"{sums[f'train_{k}'] / seen:.3f}" for k in running})
-                bar.set_postfix(**shown, img_s=f"{rate:.0f}")
-                bar.update(1)
-            if step + 1 < steps and self._preemption_requested():
-                self._save_preempted(
-                    epoch,
-                    step + 1,
-                    {"sums": sums, "seen": seen},
-                    time.perf_counter() - start,
-                )
+        try:
+            for step, (x, y) in enumerate(loader, start=first):
+                if step >= steps:
+                    break
+                lr = self.set_lr(epoch + step / steps, steps)
+                seen += self._train_step(x, y, step, sums, watch)
+                if bar is not None:
+                    bar.update(1)
+                    if (step - first) % PROGRESS_EVERY == 0:
+                        self._show_progress(bar, sums.read(), seen, time.perf_counter() - start)
+                if step + 1 < steps and self._preemption_requested():
+                    self._raise_if_diverged(watch, epoch)
+                    self._save_preempted(
+                        epoch,
+                        step + 1,
+                        {"sums": sums.read(), "seen": seen},
+                        time.perf_counter() - start,
+                    )
+        except (TrainingDiverged, Preempted):
+            raise
+        except Exception:
+            self._raise_if_diverged(watch, epoch)  # the failure may come from non-finite values
+            raise
+        self._raise_if_diverged(watch, epoch)
+        totals = sums.read()
         if bar is not None:
             bar.close()
         if self.dist.enabled:  # history holds global averages, as one process would log them
-            keys = sorted(sums)
+            keys = sorted(totals)
             packed = torch.tensor(
-                [seen, *(sums[k] for k in keys)], dtype=torch.float64, device=self.device
+                [seen, *(totals[k] for k in keys)], dtype=torch.float64, device=self.device
             )
             torch.distributed.all_reduce(packed)
             seen = int(packed[0])
-            sums = {k: float(v) for k, v in zip(keys, packed[1:].tolist(), strict=True)}
+            totals = {k: float(v) for k, v in zip(keys, packed[1:].tolist(), strict=True)}
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
-        row.update({f"train_{k}" if k == "loss" else k: v / seen for k, v in sums.items()})
+        row.update({f"train_{k}" if k == "loss" else k: v / seen for k, v in totals.items()})
         row["epoch_time_s"] = time.perf_counter() - start
         return row
 
-    def _weight_norm(self) -> float:
-        """The L2 norm of all parameters in float32: ``inf`` / ``nan`` once any weight is
-        non-finite or so large that its square overflows (the checked, kept weights are usable)."""
+    def _train_step(
+        self, x: Any, y: Any, step: int, sums: RunningSums, watch: DivergenceWatch
+    ) -> int:
+        """One optimiser step on the batch ``(x, y)``; return its number of images.
+
+        Nothing here waits for the device: the step's metrics are added to ``sums`` and its loss
+        and weight norm to ``watch`` as device tensors, and the attacks' own finiteness checks
+        are left to ``watch`` (a non-finite perturbation makes the loss non-finite).
+        """
+        x, y = self.task.to_device(x, y, self.device)
+        if self.cfg.channels_last and isinstance(x, torch.Tensor):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.precision.autocast(), deferred_finite_checks():
+            out = self.method(self.train_model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.step(out.loss, self.optimizer)
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model))
+        watch.observe(step, out.loss, self._weight_norm())
+        n = self.task.batch_size(x)
+        running = self.task.running_metrics(out.logits, y)
+        sums.add({f"train_{k}": v for k, v in running.items()})
+        sums.add({"loss": out.loss, **out.log_values}, weight=n)
+        return n
+
+    def _raise_if_diverged(self, watch: DivergenceWatch, epoch: int) -> None:
+        """Raise :class:`TrainingDiverged` when ``watch`` saw a non-finite loss or weight norm
+        in epoch ``epoch`` (checked before every checkpoint and at the end of each epoch)."""
+        seen = watch.first()
+        if seen is None:
+            return
+        where = f"at epoch {epoch + 1}, step {seen.step + 1}"
+        if seen.what == "loss":
+            raise TrainingDiverged(
+                f"the loss became {seen.value} {where}; stopped. " + self._kept_message()
+            )
+        raise TrainingDiverged(
+            f"the weights became {'non-finite' if math.isnan(seen.value) else 'too large'} "
+            f"(their norm overflowed to {seen.value}) {where}; stopped (lower the lr). "
+            + self._kept_message()
+        )
+
+    def _show_progress(self, bar: Any, totals: dict[str, float], seen: int, elapsed: float) -> None:
+        """The running loss, running metrics and images per second on the progress bar."""
+        running = {k.removeprefix("train_"): v for k, v in totals.items() if k.startswith("train_")}
+        shown = {k: f"{v / seen:.3f}" for k, v in {"loss": totals["loss"], **running}.items()}
+        rate = seen * self.dist.world_size / max(elapsed, 1e-9)
+        bar.set_postfix(**shown, img_s=f"{rate:.0f}")
+
+    def _weight_norm(self) -> torch.Tensor:
+        """The L2 norm of all parameters in float32, on the device: ``inf`` / ``nan`` once any
+        weight is non-finite or so large that its square overflows (the checked, kept weights
+        are usable)."""
         params = [p.detach() for p in self.model.parameters() if p.is_floating_point()]
         if not params:
-            return 0.0
+            return torch.zeros((), device=self.device)
         norms = torch._foreach_norm([p.float() for p in params])
-        return float(torch.linalg.vector_norm(torch.stack(norms)))
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def _check_finite_state(self, epoch: int) -> None:
         """Refuse to checkpoint weights or buffers (BN statistics) that are not finite."""
