@@ -77,6 +77,7 @@ __all__ = [
     "spread_blocks",
     "stage_blocks",
     "stages",
+    "uncompiled",
     "unwrap_model",
 ]
 
@@ -103,6 +104,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             inner = orig
         else:
             return inner
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` without its ``torch.compile`` wrappers (DDP and DataParallel kept).
+
+    A compiled graph runs the forward hooks it saw when it was traced: hooks registered on a
+    submodule afterwards, as every feature capture does, are silently skipped. Passes that
+    capture or replace a site's output therefore run the eager module.
+    """
+    while isinstance(orig := getattr(model, "_orig_mod", None), nn.Module):
+        model = orig
+    return model
 
 
 def split_site_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from advfeat.errors import AdvfeatError
 from advfeat.modes import restored_train_flags
 from advfeat.norm.stats import batchnorm_modules
-from advfeat.sites import SiteSplit, capture_features, replace_features, unwrap_model
+from advfeat.sites import SiteSplit, capture_features, replace_features, uncompiled, unwrap_model
 
 __all__ = [
     "DenseTask",
@@ -290,6 +290,8 @@ class ForwardPass(TaskPass):
     def __init__(
         self, task: Task, model: nn.Module, x: Any, y: Any, sites: Sequence[str], *, replay: bool
     ) -> None:
+        model = uncompiled(model)  # the captures below are hooks
+        model = uncompiled(model)  # the captures and replacements below are hooks
         self.task, self.model, self.x, self.y = task, model, x, y
         self.inner = unwrap_model(model)
         self.rng = RngReplay(_device_of(x)) if replay else None
@@ -318,6 +320,7 @@ class HookPass(TaskPass):
     """
 
     def __init__(self, task: Task, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> None:
+        model = uncompiled(model)  # the captures and replacements below are hooks
         self.task, self.model, self.x, self.y = task, model, x, y
         self.inner = unwrap_model(model)
         self.rng = RngReplay(_device_of(x))
