@@ -302,10 +302,11 @@ def test_afa_stage2_exports_the_fused_model_and_says_what_it_holds(
     assert {k: afa[k] for k in ("first", "last", "source", "per_layer")} == {
         "first": "eps0",
         "last": "eps2",
-        "source": None,
+        "source": "layer1",  # §4.3: the end of the first stage, the default
         "per_layer": False,
     }
-    assert afa["generator"]["in_channels"] == 3 and afa["generator"]["out_features"] == 1
+    assert afa["prefix_weight"] == 0.5  # the stem's BN runs before layer1
+    assert afa["generator"]["in_channels"] == 16 and afa["generator"]["out_features"] == 1
     model_info = json.loads((tmp_path / "model_info.json").read_text())
     assert "weight generator" in model_info["architecture"]
     # the stock backbone's keys, each BN layer as BN_0 (first) and BN_K-1 (last), and the generator
