@@ -142,4 +142,4 @@ def test_task_defaults_and_classification_defaults() -> None:
     assert cls.opts.adv_bn_stats == "update" and alfa.opts.adv_bn_stats == "update"
     # classification: the papers' sum (docs/results.md §10); dense: the convex combination
     assert alfa.opts.loss_weighting == "sum" and cls.opts.loss_weighting == "sum"
-    assert build_method("l-alfa").opts.loss_weighting == "mean"
+    assert build_method("l-alfa").opts.loss_weighting == "sum"
