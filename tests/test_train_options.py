@@ -71,6 +71,28 @@ def test_ema_update_and_the_run_evaluates_the_average(tmp_path: Path) -> None:
     assert "moving average" in loaded.info["weights"]
 
 
+def test_ema_averages_every_float_tensor_and_copies_integer_buffers() -> None:
+    """Three steps of the fused update equal decay·ema + (1 − decay)·value tensor by tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ema = ModelEMA(model, 0.8)
+    expected = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    for _ in range(3):
+        model.train()(torch.randn(2, 3, 5, 5))  # moves the BN buffers
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param))
+        ema.update(model)
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                expected[key] = 0.8 * expected[key] + 0.2 * value
+            else:
+                expected[key] = value.clone()
+    for key, value in ema.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key])
+    assert int(ema.model[1].num_batches_tracked) == 3
+
+
 def test_fp16_needs_cuda_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: fp16 is allowed")

@@ -32,14 +32,19 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """One averaging step towards ``model``'s current weights."""
+        """One averaging step towards ``model``'s current weights: the floating-point tensors in
+        one fused ``lerp`` over the whole list (a few kernel launches, not two per tensor)."""
         current = model.state_dict()
+        averaged, targets = [], []
         for key, value in self.model.state_dict().items():
             new = current[key].detach()
             if value.dtype.is_floating_point:
-                value.mul_(self.decay).add_(new.to(value.dtype), alpha=1 - self.decay)
+                averaged.append(value)
+                targets.append(new.to(value.dtype))
             else:
                 value.copy_(new)
+        if averaged:  # ema + (1 − decay)·(new − ema) = decay·ema + (1 − decay)·new
+            torch._foreach_lerp_(averaged, targets, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Any]:
         return self.model.state_dict()

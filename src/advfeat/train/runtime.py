@@ -20,8 +20,10 @@ CUDA_MEMORY_FRACTION_ENV = "ADVFEAT_CUDA_MEMORY_FRACTION"
 def set_deterministic(enabled: bool) -> None:
     """``enabled``: deterministic kernels only (``torch.use_deterministic_algorithms``; an op
     without a deterministic version raises), cuDNN autotuning off, and the cuBLAS workspace that
-    deterministic matrix products need on CUDA ≥ 10.2."""
+    deterministic matrix products need on CUDA ≥ 10.2; otherwise cuDNN autotuning on."""
     if not enabled:
+        # static shapes (drop_last): cuDNN picks the fastest convolution once per shape
+        torch.backends.cudnn.benchmark = True
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
