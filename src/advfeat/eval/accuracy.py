@@ -22,8 +22,11 @@ def evaluate_accuracy(
     workers: int = 0,
 ) -> dict[str, float]:
     """Return ``{"top1": ..., "top5": ...}`` (fractions in [0, 1]) of ``model`` on ``dataset``."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    hits = {k: 0 for k in topk}
+    pin = torch.device(device).type == "cuda"
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin
+    )
+    hits = torch.zeros(len(topk), dtype=torch.long, device=device)  # read once, at the end
     total = 0
     with eval_mode(model):
         for x, y in loader:
@@ -31,7 +34,8 @@ def evaluate_accuracy(
             logits = model(x)
             k_max = min(max(topk), logits.shape[1])
             top = logits.topk(k_max, dim=1).indices
-            for k in topk:
-                hits[k] += int((top[:, : min(k, k_max)] == y[:, None]).any(dim=1).sum())
+            for i, k in enumerate(topk):
+                hits[i] += (top[:, : min(k, k_max)] == y[:, None]).any(dim=1).sum()
             total += y.numel()
-    return {f"top{k}": hits[k] / max(total, 1) for k in topk}
+    counts = hits.tolist()
+    return {f"top{k}": counts[i] / max(total, 1) for i, k in enumerate(topk)}
