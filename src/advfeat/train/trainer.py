@@ -312,9 +312,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- training
     @property
+    def local_batch_size(self) -> int:
+        """This process's share of the global batch."""
+        return self.cfg.batch_size // self.dist.world_size
+
+    @property
     def steps_per_epoch(self) -> int:
         """Optimiser steps per epoch (full batches of this process's share of the data)."""
-        steps = len(self.sampler) // (self.cfg.batch_size // self.dist.world_size)
+        steps = len(self.sampler) // self.local_batch_size
         cap = self.cfg.max_steps_per_epoch
         return steps if cap is None else min(steps, cap)
 
@@ -340,7 +345,7 @@ class Trainer:
         """Epoch ``epoch``'s batches of this process: cut on the device (``device_data``) or
         loaded by a DataLoader; both start after the sampler's ``skip`` items when iterated."""
         self.sampler.set_epoch(epoch)
-        batch_size = self.cfg.batch_size // self.dist.world_size
+        batch_size = self.local_batch_size
         if self.device_images is not None:
             seed = augment_seed(self.cfg.seed, epoch)
             return DeviceEpoch(self.device_images, self.sampler, batch_size, seed=seed)
@@ -364,11 +369,7 @@ class Trainer:
         torch.manual_seed(_epoch_seed(cfg.seed, epoch))
         self.sampler.skip = 0
         loader = self._loader(epoch)
-        steps = (
-            len(loader)
-            if cfg.max_steps_per_epoch is None
-            else min(len(loader), cfg.max_steps_per_epoch)
-        )
+        steps = self.steps_per_epoch
         if steps == 0:
             raise AdvfeatError(
                 f"the training set ({self.sampler.n} items) is smaller than one batch "
@@ -383,7 +384,7 @@ class Trainer:
         if partial is not None and int(partial["epoch"]) == epoch:
             # resumed mid-epoch: skip the batches already trained on, restore the RNG and sums
             first = int(partial["step"])
-            self.sampler.skip = first * (cfg.batch_size // self.dist.world_size)
+            self.sampler.skip = first * self.local_batch_size
             restored = {str(k): float(v) for k, v in partial["sums"].items()}
             seen = int(partial["seen"])
             if partial.get("correct") and "train_acc" not in restored:  # checkpoints before Task
