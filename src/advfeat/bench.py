@@ -32,6 +32,11 @@ configuration, whose options are then set with ``--set LABEL.option=value``. Ben
 settings per label (:data:`BENCH_SETTINGS`): ``frontier=false`` runs a site inside a residual
 block with the full-model fallback (as before frontiers were captured), ``live_site=SITE`` holds
 L-ALFA's strengths η one-hot at ``SITE`` (η converged to one live site).
+
+Every step runs as the trainer runs it: the attacks' finiteness checks are left to the caller
+(no host read per attack). ``cuda_graph=True`` (CUDA only) times the step captured as one CUDA
+graph (:mod:`advfeat.train.graphs`), as ``cuda_graph`` trains it, for each method whose step can
+be captured; the others are timed eagerly and their row says why (``steps``).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from advfeat.attacks.base import deferred_finite_checks
 from advfeat.checkpoint import InitialWeights
 from advfeat.errors import AdvfeatError
 from advfeat.methods import METHODS, Method, PrepareContext
@@ -70,6 +76,7 @@ from advfeat.tasks import (
     build_detector,
     build_segmenter,
 )
+from advfeat.train.graphs import CapturedStep, CudaGraphs, GraphBackend, use_tensor_learning_rates
 
 __all__ = [
     "BENCH_SETTINGS",
@@ -105,6 +112,8 @@ class BenchResult:
     label: str = ""
     bench_settings: dict[str, Any] = field(default_factory=dict)
     images_per_s: float = 0.0
+    steps: str = "eager"
+    """``captured`` (one CUDA graph per step) or ``eager`` (and why not captured)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,7 @@ class _Setup:
     threads: int
     amp: str | None = None
     channels_last: bool = False
+    cuda_graph: bool = False
 
 
 def parse_method_specs(
@@ -202,8 +212,11 @@ def _make_step(
     spec: MethodSpec,
     amp: str | None = None,
     device_type: str = "cpu",
+    graphed: bool = False,
 ) -> Callable[[], None]:
     opt = torch.optim.SGD(method.parameter_groups(model), lr=1e-3, momentum=0.9)
+    if graphed:  # the update a captured step runs: fused, the rate in a device tensor
+        use_tensor_learning_rates(opt, torch.device(device_type))
     hold = _hold_strengths(method, spec.live_site) if spec.live_site else None
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
@@ -212,7 +225,7 @@ def _make_step(
         return torch.autocast(device_type, dtype=AMP_DTYPES[amp])
 
     def step() -> None:
-        with frontier_capture(spec.frontier), autocast():
+        with frontier_capture(spec.frontier), autocast(), deferred_finite_checks():
             out = method(model, x, y)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -278,7 +291,29 @@ def _build(setup: _Setup, spec: MethodSpec) -> tuple[Callable[[], None], Method]
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     method.to(dev)
-    return _make_step(method, model, x, y, spec, setup.amp, dev.type), method
+    graphed = setup.cuda_graph and method.capture_refusal() is None
+    return _make_step(method, model, x, y, spec, setup.amp, dev.type, graphed), method
+
+
+def graph_backend(device: torch.device) -> GraphBackend:
+    """How ``cuda_graph=True`` captures a step (tests replace it to run on the CPU)."""
+    return CudaGraphs(device)
+
+
+def _captured(
+    step: Callable[[], None], method: Method, dev: torch.device
+) -> tuple[Callable[[], None], str]:
+    """``step`` captured as one CUDA graph (one eager step, capture, one replay), or ``step``
+    itself when the method's step cannot be captured; with how it runs."""
+    refusal = method.capture_refusal()
+    if refusal is not None:
+        return step, f"eager ({refusal})"
+    captured = CapturedStep(step, graph_backend(dev), warmup=1)
+    captured()
+    captured()
+    if captured.failure is not None:
+        return step, f"eager (capture failed: {captured.failure})"
+    return captured, "captured"
 
 
 def conv_backward_flops(
@@ -402,13 +437,15 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     order: str = "interleaved",
     on_rows: Callable[[list[BenchResult]], None] | None = None,
+    cuda_graph: bool = False,
 ) -> list[BenchResult]:
     """Benchmark ``methods`` (``standard`` is added first when missing) and return one row each.
 
     ``methods`` are names or ``LABEL=NAME`` (options per label in ``method_options``), or
     :class:`MethodSpec` objects. ``memory=False`` skips the peak-memory measurement.
     ``amp="bf16"`` runs the forward passes under autocast; ``channels_last`` converts the model
-    and the batch to that memory format. ``order`` and ``on_rows``: see the module doc.
+    and the batch to that memory format. ``order``, ``on_rows`` and ``cuda_graph``: see the
+    module doc.
     """
     if order not in ORDERS:
         raise AdvfeatError(f"order must be one of {list(ORDERS)}, got {order!r}")
@@ -435,6 +472,7 @@ def run_bench(
         torch.get_num_threads(),
         amp,
         channels_last,
+        cuda_graph,
     )
     dev = torch.device(device)
     labels = [s.label for s in specs]
@@ -443,6 +481,7 @@ def run_bench(
     used: dict[str, dict[str, Any]] = {}
     peak: dict[str, float | None] = dict.fromkeys(labels)
     times: dict[str, list[float]] = {n: [] for n in labels}
+    how: dict[str, str] = dict.fromkeys(labels, "eager")
 
     def prepare(spec: MethodSpec) -> None:
         step, method = _build(setup, spec)
@@ -453,6 +492,8 @@ def run_bench(
             step()
         if memory and dev.type == "cuda":
             peak[spec.label] = _cuda_peak_mb(step, dev)
+        if cuda_graph:
+            steps[spec.label], how[spec.label] = _captured(step, method, dev)
         if progress:
             progress(f"prepared {spec.label}")
 
@@ -473,7 +514,7 @@ def run_bench(
 
     def report(done: list[MethodSpec]) -> None:
         if on_rows is not None:
-            on_rows(_results(done, times, flops, used, peak, batch_size))
+            on_rows(_results(done, times, flops, used, peak, batch_size, how))
 
     if order == "sequential":
         for i, spec in enumerate(specs):
@@ -486,7 +527,7 @@ def run_bench(
             if progress:
                 progress(f"timed {spec.label} ({i + 1}/{len(specs)})")
             report(specs[: i + 1])
-        return _results(specs, times, flops, used, peak, batch_size)
+        return _results(specs, times, flops, used, peak, batch_size, how)
     for spec in specs:
         prepare(spec)
     for r in range(iters):
@@ -500,7 +541,7 @@ def run_bench(
         for spec in specs:
             cpu_peak(spec)
         report(specs)
-    return _results(specs, times, flops, used, peak, batch_size)
+    return _results(specs, times, flops, used, peak, batch_size, how)
 
 
 def _results(
@@ -510,6 +551,7 @@ def _results(
     used: dict[str, dict[str, Any]],
     peak: dict[str, float | None],
     batch_size: int,
+    how: dict[str, str],
 ) -> list[BenchResult]:
     ref_ms = statistics.median(times["standard"]) * 1e3
     ref_mem = peak["standard"]
@@ -542,6 +584,7 @@ def _results(
                 label=label,
                 bench_settings=settings,
                 images_per_s=round(batch_size / (ms / 1e3), 1),
+                steps=how[label],
             )
         )
     return results
@@ -556,6 +599,7 @@ def bench_table(results: list[BenchResult]) -> str:
     ]
     for r in results:
         name = r.label if r.label in ("", r.method) else f"{r.label} ({r.method})"
+        name += ", captured" if r.steps == "captured" else ""
         mem = "n/a" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"
         mem_ratio = "n/a" if r.mem_ratio_vs_standard is None else f"{r.mem_ratio_vs_standard:.2f}"
         lines.append(

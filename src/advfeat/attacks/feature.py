@@ -317,6 +317,7 @@ def sample_strengths(
     generator: torch.Generator | None = None,
     *,
     spacing: Literal["random", "grid"] = "random",
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """A-FAN's k perturbation strengths in ``(0, alpha_max]`` (A-FAN Eq. 5, Algorithm 1 line 2).
 
@@ -327,16 +328,18 @@ def sample_strengths(
     from [0, α]", §4). ``spacing="random"`` (default) draws k i.i.d. uniform values, redrawn at
     every call; ``spacing="grid"`` is the other reading, the fixed grid ``alpha_max·i/k``,
     i = 1..k. Zero is excluded (a zero strength is no augmentation and cannot serve as the
-    reference strength of A-FAN's S1.1 rescaling). Returns a CPU tensor of shape ``(k,)``.
+    reference strength of A-FAN's S1.1 rescaling). Returns a tensor of shape ``(k,)`` on
+    ``device`` (default the CPU; drawn there, so that a captured training step draws new ones).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise AdvfeatError(f"k (number of strengths) must be an integer >= 1, got {k!r}")
     _check_strength("alpha_max", alpha_max, positive=True)
     if spacing == "grid":
-        return alpha_max * torch.arange(1, k + 1, dtype=torch.float64).float() / k
+        grid = alpha_max * torch.arange(1, k + 1, dtype=torch.float64).float() / k
+        return grid.to(device or "cpu")
     if spacing != "random":
         raise unknown_name("strength spacing", str(spacing), ["random", "grid"])
-    u = torch.rand(k, generator=generator, dtype=torch.float64)
+    u = torch.rand(k, generator=generator, dtype=torch.float64, device=device)
     return (alpha_max * (1.0 - u)).float()
 
 

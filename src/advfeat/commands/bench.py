@@ -49,6 +49,12 @@ def add_parser(sub: Any) -> None:
         "--channels-last", action="store_true", help="model and batch in channels_last format"
     )
     p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="time each step captured as one CUDA graph, as cuda_graph trains it (CUDA only; "
+        "methods whose step cannot be captured are timed eagerly and their row says why)",
+    )
+    p.add_argument(
         "--no-memory",
         dest="memory",
         action="store_false",
@@ -84,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
             raise AdvfeatError(f"--set for bench expects METHOD.OPTION=VALUE, got {text!r}")
         options.setdefault(method, {})[option] = value
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        raise AdvfeatError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     if args.json:
         from pathlib import Path
 
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             "image_size": args.image_size,
             "amp": args.amp,
             "channels_last": args.channels_last,
+            "cuda_graph": args.cuda_graph,
             "order": args.order,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -137,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
         order=args.order,
         on_rows=write,
+        cuda_graph=args.cuda_graph,
     )
     print(bench_table(results))
     if args.json:

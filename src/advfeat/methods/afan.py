@@ -157,24 +157,44 @@ class AFAN(FeatureAugmentation):
             return bool(opts.rescale)
         return opts.steps == 1 and (opts.eps is None or opts.alpha <= opts.eps)
 
+    def capture_refusal(self) -> str | None:
+        """Capturable when no strength is a Python number drawn per step: one rescaled attack
+        (the strengths are then drawn on the device), the fixed grid, or the noise ablation."""
+        if not self.task.capturable:
+            return f"{self.task.name} batches are not captured"
+        opts = self.opts
+        if (
+            opts.random_noise is None
+            and not self.uses_rescaling
+            and opts.strength_spacing != "grid"
+        ):
+            return (
+                "A-FAN draws its k strengths on the CPU for k separate attacks (steps > 1 or "
+                "alpha > eps); a captured step would repeat them"
+            )
+        return None
+
     def perturbations(
         self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor, y: Any, alphas: Tensor
-    ) -> list[tuple[Tensor, float]]:
+    ) -> list[tuple[Tensor, Tensor | float]]:
         """``(δ, s)`` pairs with ``f_adv^(i) = f + s·δ`` for each strength (Eq. 5).
 
-        Rescaling (S1.1, ``f_adv^(i) = f_adv^(1) + (α_i/α_1 − 1)·δ_1``, the same thing): one δ_1
-        at ``alphas[0]`` (Algorithm 1 lines 3-4: the first sampled strength) and
-        ``s_i = α_i/α_1``; otherwise one attack (or one draw
-        of noise, std ``noise_std`` or α: Table 8's N(0, α²)) per strength and ``s_i = 1``.
-        δ is detached; ``f`` keeps its graph.
+        Rescaling (S1.1, ``f_adv^(i) = f_adv^(1) + (α_i/α_1 − 1)·δ_1``, the same thing): the
+        sign step is linear in its strength while it stays inside the ball
+        (:attr:`uses_rescaling`), so one δ at the largest strength α (``opts.alpha``) and
+        ``s_i = α_i/α`` give ``f + α_i·sign(∇)`` for each sampled α_i, as δ_1 at α_1 (Algorithm
+        1 lines 3-4) with ``s_i = α_i/α_1`` does; the attack's strength is then a fixed number
+        and the s_i stay on the device. Otherwise one attack (or one draw of noise, std
+        ``noise_std`` or α: Table 8's N(0, α²)) per strength and ``s_i = 1``. δ is detached;
+        ``f`` keeps its graph.
         """
         if self.opts.random_noise is not None:
             return [(self.noise(feature), 1.0) for _ in range(alphas.numel())]
         eps = self.opts.eps
         if self.uses_rescaling:
-            a1 = float(alphas[0])
-            delta1 = self.feature_attack(model, clean, site, feature, y, a1, eps)
-            return [(delta1, float(a) / a1) for a in alphas]
+            reference = self.opts.alpha
+            delta = self.feature_attack(model, clean, site, feature, y, reference, eps)
+            return [(delta, s) for s in (alphas / reference).unbind()]
         return [
             (self.feature_attack(model, clean, site, feature, y, float(a), eps), 1.0)
             for a in alphas
@@ -189,7 +209,12 @@ class AFAN(FeatureAugmentation):
         sizes: list[Tensor] = []
         for site in sites:
             f = self.adv_feature(clean.features[site])
-            alphas = sample_strengths(opts.k, opts.alpha, spacing=opts.strength_spacing)
+            alphas = sample_strengths(
+                opts.k,
+                opts.alpha,
+                spacing=opts.strength_spacing,
+                device=f.device if self.uses_rescaling else None,
+            )
             pairs = self.perturbations(model, clean, site, f, y, alphas)
             afn = (
                 AdversarialFeatureNormalization(f, opts.afn_stats, opts.afn_eps)
@@ -200,7 +225,8 @@ class AFAN(FeatureAugmentation):
             for delta, scale in pairs:
                 if id(delta) not in norms:
                     norms[id(delta)] = delta.flatten(1).norm(dim=1).mean()
-                sizes.append(abs(scale) * norms[id(delta)])
+                size = scale.abs() if isinstance(scale, Tensor) else abs(scale)
+                sizes.append(size * norms[id(delta)])
                 f_in = afn(delta, scale) if afn is not None else add_perturbation(f, delta, scale)
                 losses.append(self.adversarial_loss(model, clean, site, f_in, y))
         loss, loss_adv = self.combine(clean.loss, losses)

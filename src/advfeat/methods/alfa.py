@@ -114,6 +114,10 @@ class ALFA(FeatureAugmentation):
         self.check_joint_sites()
         self.requested_sites()
 
+    def capture_refusal(self) -> str | None:
+        """Capturable: fixed sites, fixed strengths, random starts drawn on the device."""
+        return None if self.task.capturable else f"{self.task.name} batches are not captured"
+
     def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
         self.task.check(x, y)
         sites = self.resolve_sites(model)

@@ -169,14 +169,16 @@ class AdversarialFeatureNormalization:
             self._cache = (delta, (mu, var, cov))
         return self._cache[1]
 
-    def adversarial_moments(self, delta: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    def adversarial_moments(
+        self, delta: Tensor, scale: float | Tensor = 1.0
+    ) -> tuple[Tensor, Tensor]:
         """``(μ_adv, σ_adv)`` of ``f + scale·δ`` (σ includes ``eps``, as batch norm's)."""
         mu_d, var_d, cov = self._moments_of(delta)
         mean = self.mean + scale * mu_d
         var = (self.var + (2 * scale) * cov + (scale * scale) * var_d).clamp_min(0)
         return mean, (var + self.eps).sqrt()
 
-    def __call__(self, delta: Tensor, scale: float = 1.0) -> Tensor:
+    def __call__(self, delta: Tensor, scale: float | Tensor = 1.0) -> Tensor:
         """``f_mix`` for the adversarial feature ``f + scale·δ`` (δ is a constant)."""
         mean, sigma = self.adversarial_moments(delta, scale)
         return (sigma * self.normalized + mean).to(self.dtype)

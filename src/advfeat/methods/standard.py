@@ -32,6 +32,10 @@ class Standard(Method):
                 f"label_smoothing applies to classification, not {self.task.name}; leave it 0"
             )
 
+    def capture_refusal(self) -> str | None:
+        """One pass and its loss: capturable on a task whose batches are."""
+        return None if self.task.capturable else f"{self.task.name} batches are not captured"
+
     def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
         self.task.check(x, y)
         output = self.task.forward_output(model, x, y)

@@ -154,6 +154,9 @@ class Task(ABC):
     primary_metric: str = ""
     autocast: bool = True
     """Whether training may run under autocast (torchvision's box coder wants float32)."""
+    capturable: bool = False
+    """Whether a training step on this task's batches may be captured as a CUDA graph (tensor
+    batches of one shape, no host reads: classification)."""
 
     # ---------------------------------------------------------------------------- batches
     @abstractmethod

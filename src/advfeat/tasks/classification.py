@@ -40,6 +40,7 @@ class ClassificationTask(Task):
     name = "classification"
     metrics = ("acc", "top5")
     primary_metric = "acc"
+    capturable = True
 
     def __init__(self, num_classes: int | None = None) -> None:
         self.num_classes = num_classes

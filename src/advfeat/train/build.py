@@ -8,9 +8,11 @@ whose ``tasks`` include it — ``standard``, ``alfa``, ``afan`` for detection an
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from advfeat.checkpoint import read_initial_weights
@@ -32,6 +34,7 @@ from advfeat.tasks import (
     build_segmenter,
 )
 from advfeat.train.config import TrainConfig
+from advfeat.train.graphs import graph_refusal, resolve_cuda_graph
 
 __all__ = [
     "RunParts",
@@ -95,15 +98,25 @@ def check_config(cfg: TrainConfig, *, check_device: bool = True) -> None:
     from advfeat.train.trainer import resolve_device  # the trainer imports this module
 
     cfg.validate()
-    if check_device:
-        resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if check_device else None
     check_dataset(cfg.dataset, cfg.data_dir, **_dataset_arguments(cfg, {}))
-    if cfg.model in DETECTORS or cfg.model in SEGMENTERS:
-        task: Task = DetectionTask(2) if cfg.model in DETECTORS else SegmentationTask(2)
-        build_task_method(cfg.method, task, **cfg.method_options)
-        return
-    build_task_method(cfg.method, ClassificationTask(), **cfg.method_options)
-    build_model(cfg.model, num_classes=10, **cfg.model_options)
+    dense = cfg.model in DETECTORS or cfg.model in SEGMENTERS
+    task: Task = ClassificationTask()
+    if dense:
+        task = DetectionTask(2) if cfg.model in DETECTORS else SegmentationTask(2)
+    method = build_task_method(cfg.method, task, **cfg.method_options)
+    if device is not None and cfg.cuda_graph == "true":
+        refusal = graph_refusal(
+            device=device,
+            distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
+            compiled=cfg.compile,
+            amp_dtype=torch.float16 if cfg.amp and cfg.amp_dtype == "float16" else None,
+            optimizer=cfg.optimizer,
+            method_refusal=method.capture_refusal(),
+        )
+        resolve_cuda_graph(cfg.cuda_graph, refusal)
+    if not dense:
+        build_model(cfg.model, num_classes=10, **cfg.model_options)
 
 
 def build_parts(cfg: TrainConfig, data: DatasetBundle | None = None) -> RunParts:

@@ -94,6 +94,11 @@ class TrainConfig:
     """Hold the training images on the device and crop / flip them there in batches (the
     in-memory datasets: CIFAR-10/100, SVHN, cifar10-jpeg, shapes); ``auto``: on CUDA when the
     dataset allows it, ``true``: on any device, ``false``: a DataLoader."""
+    cuda_graph: str = option("auto", Choice("auto", "true", "false"))
+    """Capture the whole training step as one CUDA graph and replay it per batch
+    (:mod:`advfeat.train.graphs`); ``auto``: on CUDA when the method's step can be captured
+    (``standard``, ``alfa``, ``afan`` with one rescaled attack), ``true``: required (an error
+    says why not), ``false``: eager steps."""
     eval_shifted: bool = option(True, Flag())
     max_steps_per_epoch: int | None = option(None, Integer(low=1, optional=True))
     progress: bool = option(True, Flag())

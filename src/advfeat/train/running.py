@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Divergence", "DivergenceWatch", "RunningSums"]
+__all__ = ["Divergence", "DivergenceWatch", "RunningSums", "weight_norm"]
 
 
 class RunningSums:
@@ -24,6 +24,13 @@ class RunningSums:
     def __init__(self, device: torch.device, start: Mapping[str, float] | None = None) -> None:
         self.device = device
         self.totals: dict[str, Tensor] = {}
+        self.add(start or {})
+
+    def reset(self, start: Mapping[str, float] | None = None) -> None:
+        """Start a new epoch's sums (at ``start`` when resuming one), in place: the tensors stay
+        the ones a captured step (:mod:`advfeat.train.graphs`) adds to."""
+        for total in self.totals.values():
+            total.zero_()
         self.add(start or {})
 
     def add(self, values: Mapping[str, Tensor | float], weight: int = 1) -> None:
@@ -67,12 +74,19 @@ class DivergenceWatch:
         """The first non-finite step of each watched value, -1 while it has stayed finite."""
         self.values = torch.zeros(len(self.WATCHED), dtype=torch.float32, device=device)
 
-    def observe(self, step: int, loss: Tensor, weight_norm: Tensor) -> None:
-        """Note step ``step``'s loss and weight norm (one-element tensors)."""
+    def reset(self) -> None:
+        """Forget what was seen (a new epoch), in place like :meth:`observe`."""
+        self.steps.fill_(-1)
+        self.values.zero_()
+
+    def observe(self, step: int | Tensor, loss: Tensor, weight_norm: Tensor) -> None:
+        """Note step ``step``'s loss and weight norm (one-element tensors; the step a number or
+        a one-element integer tensor on the device). The record is updated in place, so that a
+        captured step keeps writing to the tensors :meth:`first` reads."""
         values = torch.stack([loss.detach().float().reshape(()), weight_norm.float().reshape(())])
         first = ~torch.isfinite(values) & (self.steps < 0)
-        self.steps = torch.where(first, step, self.steps)
-        self.values = torch.where(first, values, self.values)
+        self.steps.copy_(torch.where(first, step, self.steps))
+        self.values.copy_(torch.where(first, values, self.values))
 
     def first(self) -> Divergence | None:
         """The earliest non-finite value (the loss before the weights of the same step), or
@@ -84,3 +98,14 @@ class DivergenceWatch:
             return None
         step, i = min(seen)
         return Divergence(self.WATCHED[i], step, values[i])
+
+
+def weight_norm(model: nn.Module, device: torch.device) -> Tensor:
+    """The L2 norm of all of ``model``'s parameters in float32, on the device: ``inf`` / ``nan``
+    once any weight is non-finite or so large that its square overflows (what
+    :class:`DivergenceWatch` watches after each update)."""
+    params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+    if not params:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm([p.float() for p in params])
+    return torch.linalg.vector_norm(torch.stack(norms))

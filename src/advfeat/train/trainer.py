@@ -61,6 +61,15 @@ from advfeat.train.config import TrainConfig
 from advfeat.train.device_data import DeviceEpoch, augment_seed, device_images
 from advfeat.train.distributed import EpochSampler, init_distributed
 from advfeat.train.ema import ModelEMA
+from advfeat.train.graphs import (
+    CapturedStep,
+    CudaGraphs,
+    graph_refusal,
+    resolve_cuda_graph,
+    set_learning_rate,
+    use_tensor_learning_rates,
+    warn_capture_failed,
+)
 from advfeat.train.loggers import Loggers
 from advfeat.train.optim import build_optimizer
 from advfeat.train.precision import MixedPrecision
@@ -71,7 +80,7 @@ from advfeat.train.rundir import (
     config_differences,
     resume_refusal,
 )
-from advfeat.train.running import DivergenceWatch, RunningSums
+from advfeat.train.running import DivergenceWatch, RunningSums, weight_norm
 from advfeat.train.runtime import cap_cuda_memory, set_deterministic, sync_batchnorm
 from advfeat.train.schedule import check_warmup, describe_schedule, lr_factor, warmup_length
 
@@ -185,6 +194,27 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+        refusal = graph_refusal(
+            device=self.device,
+            distributed=self.dist.enabled,
+            compiled=cfg.compile,
+            amp_dtype=self.precision.dtype,
+            optimizer=cfg.optimizer,
+            method_refusal=self.method.capture_refusal(),
+        )
+        self.cuda_graph = resolve_cuda_graph(cfg.cuda_graph, refusal)
+        """Whether each epoch's steps are captured as one CUDA graph (``cuda_graph``)."""
+        self.graph_note = (
+            "captured" if self.cuda_graph else f"eager ({refusal or 'cuda_graph=false'})"
+        )
+        """How the steps ran, for metrics.json: captured, or eager and why."""
+        if self.cuda_graph:
+            use_tensor_learning_rates(self.optimizer, self.device)
+        self._captured: CapturedStep | None = None
+        # what a step writes to, kept for the whole run so that a captured step writes there
+        self._sums = RunningSums(self.device)
+        self._watch = DivergenceWatch(self.device)
+        self._step_index = torch.zeros((), dtype=torch.int64, device=self.device)
         self.sampler = EpochSampler(
             len(self.data.train),  # type: ignore[arg-type]
             seed=cfg.seed,
@@ -300,6 +330,8 @@ class Trainer:
         unwrap(self.model).load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.cuda_graph:  # the rates come back as numbers or CPU tensors
+            use_tensor_learning_rates(self.optimizer, self.device)
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         self.precision.load_state_dict(state.get("scaler", {}))
@@ -338,7 +370,7 @@ class Trainer:
             power=cfg.poly_power,
         )
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * factor * group.get("lr_scale", 1.0)
+            set_learning_rate(group, cfg.lr * factor * group.get("lr_scale", 1.0))
         return cfg.lr * factor
 
     def _loader(self, epoch: int) -> DataLoader | DeviceEpoch:
@@ -393,8 +425,10 @@ class Trainer:
             torch.set_rng_state(partial["rng"])
             if self.device.type == "cuda" and partial.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(partial["cuda_rng"], self.device)
-        sums = RunningSums(self.device, restored)
-        watch = DivergenceWatch(self.device)
+        sums, watch = self._sums, self._watch
+        sums.reset(restored)
+        watch.reset()
+        self._captured = self._capture_epoch() if self.cuda_graph else None
         bar = self._progress(steps, epoch)
         if bar is not None and first:
             bar.update(first)
@@ -447,23 +481,51 @@ class Trainer:
 
         Nothing here waits for the device: the step's metrics are added to ``sums`` and its loss
         and weight norm to ``watch`` as device tensors, and the attacks' own finiteness checks
-        are left to ``watch`` (a non-finite perturbation makes the loss non-finite).
+        are left to ``watch`` (a non-finite perturbation makes the loss non-finite). Under
+        ``cuda_graph`` the epoch's captured step runs it (:meth:`_capture_epoch`).
         """
         x, y = self.task.to_device(x, y, self.device)
         if self.cfg.channels_last and isinstance(x, torch.Tensor):
             x = x.contiguous(memory_format=torch.channels_last)
+        self._step_index.fill_(step)
+        if self._captured is not None:
+            self._captured(x, y)
+        else:
+            self._step_on(x, y, sums, watch)
+        return int(self.task.batch_size(x))
+
+    def _capture_epoch(self) -> CapturedStep | None:
+        """This epoch's captured step (captured anew each epoch, so that what a method changes
+        between epochs is seen), or ``None`` once a capture has failed in this run."""
+        if self.graph_note != "captured":
+            return None
+
+        def failed(reason: str) -> None:
+            self.graph_note = f"eager (capture failed: {reason})"
+            if self.dist.is_main:
+                warn_capture_failed(reason)
+
+        return CapturedStep(
+            lambda x, y: self._step_on(x, y, self._sums, self._watch),
+            CudaGraphs(self.device),
+            warmup=3 if self._captured is None else 1,
+            required=self.cfg.cuda_graph == "true",
+            on_failure=failed,
+        )
+
+    def _step_on(self, x: Any, y: Any, sums: RunningSums, watch: DivergenceWatch) -> None:
+        """The step itself: the method's passes, backward, update, EMA and the running sums."""
         with self.precision.autocast(), deferred_finite_checks():
             out = self.method(self.train_model, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.step(out.loss, self.optimizer)
         if self.ema is not None:
             self.ema.update(unwrap(self.model))
-        watch.observe(step, out.loss, self._weight_norm())
+        watch.observe(self._step_index, out.loss, weight_norm(self.model, self.device))
         n = self.task.batch_size(x)
         running = self.task.running_metrics(out.logits, y)
         sums.add({f"train_{k}": v for k, v in running.items()})
         sums.add({"loss": out.loss, **out.log_values}, weight=n)
-        return n
 
     def _raise_if_diverged(self, watch: DivergenceWatch, epoch: int) -> None:
         """Raise :class:`TrainingDiverged` when ``watch`` saw a non-finite loss or weight norm
@@ -488,16 +550,6 @@ class Trainer:
         shown = {k: f"{v / seen:.3f}" for k, v in {"loss": totals["loss"], **running}.items()}
         rate = seen * self.dist.world_size / max(elapsed, 1e-9)
         bar.set_postfix(**shown, img_s=f"{rate:.0f}")
-
-    def _weight_norm(self) -> torch.Tensor:
-        """The L2 norm of all parameters in float32, on the device: ``inf`` / ``nan`` once any
-        weight is non-finite or so large that its square overflows (the checked, kept weights
-        are usable)."""
-        params = [p.detach() for p in self.model.parameters() if p.is_floating_point()]
-        if not params:
-            return torch.zeros((), device=self.device)
-        norms = torch._foreach_norm([p.float() for p in params])
-        return torch.linalg.vector_norm(torch.stack(norms))
 
     def _check_finite_state(self, epoch: int) -> None:
         """Refuse to checkpoint weights or buffers (BN statistics) that are not finite."""
@@ -727,6 +779,7 @@ class Trainer:
             "dataset": cfg.dataset,
             "epochs": cfg.epochs,
             "seed": cfg.seed,
+            "steps": self.graph_note,
         }
 
     def _task_metrics(self) -> dict[str, Any]:
