@@ -34,6 +34,8 @@ from test_train_step_sync import counted_host_reads, tiny_config
 
 CPU = torch.device("cpu")
 CAPTURED = ("standard", "alfa", "afan")
+AFAN_TABLE_2 = {"steps": 5, "alpha": 0.5 / 255, "k": 3}
+"""A-FAN's Table 2 options: three separate PGD-5 attacks, one per sampled strength."""
 """The methods whose default step is captured."""
 
 
@@ -128,12 +130,8 @@ def test_the_methods_that_say_their_step_can_be_captured() -> None:
     task = ClassificationTask(10)
     capturable = {n for n in METHODS if build_task_method(n, task).capture_refusal() is None}
     assert capturable == set(CAPTURED)
-    # A-FAN with separate attacks draws its strengths as Python numbers: refused
-    afan = build_task_method("afan", task, steps=3)
-    assert "strengths" in str(afan.capture_refusal())
-    assert (
-        build_task_method("afan", task, steps=3, strength_spacing="grid").capture_refusal() is None
-    )
+    # A-FAN with separate attacks (Table 2: PGD-5) too: its strengths reach them as tensors
+    assert build_task_method("afan", task, **AFAN_TABLE_2).capture_refusal() is None
     assert "detection" in str(build_task_method("alfa", DetectionTask(3)).capture_refusal())
 
 
@@ -220,13 +218,20 @@ def replay_by_calling(monkeypatch: pytest.MonkeyPatch) -> list[ReplayByCalling]:
     return backends
 
 
-@pytest.mark.parametrize("method", CAPTURED)
+@pytest.mark.parametrize(
+    ("method", "options"), [*((m, {}) for m in CAPTURED), ("afan", AFAN_TABLE_2)]
+)
 def test_captured_steps_train_as_eager_steps_do(
-    tmp_path: Path, method: str, replay_by_calling: list[ReplayByCalling]
+    tmp_path: Path, method: str, options: dict[str, Any], replay_by_calling: list[ReplayByCalling]
 ) -> None:
     """Same seed, same batches: weights, history and metrics of a captured run equal the
     eager run's; the step reads nothing from the device and keeps its state tensors."""
-    overrides = {"method": method, "device_data": "true", "max_steps_per_epoch": 5}
+    overrides = {
+        "method": method,
+        "method_options": options,
+        "device_data": "true",
+        "max_steps_per_epoch": 5,
+    }
     eager = Trainer(tiny_config(**overrides, cuda_graph="false"), tmp_path / "eager")
     eager_metrics = eager.fit()
     graphed = Trainer(tiny_config(**overrides, cuda_graph="true"), tmp_path / "graphed")

@@ -158,21 +158,8 @@ class AFAN(FeatureAugmentation):
         return opts.steps == 1 and (opts.eps is None or opts.alpha <= opts.eps)
 
     def capture_refusal(self) -> str | None:
-        """Capturable when no strength is a Python number drawn per step: one rescaled attack
-        (the strengths are then drawn on the device), the fixed grid, or the noise ablation."""
-        if not self.task.capturable:
-            return f"{self.task.name} batches are not captured"
-        opts = self.opts
-        if (
-            opts.random_noise is None
-            and not self.uses_rescaling
-            and opts.strength_spacing != "grid"
-        ):
-            return (
-                "A-FAN draws its k strengths on the CPU for k separate attacks (steps > 1 or "
-                "alpha > eps); a captured step would repeat them"
-            )
-        return None
+        """Capturable: the strengths are drawn on the device and reach the attacks as tensors."""
+        return None if self.task.capturable else f"{self.task.name} batches are not captured"
 
     def perturbations(
         self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor, y: Any, alphas: Tensor
@@ -185,8 +172,8 @@ class AFAN(FeatureAugmentation):
         ``s_i = α_i/α`` give ``f + α_i·sign(∇)`` for each sampled α_i, as δ_1 at α_1 (Algorithm
         1 lines 3-4) with ``s_i = α_i/α_1`` does; the attack's strength is then a fixed number
         and the s_i stay on the device. Otherwise one attack (or one draw of noise, std
-        ``noise_std`` or α: Table 8's N(0, α²)) per strength and ``s_i = 1``. δ is detached;
-        ``f`` keeps its graph.
+        ``noise_std`` or α: Table 8's N(0, α²)) per strength, its step size the strength as a
+        device tensor, and ``s_i = 1``. δ is detached; ``f`` keeps its graph.
         """
         if self.opts.random_noise is not None:
             return [(self.noise(feature), 1.0) for _ in range(alphas.numel())]
@@ -196,8 +183,8 @@ class AFAN(FeatureAugmentation):
             delta = self.feature_attack(model, clean, site, feature, y, reference, eps)
             return [(delta, s) for s in (alphas / reference).unbind()]
         return [
-            (self.feature_attack(model, clean, site, feature, y, float(a), eps), 1.0)
-            for a in alphas
+            (self.feature_attack(model, clean, site, feature, y, a, eps), 1.0)
+            for a in alphas.unbind()
         ]
 
     def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
@@ -213,7 +200,7 @@ class AFAN(FeatureAugmentation):
                 opts.k,
                 opts.alpha,
                 spacing=opts.strength_spacing,
-                device=f.device if self.uses_rescaling else None,
+                device=f.device,
             )
             pairs = self.perturbations(model, clean, site, f, y, alphas)
             afn = (

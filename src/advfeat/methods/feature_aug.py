@@ -478,10 +478,10 @@ class FeatureAugmentation(Method):
         site: str,
         feature: Tensor,
         y: Any,
-        alpha: float,
+        alpha: float | Tensor,
         eps: float | None = None,
     ) -> Tensor:
-        """δ of PGD-``steps`` with step ``alpha`` at ``site`` on the task's attack loss; only what
+        """δ of PGD-``steps`` with step ``alpha`` (a number or a 0-d tensor) at ``site`` on the task's attack loss; only what
         follows the site runs (:meth:`TaskPass.tail`)."""
         inner = unwrap(model)
         attack = FeaturePGD(
