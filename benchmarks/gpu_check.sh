@@ -4,15 +4,20 @@
 #   a. environment (nvidia-smi, torch / CUDA versions, whether the CUDA MPS daemon can start)
 #      and parity: bf16 autocast, channels_last and torch.compile against eager fp32, per
 #      method, on the loss, the gradient, L_adv − L_clean and the perturbation δ itself;
+#      then the trainer's captured steps (`cuda_graph`) against its eager steps, per method
+#      (standard, ALFA, A-FAN): weights and loss after 2 epochs, seconds per step;
 #   b. speed: `advfeat bench --order sequential` (rows kept as each method finishes) for every
-#      method on ResNet-20 (32 px, batch 128, bf16) and ResNet-50 (224 px, batch 256, bf16 +
+#      method on ResNet-20 (32 px, batch 128, bf16, steps captured as CUDA graphs where the
+#      method allows: `--cuda-graph`) and ResNet-50 (224 px, batch 256, bf16 +
 #      channels_last, synthetic data on the device), beside the chip's limit (the measured bf16
 #      matmul rate ÷ the step's training FLOPs per image);
 #   c. the papers' protocol: ResNet-20 on CIFAR-10 JPEG, standard / ALFA / A-FAN in their
 #      Table 2 configurations, seeds 0-2, `--recipe afan`; a probe times a few steps of each
 #      arm, the largest epoch count ≤ 200 that fits in the time left is trained (seed-major, each
 #      run checkpointed every epoch, stopped at the time box), and `advfeat compare
-#      --report-only` tabulates the finished runs beside the papers' numbers.
+#      --report-only` tabulates the finished runs beside the papers' numbers. The runs capture
+#      their steps (`cuda_graph=auto`) and share the GPU through the CUDA MPS daemon when part
+#      a found that a client runs through it (MPS=0 turns that off).
 #
 # Everything is written to a scratch folder (SCRATCH); OUT receives at most 8 files: summary.md,
 # results.tar.gz (every log, JSON and table; no checkpoints) and a few small files. The short
@@ -32,6 +37,7 @@ DATA=${DATA:-data}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
 TINY=${TINY:-0}
+MPS=${MPS:-1}
 export PYTHONPATH=${PYTHONPATH:-src}
 SCRATCH=${SCRATCH:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")}
 mkdir -p "$OUT" "$SCRATCH"
@@ -43,9 +49,11 @@ METHODS=standard,alfa,afan,l-alfa,advbn,advprop,fast-advprop,pgd-at,trades,mart,
 # bench: cheap methods first, AFA (4 PGD-10 attacks per step) last
 BENCH_METHODS=standard,alfa,afan,fast-advprop,advprop,advbn,l-alfa,alfa_inner=alfa,pgd-at,trades,mart,afa
 if [[ "$TINY" == 1 ]]; then  # the plumbing only: a few methods, tiny sizes, one seed
-  TOTAL_S=${TOTAL_S:-150} T_A=${T_A:-40} T_B=${T_B:-30}
+  TOTAL_S=${TOTAL_S:-180} T_A=${T_A:-70} T_B=${T_B:-30}
   METHODS=alfa,afan,l-alfa,advbn,pgd-at
   PARITY=(--batch-size 2 --image-size 8 --variants bf16 --tiny)
+  GRAPHS=(--batch-size 4 --image-size 8 --steps 2 --cpu-replay)
+  T_GRAPHS=30
   R20=(--batch-size 2 --image-size 8 --iters 1 --warmup 0 --no-memory
        --methods standard,alfa,alfa_inner=alfa)
   R50=()  # not run: the same code as ResNet-20, at a cost this CPU cannot spare
@@ -53,9 +61,12 @@ if [[ "$TINY" == 1 ]]; then  # the plumbing only: a few methods, tiny sizes, one
          --probe-s 40)
   T_R20=$T_B
 else
-  TOTAL_S=${TOTAL_S:-540} T_A=${T_A:-60} T_B=${T_B:-120}
+  TOTAL_S=${TOTAL_S:-540} T_A=${T_A:-120} T_B=${T_B:-120}
   PARITY=(--batch-size 32 --image-size 32)
-  R20=(--batch-size 128 --image-size 32 --iters 5 --warmup 2 --amp bf16 --methods "$BENCH_METHODS")
+  GRAPHS=(--batch-size 128 --image-size 32 --steps 60)
+  T_GRAPHS=${T_GRAPHS:-70}
+  R20=(--batch-size 128 --image-size 32 --iters 5 --warmup 2 --amp bf16 --cuda-graph
+       --methods "$BENCH_METHODS")
   R50=(--batch-size 256 --image-size 224 --iters 3 --warmup 1 --amp bf16 --channels-last
        --methods "$BENCH_METHODS")
   PAPER=(--seeds 0 1 2 --jobs "${JOBS:-3}" --probe-steps 40 --max-epochs 200 --reserve-s 25)
@@ -124,9 +135,12 @@ export -f env_part mps_check
 export SCRATCH PY DEVICE
 part a_env 30 bash -c env_part
 cp "$SCRATCH/a_env.log" "$SCRATCH/env.txt"
-part a_parity $(( T_A - (SECONDS - A_START) )) "$PY" benchmarks/gpu_check.py parity \
+P_BOX=$(( T_A - T_GRAPHS - (SECONDS - A_START) ))
+part a_parity "$P_BOX" "$PY" benchmarks/gpu_check.py parity \
   --device "$DEVICE" "${PARITY[@]}" --methods "$METHODS" \
-  --budget-s $(( T_A - (SECONDS - A_START) - 8 )) --env "$SCRATCH/env.json" --out "$SCRATCH/parity.jsonl"
+  --budget-s $(( P_BOX - 8 )) --env "$SCRATCH/env.json" --out "$SCRATCH/parity.jsonl"
+part a_graphs "$T_GRAPHS" "$PY" benchmarks/gpu_check_graphs.py --device "$DEVICE" "${GRAPHS[@]}" \
+  --budget-s $(( T_GRAPHS * 3 / 5 )) --out "$SCRATCH/graphs.jsonl"
 
 # ---- b. speed
 B_START=$SECONDS
@@ -140,15 +154,28 @@ else
   echo "b_bench_resnet50: not run (TINY)" | tee -a "$SCRATCH/status.txt"
 fi
 
-# ---- c. the papers' protocol, until the deadline
+# ---- c. the papers' protocol, until the deadline (through MPS when a client ran through it)
+if [[ "$MPS" == 1 && "$DEVICE" == cuda* ]] && grep -q "a CUDA client ran through it" "$SCRATCH/env.txt"; then
+  export CUDA_MPS_PIPE_DIRECTORY="$SCRATCH/mps-pipe" CUDA_MPS_LOG_DIRECTORY="$SCRATCH/mps-log"
+  if timeout 10 nvidia-cuda-mps-control -d; then
+    echo "c: the runs share the GPU through MPS" | tee -a "$SCRATCH/status.txt"
+  else
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+fi
 part c_paper $(( $(left) )) "$PY" benchmarks/gpu_check.py paper --scratch "$SCRATCH" --data "$DATA" \
   --device "$DEVICE" --deadline "$DEADLINE" "${PAPER[@]}"
+
+if [[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]]; then
+  echo quit | timeout 10 nvidia-cuda-mps-control || true
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+fi
 
 # ---- summary and packing (no checkpoints, no decoded data)
 "$PY" benchmarks/gpu_check.py summary --scratch "$SCRATCH" --out "$SCRATCH/summary.md" \
   > "$SCRATCH/short.txt" 2> "$SCRATCH/summary.log"
 tar -C "$SCRATCH" --exclude='*.pt' --exclude='cache' --exclude='mps-pipe' -czf "$OUT/results.tar.gz" . 2>/dev/null
-for f in summary.md parity.jsonl env.json bench_resnet20.json bench_resnet50.json status.txt; do
+for f in summary.md parity.jsonl graphs.jsonl env.json bench_resnet20.json bench_resnet50.json status.txt; do
   [[ -f "$SCRATCH/$f" ]] && cp "$SCRATCH/$f" "$OUT/"
 done
 [[ -f "$SCRATCH/paper/compare.md" ]] && cp "$SCRATCH/paper/compare.md" "$OUT/compare.md"
