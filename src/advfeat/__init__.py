@@ -13,6 +13,7 @@ unknown attack strengths).
 from advfeat import attacks
 from advfeat.data import build_dataset
 from advfeat.errors import AdvfeatError
+from advfeat.layouts import FeatureLayout, infer_layout, site_layout
 from advfeat.methods import Method, MethodOutput, build_method
 from advfeat.models import Normalize, build_model
 from advfeat.norm import (
@@ -28,6 +29,7 @@ from advfeat.version import __version__
 
 __all__ = [
     "AdvfeatError",
+    "FeatureLayout",
     "Method",
     "MethodOutput",
     "Normalize",
@@ -41,8 +43,10 @@ __all__ = [
     "build_model",
     "capture_features",
     "convert_multibn",
+    "infer_layout",
     "replace_features",
     "resolve_site",
+    "site_layout",
     "split_branches",
     "strip_aux_bn",
     "use_branch",

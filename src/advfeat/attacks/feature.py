@@ -54,6 +54,7 @@ from advfeat.attacks.threat import (
     threat_model,
 )
 from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.layouts import FeatureLayout
 from advfeat.sites import SiteSplit, capture_features, resolve_site, site_order, split_site_name
 
 __all__ = [
@@ -515,27 +516,33 @@ class MultiSiteFeaturePGD(FeatureAttack):
 # ------------------------------------------------------------------------------ AdvBN
 
 
-def _channel_mean(feature: Tensor, stats: str, channel_dim: int) -> Tensor:
+def _advbn_layout(feature: Tensor, layout: FeatureLayout | None, channel_dim: int) -> FeatureLayout:
+    """``layout``, or the layout whose channels are at ``channel_dim`` (1: (N, C, ...); the last
+    dimension: (N, ..., C))."""
+    if layout is not None:
+        return layout
     dim = channel_dim % feature.ndim
-    if stats == "batch":
-        dims = [d for d in range(feature.ndim) if d != dim]
-    elif stats == "instance":
-        dims = [d for d in range(feature.ndim) if d not in (0, dim)]
-        if dim == 0 or not dims:
-            raise AdvfeatError(
-                f"stats='instance' needs features with spatial dimensions beyond batch and "
-                f"channel, got shape {tuple(feature.shape)}"
-            )
-    else:
+    if dim == 1:
+        return FeatureLayout("channels_first")
+    if dim == feature.ndim - 1:
+        return FeatureLayout("channels_last" if feature.ndim > 3 else "tokens")
+    raise AdvfeatError(
+        f"channel_dim must be 1 or the last dimension, got {channel_dim} for a feature of shape "
+        f"{tuple(feature.shape)}; give layout= instead"
+    )
+
+
+def _channel_mean(feature: Tensor, stats: str, layout: FeatureLayout) -> Tensor:
+    layout.check(feature)
+    if stats not in ("batch", "instance"):
         raise unknown_name("AdvBN statistics", str(stats), ["batch", "instance"])
-    return feature.mean(dim=dims, keepdim=True)
-
-
-def _per_channel(multiplier: Tensor, feature: Tensor, channel_dim: int) -> Tensor:
-    dim = channel_dim % feature.ndim
-    shape = [1] * feature.ndim
-    shape[dim] = feature.shape[dim]
-    return multiplier.reshape(shape)
+    dims = layout.reduce_dims(feature.ndim, per_sample=stats == "instance")
+    if not dims:
+        raise AdvfeatError(
+            f"stats='instance' needs features with spatial dimensions beyond batch and "
+            f"channel, got shape {tuple(feature.shape)}"
+        )
+    return layout.statistics_part(feature).mean(dim=dims, keepdim=True)
 
 
 def advbn_feature(
@@ -545,6 +552,7 @@ def advbn_feature(
     *,
     stats: Literal["batch", "instance"] = "batch",
     channel_dim: int = 1,
+    layout: FeatureLayout | None = None,
 ) -> Tensor:
     """AdvBN's re-normalized feature ``δ_σ·(f − μ(f)) + δ_μ·μ(f)`` (AdvBN Eq. 1-2).
 
@@ -552,18 +560,22 @@ def advbn_feature(
     scalar entry per channel, similarly to Batch Normalization", "acts on a per-batch basis");
     ``stats="instance"`` uses per-sample channel means instead (AdaIN-style, the other reading).
     σ(f) cancels in Eq. 1, so it never needs computing. ``delta_mu`` and ``delta_sigma`` hold one
-    multiplier per channel. Differentiable in all three arguments.
+    multiplier per channel. Differentiable in all three arguments. The channels are where
+    ``layout`` (:class:`advfeat.layouts.FeatureLayout`) says, or at ``channel_dim`` when it is
+    not given; the mean of a tokens feature leaves its prefix (class) tokens out, the
+    multipliers apply to every token.
     """
-    channels = feature.shape[channel_dim % feature.ndim]
+    layout = _advbn_layout(feature, layout, channel_dim)
+    channels = layout.channels(feature)
     for name, m in (("delta_mu", delta_mu), ("delta_sigma", delta_sigma)):
         if m.numel() != channels:
             raise AdvfeatError(
                 f"{name} must hold one multiplier per channel ({channels}), got shape "
                 f"{tuple(m.shape)}"
             )
-    mu = _channel_mean(feature, stats, channel_dim)
-    d_mu = _per_channel(delta_mu, feature, channel_dim)
-    d_sigma = _per_channel(delta_sigma, feature, channel_dim)
+    mu = _channel_mean(feature, stats, layout)
+    d_mu = layout.broadcast(delta_mu, feature)
+    d_sigma = layout.broadcast(delta_sigma, feature)
     return d_sigma * (feature - mu) + d_mu * mu
 
 
@@ -575,7 +587,9 @@ class BNStatsAttack(FeatureAttack):
     ``alpha`` (τ), each followed by ``clip(δ, 1 − ε, 1 + ε)``. Algorithm 1 leaves the
     initialization open; here δ starts at 1 (the clean feature), or uniformly in [1 − ε, 1 + ε]
     with ``random_start=True``. Defaults are the paper's ImageNet setting (§5.1: τ = 0.2, m = 6,
-    ε = m·τ − 0.1 = 1.1). The multipliers are shared by the whole batch.
+    ε = m·τ − 0.1 = 1.1). The multipliers are shared by the whole batch. ``layout``
+    (:class:`advfeat.layouts.FeatureLayout`) says where the channels are; without it,
+    ``channel_dim`` (1: (N, C, H, W)).
 
     Returns the adversarial feature (``returns == "feature"``, not a difference), computed with
     the final multipliers;
@@ -593,6 +607,7 @@ class BNStatsAttack(FeatureAttack):
         random_start: bool = False,
         stats: Literal["batch", "instance"] = "batch",
         channel_dim: int = 1,
+        layout: FeatureLayout | None = None,
         loss_fn: LossFn | None = None,
         targeted: bool = False,
         bn_mode: BNMode = "eval",
@@ -618,6 +633,7 @@ class BNStatsAttack(FeatureAttack):
         self.random_start = random_start
         self.stats = stats
         self.channel_dim = channel_dim
+        self.layout = layout
         self.last_multipliers: tuple[Tensor, Tensor] | None = None
 
     returns = "feature"
@@ -635,7 +651,7 @@ class BNStatsAttack(FeatureAttack):
         self, x: Any, y: Any, features: Mapping[str, Tensor], **options: Any
     ) -> dict[str, Tensor]:
         f = self.site_feature(x, features.get(self.site))
-        channels = f.shape[self.channel_dim % f.ndim]
+        channels = _advbn_layout(f, self.layout, self.channel_dim).channels(f)
         start = {"mu": self._start(channels, f), "sigma": self._start(channels, f)}
         low, high = 1.0 - self.radius, 1.0 + self.radius
         engine = IterativeAscent(
@@ -659,5 +675,7 @@ class BNStatsAttack(FeatureAttack):
         """:func:`advbn_feature` with this attack's statistics, computed in float32 (or wider)
         and returned in :func:`~advfeat.attacks.precision.perturbed_dtype`."""
         wide = feature.to(wide_dtype(feature.dtype))
-        out = advbn_feature(wide, d_mu, d_sigma, stats=self.stats, channel_dim=self.channel_dim)
+        out = advbn_feature(
+            wide, d_mu, d_sigma, stats=self.stats, channel_dim=self.channel_dim, layout=self.layout
+        )
         return out.to(perturbed_dtype(feature))

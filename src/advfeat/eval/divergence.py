@@ -6,7 +6,9 @@ mean μ^i and standard deviation σ^i over all images and positions. For dataset
     KL(F_A^i || F_B^i) = log(σ_B^i / σ_A^i) + (σ_A^i² + (μ_A^i − μ_B^i)²) / (2 σ_B^i²) − 1/2   (5)
     D(F_A || F_B) = (1/C) Σ_i [KL(F_A^i || F_B^i) + KL(F_B^i || F_A^i)]                        (4)
 
-Statistics are accumulated in float64 over the whole dataset (population standard deviation).
+"All positions" follows the layer's layout (:mod:`advfeat.layouts`): the spatial positions of an
+(N, C, H, W) or (N, H, W, C) feature, the patch tokens of a ViT's (N, L, C) tokens (class tokens
+left out). Statistics are accumulated in float64 over the whole dataset (population standard deviation).
 A channel that is (nearly) constant on one dataset — a ReLU channel that is dead on it — makes
 Eq. 5 infinite or astronomically large and would swamp the mean over channels. Such channels
 (standard deviation below ``rel_min_std`` × the layer's median channel standard deviation, on
@@ -17,12 +19,20 @@ either dataset) are left out of the mean, and their number is reported
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from advfeat.layouts import (
+    AUTO_LAYOUT,
+    CHANNELS_FIRST,
+    FeatureLayout,
+    LayoutSpecValue,
+    infer_layout,
+    site_layout,
+)
 from advfeat.sites import capture_features
 
 __all__ = [
@@ -37,15 +47,19 @@ __all__ = [
 
 @dataclass
 class ChannelMoments:
-    """Running per-channel count, sum and sum of squares (float64) of features ``(N, C, ...)``."""
+    """Running per-channel count, sum and sum of squares (float64) of features ``(N, C, ...)``,
+    or of another layout (:class:`advfeat.layouts.FeatureLayout`)."""
 
     count: float = 0.0
     total: Tensor | None = None
     squares: Tensor | None = None
 
-    def update(self, feature: Tensor) -> None:
+    def update(self, feature: Tensor, layout: FeatureLayout | None = None) -> None:
         f = feature.detach().to(torch.float64)
-        f = f.transpose(0, 1).reshape(f.shape[1], -1) if f.ndim > 1 else f.reshape(1, -1)
+        if layout is not None and layout != CHANNELS_FIRST:
+            f = layout.channel_rows(f)
+        else:
+            f = f.transpose(0, 1).reshape(f.shape[1], -1) if f.ndim > 1 else f.reshape(1, -1)
         total, squares = f.sum(dim=1), f.square().sum(dim=1)
         if self.total is None or self.squares is None:
             self.total, self.squares = total, squares
@@ -96,8 +110,8 @@ def symmetric_kl_divergence(
 def default_layers(model: nn.Module, probe: Tensor) -> list[str]:
     """Every block of the network, in execution order: the children of top-level
     ``nn.Sequential`` stages (``layer1.0``, ...) and the other top-level modules, keeping those
-    whose output is a feature map or vector with a channel dimension (input normalisation and
-    the flattening/pooling glue are left out)."""
+    whose output is a feature map (4-D) or a ViT's tokens (3-D, :mod:`advfeat.layouts`); input
+    normalisation and the flattening/pooling glue are left out."""
     candidates: list[str] = []
     for name, child in model.named_children():
         if name == "normalize":
@@ -121,13 +135,28 @@ def default_layers(model: nn.Module, probe: Tensor) -> list[str]:
         finally:
             for h in hooks:
                 h.remove()
-    return [n for n in order if isinstance(feats.get(n), Tensor) and feats[n].ndim == 4]
+    return [n for n in order if _is_feature_map(model, n, feats.get(n))]
+
+
+def _is_feature_map(model: nn.Module, name: str, feature: object) -> bool:
+    if not isinstance(feature, Tensor):
+        return False
+    if feature.ndim == 3:
+        return infer_layout(model.get_submodule(name), feature, model, name).kind == "tokens"
+    return feature.ndim == 4
 
 
 def feature_moments(
-    model: nn.Module, batches: Iterable[Tensor], layers: Sequence[str]
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    layers: Sequence[str],
+    layouts: Mapping[str, LayoutSpecValue] | None = None,
 ) -> dict[str, ChannelMoments]:
-    """Per-channel moments of each layer's output over all ``batches`` of images."""
+    """Per-channel moments of each layer's output over all ``batches`` of images.
+
+    Each layer's channels are where ``layouts[name]`` says (default ``"auto"``: the model's
+    ``feature_layouts``, else inferred, :func:`advfeat.layouts.site_layout`)."""
+    given = dict(layouts or {})
     moments = {name: ChannelMoments() for name in layers}
     with torch.no_grad():
         for x in batches:
@@ -136,5 +165,7 @@ def feature_moments(
             with capture_features(model, list(layers), detach=True, clone=True) as feats:
                 model(x)
             for name in layers:
-                moments[name].update(feats[name])
+                f = feats[name]
+                layout = site_layout(model, name, f, given.get(name, AUTO_LAYOUT))
+                moments[name].update(f, layout)
     return moments

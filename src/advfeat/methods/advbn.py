@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from advfeat.attacks.feature import BNStatsAttack
 from advfeat.checkpoint import InitialWeights
 from advfeat.errors import AdvfeatError
+from advfeat.layouts import AUTO_LAYOUT, LayoutSpec, site_layout
 from advfeat.methods.auxbn import (
     ADV,
     MAIN,
@@ -122,6 +123,9 @@ class AdvBN(AuxBNMethod):
     * ``site``: dotted module name of layer l (``layer1``: the first stage, as conv2_3).
     * ``steps`` (m), ``tau`` (τ), ``eps`` (ε; ``None`` → m·τ − 0.1), ``random_start``.
     * ``stats``: ``"batch"`` per-channel batch mean (the paper) or ``"instance"`` (per sample).
+    * ``layout``: where the site's channels are (:mod:`advfeat.layouts`; ``"auto"``: the
+      model's ``feature_layouts``, else inferred): one multiplier per channel of an
+      (N, C, H, W), (N, H, W, C) or tokens (N, L, C) feature.
     * ``attack_bn_mode``: BN mode of the sub-network during the attack (running statistics are
       never moved by it); ``"train"``: batch statistics of the features being trained on.
     * ``prefix_bn_mode``: ``"eval"`` or ``"train"`` for the frozen prefix (see module docs).
@@ -146,6 +150,7 @@ class AdvBN(AuxBNMethod):
         random_start: bool = option(False, Flag())
         # Eq. 1: per-channel batch statistics
         stats: str = option("batch", Choice("batch", "instance"))
+        layout: str = option(AUTO_LAYOUT, LayoutSpec())  # where the channels are
         attack_bn_mode: str = option("train", ATTACK_BN_MODE)
         prefix_bn_mode: str = option("eval", ATTACK_BN_MODE)
         adv_weight: float = option(1.0, Number(low=0))  # Eq. 3
@@ -222,6 +227,7 @@ class AdvBN(AuxBNMethod):
             attack = BNStatsAttack(
                 net, o.site, eps=self.bound, alpha=o.tau, steps=o.steps,
                 random_start=o.random_start, stats=o.stats,  # type: ignore[arg-type]
+                layout=site_layout(net, o.site, f, o.layout),
                 bn_mode=o.attack_bn_mode, branch=ADV,  # type: ignore[arg-type]
             )  # fmt: skip
             f_adv = attack(x, y, feature=f.detach())

@@ -7,7 +7,9 @@ Feature Augmentation and Normalization for Visual Recognition", Algorithm 1).
    (appendix S1.1, :meth:`AFAN.perturbations`; exact when :attr:`AFAN.uses_rescaling`).
 2. Normalization (Eq. 6): ``f_mix^(i) = σ_adv^(i)·(f − μ_clean)/σ_clean + μ_adv^(i)`` with the
    per-channel batch statistics of batch normalization
-   (:func:`advfeat.methods.feature_aug.adversarial_feature_normalization`).
+   (:func:`advfeat.methods.feature_aug.adversarial_feature_normalization`), over every
+   dimension but the channels of the site's layout (:mod:`advfeat.layouts`: (N, C, H, W),
+   (N, H, W, C) or ViT tokens (N, L, C)).
 3. Objective (Eq. 7): ``L_clean + λ·Σ_{i=1..k} L_adv^(i)`` — a sum over the k features, λ = 1.
 """
 
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from advfeat.attacks.feature import sample_strengths
 from advfeat.attacks.precision import add_perturbation
 from advfeat.errors import AdvfeatError
+from advfeat.layouts import AUTO_LAYOUT, LayoutSpec
 from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput
 from advfeat.methods.feature_aug import (
     ADV_BN_STATS,
@@ -81,6 +84,10 @@ class AFAN(FeatureAugmentation):
     * ``afn_stats``: ``"channel"`` (Eq. 6: per-channel batch statistics, "calculated in the
       routine of batch normalization") or ``"positional"`` (statistics over the channels at each
       position, what the authors' released code computes); ``afn_eps``: BN's ε.
+    * ``layout``: where each site's channels are (:mod:`advfeat.layouts`): ``"auto"`` (the
+      model's ``feature_layouts``, else inferred and reported), ``"channels_first"``,
+      ``"channels_last"``, ``"tokens"`` or ``"tokens:N"`` (N class tokens left out of the
+      statistics). On a ViT block "per channel" is over the batch and the patch tokens.
     * ``random_noise``: ``"gaussian"`` (Table 8, "Random Noise + AFN": each of the k
       perturbations replaced by noise from N(0, α²)) or ``"uniform"`` (same std);
       ``noise_std`` overrides the std (default α).
@@ -133,6 +140,7 @@ class AFAN(FeatureAugmentation):
         # Eq. 6; "positional" = released code
         afn_stats: str = option("channel", Choice("channel", "positional"))
         afn_eps: float = option(1e-5, Number(low=0))  # batch norm's ε
+        layout: str = option(AUTO_LAYOUT, LayoutSpec())  # where the channels are
         random_noise: str | None = option(None, RANDOM_NOISE)  # Table 8: "gaussian" + AFN
         noise_std: float | None = option(None, NOISE_STD)  # None: alpha
         attack_bn_mode: str = option("train", ATTACK_BN_MODE)
@@ -204,7 +212,9 @@ class AFAN(FeatureAugmentation):
             )
             pairs = self.perturbations(model, clean, site, f, y, alphas)
             afn = (
-                AdversarialFeatureNormalization(f, opts.afn_stats, opts.afn_eps)
+                AdversarialFeatureNormalization(
+                    f, opts.afn_stats, opts.afn_eps, self.site_layout(model, site, f)
+                )
                 if opts.afn
                 else None
             )

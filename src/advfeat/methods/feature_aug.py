@@ -10,7 +10,7 @@ Feature Augmentation for Enhanced Image Recognition") and A-FAN (Chen et al. 202
   A-FAN §7; L-ALFA's "by blocks", ALFA Table 9).
 * :func:`feature_moments`, :func:`adversarial_feature_normalization` and
   :class:`AdversarialFeatureNormalization` (the same, clean statistics shared by the k
-  strengths) — A-FAN Eq. 6.
+  strengths) — A-FAN Eq. 6, per channel of the site's layout (:mod:`advfeat.layouts`).
 * :func:`project_simplex` — L-ALFA's projection of η (ALFA Algorithm 1, line 5).
 * :func:`random_feature_noise` — the random-noise ablations (ALFA Table 7, A-FAN Table 8).
 """
@@ -34,6 +34,7 @@ from advfeat.attacks.precision import (
     wide_dtype,
 )
 from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.layouts import AUTO_LAYOUT, CHANNELS_FIRST, FeatureLayout, site_layout
 from advfeat.methods.base import Method, cross_entropy, unwrap
 from advfeat.norm.stats import frozen_bn_statistics
 from advfeat.options import Choice, Integer, Number
@@ -79,20 +80,31 @@ def _wide(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _moment_dims(feature: Tensor, stats: str) -> tuple[int, ...]:
+def _moment_dims(feature: Tensor, stats: str, layout: FeatureLayout) -> tuple[int, ...]:
     if feature.ndim < 2:
         raise AdvfeatError(
             f"feature statistics need a (N, C, ...) feature, got shape {tuple(feature.shape)}"
         )
+    layout.check(feature)
     if stats == "channel":
-        return (0, *range(2, feature.ndim))
+        return layout.reduce_dims(feature.ndim)
     if stats == "positional":
-        return (1,)
+        return layout.positional_dims(feature.ndim)
     raise unknown_name("AFN statistics", str(stats), ["channel", "positional"])
 
 
+def _moment_part(stats: str, layout: FeatureLayout) -> Callable[[Tensor], Tensor]:
+    """What the statistics are taken over: the patch tokens for per-channel statistics of a
+    tokens feature with prefix tokens (:meth:`FeatureLayout.statistics_part`), else everything
+    (the positional statistics of the released code are per token, prefix tokens included)."""
+    return layout.statistics_part if stats == "channel" else (lambda t: t)
+
+
 def feature_moments(
-    feature: Tensor, stats: AFNStats = "channel", eps: float = 1e-5
+    feature: Tensor,
+    stats: AFNStats = "channel",
+    eps: float = 1e-5,
+    layout: FeatureLayout | None = None,
 ) -> tuple[Tensor, Tensor]:
     """First and second moments ``(μ, σ)`` of a feature, shaped to broadcast against it.
 
@@ -100,15 +112,23 @@ def feature_moments(
     over the batch and every spatial position, ``σ = sqrt(Var + eps)`` with the biased variance,
     as batch norm computes them in training. ``"positional"``: over the channels at each sample
     and position, as the authors' released code does (not the paper's equation).
+    ``layout`` (:class:`advfeat.layouts.FeatureLayout`, default (N, C, H, W)) says which
+    dimension holds the channels: over ``(0, 1)`` of the patch tokens of an (N, L, C) feature.
     Computed in at least float32 (autocast), returned in the input dtype.
     """
-    dims = _moment_dims(feature, stats)
-    var, mean = torch.var_mean(_wide(feature), dim=dims, keepdim=True, correction=0)
+    layout = layout or CHANNELS_FIRST
+    dims = _moment_dims(feature, stats, layout)
+    part = _moment_part(stats, layout)(feature)
+    var, mean = torch.var_mean(_wide(part), dim=dims, keepdim=True, correction=0)
     return mean.to(feature.dtype), (var + eps).sqrt().to(feature.dtype)
 
 
 def adversarial_feature_normalization(
-    clean: Tensor, adversarial: Tensor, stats: AFNStats = "channel", eps: float = 1e-5
+    clean: Tensor,
+    adversarial: Tensor,
+    stats: AFNStats = "channel",
+    eps: float = 1e-5,
+    layout: FeatureLayout | None = None,
 ) -> Tensor:
     """A-FAN Eq. 6: ``f_mix = σ_adv · (f_clean − μ_clean) / σ_clean + μ_adv``.
 
@@ -116,15 +136,16 @@ def adversarial_feature_normalization(
     feature's, so ``f_mix`` carries the adversarial per-channel mean and standard deviation
     (up to ``eps``) while keeping the clean feature's content. Differentiable in both inputs,
     as batch normalization is. The literal formula; training uses the equivalent, cheaper
-    :class:`AdversarialFeatureNormalization`.
+    :class:`AdversarialFeatureNormalization`. ``layout``: as :func:`feature_moments` (the
+    per-channel map applies to every token; prefix tokens only stay out of the statistics).
     """
     if clean.shape != adversarial.shape:
         raise AdvfeatError(
             f"clean and adversarial features must have the same shape, got "
             f"{tuple(clean.shape)} and {tuple(adversarial.shape)}"
         )
-    mu_c, sigma_c = feature_moments(clean, stats, eps)
-    mu_a, sigma_a = feature_moments(adversarial, stats, eps)
+    mu_c, sigma_c = feature_moments(clean, stats, eps, layout)
+    mu_a, sigma_a = feature_moments(adversarial, stats, eps, layout)
     return sigma_a * (clean - mu_c) / sigma_c + mu_a
 
 
@@ -140,16 +161,25 @@ class AdversarialFeatureNormalization:
     materialised. Moments are taken in at least float32; results have the dtype of ``f + δ``
     (:func:`advfeat.attacks.precision.perturbed_dtype`: float32 under autocast, so that the small
     change of statistics is not rounded away in bf16; else the clean feature's dtype).
+    ``layout``: where the channels are (:func:`feature_moments`; default (N, C, H, W)).
     """
 
-    def __init__(self, clean: Tensor, stats: AFNStats = "channel", eps: float = 1e-5) -> None:
-        self.dims = _moment_dims(clean, stats)
+    def __init__(
+        self,
+        clean: Tensor,
+        stats: AFNStats = "channel",
+        eps: float = 1e-5,
+        layout: FeatureLayout | None = None,
+    ) -> None:
+        self.layout = layout or CHANNELS_FIRST
+        self.dims = _moment_dims(clean, stats, self.layout)
+        self.part = _moment_part(stats, self.layout)
         self.eps = eps
         self.dtype = perturbed_dtype(clean)
         f = _wide(clean)
-        self.mean = f.mean(dim=self.dims, keepdim=True)
+        self.mean = self.part(f).mean(dim=self.dims, keepdim=True)
         self.centered = f - self.mean
-        self.var = self.centered.square().mean(dim=self.dims, keepdim=True)
+        self.var = self.part(self.centered).square().mean(dim=self.dims, keepdim=True)
         self.normalized = self.centered / (self.var + eps).sqrt()
         self._cache: tuple[Tensor, tuple[Tensor, Tensor, Tensor]] | None = None
 
@@ -162,10 +192,11 @@ class AdversarialFeatureNormalization:
                     f"{tuple(self.centered.shape)}; they must match"
                 )
             d = delta.detach().to(self.centered.dtype)  # float32 or wider: δ is not rounded
+            d = self.part(d)
             mu = d.mean(dim=self.dims, keepdim=True)
             d = d - mu
             var = d.square().mean(dim=self.dims, keepdim=True)
-            cov = (self.centered * d).mean(dim=self.dims, keepdim=True)
+            cov = (self.part(self.centered) * d).mean(dim=self.dims, keepdim=True)
             self._cache = (delta, (mu, var, cov))
         return self._cache[1]
 
@@ -419,6 +450,13 @@ class FeatureAugmentation(Method):
     def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
         """The task's training forward pass, capturing the site features with their graph."""
         return self.task.clean_pass(model, x, y, list(sites))
+
+    def site_layout(self, model: nn.Module, site: str, feature: Tensor) -> FeatureLayout:
+        """The layout of ``feature`` at ``site`` (:func:`advfeat.layouts.site_layout`): the
+        ``layout`` option when a method has one and it is not ``"auto"``, else the model's
+        ``feature_layouts``, else inferred (and reported once)."""
+        spec = getattr(self.opts, "layout", AUTO_LAYOUT)
+        return site_layout(unwrap(model), site, feature, spec)
 
     def adversarial_bn(self, model: nn.Module) -> AbstractContextManager[Any]:
         """The context of the adversarial training passes (``adv_bn_stats``)."""
