@@ -444,10 +444,13 @@ def paper(args: argparse.Namespace) -> int:
     }
     write = lambda: (scratch / "paper.json").write_text(json.dumps(record, indent=2) + "\n")  # noqa: E731
     write()
-    # 1. probe: two epochs of a few steps of every arm at once (as the runs will train); the
-    # second epoch's time (warm: kernels chosen, memory allocated) gives the time of a step
+    # 1. probe: two epochs of a few steps of as many runs at once as will train at once (every
+    # arm, and as many seeds as the slots hold); the second epoch's time (warm: kernels chosen,
+    # memory allocated, the step captured) gives the time of a step
     probe_dir = scratch / "probe"
     t0 = time.time()
+    probe_seeds = seeds[: max(1, min(len(seeds), args.jobs // (1 + len(PRESETS))))]
+    record["probe_seeds"] = probe_seeds
     probe = _compare_cmd(
         protocol + arms,
         probe_dir,
@@ -455,7 +458,7 @@ def paper(args: argparse.Namespace) -> int:
             "--epochs",
             "2",
             "--seeds",
-            seeds[0],
+            *probe_seeds,
             "--jobs",
             str(args.jobs),
             "--set",

@@ -61,16 +61,18 @@ if [[ "$TINY" == 1 ]]; then  # the plumbing only: a few methods, tiny sizes, one
          --probe-s 40)
   T_R20=$T_B
 else
-  TOTAL_S=${TOTAL_S:-540} T_A=${T_A:-120} T_B=${T_B:-120}
-  PARITY=(--batch-size 32 --image-size 32)
-  GRAPHS=(--batch-size 128 --image-size 32 --steps 60)
+  TOTAL_S=${TOTAL_S:-540} T_A=${T_A:-110} T_B=${T_B:-100}
+  METHODS=${PARITY_METHODS:-$METHODS}
+  PARITY=(--batch-size 32 --image-size 32 --variants "${PARITY_VARIANTS:-bf16,channels_last,compile}")
+  GRAPHS=(--batch-size 128 --image-size 32 --steps 40)
   T_GRAPHS=${T_GRAPHS:-70}
   R20=(--batch-size 128 --image-size 32 --iters 5 --warmup 2 --amp bf16 --cuda-graph
        --methods "$BENCH_METHODS")
   R50=(--batch-size 256 --image-size 224 --iters 3 --warmup 1 --amp bf16 --channels-last
-       --methods "$BENCH_METHODS")
-  PAPER=(--seeds 0 1 2 --jobs "${JOBS:-3}" --probe-steps 40 --max-epochs 200 --reserve-s 25)
-  T_R20=$(( T_B * 2 / 5 ))
+       --methods "${R50_METHODS:-$BENCH_METHODS}")
+  # JOBS=9: the nine runs at once (through MPS), the probe at the same concurrency
+  PAPER=(--seeds 0 1 2 --jobs "${JOBS:-9}" --probe-steps 40 --max-epochs 200 --reserve-s 25)
+  T_R20=${T_R20:-$(( T_B * 3 / 5 ))}
 fi
 SETS=(--set alfa_inner.site=layer3.2.bn2)
 [[ "$TINY" == 1 ]] || SETS+=(--set advprop.eps=1)
