@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from advfeat.bench import run_bench
+from advfeat.capture import block_capture, noting_capture_blockers
 from advfeat.errors import AdvfeatError
 from advfeat.methods import METHODS
 from advfeat.methods.dense import build_task_method
@@ -293,3 +294,36 @@ def test_the_bench_times_captured_steps_and_names_the_others(
     how = {r.label or r.method: r.steps for r in rows}
     assert how["standard"] == "captured" and how["afan"] == "captured"
     assert how["pgd-at"].startswith("eager (method 'pgd-at' is not checked")
+
+
+def test_a_step_that_says_it_cannot_be_captured_is_never_captured() -> None:
+    """Code that cannot run in a graph says so while the warm-up steps run; no capture is
+    tried (a failed capture can leave the CUDA random generator unusable)."""
+    backend = ReplayByCalling()
+    reasons: list[str] = []
+    calls: list[int] = []
+
+    def body(x: Tensor) -> None:
+        calls.append(1)
+        block_capture("reads the RNG state")
+
+    step = CapturedStep(body, backend, warmup=2, on_failure=reasons.append)
+    for _ in range(4):
+        step(torch.zeros(1))
+    assert backend.captures == 0 and len(calls) == 4 and reasons == ["reads the RNG state"]
+    required = CapturedStep(body, ReplayByCalling(), warmup=1, required=True)
+    with pytest.raises(AdvfeatError, match=r"cuda_graph=true: .*reads the RNG state"):
+        required(torch.zeros(1))
+
+
+def test_replaying_the_random_stream_on_a_gpu_blocks_capture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from advfeat.tasks.base import RngReplay
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.zeros(8))
+    with noting_capture_blockers() as blockers:
+        RngReplay(CPU)
+        assert blockers == []
+        RngReplay(torch.device("cuda", 0))
+    assert len(blockers) == 1 and "random stream" in blockers[0]

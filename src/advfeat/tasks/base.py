@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from advfeat.capture import block_capture
 from advfeat.errors import AdvfeatError
 from advfeat.modes import restored_train_flags
 from advfeat.norm.stats import batchnorm_modules
@@ -91,6 +92,8 @@ class RngReplay:
 
     def __init__(self, device: torch.device) -> None:
         self.devices = [device] if device.type == "cuda" else []
+        if self.devices:
+            block_capture("a pass replays the random stream (CUDA RNG state is read and set)")
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if self.devices else None
 

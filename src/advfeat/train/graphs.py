@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from advfeat.capture import noting_capture_blockers
 from advfeat.errors import AdvfeatError
 
 __all__ = [
@@ -74,9 +75,26 @@ class CudaGraphs:
     def capture(self, run: Callable[[], None]) -> Callable[[], None]:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
+        try:
+            with torch.cuda.graph(graph):
+                run()
+        except Exception as exc:
+            try:  # a capture that fails half-way can leave the CUDA random generator unusable
+                torch.rand(1, device=self.device)
+            except RuntimeError:
+                raise AdvfeatError(
+                    f"capturing the training step failed ({_reason(exc)}) and left this "
+                    "process's CUDA random generator unusable; the last checkpoint is kept: "
+                    "run again with cuda_graph=false (and --resume)"
+                ) from exc
+            raise
         return graph.replay
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception in one line."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
 
 
 class CapturedStep:
@@ -137,27 +155,34 @@ class CapturedStep:
             return
         if self.failure is not None or self.eager_steps < self.warmup:
             self.eager_steps += 1
-            if self.failure is None:
-                self.backend.warm(lambda: self.body(*inputs))
-            else:
+            if self.failure is not None:
                 self.body(*inputs)
+                return
+            with noting_capture_blockers() as blockers:
+                self.backend.warm(lambda: self.body(*inputs))
+            if blockers:  # known before any capture is tried
+                self._fail("; ".join(blockers), None)
             return
         try:
             replay = self.backend.capture(lambda: self.body(*inputs))
+        except AdvfeatError:
+            raise
         except Exception as exc:  # a host synchronisation or another op that capture refuses
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            if self.required:
-                raise AdvfeatError(
-                    f"cuda_graph=true: capturing the training step failed ({reason}); use "
-                    "cuda_graph=auto (falls back to eager steps) or false"
-                ) from exc
-            self.failure = reason
-            if self.on_failure is not None:
-                self.on_failure(reason)
+            self._fail(_reason(exc), exc)
             self.body(*inputs)  # capture ran no kernel: this batch is still to be trained on
             return
         self.replay = replay
         replay()
+
+    def _fail(self, reason: str, exc: BaseException | None) -> None:
+        if self.required:
+            raise AdvfeatError(
+                f"cuda_graph=true: capturing the training step failed ({reason}); use "
+                "cuda_graph=auto (falls back to eager steps) or false"
+            ) from exc
+        self.failure = reason
+        if self.on_failure is not None:
+            self.on_failure(reason)
 
 
 def graph_refusal(
