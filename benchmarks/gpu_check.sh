@@ -71,12 +71,13 @@ else
   R50=(--batch-size 256 --image-size 224 --iters 3 --warmup 1 --amp bf16 --channels-last
        --methods "${R50_METHODS:-$BENCH_METHODS}")
   # JOBS=9: the nine runs at once (through MPS), the probe at the same concurrency
-  PAPER=(--seeds 0 1 2 --jobs "${JOBS:-9}" --probe-steps 40 --max-epochs 200 --reserve-s 25)
+  PAPER=(--seeds 0 1 2 --jobs "${JOBS:-9}" --probe-steps 100 --max-epochs 200 --reserve-s 25)
   T_R20=${T_R20:-$(( T_B * 3 / 5 ))}
 fi
 SETS=(--set alfa_inner.site=layer3.2.bn2)
 [[ "$TINY" == 1 ]] || SETS+=(--set advprop.eps=1)
 R50_SETS=(--set alfa_inner.site=layer4.2.conv3 --set advprop.eps=1)  # bottleneck adds in place
+[[ -n "${R50_METHODS:-}" ]] && R50_SETS=()  # a chosen list may leave those labels out
 PACK_S=15  # summary, tar and copy
 DEADLINE=$(( $(date +%s) + TOTAL_S - PACK_S ))
 
