@@ -1,8 +1,9 @@
-"""The three common changes of docs/architecture.md, each done here as ONE new piece of code
-(a method, an evaluation suite, a BN class) and run through the public entry points."""
+"""The common changes of docs/architecture.md, each done here as ONE new piece of code (a method,
+an evaluation suite, a BN class, a norm family) and run through the public entry points."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,13 @@ from advfeat.eval import EvalConfig, evaluate, suite_names
 from advfeat.eval.context import EvalContext
 from advfeat.eval.suites import SUITES, register_suite
 from advfeat.methods import METHODS, Method, MethodOutput, build_method, register_method
-from advfeat.norm import frozen_bn_statistics, is_batchnorm_like
+from advfeat.norm import (
+    can_have_branches,
+    frozen_bn_statistics,
+    is_batchnorm_like,
+    register_norm_family,
+    unregister_norm_family,
+)
 from advfeat.norm.stats import _BATCHNORM_CLASSES, register_batchnorm_class
 from advfeat.options import Number, option
 from advfeat.tasks import batchnorm_eval
@@ -196,3 +203,53 @@ def test_an_unregistered_bn_class_is_not_recognised() -> None:
     with frozen_bn_statistics(model):
         model(torch.rand(8, 3, 8, 8))
     assert not torch.equal(model[1].running_mean, before)  # why the registration is needed
+
+
+# ------------------------------------------------------- recipe 4: a new norm family, one call
+class GainOnlyNorm(nn.Module):
+    """A toy per-sample norm over the channels of (N, C, H, W): x / RMS_C(x) · gain."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = x.pow(2).mean(1, keepdim=True).add(1e-6).rsqrt()
+        return x * scale * self.gain[:, None, None]
+
+
+@pytest.fixture
+def registered_gain_norm() -> Iterator[type[nn.Module]]:
+    yield register_norm_family(GainOnlyNorm, owned=("affine",))
+    unregister_norm_family("GainOnlyNorm")
+
+
+def _gain_norm_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), GainOnlyNorm(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )  # fmt: skip
+
+
+def test_recipe_norm_family_is_one_registration(registered_gain_norm: type[nn.Module]) -> None:
+    stock = _gain_norm_net().eval()
+    assert can_have_branches(stock[1]) and not is_batchnorm_like(stock[1])
+    method = build_method("advprop", steps=1, eps=2.0)
+    model = method.prepare(copy.deepcopy(stock)).train()
+    assert "1.aux.adv.gain" in model.state_dict()
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    optimizer = torch.optim.SGD(method.parameter_groups(model, lr=0.1), lr=0.1)
+    out = method(model, x, y)
+    optimizer.zero_grad()
+    out.loss.backward()
+    optimizer.step()
+    assert not torch.equal(model[1].gain, model[1].aux["adv"].gain)  # each branch its own gain
+    exported = method.eval_model(model)
+    assert list(exported.state_dict()) == list(stock.state_dict())
+
+
+def test_an_unregistered_norm_class_gets_no_branches() -> None:
+    assert not can_have_branches(_gain_norm_net()[1])
+    with pytest.raises(AdvfeatError, match="register_norm_family"):
+        build_method("advprop").prepare(_gain_norm_net())

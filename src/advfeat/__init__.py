@@ -19,9 +19,12 @@ from advfeat.models import Normalize, build_model
 from advfeat.norm import (
     branch_names,
     branch_parameters,
+    convert_branches,
     convert_multibn,
+    register_norm_family,
     split_branches,
     strip_aux_bn,
+    strip_branches,
     use_branch,
 )
 from advfeat.sites import SiteSplit, capture_features, replace_features, resolve_site
@@ -42,12 +45,15 @@ __all__ = [
     "build_method",
     "build_model",
     "capture_features",
+    "convert_branches",
     "convert_multibn",
     "infer_layout",
+    "register_norm_family",
     "replace_features",
     "resolve_site",
     "site_layout",
     "split_branches",
     "strip_aux_bn",
+    "strip_branches",
     "use_branch",
 ]

@@ -85,14 +85,14 @@ def deployable(model: nn.Module) -> nn.Module:
     (:class:`~advfeat.norm.AdaptiveFeatureAlignment`) stays one: its backbone's normalization
     persists (``model.normalize.mean`` / ``model.normalize.std``).
     """
-    from advfeat.norm import BranchModel, MultiBatchNorm, strip_aux_bn
+    from advfeat.norm import BranchModel, has_branches, strip_branches
 
     deployed = copy.deepcopy(model).cpu().eval()
     branch = None
     if isinstance(deployed, BranchModel):
         branch, deployed = deployed.branch, deployed.model
-    if any(isinstance(m, MultiBatchNorm) for m in deployed.modules()):
-        deployed = strip_aux_bn(deployed, keep=branch, inplace=True)
+    if has_branches(deployed):
+        deployed = strip_branches(deployed, keep=branch, inplace=True)
     owner, _ = _normalize_owner(deployed)
     old = getattr(owner, "normalize", None)
     if not isinstance(old, Normalize):
@@ -282,7 +282,7 @@ def _contents(rebuilt: Any, deployed: nn.Module) -> dict[str, Any]:
     one-line ``summary``, the BN branch kept (multi-branch runs) or, for AFA stage II, what
     rebuilds the fused model (``afa``)."""
     from advfeat.methods.registry import METHODS
-    from advfeat.norm import AdaptiveFeatureAlignment, MultiBatchNorm, afa_branches
+    from advfeat.norm import AdaptiveFeatureAlignment, BranchNorm, afa_branches
 
     cfg = rebuilt.config
     if isinstance(deployed, AdaptiveFeatureAlignment):
@@ -315,7 +315,7 @@ def _contents(rebuilt: Any, deployed: nn.Module) -> dict[str, Any]:
         "summary": f"the stock {cfg.model} (the architecture's own state_dict keys)",
         "normalize_keys": list(NORMALIZE_KEYS),
     }
-    layers = [m for m in rebuilt.raw_model.modules() if isinstance(m, MultiBatchNorm)]
+    layers = [m for m in rebuilt.raw_model.modules() if isinstance(m, BranchNorm)]
     if layers:
         branches = list(layers[0].branches)
         kept = _kept_branch(rebuilt, branches)
@@ -331,7 +331,7 @@ def _contents(rebuilt: Any, deployed: nn.Module) -> dict[str, Any]:
 def _exported_architecture(info: dict[str, Any]) -> nn.Module:
     """A fresh model of the architecture ``export.json`` describes (weights not loaded)."""
     from advfeat.models import build_model
-    from advfeat.norm import WeightGenerator, convert_multibn, to_fused_dual_bn
+    from advfeat.norm import WeightGenerator, convert_branches, to_fused_dual_bn
 
     arch = info["architecture"]
     options = dict(arch.get("model_options") or {})
@@ -350,7 +350,7 @@ def _exported_architecture(info: dict[str, Any]) -> nn.Module:
     if kind != AFA_STAGE2:
         raise unknown_name("export kind", str(kind), KINDS)
     afa = contents["afa"]
-    convert_multibn(model, (afa["first"], afa["last"]))
+    convert_branches(model, (afa["first"], afa["last"]))
     return to_fused_dual_bn(
         model,
         WeightGenerator(**afa["generator"]),

@@ -45,6 +45,7 @@ from advfeat.errors import AdvfeatError
 from advfeat.layouts import AUTO_LAYOUT, LayoutSpec, site_layout
 from advfeat.methods.auxbn import (
     ADV,
+    AUX_NORM_OPTION,
     MAIN,
     ROUTINGS,
     AuxBNMethod,
@@ -56,7 +57,7 @@ from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput, cross_entropy, un
 from advfeat.methods.registry import register_method
 from advfeat.modes import restored_train_flags
 from advfeat.norm import split_branches, use_branch
-from advfeat.norm.stats import frozen_bn_statistics, is_batchnorm_like
+from advfeat.norm.stats import frozen_bn_statistics, has_running_statistics
 from advfeat.options import Choice, Flag, Integer, Number, Text, option
 from advfeat.sites import SiteSplit, resolve_site
 
@@ -155,6 +156,8 @@ class AdvBN(AuxBNMethod):
         prefix_bn_mode: str = option("eval", ATTACK_BN_MODE)
         adv_weight: float = option(1.0, Number(low=0))  # Eq. 3
         routing: str = option("auto", Choice(*ROUTINGS))
+        # papers: BN only; per-sample norms (LayerNorm...): "separate" or "shared" affine
+        aux_norm: str = option("separate", AUX_NORM_OPTION)
         eval_branch: str = MAIN  # Appendix A.3: main BN on data close to the training data
 
     last_multipliers: tuple[Tensor, Tensor] | None = None
@@ -189,7 +192,7 @@ class AdvBN(AuxBNMethod):
                 "method_options.init_checkpoint=runs/standard/checkpoint.pt)"
             )
         load_initial_weights(model, initial, method=self.name)
-        return prepare_branches(model, self.branches(), method=self.name)
+        return prepare_branches(model, self.branches(), method=self.name, aux_norm=self.aux_norm)
 
     def prefix_modules(self, model: nn.Module, split: SiteSplit, x: Tensor) -> list[nn.Module]:
         """The modules of g^{1,l} (found once per model); their parameters stop requiring grad."""
@@ -210,7 +213,7 @@ class AdvBN(AuxBNMethod):
             for m in subs:
                 if self.opts.prefix_bn_mode == "eval":
                     m.training = False
-                elif is_batchnorm_like(m):
+                elif has_running_statistics(m):
                     stack.enter_context(frozen_bn_statistics(m))
             yield
 

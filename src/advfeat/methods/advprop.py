@@ -21,6 +21,7 @@ from advfeat.attacks.pixel import GD, IFGSM, PGD, advprop_pgd_steps
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.auxbn import (
     ADV,
+    AUX_NORM_OPTION,
     EXTRA_SOURCES,
     MAIN,
     PIXEL_LEVELS,
@@ -89,6 +90,8 @@ class AdvProp(AuxBNMethod):
         attack_bn_mode: str = option("train", ATTACK_BN_MODE)
         attack_branch: str = ADV  # Algorithm 1: attack through the auxiliary BNs
         routing: str = option("auto", Choice(*ROUTINGS))
+        # papers: BN only; per-sample norms (LayerNorm...): "separate" or "shared" affine
+        aux_norm: str = option("separate", AUX_NORM_OPTION)
         adv_weight: float = option(1.0, Number(low=0))  # Algorithm 1: L^a + L^c
         eval_branch: str = MAIN  # Sec. 4.3: aux BNs dropped at test time
         fine_grained: bool = option(False, Flag())  # Sec. 5.4, Table 5

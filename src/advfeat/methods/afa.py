@@ -83,16 +83,16 @@ from advfeat.methods.adversarial import (
     clean_reference_logits,
     pixel_attack,
 )
-from advfeat.methods.auxbn import ROUTINGS, resolve_routing
+from advfeat.methods.auxbn import AUX_NORM_OPTION, ROUTINGS, resolve_routing
 from advfeat.methods.base import ATTACK_BN_MODES, Method, MethodOutput, unwrap
 from advfeat.methods.registry import register_method
 from advfeat.modes import eval_mode
 from advfeat.norm import (
     BranchModel,
-    MultiBatchNorm,
+    BranchNorm,
     WeightGenerator,
     afa_branches,
-    convert_multibn,
+    convert_branches,
     split_branches,
     to_fused_dual_bn,
     use_branch,
@@ -164,6 +164,8 @@ class AFA(Method):
         """None: 0.5 where the generator reads an intermediate module."""
         # stage I: one split pass over the K−1 strengths, or one per branch
         routing: str = option("auto", Choice(*ROUTINGS))
+        # papers: BN only; per-sample norms (LayerNorm...): "separate" or "shared" affine
+        aux_norm: str = option("separate", AUX_NORM_OPTION)
 
     # ------------------------------------------------------------------------------ options
     def validate_options(self) -> None:
@@ -234,13 +236,14 @@ class AFA(Method):
 
     # ------------------------------------------------------------------------------ model
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Stage I: K BN branches. Stage II: the stage-I model fused, frozen, with its generator."""
-        convert_multibn(model, self.branches)
+        """Stage I: K branches of every norm layer (BN; LayerNorm, GroupNorm, RMSNorm too, read
+        by ``aux_norm``). Stage II: the stage-I model fused, frozen, with its generator."""
+        convert_branches(model, self.branches, aux_norm=self.opts.aux_norm)
         if self.opts.stage == 1:
             return model
         self._load_stage1(model)
         o = self.opts
-        fused_layers = sum(1 for m in model.modules() if isinstance(m, MultiBatchNorm))
+        fused_layers = sum(1 for m in model.modules() if isinstance(m, BranchNorm))
         source = self.generator_source(model)
         generator = WeightGenerator(
             self._generator_in_channels(model, source),

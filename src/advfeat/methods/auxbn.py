@@ -7,7 +7,8 @@ source. Fast AdvProp (Mei et al. 2022) and AdvBN (Shu et al. 2021, Sec. 4) reuse
 
 * :class:`AuxBNMethod` — base class: BN conversion in :meth:`~AuxBNMethod.prepare`, evaluation
   with one branch (:meth:`~AuxBNMethod.eval_model`, aux BNs dropped by
-  :func:`advfeat.norm.strip_aux_bn`), option checks.
+  :func:`advfeat.norm.strip_branches`), option checks. Any norm family can be branched
+  (LayerNorm on a ViT too); ``aux_norm`` chooses what an auxiliary branch owns.
 * :func:`branch_forward` — "clean through the main BN, adversarial through the aux BN": chunks
   of images, each through its own BN branch, in one forward pass (``split``, via
   :func:`advfeat.norm.split_branches`) or one pass per chunk (``separate``). Both give the same
@@ -30,18 +31,22 @@ from torch import Tensor, nn
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.base import Method, unwrap
 from advfeat.norm import (
-    MultiBatchNorm,
+    AUX_NORMS,
+    BranchNorm,
+    branch_layers,
     branch_names,
-    convert_multibn,
+    can_have_branches,
+    convert_branches,
+    has_branches,
     split_branches,
-    strip_aux_bn,
+    strip_branches,
     use_branch,
 )
-from advfeat.norm.stats import is_batchnorm_like
 from advfeat.options import Choice
 
 __all__ = [
     "ADV",
+    "AUX_NORM_OPTION",
     "EXTRA_SOURCES",
     "MAIN",
     "PIXEL_LEVELS",
@@ -58,34 +63,50 @@ MAIN = "clean"
 ADV = "adv"
 """The auxiliary BN branch of adversarial examples / features."""
 ROUTINGS = ("auto", "split", "separate")
+AUX_NORM_OPTION = Choice(*AUX_NORMS)
+"""The ``aux_norm`` option: what an auxiliary branch owns beyond routing. ``"separate"``: its own
+affine parameters (and, for BN, statistics); ``"shared"``: the main branch's affine parameters
+(BN keeps per-branch statistics; a LayerNorm model's branches then differ only in routing). The
+papers only know batch norm, so for LayerNorm / GroupNorm models neither reading is theirs."""
 PIXEL_LEVELS = "in 0-255 pixel levels"
 """The unit of AdvProp's budgets: ``eps=4`` means 4/255."""
 
 
 # ---------------------------------------------------------------------------- conversion
-def prepare_branches(model: nn.Module, branches: Sequence[str], *, method: str) -> nn.Module:
-    """Convert every BN layer of ``model`` to the branches ``branches`` (AdvProp Sec. 4.2).
+def prepare_branches(
+    model: nn.Module, branches: Sequence[str], *, method: str, aux_norm: str = "separate"
+) -> nn.Module:
+    """Give every normalization layer of ``model`` the branches ``branches`` (AdvProp Sec. 4.2).
 
-    Idempotent for a model already converted with the same branches; a model without any
-    batch-norm layer raises :class:`AdvfeatError` (an auxiliary BN needs BN layers).
+    Batch norm (the papers' case), LayerNorm, GroupNorm, RMSNorm and any registered family
+    (:func:`advfeat.norm.can_have_branches`); ``aux_norm`` is the reading of the auxiliary
+    branches (:data:`AUX_NORM_OPTION`). Idempotent for a model already converted the same way; a
+    model without any such layer raises :class:`AdvfeatError`.
     """
     inner = unwrap(model)
-    if any(isinstance(m, MultiBatchNorm) for m in inner.modules()):
+    if has_branches(inner):
         have = branch_names(inner)
         if have != tuple(branches):
             raise AdvfeatError(
-                f"{method}: the model already has BN branches {have}, this method needs "
+                f"{method}: the model already has norm branches {have}, this method needs "
                 f"{tuple(branches)}; start from the plain model"
             )
+        readings = {layer.aux_norm for layer in branch_layers(inner)}
+        if readings != {aux_norm}:
+            raise AdvfeatError(
+                f"{method}: the model's aux branches were made with aux_norm={sorted(readings)}, "
+                f"this method asks for {aux_norm!r}; start from the plain model"
+            )
         return model
-    if not any(is_batchnorm_like(m) for m in inner.modules()):
+    if not any(can_have_branches(m) for m in inner.modules()):
         raise AdvfeatError(
-            f"{method} trains adversarial examples through an auxiliary batch norm, but "
-            f"{type(inner).__name__} has no batch-norm layer (BatchNorm1d/2d/3d, SyncBatchNorm "
-            "or timm BatchNormAct2d); use a model with BN, or a method without auxiliary BN "
-            "(e.g. pgd-at)"
+            f"{method} trains adversarial examples through an auxiliary normalization branch, "
+            f"but {type(inner).__name__} has no batch-norm layer nor any other norm that can be "
+            "given branches (LayerNorm, GroupNorm, RMSNorm, or a class given to "
+            "advfeat.norm.register_norm_family); use such a model, or a method without "
+            "auxiliary branches (e.g. pgd-at)"
         )
-    convert_multibn(inner, tuple(branches))
+    convert_branches(inner, tuple(branches), aux_norm=aux_norm)
     return model
 
 
@@ -96,9 +117,9 @@ def require_branches(model: nn.Module, method: str) -> nn.Module:
     """The unwrapped model, checked (once per model) to carry multi-branch BN layers."""
     inner = unwrap(model)
     if inner not in _PREPARED:
-        if not any(isinstance(m, MultiBatchNorm) for m in inner.modules()):
+        if not any(isinstance(m, BranchNorm) for m in inner.modules()):
             raise AdvfeatError(
-                f"{method}: the model has no auxiliary BN; call model = method.prepare(model) "
+                f"{method}: the model has no auxiliary norm branch; call model = method.prepare(model) "
                 "before training"
             )
         _PREPARED.add(inner)
@@ -241,13 +262,18 @@ class AuxBNMethod(Method):
         Choice(*self.branches())(self.name, "eval_branch", self.opts.eval_branch)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Convert every BN layer to the branches of :meth:`branches` (clear error without BN)."""
-        return prepare_branches(model, self.branches(), method=self.name)
+        """Give every norm layer the branches of :meth:`branches` (clear error without one)."""
+        return prepare_branches(model, self.branches(), method=self.name, aux_norm=self.aux_norm)
+
+    @property
+    def aux_norm(self) -> str:
+        """The reading of the auxiliary branches (the ``aux_norm`` option; ``"separate"``)."""
+        return str(getattr(self.opts, "aux_norm", "separate"))
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The plain model with BN branch ``eval_branch`` in every layer (aux BNs dropped).
 
-        A copy of the original architecture (:func:`advfeat.norm.strip_aux_bn`): its
+        A copy of the original architecture (:func:`advfeat.norm.strip_branches`): its
         ``state_dict`` loads into a fresh, unconverted model.
         """
-        return strip_aux_bn(unwrap(model), keep=self.opts.eval_branch)
+        return strip_branches(unwrap(model), keep=self.opts.eval_branch)

@@ -56,6 +56,7 @@ from advfeat.attacks.pixel import PGD
 from advfeat.errors import AdvfeatError
 from advfeat.methods.auxbn import (
     ADV,
+    AUX_NORM_OPTION,
     MAIN,
     PIXEL_LEVELS,
     ROUTINGS,
@@ -129,6 +130,8 @@ class FastAdvProp(AuxBNMethod):
         attack_weight: float = option(0.5, Number(low=0))  # loss_strategy attack:0.5
         adv_weight: float = option(0.5, Number(low=0))  # loss_strategy adv:0.5
         routing: str = option("auto", Choice(*ROUTINGS))
+        # papers: BN only; per-sample norms (LayerNorm...): "separate" or "shared" affine
+        aux_norm: str = option("separate", AUX_NORM_OPTION)
         eval_branch: str = MAIN
 
     def validate_options(self) -> None:

@@ -41,15 +41,17 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.norm.multibn import (
-    MultiBatchNorm,
+from advfeat.norm.branches import (
+    BranchNorm,
     _check_branch,
-    _timm_norm_act,
-    _unmake_multi,
-    multibn_layers,
+    branch_layers,
     replace_modules,
     require_default_routing,
+    unmake_branched,
 )
+from advfeat.norm.multibn import MultiBatchNorm
+from advfeat.norm.multibn import timm_norm_act as _timm_norm_act
+from advfeat.norm.stats import has_running_statistics
 
 __all__ = [
     "AdaptiveFeatureAlignment",
@@ -167,7 +169,14 @@ def _supported_forwards() -> set[Any]:
     return forwards
 
 
-def _check_fusable(layer: _BatchNorm, name: str) -> None:
+def _check_fusable(layer: nn.Module, name: str) -> None:
+    if not isinstance(layer, _BatchNorm):
+        if has_running_statistics(layer):
+            raise AdvfeatError(
+                f"cannot fuse norm layer {name!r} ({type(layer).__name__}): it has running "
+                "statistics but is not a torch batch norm"
+            )
+        return  # a per-sample norm (LayerNorm, GroupNorm, RMSNorm): its forward is its branch
     cls = type(layer)._plain_class if isinstance(layer, MultiBatchNorm) else type(layer)
     if cls.forward not in _supported_forwards():
         raise AdvfeatError(
@@ -192,7 +201,9 @@ class FusedDualBN(nn.Module):
 
     ``first`` and ``last`` are plain BN layers (stage-I branches BN_0 and BN_{K−1}); they always
     normalise with their running statistics and are never updated. W_0 comes from the shared
-    :class:`FusionWeights`. For timm's BatchNormAct2d the activation follows the fusion.
+    :class:`FusionWeights`. For timm's BatchNormAct2d the activation follows the fusion. For a
+    per-sample norm (LayerNorm, GroupNorm, RMSNorm: no statistics to freeze) the two branches
+    are the two frozen layers themselves: x̂ = W_0·LN_0(x) + (1 − W_0)·LN_{K−1}(x).
     A leaf for ``torch.fx`` tracers that use :func:`~advfeat.norm.is_norm_leaf`.
     """
 
@@ -200,8 +211,8 @@ class FusedDualBN(nn.Module):
 
     def __init__(
         self,
-        first: _BatchNorm,
-        last: _BatchNorm,
+        first: nn.Module,
+        last: nn.Module,
         weights: FusionWeights,
         index: int = 0,
         *,
@@ -210,11 +221,13 @@ class FusedDualBN(nn.Module):
         super().__init__()
         for layer in (first, last):
             _check_fusable(layer, name)
-        if first.num_features != last.num_features:
+        widths = [[tuple(t.shape) for t in layer.state_dict().values()] for layer in (first, last)]
+        if type(first) is not type(last) or widths[0] != widths[1]:
             raise AdvfeatError(
-                f"BN_0 and BN_K-1 of layer {name!r} differ in width: {first.num_features} vs "
-                f"{last.num_features}"
+                f"BN_0 and BN_K-1 of layer {name!r} differ in class or width: {widths[0]} vs "
+                f"{widths[1]}"
             )
+        self.is_batchnorm = isinstance(first, _BatchNorm)
         self.first = first.eval().requires_grad_(False)
         self.last = last.eval().requires_grad_(False)
         self.weights = weights
@@ -226,9 +239,13 @@ class FusedDualBN(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        self.first._check_input_dim(x)
+        if not self.is_batchnorm:
+            w0 = self.weights.for_layer(self.index, x, self.layer_name)
+            return cast(Tensor, w0 * self.first(x) + (1 - w0) * self.last(x))
+        first, last = cast(_BatchNorm, self.first), cast(_BatchNorm, self.last)
+        first._check_input_dim(x)
         w0 = self.weights.for_layer(self.index, x, self.layer_name)
-        fused = w0 * _normalise(self.first, x) + (1 - w0) * _normalise(self.last, x)
+        fused = w0 * _normalise(first, x) + (1 - w0) * _normalise(last, x)
         if self.applies_act:
             act = cast(Any, self.first)
             fused = act.act(act.drop(fused))
@@ -377,14 +394,14 @@ def to_fused_dual_bn(
 ) -> AdaptiveFeatureAlignment:
     """Turn a stage-I multi-branch model into AFA's stage-II model (Sec. 4.3, Fig. 4b).
 
-    Every :class:`~advfeat.norm.MultiBatchNorm` of ``model`` becomes a :class:`FusedDualBN`
+    Every multi-branch layer (:class:`~advfeat.norm.BranchNorm`) becomes a :class:`FusedDualBN`
     of branches ``first`` (BN_0, default: the main branch) and ``last`` (BN_{K−1}, default: the
     last branch); the other branches are dropped. The model is changed in place and frozen
     (``requires_grad=False``, eval mode); only ``generator`` is trainable. ``source``,
     ``per_layer`` and ``prefix_weight`` select the other readings described in the module
     docstring.
     """
-    layers = multibn_layers(model)
+    layers = branch_layers(model)
     require_default_routing(layers, "to_fused_dual_bn")
     branches = layers[0].branches
     first = branches[0] if first is None else first
@@ -406,7 +423,7 @@ def to_fused_dual_bn(
         raise AdvfeatError(f"prefix_weight must lie in [0, 1], got {prefix_weight!r}")
     for layer in layers:
         for name in (first, last):
-            branch = layer if name == branches[0] else cast(_BatchNorm, layer.aux[name])
+            branch = layer if name == branches[0] else layer.aux[name]
             _check_fusable(branch, layer._advfeat_name)
     expected = len(layers) if per_layer else 1
     out_features = getattr(generator, "out_features", None)
@@ -424,12 +441,12 @@ def to_fused_dual_bn(
 
     def fuse(module: nn.Module, qualname: str) -> nn.Module:
         nonlocal count
-        plain = _unmake_multi(cast(MultiBatchNorm, module))  # the selector picked these only
+        plain = unmake_branched(cast(BranchNorm, module))  # the selector picked these only
         fused = FusedDualBN(plain[first], plain[last], weights, count, name=qualname)
         count += 1
         return fused
 
-    model = replace_modules(model, lambda m: isinstance(m, MultiBatchNorm), fuse)
+    model = replace_modules(model, lambda m: isinstance(m, BranchNorm), fuse)
     weights.num_layers = count
     model.requires_grad_(False)
     generator.requires_grad_(True)

@@ -1,9 +1,12 @@
 """What a batch-norm-like layer is, and keeping its running statistics exactly as they are.
 
-:func:`is_batchnorm_like` is the one predicate every layer of advfeat uses to recognise a
-normalization layer with running statistics (attacks freeze them, feature sites keep the layer
-whole, dense tasks put it in eval mode, the BN methods look for one). A model family with a BN
-class of its own that does not subclass torch's registers it once::
+:func:`has_running_statistics` (also called :func:`is_batchnorm_like`) is the predicate every
+layer of advfeat uses to recognise a normalization layer with running statistics (attacks freeze
+them, feature sites keep the layer whole, dense tasks put it in eval mode). It is not the question
+"can this layer be given branches" (AdvProp's auxiliary norm): that is
+:func:`advfeat.norm.families.can_have_branches`, true for LayerNorm too, which has no running
+statistics. A model family with a BN class of its own that does not subclass torch's registers
+it once::
 
     @register_batchnorm_class
     class MyBatchNorm(nn.Module): ...   # updates running stats only if training and track_running_stats
@@ -25,6 +28,7 @@ from torch.nn.modules.batchnorm import _NormBase
 __all__ = [
     "batchnorm_modules",
     "frozen_bn_statistics",
+    "has_running_statistics",
     "is_batchnorm_like",
     "register_batchnorm_class",
 ]
@@ -38,7 +42,7 @@ C = TypeVar("C", bound=type[nn.Module])
 
 
 def register_batchnorm_class(cls: C) -> C:
-    """Class decorator: make :func:`is_batchnorm_like` recognise ``cls`` (and its subclasses).
+    """Class decorator: make :func:`has_running_statistics` recognise ``cls`` (and its subclasses).
 
     The class must behave like torch's batch norm: a ``training`` flag, and running statistics
     updated only while ``training and track_running_stats`` (so that attacks can freeze them).
@@ -50,15 +54,20 @@ def register_batchnorm_class(cls: C) -> C:
     return cls
 
 
-def is_batchnorm_like(module: Any) -> bool:
+def has_running_statistics(module: Any) -> bool:
     """Whether ``module`` is a normalization layer with running statistics: torch's batch norms,
-    SyncBatchNorm, multi-branch BN, timm's BatchNormAct2d, or a registered class."""
+    SyncBatchNorm, multi-branch BN, timm's BatchNormAct2d, or a registered class (not LayerNorm,
+    GroupNorm or RMSNorm, which normalise each sample on its own)."""
     return isinstance(module, tuple(_BATCHNORM_CLASSES))
 
 
+is_batchnorm_like = has_running_statistics
+"""The name :func:`has_running_statistics` had before norm families: a batch-norm-like layer."""
+
+
 def batchnorm_modules(model: nn.Module) -> list[nn.Module]:
-    """Every batch-norm-like module of ``model`` (see :func:`is_batchnorm_like`)."""
-    return [m for m in model.modules() if is_batchnorm_like(m)]
+    """Every batch-norm-like module of ``model`` (see :func:`has_running_statistics`)."""
+    return [m for m in model.modules() if has_running_statistics(m)]
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from advfeat.eval.config import EvalConfig
 from advfeat.eval.context import EvalContext
 from advfeat.eval.report import md_table, pct
 from advfeat.eval.suites.registry import SUITES, register_suite, skipped
-from advfeat.norm import BranchModel, MultiBatchNorm, branch_names
+from advfeat.norm import BranchModel, branch_names, has_branches
 
 __all__ = ["BranchModel", "run"]
 
@@ -38,8 +38,11 @@ def ready(config: EvalConfig) -> None:
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     model = ctx.raw_model
-    if not any(isinstance(m, MultiBatchNorm) for m in model.modules()):
-        return skipped("the model has a single BN branch (not converted with convert_multibn)")
+    if not has_branches(model):
+        return skipped(
+            "the model has a single norm branch (not converted with convert_branches / "
+            "convert_multibn)"
+        )
     results: dict[str, Any] = {}
     for branch in branch_names(model):
         sub = ctx.child(BranchModel(model, branch).eval(), f"bn/{branch}")
