@@ -141,6 +141,7 @@ class _Setup:
     amp: str | None = None
     channels_last: bool = False
     cuda_graph: bool = False
+    model_options: tuple[tuple[str, Any], ...] = ()
 
 
 def parse_method_specs(
@@ -265,7 +266,9 @@ def _task_batch(setup: _Setup, dev: torch.device) -> tuple[Task, nn.Module, Any,
         x, y = task.collate([bundle.train[i] for i in range(batch)])
         x, y = task.to_device(x, y, dev)
         return task, model, x, y
-    model = build_model(name, num_classes=setup.num_classes, image_size=size)
+    model = build_model(
+        name, num_classes=setup.num_classes, image_size=size, **dict(setup.model_options)
+    )
     g = torch.Generator().manual_seed(setup.seed)
     x = torch.rand((batch, 3, size, size), generator=g).to(dev)
     y = torch.randint(0, setup.num_classes, (batch,), generator=g).to(dev)
@@ -438,6 +441,7 @@ def run_bench(
     order: str = "interleaved",
     on_rows: Callable[[list[BenchResult]], None] | None = None,
     cuda_graph: bool = False,
+    model_options: dict[str, Any] | None = None,
 ) -> list[BenchResult]:
     """Benchmark ``methods`` (``standard`` is added first when missing) and return one row each.
 
@@ -445,7 +449,7 @@ def run_bench(
     :class:`MethodSpec` objects. ``memory=False`` skips the peak-memory measurement.
     ``amp="bf16"`` runs the forward passes under autocast; ``channels_last`` converts the model
     and the batch to that memory format. ``order``, ``on_rows`` and ``cuda_graph``: see the
-    module doc.
+    module doc. ``model_options`` go to :func:`advfeat.models.build_model` (``depth=2``).
     """
     if order not in ORDERS:
         raise AdvfeatError(f"order must be one of {list(ORDERS)}, got {order!r}")
@@ -473,6 +477,7 @@ def run_bench(
         amp,
         channels_last,
         cuda_graph,
+        tuple(sorted((model_options or {}).items())),
     )
     dev = torch.device(device)
     labels = [s.label for s in specs]

@@ -46,7 +46,6 @@ are not run by a fast tail, which starts after the site.
 
 from __future__ import annotations
 
-import math
 import operator
 import sys
 import weakref
@@ -59,7 +58,6 @@ from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, fx, nn
-from torch.nn.modules.conv import _ConvNd
 
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.norm.stats import is_batchnorm_like
@@ -69,14 +67,10 @@ __all__ = [
     "SiteSplit",
     "capture_features",
     "frontier_capture",
-    "last_stage",
     "replace_features",
     "resolve_site",
     "site_order",
     "split_site_name",
-    "spread_blocks",
-    "stage_blocks",
-    "stages",
     "uncompiled",
     "unwrap_model",
 ]
@@ -1038,95 +1032,13 @@ def site_order(model: nn.Module, sites: Sequence[str], x: ModelInput | None = No
 
 
 # ---------------------------------------------------------------------------------- stages
-def _has_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, _ConvNd) for m in module.modules())
+_MOVED_TO_BLOCKS = frozenset({"last_stage", "spread_blocks", "stage_blocks", "stages"})
 
 
-def _is_container(module: nn.Module) -> bool:
-    return next(module.children(), None) is not None
+def __getattr__(name: str) -> Any:
+    """The default-site helpers live in :mod:`advfeat.blocks` (still importable from here)."""
+    if name in _MOVED_TO_BLOCKS:
+        from advfeat import blocks
 
-
-def stages(model: nn.Module) -> list[str]:
-    """The model's *stages*: top-level children that contain submodules and a convolution.
-
-    For the CIFAR ResNets this is ``layer1..layer3``, for torchvision ResNets ``layer1..layer4``,
-    for torchvision EfficientNets ``features``, for timm EfficientNets ``blocks``; single layers
-    (``conv1``, ``bn``), pooling and classifier heads are not stages. Sorted in execution order.
-    """
-    inner = unwrap_model(model)
-    names = [n for n, m in inner.named_children() if _is_container(m) and _has_conv(m)]
-    return site_order(inner, names) if names else []
-
-
-def _no_stage_error(model: nn.Module) -> AdvfeatError:
-    children = ", ".join(repr(n) for n, _ in unwrap_model(model).named_children()) or "none"
-    return AdvfeatError(
-        f"cannot choose a default feature site for {type(unwrap_model(model)).__name__}: no top-level "
-        f"child contains a convolution; pass site=... (or sites=[...]) with dotted module names "
-        f"(top-level children: {children})"
-    )
-
-
-def last_stage(model: nn.Module) -> str:
-    """The default site of ALFA and A-FAN: the last stage (see :func:`stages`).
-
-    Both papers find the last block before the classifier best (ALFA §4.3, Fig. 2-3; A-FAN §7,
-    Fig. S5); its output is the output of the stage's last residual block.
-    """
-    found = stages(model)
-    if not found:
-        raise _no_stage_error(model)
-    return found[-1]
-
-
-def stage_blocks(model: nn.Module) -> list[str]:
-    """L-ALFA's default sites: every block of every stage, in execution order.
-
-    A stage whose children are themselves modules with children (residual blocks) contributes
-    those children that contain a convolution (``layer1.0`` … ``layer3.2``: the 9 blocks of
-    ResNet-20, i.e. "after each skip connection", ALFA Table 9); a stage of plain layers counts
-    as one block.
-    """
-    inner = unwrap_model(model)
-    blocks: list[str] = []
-    for name in stages(inner):
-        stage = inner.get_submodule(name)
-        children = list(stage.named_children())
-        if children and all(_is_container(m) for _, m in children):
-            blocks += [f"{name}.{c}" for c, m in children if _has_conv(m)]
-        else:
-            blocks.append(name)
-    if not blocks:
-        raise _no_stage_error(model)
-    return blocks
-
-
-def spread_blocks(model: nn.Module, count: int) -> list[str]:
-    """``count`` of :func:`stage_blocks`, spread evenly over each stage, each stage's last kept.
-
-    L-ALFA's default: dim(η) = 9 in ALFA Table 8 for every ResNet ("after each skip
-    connection", Table 9). ResNet-20 has 9 blocks, all kept; ResNet-56 has 27 (3 stages of 9):
-    every third block, the last of each group (``layer1.2``, ``layer1.5``, ``layer1.8``, …,
-    ``layer3.8``). With fewer than ``count`` blocks, all of them.
-    """
-    blocks = stage_blocks(model)
-    if count >= len(blocks):
-        return blocks
-    groups: dict[str, list[str]] = {}
-    for b in blocks:
-        groups.setdefault(b.rsplit(".", 1)[0] if "." in b else b, []).append(b)
-    per_stage = [len(g) for g in groups.values()]
-    # share ``count`` between stages in proportion to their blocks (largest remainders)
-    exact = [count * n / len(blocks) for n in per_stage]
-    share = [max(1, math.floor(e)) for e in exact]
-    order = sorted(range(len(exact)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
-    for i in order:
-        if sum(share) >= count:
-            break
-        share[i] += 1
-    chosen: list[str] = []
-    for group, k in zip(groups.values(), share, strict=True):
-        k = min(k, len(group))
-        # the last block of each of k equal consecutive groups
-        chosen += [group[math.ceil((j + 1) * len(group) / k) - 1] for j in range(k)]
-    return chosen
+        return getattr(blocks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

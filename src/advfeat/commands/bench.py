@@ -20,6 +20,15 @@ def add_parser(sub: Any) -> None:
         "bench", help="time training steps of each method and compare with standard training"
     )
     p.add_argument("--model", default="resnet20", help="architecture (default resnet20)")
+    p.add_argument(
+        "--model-option",
+        dest="model_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the architecture, as train's model_options, e.g. "
+        "--model-option patch_size=4 --model-option depth=2",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument(
@@ -89,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         if not option:
             raise AdvfeatError(f"--set for bench expects METHOD.OPTION=VALUE, got {text!r}")
         options.setdefault(method, {})[option] = value
+    model_options = dict(parse_override(text) for text in args.model_options)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.cuda_graph and not str(args.device).startswith("cuda"):
         raise AdvfeatError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
@@ -105,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     def payload(rows: list[BenchResult], complete: bool) -> dict[str, Any]:
         return {
             "model": args.model,
+            "model_options": model_options,
             "batch_size": args.batch_size,
             "iters": args.iters,
             "device": args.device,
@@ -147,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         order=args.order,
         on_rows=write,
         cuda_graph=args.cuda_graph,
+        model_options=model_options,
     )
     print(bench_table(results))
     if args.json:

@@ -18,6 +18,7 @@ Feature Augmentation for Enhanced Image Recognition") and A-FAN (Chen et al. 202
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar, Literal
@@ -33,20 +34,13 @@ from advfeat.attacks.precision import (
     perturbed_dtype,
     wide_dtype,
 )
+from advfeat.blocks import last_stage, spread_blocks, stage_blocks, stages
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.layouts import AUTO_LAYOUT, CHANNELS_FIRST, FeatureLayout, site_layout
 from advfeat.methods.base import Method, cross_entropy, unwrap
 from advfeat.norm.stats import frozen_bn_statistics
 from advfeat.options import Choice, Integer, Number
-from advfeat.sites import (
-    SiteSplit,
-    last_stage,
-    resolve_site,
-    site_order,
-    spread_blocks,
-    stage_blocks,
-    stages,
-)
+from advfeat.sites import SiteSplit, resolve_site, site_order
 from advfeat.tasks.base import TaskPass
 
 __all__ = [
@@ -54,6 +48,7 @@ __all__ = [
     "AFNStats",
     "AdversarialFeatureNormalization",
     "FeatureAugmentation",
+    "TailFallback",
     "adversarial_feature_normalization",
     "combine_losses",
     "feature_moments",
@@ -61,6 +56,7 @@ __all__ = [
     "multi_site_outputs",
     "project_simplex",
     "random_feature_noise",
+    "report_tail_fallback",
     "spread_blocks",
     "stage_blocks",
     "stages",
@@ -321,6 +317,32 @@ def multi_site_outputs(
     return outputs
 
 
+# -------------------------------------------------------------------------- tail fallback
+class TailFallback(UserWarning):
+    """A feature site's tail cannot run on its own: attack steps run the whole model."""
+
+
+_REPORTED_FALLBACKS: WeakKeyDictionary[nn.Module, set[str]] = WeakKeyDictionary()
+
+
+def report_tail_fallback(model: nn.Module, site: str) -> bool:
+    """Warn once per model and site, in one line, when attack steps at ``site`` cannot run only
+    what follows it (:attr:`advfeat.sites.SiteSplit.is_fast`); returns whether they can."""
+    split = SiteSplit(model, site)
+    if split.is_fast:
+        return True
+    reported = _REPORTED_FALLBACKS.setdefault(model, set())
+    if site not in reported:
+        reported.add(site)
+        warnings.warn(
+            f"site {site!r} of {type(model).__name__}: the part after it cannot run on its own "
+            f"({split.fallback_reason}); every attack step runs the whole model (correct, slower)",
+            TailFallback,
+            stacklevel=2,
+        )
+    return False
+
+
 # ---------------------------------------------------------------------------- option checks
 # Declared with advfeat.options.option(default, check) in the Options of ALFA, L-ALFA and A-FAN.
 ALPHA = Number(low=0, low_open=True, hint="the attack step size")
@@ -443,6 +465,9 @@ class FeatureAugmentation(Method):
                         f"contain each other"
                     )
         ordered = site_order(inner, names)
+        if self.task.name == "classification":
+            for site in ordered:
+                report_tail_fallback(inner, site)
         self._site_cache[inner] = ordered
         return ordered
 

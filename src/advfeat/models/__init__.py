@@ -100,7 +100,7 @@ def build_model(
         )
     model: nn.Module
     if source == "timm":
-        model = build_timm(bare, num_classes, pretrained=pretrained, **kw)
+        model = build_timm(bare, num_classes, pretrained=pretrained, image_size=image_size, **kw)
     elif source == "torchvision" or (
         not source and bare not in MODELS and bare in torchvision_model_names()
     ):

@@ -12,6 +12,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 from torchvision import models as tv_models
 
@@ -20,6 +21,7 @@ from advfeat.errors import AdvfeatError, unknown_name
 __all__ = [
     "build_timm",
     "build_torchvision",
+    "fixed_input_size",
     "replace_classifier",
     "timm_model_names",
     "torchvision_model_names",
@@ -146,13 +148,16 @@ def build_torchvision(
     if weights_classes is None:
         kw["num_classes"] = num_classes
     try:
-        model = tv_models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
+        if not pretrained and VIT_SHAPE_OPTIONS & set(kw) and name.startswith("vit_"):
+            model = _reshaped_vit(name, kw)
+        else:
+            model = tv_models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
     except TypeError as err:
         raise AdvfeatError(
             f"torchvision model {name!r} rejected the options {options}: {err}"
         ) from None
-    except ValueError as err:
-        raise AdvfeatError(f"torchvision model {name!r}: {err}") from None
+    except (ValueError, AssertionError) as err:
+        raise AdvfeatError(f"torchvision model {name!r}: {err or 'invalid options'}") from None
     if weights_classes is not None and weights_classes != num_classes:
         replace_classifier(model, weights_classes, num_classes)
     if cifar_stem is None:
@@ -162,13 +167,45 @@ def build_torchvision(
     return model
 
 
+VIT_SHAPE_OPTIONS = frozenset({"patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim"})
+"""Options that reshape a randomly initialized torchvision ViT (``vit_b_16`` with 2 layers)."""
+
+
+def _reshaped_vit(name: str, kw: dict[str, Any]) -> nn.Module:
+    """torchvision ViT ``name`` with some of :data:`VIT_SHAPE_OPTIONS` changed.
+
+    torchvision's ``vit_*`` builders fix these five; the others keep the named model's values,
+    read from a copy built on the meta device (no memory, no initialization).
+    """
+    with torch.device("meta"):
+        stock = tv_models.get_model(name, image_size=kw.get("image_size", 224))
+    if not isinstance(stock, tv_models.VisionTransformer):
+        raise AdvfeatError(f"{sorted(VIT_SHAPE_OPTIONS)} apply to ViTs, not to {name!r}")
+    first = stock.encoder.layers[0]
+    shape = {
+        "patch_size": stock.patch_size,
+        "num_layers": len(stock.encoder.layers),
+        "num_heads": first.num_heads,
+        "hidden_dim": stock.hidden_dim,
+        "mlp_dim": stock.mlp_dim,
+    }
+    return tv_models.VisionTransformer(**{**shape, **kw})
+
+
 def _weights_label_count(name: str) -> int:
     weights = tv_models.get_model_weights(name).DEFAULT  # type: ignore[attr-defined]
     return len(weights.meta["categories"])
 
 
-def build_timm(name: str, num_classes: int, *, pretrained: bool, **kw: Any) -> nn.Module:
-    """A timm model ``name`` (without normalization); timm itself resets the classifier."""
+def build_timm(
+    name: str, num_classes: int, *, pretrained: bool, image_size: int | None = None, **kw: Any
+) -> nn.Module:
+    """A timm model ``name`` (without normalization); timm itself resets the classifier.
+
+    A model built for one input size (ViT, DeiT, Swin: a patch embedding of fixed size) is built
+    for ``image_size`` unless ``img_size`` is among the options (timm resamples pretrained
+    position embeddings to it).
+    """
     if "cifar_stem" in kw:
         raise AdvfeatError("cifar_stem applies to torchvision ResNets only, not to timm models")
     timm = _import_timm()
@@ -176,6 +213,10 @@ def build_timm(name: str, num_classes: int, *, pretrained: bool, **kw: Any) -> n
     if not is_hub and not timm.is_model(name):
         raise unknown_name("timm model", f"timm:{name}", [f"timm:{n}" for n in timm.list_models()])
     try:
+        if image_size is not None and "img_size" not in kw:
+            fixed = _timm_input_size(timm, name, num_classes, kw)
+            if fixed is not None and fixed != (image_size, image_size):
+                kw["img_size"] = image_size
         model: nn.Module = timm.create_model(
             name, pretrained=pretrained, num_classes=num_classes, **kw
         )
@@ -184,3 +225,31 @@ def build_timm(name: str, num_classes: int, *, pretrained: bool, **kw: Any) -> n
             f"timm model {name!r} rejected the options {sorted(kw)}: {err}"
         ) from None
     return model
+
+
+def _timm_input_size(
+    timm: ModuleType, name: str, num_classes: int, kw: dict[str, Any]
+) -> tuple[int, int] | None:
+    """:func:`fixed_input_size` of timm model ``name``, built on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            stock = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+    except Exception:  # the real build reports what is wrong with the options
+        return None
+    return fixed_input_size(stock)
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The ``(height, width)`` that a model's fixed-size patch embedding requires, if any.
+
+    timm's patch embeddings refuse other sizes (``strict_img_size``); torchvision's ViT checks
+    its ``image_size``. ``None`` for models that take any size (CNNs).
+    """
+    size = getattr(model, "image_size", None)
+    if isinstance(model, tv_models.VisionTransformer) and isinstance(size, int):
+        return (size, size)
+    for module in model.modules():
+        img_size = getattr(module, "img_size", None)
+        if getattr(module, "strict_img_size", False) and isinstance(img_size, (tuple, list)):
+            return (int(img_size[0]), int(img_size[1]))
+    return None
