@@ -6,6 +6,8 @@ tensor learning rates, and trains exactly as eager steps do."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,7 @@ from advfeat.errors import AdvfeatError
 from advfeat.methods import METHODS
 from advfeat.methods.dense import build_task_method
 from advfeat.tasks import ClassificationTask, DetectionTask
-from advfeat.train import Trainer
+from advfeat.train import Trainer, load_checkpoint
 from advfeat.train import trainer as trainer_module
 from advfeat.train.graphs import (
     CapturedStep,
@@ -31,6 +33,7 @@ from advfeat.train.graphs import (
     use_tensor_learning_rates,
 )
 from advfeat.train.running import DivergenceWatch, RunningSums
+from advfeat.train.trainer import Preempted
 from test_train_step_sync import counted_host_reads, tiny_config
 
 CPU = torch.device("cpu")
@@ -327,3 +330,39 @@ def test_replaying_the_random_stream_on_a_gpu_blocks_capture(
         assert blockers == []
         RngReplay(torch.device("cuda", 0))
     assert len(blockers) == 1 and "random stream" in blockers[0]
+
+
+def test_a_captured_run_preempted_mid_epoch_resumes_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replay_by_calling: list[ReplayByCalling]
+) -> None:
+    """The checkpoint holds the learning rates as tensors; resuming puts them back on the
+    device and the captured steps go on as if never stopped."""
+
+    def config() -> Any:
+        return tiny_config(
+            method="alfa", device_data="true", cuda_graph="true", max_steps_per_epoch=5
+        )
+
+    Trainer(config(), tmp_path / "straight").fit()
+    original = Trainer.set_lr
+    sent = {"done": False}
+
+    def signal_in_epoch_two(self: Trainer, progress: float, *rest: int) -> float:
+        if progress > 1.5 and not sent["done"]:
+            sent["done"] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, progress, *rest)
+
+    monkeypatch.setattr(Trainer, "set_lr", signal_in_epoch_two)
+    with pytest.raises(Preempted):
+        Trainer(config(), tmp_path / "run").fit()
+    monkeypatch.setattr(Trainer, "set_lr", original)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert isinstance(saved["optimizer"]["param_groups"][0]["lr"], Tensor)
+    resumed = Trainer(config(), tmp_path / "run", resume=True)
+    metrics = resumed.fit()
+    assert metrics["steps"] == "captured"
+    assert isinstance(resumed.optimizer.param_groups[0]["lr"], Tensor)
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
+    again = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
