@@ -675,6 +675,17 @@ def summary(args: argparse.Namespace) -> int:
     ]
     report = scratch / "paper" / "compare.md"
     lines += [report.read_text().rstrip() if report.exists() else "no table (no run finished)"]
+    vit = _read_json(scratch / "vit.json")
+    vit_report = scratch / "vit" / "compare.md"
+    vit_lines = [
+        "",
+        "## d. A small ViT (docs/results.md section 15)",
+        "",
+        f"`advfeat {vit.get('command', '').partition('advfeat.cli ')[2]}`: {vit.get('state')} "
+        f"after {vit.get('wall_s')} s. No paper claim: an observation.",
+        "",
+        vit_report.read_text().rstrip() if vit_report.exists() else "no table (no run finished)",
+    ]
     lines += [
         "",
         "Claimed (SA %, ResNet-20s on raw CIFAR-10, 200 epochs, checkpoint selected on a 10 % "
@@ -690,7 +701,7 @@ def summary(args: argparse.Namespace) -> int:
         "the compare table).",
         "",
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).write_text("\n".join(lines + vit_lines) + "\n")
     # the short table, printed last
     short = ["| part | how it ended | result |", "|---|---|---|"]
     a_text = (
@@ -707,7 +718,9 @@ def summary(args: argparse.Namespace) -> int:
                 f"{std['images_per_s']:.0f} img/s"
             )
     c_text = f"{rec.get('epochs')} epochs; finished {len(rec.get('finished_runs') or [])} runs"
-    for key, text in (("a", a_text), ("b", "; ".join(b_parts) or "no rows"), ("c", c_text)):
+    d_text = f"ViT arms: {vit.get('state', 'not run')}"
+    parts = (("a", a_text), ("b", "; ".join(b_parts) or "no rows"), ("c", c_text), ("d", d_text))
+    for key, text in parts:
         state = "; ".join(v for k, v in status.items() if k.startswith(key + "_")) or "not run"
         short.append(f"| {key} | {state} | {text} |")
     print("\n".join(short))

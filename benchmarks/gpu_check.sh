@@ -17,7 +17,10 @@
 #      run checkpointed every epoch, stopped at the time box), and `advfeat compare
 #      --report-only` tabulates the finished runs beside the papers' numbers. The runs capture
 #      their steps (`cuda_graph=auto`) and share the GPU through the CUDA MPS daemon when part
-#      a found that a client runs through it (MPS=0 turns that off).
+#      a found that a client runs through it (MPS=0 turns that off);
+#   d. the ViT arms of docs/results.md section 15 (ViT-Tiny, patch 4, depth 4; standard, ALFA,
+#      A-FAN, AdvProp with its auxiliary LayerNorm separate and shared; seeds 0-2, all at once;
+#      VIT_EPOCHS epochs, T_D seconds), tabulated by `advfeat compare --report-only`.
 #
 # Everything is written to a scratch folder (SCRATCH); OUT receives at most 8 files: summary.md,
 # results.tar.gz (every log, JSON and table; no checkpoints) and a few small files. The short
@@ -49,7 +52,7 @@ METHODS=standard,alfa,afan,l-alfa,advbn,advprop,fast-advprop,pgd-at,trades,mart,
 # bench: cheap methods first, AFA (4 PGD-10 attacks per step) last
 BENCH_METHODS=standard,alfa,afan,fast-advprop,advprop,advbn,l-alfa,alfa_inner=alfa,pgd-at,trades,mart,afa
 if [[ "$TINY" == 1 ]]; then  # the plumbing only: a few methods, tiny sizes, one seed
-  TOTAL_S=${TOTAL_S:-180} T_A=${T_A:-70} T_B=${T_B:-30}
+  TOTAL_S=${TOTAL_S:-225} T_A=${T_A:-70} T_B=${T_B:-30}
   METHODS=alfa,afan,l-alfa,advbn,pgd-at
   PARITY=(--batch-size 2 --image-size 8 --variants bf16 --tiny)
   GRAPHS=(--batch-size 4 --image-size 8 --steps 2 --cpu-replay)
@@ -60,6 +63,7 @@ if [[ "$TINY" == 1 ]]; then  # the plumbing only: a few methods, tiny sizes, one
   PAPER=(--tiny --shapes --seeds 0 --jobs 3 --probe-steps 1 --max-epochs 2 --reserve-s 12
          --probe-s 40)
   T_R20=$T_B
+  T_D=${T_D:-45} VIT=(--tiny --seeds 0 --jobs 5 --epochs 1 --depth 1 --reserve-s 8)
 else
   TOTAL_S=${TOTAL_S:-540} T_A=${T_A:-110} T_B=${T_B:-100}
   METHODS=${PARITY_METHODS:-$METHODS}
@@ -73,6 +77,7 @@ else
   # JOBS=9: the nine runs at once (through MPS), the probe at the same concurrency
   PAPER=(--seeds 0 1 2 --jobs "${JOBS:-9}" --probe-steps 100 --max-epochs 200 --reserve-s 25)
   T_R20=${T_R20:-$(( T_B * 3 / 5 ))}
+  T_D=${T_D:-100} VIT=(--epochs "${VIT_EPOCHS:-3}")
 fi
 SETS=(--set alfa_inner.site=layer3.2.bn2)
 [[ "$TINY" == 1 ]] || SETS+=(--set advprop.eps=1)
@@ -166,8 +171,12 @@ if [[ "$MPS" == 1 && "$DEVICE" == cuda* ]] && grep -q "a CUDA client ran through
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   fi
 fi
-part c_paper $(( $(left) )) "$PY" benchmarks/gpu_check.py paper --scratch "$SCRATCH" --data "$DATA" \
-  --device "$DEVICE" --deadline "$DEADLINE" "${PAPER[@]}"
+part c_paper $(( $(left) - T_D )) "$PY" benchmarks/gpu_check.py paper --scratch "$SCRATCH" \
+  --data "$DATA" --device "$DEVICE" --deadline $(( DEADLINE - T_D )) "${PAPER[@]}"
+
+# ---- d. the ViT arms (docs/results.md section 15), until the deadline
+part d_vit $(( $(left) )) "$PY" benchmarks/gpu_check_vit.py --scratch "$SCRATCH" --data "$DATA" \
+  --device "$DEVICE" --deadline "$DEADLINE" "${VIT[@]}"
 
 if [[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]]; then
   echo quit | timeout 10 nvidia-cuda-mps-control || true

@@ -57,5 +57,6 @@ def test_tiny_gpu_check_writes_the_three_parts(tmp_path: Path) -> None:
     assert not [n for n in names if n.endswith(".pt")]
     assert any(n.endswith("paper.json") for n in names)
     # the short table comes last
-    tail = done.stdout.strip().splitlines()[-5:]
-    assert tail[0].startswith("| part |") and tail[-1].startswith("| c |")
+    tail = done.stdout.strip().splitlines()[-6:]
+    assert tail[0].startswith("| part |") and tail[-1].startswith("| d |")
+    assert "## d. A small ViT" in summary
