@@ -14,12 +14,19 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.models.convnext import CNBlockConfig
 
-from advfeat.blocks import last_stage, spread_blocks, stage_blocks, stages
 from advfeat.export import export_run, load_exported_state
 from advfeat.methods import build_method
 from advfeat.methods.feature_aug import TailFallback, report_tail_fallback
 from advfeat.models import attach_normalize, build_model
-from advfeat.sites import SiteSplit, capture_features, replace_features
+from advfeat.sites import (
+    SiteSplit,
+    capture_features,
+    last_stage,
+    replace_features,
+    spread_blocks,
+    stage_blocks,
+    stages,
+)
 from advfeat.train import TrainConfig, Trainer
 
 timm = pytest.importorskip("timm")

@@ -487,3 +487,40 @@ def test_loss_through_tail_trains_the_model(resnet18: nn.Module, images) -> None
         assert model.layer1[0].conv1.weight.grad is None
     finally:
         model.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------ declared sites
+DECLARED = ["layer1.2", "layer2.2", "layer3.1"]
+
+
+def test_a_model_declares_its_sites() -> None:
+    from advfeat.methods import build_method
+    from advfeat.models import build_model
+    from advfeat.sites import declared_sites, last_stage, spread_blocks, stage_blocks
+
+    model = build_model("resnet20", num_classes=3, image_size=8)
+    assert declared_sites(model) is None
+    assert last_stage(model) == "layer3"  # the structural rule without a declaration
+    model.feature_sites = DECLARED  # type: ignore[assignment]
+    assert declared_sites(model) == DECLARED
+    assert declared_sites(nn.DataParallel(model)) == DECLARED  # wrappers are transparent
+    assert last_stage(model) == "layer3.1"  # the last declared site: ALFA's / A-FAN's default
+    assert stage_blocks(model) == DECLARED
+    assert spread_blocks(model, 2) == DECLARED  # L-ALFA's default: every declared site
+    alfa = build_method("alfa")
+    alfa.prepare(model)
+    assert alfa.resolve_sites(model) == ["layer3.1"]
+    l_alfa = build_method("l-alfa")
+    l_alfa.prepare(model)
+    assert l_alfa.eta_sites == DECLARED
+
+
+@pytest.mark.parametrize("declared", ["layer3", [], ["layer3", 3], ["layer9"]])
+def test_a_wrong_site_declaration_is_a_clear_error(declared: object) -> None:
+    from advfeat.models import build_model
+    from advfeat.sites import last_stage
+
+    model = build_model("resnet20", num_classes=3, image_size=8)
+    model.feature_sites = declared  # type: ignore[assignment]
+    with pytest.raises(AdvfeatError, match=r"feature_sites|feature site"):
+        last_stage(model)

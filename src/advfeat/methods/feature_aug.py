@@ -34,13 +34,20 @@ from advfeat.attacks.precision import (
     perturbed_dtype,
     wide_dtype,
 )
-from advfeat.blocks import last_stage, spread_blocks, stage_blocks, stages
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.layouts import AUTO_LAYOUT, CHANNELS_FIRST, FeatureLayout, site_layout
 from advfeat.methods.base import Method, cross_entropy, unwrap
 from advfeat.norm.stats import frozen_bn_statistics
 from advfeat.options import Choice, Integer, Number
-from advfeat.sites import SiteSplit, resolve_site, site_order
+from advfeat.sites import (
+    SiteSplit,
+    last_stage,
+    resolve_site,
+    site_order,
+    spread_blocks,
+    stage_blocks,
+    stages,
+)
 from advfeat.tasks.base import TaskPass
 
 __all__ = [

@@ -73,7 +73,8 @@ class LALFA(FeatureAugmentation):
     * ``sites``: the r perturbed sites; ``None`` is ``num_sites`` blocks spread over the stages
       (:func:`spread_blocks`, the last of each group: all 9 blocks of ResNet-20, every third
       block of ResNet-56, "after each skip connection"), the dim(η) = 9 of Tables 8-9;
-      ``num_sites: null`` takes every block.
+      ``num_sites: null`` takes every block. A model that declares its sites
+      (``feature_sites``, :func:`advfeat.sites.declared_sites`) gives all of them.
     * ``alpha``, ``steps``: PGD step size and steps (ε unbounded), δ_i ascended on
       ``L(f_i + η_i·δ_i)`` at the current η (Algorithm 1, line 3).
     * ``lam`` (λ), ``gamma`` (γ, Table 10: 1.0 best, "chosen from {0.5, 1.0, 2.0}").

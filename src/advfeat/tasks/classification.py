@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from advfeat.blocks import last_stage
 from advfeat.modes import eval_mode
+from advfeat.sites import last_stage
 from advfeat.tasks.base import ForwardPass, Task, TaskPass
 
 __all__ = ["ClassificationTask", "topk_hits"]
@@ -63,7 +63,7 @@ class ClassificationTask(Task):
         return ForwardPass(self, model, x, y, sites, replay=False)
 
     def default_sites(self, model: nn.Module) -> list[str]:
-        """The last stage (:func:`advfeat.blocks.last_stage`), "the last block" of ALFA / A-FAN."""
+        """The last stage (:func:`advfeat.sites.last_stage`), "the last block" of ALFA / A-FAN."""
         return [last_stage(model)]
 
     def logits(self, output: Any) -> Tensor | None:

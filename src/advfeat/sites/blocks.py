@@ -20,22 +20,63 @@ the model's structure, never from a hand-kept list of architectures:
 
 A model decides the rule with the blocks it has, so batch-norm CNNs keep the sites they always
 had.
+
+A model may also declare its sites, a ``feature_sites`` list of dotted module names in execution
+order (as it declares ``feature_layouts``, :mod:`advfeat.layouts`)::
+
+    model.feature_sites = ["blocks.3", "blocks.7", "blocks.11"]
+
+Its last declared site is then the default site (:func:`last_stage`) and all of them are the
+blocks (:func:`stage_blocks`) and L-ALFA's default sites (:func:`spread_blocks`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from advfeat.errors import AdvfeatError
 from advfeat.norm.stats import is_batchnorm_like
-from advfeat.sites import site_order, unwrap_model
+from advfeat.sites.addressing import resolve_site, unwrap_model
+from advfeat.sites.tracing import site_order
 
-__all__ = ["block_stacks", "last_stage", "spread_blocks", "stage_blocks", "stages"]
+__all__ = [
+    "block_stacks",
+    "declared_sites",
+    "last_stage",
+    "spread_blocks",
+    "stage_blocks",
+    "stages",
+]
 
 _STACK_TYPES = (nn.Sequential, nn.ModuleList)
+
+
+def declared_sites(model: nn.Module) -> list[str] | None:
+    """The sites ``model`` declares (its ``feature_sites`` list, see the module doc), or ``None``.
+
+    Names are relative to the unwrapped model and must name its submodules.
+    """
+    inner = unwrap_model(model)
+    declared = getattr(inner, "feature_sites", None)
+    if declared is None:
+        return None
+    if (
+        isinstance(declared, str)
+        or not isinstance(declared, Sequence)
+        or not declared
+        or not all(isinstance(s, str) for s in declared)
+    ):
+        raise AdvfeatError(
+            f"{type(inner).__name__}.feature_sites must be a non-empty list of dotted module "
+            f"names (e.g. ['layer3']), got {declared!r}"
+        )
+    for name in declared:
+        resolve_site(inner, name)  # unknown names list close matches
+    return list(declared)
 
 
 def _has_conv(module: nn.Module) -> bool:
@@ -134,9 +175,13 @@ def last_stage(model: nn.Module) -> str:
 
     Both papers find the last block before the classifier best (ALFA §4.3, Fig. 2-3; A-FAN §7,
     Fig. S5); its output is the output of the stage's last residual block. A model with a single
-    stack of blocks (a ViT: ``blocks``) gives its last block (``blocks.11``).
+    stack of blocks (a ViT: ``blocks``) gives its last block (``blocks.11``); a model that
+    declares its sites (``feature_sites``), the last of them.
     """
     inner = unwrap_model(model)
+    declared = declared_sites(inner)
+    if declared is not None:
+        return declared[-1]
     groups = _stack_blocks(inner)
     if groups is not None and len(groups) == 1:
         return groups[0][-1]
@@ -153,9 +198,13 @@ def stage_blocks(model: nn.Module) -> list[str]:
     those children that contain a convolution (``layer1.0`` … ``layer3.2``: the 9 blocks of
     ResNet-20, i.e. "after each skip connection", ALFA Table 9); a stage of plain layers counts
     as one block. Models without batch norm in their blocks give every block of their stacks
-    (``blocks.0`` … ``blocks.11``; ``stages.0.blocks.0`` … ``stages.3.blocks.1``).
+    (``blocks.0`` … ``blocks.11``; ``stages.0.blocks.0`` … ``stages.3.blocks.1``). A model that
+    declares its sites (``feature_sites``) gives them.
     """
     inner = unwrap_model(model)
+    declared = declared_sites(inner)
+    if declared is not None:
+        return declared
     groups = _stack_blocks(inner)
     if groups is not None:
         return [b for g in groups for b in g]
@@ -178,8 +227,12 @@ def spread_blocks(model: nn.Module, count: int) -> list[str]:
     L-ALFA's default: dim(η) = 9 in ALFA Table 8 for every ResNet ("after each skip
     connection", Table 9). ResNet-20 has 9 blocks, all kept; ResNet-56 has 27 (3 stages of 9):
     every third block, the last of each group (``layer1.2``, ``layer1.5``, ``layer1.8``, …,
-    ``layer3.8``). With fewer than ``count`` blocks, all of them.
+    ``layer3.8``). With fewer than ``count`` blocks, all of them. A model that declares its
+    sites (``feature_sites``) gives all of them, whatever ``count``.
     """
+    declared = declared_sites(model)
+    if declared is not None:
+        return declared
     blocks = stage_blocks(model)
     if count >= len(blocks):
         return blocks
