@@ -321,7 +321,7 @@ def _contents(rebuilt: Any, deployed: nn.Module) -> dict[str, Any]:
         kept = _kept_branch(rebuilt, branches)
         role = "the main branch" if kept == branches[0] else "an auxiliary branch"
         contents["summary"] += (
-            f" with BN branch {kept} ({role}) in every BN layer; the run's other branches "
+            f" with branch {kept} ({role}) in every normalization layer; the run's other branches "
             f"({', '.join(b for b in branches if b != kept)}) are stripped"
         )
         contents.update(bn_branch=kept, bn_branches=branches)
