@@ -282,7 +282,12 @@ def _contents(rebuilt: Any, deployed: nn.Module) -> dict[str, Any]:
     one-line ``summary``, the BN branch kept (multi-branch runs) or, for AFA stage II, what
     rebuilds the fused model (``afa``)."""
     from advfeat.methods.registry import METHODS
-    from advfeat.norm import AdaptiveFeatureAlignment, BranchNorm, afa_branches
+    from advfeat.norm import (
+        AdaptiveFeatureAlignment,
+        BranchNorm,
+        afa_branches,
+        has_running_statistics,
+    )
 
     cfg = rebuilt.config
     if isinstance(deployed, AdaptiveFeatureAlignment):
@@ -320,8 +325,13 @@ def _contents(rebuilt: Any, deployed: nn.Module) -> dict[str, Any]:
         branches = list(layers[0].branches)
         kept = _kept_branch(rebuilt, branches)
         role = "the main branch" if kept == branches[0] else "an auxiliary branch"
+        # batch norm only: "BN"; a LayerNorm / GroupNorm model: its normalization layers
+        bn = all(has_running_statistics(m) for m in layers)
+        where = (
+            "BN branch {} ({}) in every BN layer" if bn else "branch {} ({}) in every norm layer"
+        )
         contents["summary"] += (
-            f" with branch {kept} ({role}) in every normalization layer; the run's other branches "
+            " with " + where.format(kept, role) + "; the run's other branches "
             f"({', '.join(b for b in branches if b != kept)}) are stripped"
         )
         contents.update(bn_branch=kept, bn_branches=branches)
