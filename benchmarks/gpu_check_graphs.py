@@ -94,7 +94,7 @@ def check(args: argparse.Namespace) -> int:
         from advfeat.train import trainer as trainer_module
 
         trainer_module.CudaGraphs = _ReplayByCalling  # type: ignore[assignment,misc]
-        trainer_module.graph_refusal = lambda **kw: kw["method_refusal"]  # type: ignore[assignment]
+        trainer_module.run_refusal = lambda cfg, device, refusal, **kw: refusal  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp, open(args.out, "a") as out:
         for name in args.methods.split(","):
             record: dict[str, Any] = {"method": name}

@@ -218,7 +218,7 @@ def replay_by_calling(monkeypatch: pytest.MonkeyPatch) -> list[ReplayByCalling]:
         return backends[-1]
 
     monkeypatch.setattr(trainer_module, "CudaGraphs", make)
-    monkeypatch.setattr(trainer_module, "graph_refusal", lambda **kw: kw["method_refusal"])
+    monkeypatch.setattr(trainer_module, "run_refusal", lambda cfg, device, refusal, **kw: refusal)
     return backends
 
 
@@ -270,7 +270,7 @@ def test_a_failed_capture_finishes_the_run_eagerly_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(trainer_module, "CudaGraphs", lambda device: ReplayByCalling(fail="sync"))
-    monkeypatch.setattr(trainer_module, "graph_refusal", lambda **kw: None)
+    monkeypatch.setattr(trainer_module, "run_refusal", lambda *args, **kw: None)
     trainer = Trainer(tiny_config(device_data="true"), tmp_path / "run")
     with pytest.warns(UserWarning, match="could not be captured .*sync.*eager steps"):
         metrics = trainer.fit()

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from advfeat.checkpoint import read_initial_weights
@@ -34,7 +33,7 @@ from advfeat.tasks import (
     build_segmenter,
 )
 from advfeat.train.config import TrainConfig
-from advfeat.train.graphs import graph_refusal, resolve_cuda_graph
+from advfeat.train.graphs import resolve_cuda_graph, run_refusal
 
 __all__ = [
     "RunParts",
@@ -106,14 +105,8 @@ def check_config(cfg: TrainConfig, *, check_device: bool = True) -> None:
         task = DetectionTask(2) if cfg.model in DETECTORS else SegmentationTask(2)
     method = build_task_method(cfg.method, task, **cfg.method_options)
     if device is not None and cfg.cuda_graph == "true":
-        refusal = graph_refusal(
-            device=device,
-            distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
-            compiled=cfg.compile,
-            amp_dtype=torch.float16 if cfg.amp and cfg.amp_dtype == "float16" else None,
-            optimizer=cfg.optimizer,
-            method_refusal=method.capture_refusal(),
-        )
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        refusal = run_refusal(cfg, device, method.capture_refusal(), distributed=distributed)
         resolve_cuda_graph(cfg.cuda_graph, refusal)
     if not dense:
         build_model(cfg.model, num_classes=10, **cfg.model_options)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from advfeat.capture import noting_capture_blockers
 from advfeat.errors import AdvfeatError
+from advfeat.train.config import TrainConfig
 
 __all__ = [
     "CUDA_GRAPH",
@@ -39,6 +40,7 @@ __all__ = [
     "GraphBackend",
     "graph_refusal",
     "resolve_cuda_graph",
+    "run_refusal",
     "use_tensor_learning_rates",
 ]
 
@@ -206,6 +208,21 @@ def graph_refusal(
     if optimizer != "sgd":
         return f"only SGD's update is captured, the optimizer is {optimizer!r}"
     return method_refusal
+
+
+def run_refusal(
+    cfg: TrainConfig, device: torch.device, method_refusal: str | None, *, distributed: bool
+) -> str | None:
+    """:func:`graph_refusal` for a run's configuration (the preflight check and the trainer
+    ask the same question)."""
+    return graph_refusal(
+        device=device,
+        distributed=distributed,
+        compiled=cfg.compile,
+        amp_dtype=torch.float16 if cfg.amp and cfg.amp_dtype == "float16" else None,
+        optimizer=cfg.optimizer,
+        method_refusal=method_refusal,
+    )
 
 
 def resolve_cuda_graph(choice: str, refusal: str | None) -> bool:

@@ -64,8 +64,8 @@ from advfeat.train.ema import ModelEMA
 from advfeat.train.graphs import (
     CapturedStep,
     CudaGraphs,
-    graph_refusal,
     resolve_cuda_graph,
+    run_refusal,
     set_learning_rate,
     use_tensor_learning_rates,
     warn_capture_failed,
@@ -194,13 +194,8 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
-        refusal = graph_refusal(
-            device=self.device,
-            distributed=self.dist.enabled,
-            compiled=cfg.compile,
-            amp_dtype=self.precision.dtype,
-            optimizer=cfg.optimizer,
-            method_refusal=self.method.capture_refusal(),
+        refusal = run_refusal(
+            cfg, self.device, self.method.capture_refusal(), distributed=self.dist.enabled
         )
         self.cuda_graph = resolve_cuda_graph(cfg.cuda_graph, refusal)
         """Whether each epoch's steps are captured as one CUDA graph (``cuda_graph``)."""
