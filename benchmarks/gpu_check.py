@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import gpu_check_graphs
+import gpu_check_packing
 import torch
 
 METHODS = "standard,alfa,afan,l-alfa,advbn,advprop,fast-advprop,pgd-at,trades,mart,afa"
@@ -643,6 +644,10 @@ def summary(args: argparse.Namespace) -> int:
     graphs_passed = sum(r.get("status") == "pass" for r in graph_rows)
     lines += ["", f"{graphs_passed} of {len(graph_rows)} methods pass.", ""]
     lines += ["## b. Speed", ""]
+    packing_rows = _jsonl(scratch / "packing.jsonl")
+    lines += ["### Several seeds in one process (`standard`, ResNet-20)", ""]
+    lines += [(gpu_check_packing.__doc__ or "").split("\n\n")[1].replace("\n", " "), ""]
+    lines += [*gpu_check_packing.packing_table(packing_rows), ""]
     for name in ("bench_resnet20.json", "bench_resnet50.json"):
         lines += [f"### `{name}`", "", *speed_table(scratch / name, tflops), ""]
     lines += ["## c. The papers' protocol (ResNet-20, CIFAR-10)", ""]
@@ -717,6 +722,11 @@ def summary(args: argparse.Namespace) -> int:
                 f"{data.get('model')}: {len(data['methods'])} methods, standard "
                 f"{std['images_per_s']:.0f} img/s"
             )
+    b_parts += [
+        f"{r['seeds']} seeds packed: {r['packed_speedup']:.2f}x"
+        for r in packing_rows
+        if "packed_speedup" in r
+    ]
     c_text = f"{rec.get('epochs')} epochs; finished {len(rec.get('finished_runs') or [])} runs"
     d_text = f"ViT arms: {vit.get('state', 'not run')}"
     parts = (("a", a_text), ("b", "; ".join(b_parts) or "no rows"), ("c", c_text), ("d", d_text))

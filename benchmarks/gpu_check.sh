@@ -10,7 +10,9 @@
 #      method on ResNet-20 (32 px, batch 128, bf16, steps captured as CUDA graphs where the
 #      method allows: `--cuda-graph`) and ResNet-50 (224 px, batch 256, bf16 +
 #      channels_last, synthetic data on the device), beside the chip's limit (the measured bf16
-#      matmul rate ÷ the step's training FLOPs per image);
+#      matmul rate ÷ the step's training FLOPs per image); then several seeds of `standard`
+#      ResNet-20 packed into one model (stacked weights, vmap) against the same seeds stepped
+#      one after another, both captured (benchmarks/gpu_check_packing.py);
 #   c. the papers' protocol: ResNet-20 on CIFAR-10 JPEG, standard / ALFA / A-FAN in their
 #      Table 2 configurations, seeds 0-2, `--recipe afan`; a probe times a few steps of each
 #      arm, the largest epoch count ≤ 200 that fits in the time left is trained (seed-major, each
@@ -60,12 +62,15 @@ if [[ "$TINY" == 1 ]]; then  # the plumbing only: a few methods, tiny sizes, one
   R20=(--batch-size 2 --image-size 8 --iters 1 --warmup 0 --no-memory
        --methods standard,alfa,alfa_inner=alfa)
   R50=()  # not run: the same code as ResNet-20, at a cost this CPU cannot spare
+  PACKING=(--seeds 2 --batch-size 4 --image-size 8 --check-steps 1 --warmup 1 --steps 1
+           --rounds 1 --cpu-replay)
+  T_PACK=20
   PAPER=(--tiny --shapes --seeds 0 --jobs 3 --probe-steps 1 --max-epochs 2 --reserve-s 12
          --probe-s 40)
-  T_R20=$T_B
+  T_R20=$(( T_B - T_PACK ))
   T_D=${T_D:-45} VIT=(--tiny --seeds 0 --jobs 5 --epochs 1 --depth 1 --reserve-s 8)
 else
-  TOTAL_S=${TOTAL_S:-540} T_A=${T_A:-110} T_B=${T_B:-100}
+  TOTAL_S=${TOTAL_S:-540} T_A=${T_A:-110} T_B=${T_B:-125}
   METHODS=${PARITY_METHODS:-$METHODS}
   PARITY=(--batch-size 32 --image-size 32 --variants "${PARITY_VARIANTS:-bf16,channels_last,compile}")
   GRAPHS=(--batch-size 128 --image-size 32 --steps 40)
@@ -76,7 +81,9 @@ else
        --methods "${R50_METHODS:-$BENCH_METHODS}")
   # JOBS=9: the nine runs at once (through MPS), the probe at the same concurrency
   PAPER=(--seeds 0 1 2 --jobs "${JOBS:-9}" --probe-steps 100 --max-epochs 200 --reserve-s 25)
-  T_R20=${T_R20:-$(( T_B * 3 / 5 ))}
+  PACKING=(--seeds 3,9 --batch-size 128 --image-size 32)
+  T_PACK=${T_PACK:-25}
+  T_R20=${T_R20:-$(( (T_B - T_PACK) * 3 / 5 ))}
   T_D=${T_D:-100} VIT=(--epochs "${VIT_EPOCHS:-3}")
 fi
 SETS=(--set alfa_inner.site=layer3.2.bn2)
@@ -152,6 +159,8 @@ part a_graphs "$T_GRAPHS" "$PY" benchmarks/gpu_check_graphs.py --device "$DEVICE
 
 # ---- b. speed
 B_START=$SECONDS
+part b_packing "$T_PACK" "$PY" benchmarks/gpu_check_packing.py --device "$DEVICE" "${PACKING[@]}" \
+  --budget-s $(( T_PACK * 2 / 5 )) --out "$SCRATCH/packing.jsonl"
 part b_bench_resnet20 "$T_R20" "$PY" -m advfeat.cli bench --model resnet20 "${R20[@]}" \
   --device "$DEVICE" "${SETS[@]}" --order sequential --json "$SCRATCH/bench_resnet20.json"
 if (( ${#R50[@]} )); then
@@ -187,7 +196,7 @@ fi
 "$PY" benchmarks/gpu_check.py summary --scratch "$SCRATCH" --out "$SCRATCH/summary.md" \
   > "$SCRATCH/short.txt" 2> "$SCRATCH/summary.log"
 tar -C "$SCRATCH" --exclude='*.pt' --exclude='cache' --exclude='mps-pipe' -czf "$OUT/results.tar.gz" . 2>/dev/null
-for f in summary.md parity.jsonl graphs.jsonl env.json bench_resnet20.json bench_resnet50.json status.txt; do
+for f in summary.md parity.jsonl graphs.jsonl env.json bench_resnet20.json bench_resnet50.json; do
   [[ -f "$SCRATCH/$f" ]] && cp "$SCRATCH/$f" "$OUT/"
 done
 [[ -f "$SCRATCH/paper/compare.md" ]] && cp "$SCRATCH/paper/compare.md" "$OUT/compare.md"

@@ -61,3 +61,6 @@ def test_tiny_gpu_check_writes_the_three_parts(tmp_path: Path) -> None:
     tail = done.stdout.strip().splitlines()[-6:]
     assert tail[0].startswith("| part |") and tail[-1].startswith("| d |")
     assert "## d. A small ViT" in summary
+    # part b also packed two seeds into one model, the same training as two separate models
+    assert "### Several seeds in one process" in summary
+    assert "| 2 | pass |" in summary
