@@ -54,7 +54,7 @@ METHODS=standard,alfa,afan,l-alfa,advbn,advprop,fast-advprop,pgd-at,trades,mart,
 # bench: cheap methods first, AFA (4 PGD-10 attacks per step) last
 BENCH_METHODS=standard,alfa,afan,fast-advprop,advprop,advbn,l-alfa,alfa_inner=alfa,pgd-at,trades,mart,afa
 if [[ "$TINY" == 1 ]]; then  # the plumbing only: a few methods, tiny sizes, one seed
-  TOTAL_S=${TOTAL_S:-265} T_A=${T_A:-70} T_B=${T_B:-30}
+  TOTAL_S=${TOTAL_S:-280} T_A=${T_A:-70} T_B=${T_B:-45}
   METHODS=alfa,afan,l-alfa,advbn,pgd-at
   PARITY=(--batch-size 2 --image-size 8 --variants bf16 --tiny)
   GRAPHS=(--batch-size 4 --image-size 8 --steps 2 --cpu-replay)
