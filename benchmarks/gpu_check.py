@@ -151,10 +151,10 @@ class Subject:
     traces a method keeps per model are built once."""
 
     def __init__(self, name: str, args: argparse.Namespace, ckpt: Path) -> None:
+        from advfeat.checkpoint import save_checkpoint
         from advfeat.methods import METHODS as REGISTRY
         from advfeat.methods import build_method
         from advfeat.models import build_model
-        from advfeat.train.checkpoint import save_checkpoint
 
         self.name, self.args = name, args
         self.dev = torch.device(args.device)

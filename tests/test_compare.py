@@ -13,7 +13,7 @@ from advfeat.cli import build_parser, main
 from advfeat.commands.compare import plan
 from advfeat.compare import PlannedRun, aggregate, flatten_metrics, markdown, parse_arm, verdicts
 from advfeat.errors import AdvfeatError
-from advfeat.stats import paired_difference, student_t_cdf, student_t_ppf, summarize
+from advfeat.seed_stats import paired_difference, student_t_cdf, student_t_ppf, summarize
 from advfeat.train.config import TrainConfig
 
 # two-sided 95 % critical values of Student's t (statistical tables)

@@ -23,10 +23,10 @@ import torch
 import yaml
 
 import advfeat
+from advfeat.checkpoint import FORMAT, remove_stale_temporaries
 from advfeat.cli import main
 from advfeat.errors import AdvfeatError
 from advfeat.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint, save_checkpoint
-from advfeat.train.checkpoint import FORMAT, remove_stale_temporaries
 from advfeat.train.trainer import PREEMPTED_EXIT, Preempted
 
 SRC = str(Path(advfeat.__file__).resolve().parents[1])  # the advfeat under test, for subprocesses

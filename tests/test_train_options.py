@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from advfeat.checkpoint import load_checkpoint
 from advfeat.cli import main
 from advfeat.eval.loading import load_run
 from advfeat.norm import MultiBatchNorm, convert_multibn, use_branch
 from advfeat.plugins import ENV_VAR
-from advfeat.train.checkpoint import load_checkpoint
 from advfeat.train.ema import ModelEMA
 from advfeat.train.optim import build_optimizer
 from advfeat.train.runtime import set_deterministic, sync_batchnorm

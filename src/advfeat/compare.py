@@ -9,7 +9,7 @@ inspected or re-evaluated alone.
 
 :func:`collect` reads the run folders, :func:`aggregate` gives per arm the mean ± standard
 deviation of every metric and the difference to the baseline arm paired by seed with its 95 %
-Student-t interval (:mod:`advfeat.stats`); :func:`markdown` and :func:`plot` render them.
+Student-t interval (:mod:`advfeat.seed_stats`); :func:`markdown` and :func:`plot` render them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import yaml
 
 from advfeat.errors import AdvfeatError
 from advfeat.launchers import Launcher, ProcessLauncher, run_environment
-from advfeat.stats import paired_difference, summarize
+from advfeat.seed_stats import paired_difference, summarize
 from advfeat.train.config import TrainConfig
 
 __all__ = [

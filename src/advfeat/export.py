@@ -561,8 +561,8 @@ def export_run(
     classes, normalization, metrics, configuration, versions), ``MODEL_CARD.md`` and, with
     ``robustbench=True``, ``model_info.json``. The training data is not read.
     """
+    from advfeat.checkpoint import atomic_write_json, atomic_write_text, checkpoint_digest
     from advfeat.eval.loading import rebuild_model
-    from advfeat.train.checkpoint import atomic_write_json, atomic_write_text, checkpoint_digest
 
     for fmt in formats:
         if fmt not in FORMATS:
