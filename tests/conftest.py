@@ -11,6 +11,9 @@ enough to build in well under a second on one CPU core.
   breakable at ε = 8/255), in eval mode. Shared by the session: ``copy.deepcopy`` it before
   changing anything.
 * ``tiny_batch`` — ``(x, y)``: 32 test images of ``tiny_task`` (shared: do not modify).
+* ``plain_loop(method, model, batches, lr=0.1)`` — the loop a user writes around a method (SGD
+  with momentum over ``method.parameter_groups``, ``method(model, x, y).loss`` backward, step),
+  asserting every loss finite; returns the method's outputs.
 * ``no_autoattack`` — every AutoAttack backend looks uninstalled (``importlib.util.find_spec``
   answers ``None`` for them), whatever this environment has.
 """
@@ -18,8 +21,9 @@ enough to build in well under a second on one CPU core.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -131,6 +135,29 @@ def trained_tiny_model(tiny_task: TinyTask) -> TinyBNCNN:
 @pytest.fixture(scope="session")
 def tiny_batch(tiny_task: TinyTask) -> tuple[Tensor, Tensor]:
     return tiny_task.x_test[:32], tiny_task.y_test[:32]
+
+
+PlainLoop = Callable[..., list[Any]]
+
+
+def _plain_loop(
+    method: nn.Module, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], lr: float = 0.1
+) -> list[Any]:
+    opt = torch.optim.SGD(method.parameter_groups(model, lr=lr), lr=lr, momentum=0.9)  # type: ignore[operator]
+    outputs = []
+    for x, y in batches:
+        out = method(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        assert torch.isfinite(out.loss).all()
+        outputs.append(out)
+    return outputs
+
+
+@pytest.fixture(scope="session")
+def plain_loop() -> PlainLoop:
+    return _plain_loop
 
 
 @pytest.fixture

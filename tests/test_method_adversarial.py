@@ -255,19 +255,15 @@ def test_pgd_at_without_clean_logging_runs_no_clean_pass(
 # --------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", ["pgd-at", "trades", "mart"])
 def test_plain_user_loop_trains(
-    name: str, make_tiny_bn_cnn: Callable[..., nn.Module], tiny_batch: tuple[Tensor, Tensor]
+    name: str,
+    make_tiny_bn_cnn: Callable[..., nn.Module],
+    tiny_batch: tuple[Tensor, Tensor],
+    plain_loop: Callable[..., Any],
 ) -> None:
-    x, y = tiny_batch
     method = build_method(name, **FAST)
     model = method.prepare(make_tiny_bn_cnn())
     before = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.SGD(method.parameter_groups(model, lr=0.1), lr=0.1, momentum=0.9)
-    for _ in range(2):
-        out = method(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        assert math.isfinite(out.loss.item())
+    plain_loop(method, model, [tiny_batch] * 2)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -330,18 +330,13 @@ def test_stage1_evaluates_through_the_chosen_branch(tiny_batch: tuple[Tensor, Te
         assert torch.allclose(method.eval_model(model)(x), expected)
 
 
-def test_plain_user_loop_trains(tiny_batch: tuple[Tensor, Tensor]) -> None:
-    x, y = tiny_batch
+def test_plain_user_loop_trains(
+    tiny_batch: tuple[Tensor, Tensor], plain_loop: Callable[..., Any]
+) -> None:
     method = build_method("afa", num_branches=3, steps=1)
     model = method.prepare(input_bn_net())
     before = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.SGD(method.parameter_groups(model, lr=0.1), lr=0.1, momentum=0.9)
-    for _ in range(2):
-        out = method(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        assert math.isfinite(out.loss.item())
+    plain_loop(method, model, [tiny_batch] * 2)
     moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
     assert all(moved)  # shared weights and every branch's affine parameters train
 

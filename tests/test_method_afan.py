@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -281,19 +282,13 @@ def test_cli_trains_end_to_end(tmp_path: Path) -> None:
     assert math.isfinite(row["loss_adv"]) and row["loss_adv"] > 0 and row["delta_l2"] > 0
 
 
-def test_plain_user_loop_trains(make_tiny_bn_cnn: Callable[..., nn.Module]) -> None:
-    model = make_tiny_bn_cnn()
+def test_plain_user_loop_trains(
+    make_tiny_bn_cnn: Callable[..., nn.Module], plain_loop: Callable[..., Any]
+) -> None:
     method = build_method("afan", site="block2", alpha=ALPHA)
-    model = method.prepare(model).train()
-    opt = torch.optim.SGD(method.parameter_groups(model, lr=0.1), lr=0.1, momentum=0.9)
+    model = method.prepare(make_tiny_bn_cnn()).train()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    x, y = batch(16)
-    for _ in range(3):
-        out = method(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        assert math.isfinite(out.loss.item())
+    plain_loop(method, model, [batch(16)] * 3)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
     assert moved == set(start)  # parameters, not BN buffers: every layer was trained
 
