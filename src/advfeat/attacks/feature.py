@@ -55,7 +55,13 @@ from advfeat.attacks.threat import (
 )
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.layouts import FeatureLayout
-from advfeat.sites import SiteSplit, capture_features, resolve_site, site_order, split_site_name
+from advfeat.sites import (
+    SiteSplit,
+    capture_features,
+    check_disjoint_sites,
+    resolve_site,
+    site_order,
+)
 
 __all__ = [
     "BNStatsAttack",
@@ -394,18 +400,7 @@ class MultiSiteFeaturePGD(FeatureAttack):
             branch=branch, seed=seed,
         )  # fmt: skip
         self.sites = list(sites)
-        relative = [split_site_name(model, s)[1] for s in self.sites]
-        for s in self.sites:
-            resolve_site(model, s)
-        if len(set(relative)) != len(relative):
-            raise AdvfeatError(f"sites must be distinct, got {self.sites}")
-        for a in relative:
-            for b in relative:
-                if b.startswith(a + "."):
-                    raise AdvfeatError(
-                        f"site {b!r} lies inside site {a!r}; perturb blocks that do not contain "
-                        f"each other"
-                    )
+        check_disjoint_sites(model, self.sites)
         if mode not in ("joint", "separate"):
             raise unknown_name("multi-site mode", str(mode), ["joint", "separate"])
         _check_strength("alpha", alpha, positive=True)
