@@ -31,15 +31,14 @@ from __future__ import annotations
 import functools
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from advfeat.attacks.base import (
     Attack,
-    BNMode,
-    LossFn,
+    AttackOptions,
     attack_guard,
     finite_checks_deferred,
 )
@@ -62,6 +61,9 @@ from advfeat.sites import (
     resolve_site,
     site_order,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "BNStatsAttack",
@@ -148,16 +150,10 @@ class FeatureAttack(Attack):
         model: nn.Module,
         site: str,
         *,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
         tail: Tail | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            model, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch, seed=seed
-        )
+        super().__init__(model, **options)
         resolve_site(model, site)
         self.site = site
         self.sites = [site]
@@ -283,17 +279,10 @@ class FeaturePGD(FeatureAttack):
         eps: Strength | None = None,
         norm: str | ThreatModel = "linf",
         random_start: bool = False,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
         tail: Tail | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            model, site, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch,
-            seed=seed, tail=tail,
-        )  # fmt: skip
+        super().__init__(model, site, tail=tail, **options)
         _check_strength("alpha", alpha, positive=True)
         _check_strength("eps", eps, positive=False)
         check_steps(steps, minimum=1)
@@ -387,18 +376,11 @@ class MultiSiteFeaturePGD(FeatureAttack):
         strengths: Sequence[float] | Tensor | None = None,
         mode: Literal["joint", "separate"] = "joint",
         random_start: bool = False,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
         if isinstance(sites, str) or not sites:
             raise AdvfeatError(f"sites must be a non-empty list of site names, got {sites!r}")
-        super().__init__(
-            model, sites[0], loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode,
-            branch=branch, seed=seed,
-        )  # fmt: skip
+        super().__init__(model, sites[0], **options)
         self.sites = list(sites)
         check_disjoint_sites(model, self.sites)
         if mode not in ("joint", "separate"):
@@ -603,16 +585,9 @@ class BNStatsAttack(FeatureAttack):
         stats: Literal["batch", "instance"] = "batch",
         channel_dim: int = 1,
         layout: FeatureLayout | None = None,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            model, site, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch,
-            seed=seed,
-        )  # fmt: skip
+        super().__init__(model, site, **options)
         for name, value in (("eps", eps), ("alpha", alpha)):
             if isinstance(value, Tensor) or not isinstance(value, (int, float)):
                 raise AdvfeatError(f"{name} must be a number (multipliers are per batch)")
