@@ -2,16 +2,17 @@
 Feature Augmentation for Enhanced Image Recognition") and A-FAN (Chen et al. 2021,
 "Adversarial Feature Augmentation and Normalization for Visual Recognition").
 
-* :class:`FeatureAugmentation` — the base of the three methods: one clean forward that captures
-  the site features, the attack on a captured feature (only the tail after the site runs), and
-  the adversarial tail pass that re-uses the captured feature, so the gradient flows into the
-  part before the site through ``f + δ`` with ``δ`` a constant (ALFA Eq. 3, A-FAN Eq. 3).
+* :class:`FeatureAugmentation` — the base of the three methods and its contract: options that
+  extend :class:`FeatureAugOptions` / :class:`SiteOptions` and one :meth:`~FeatureAugmentation.perturb`
+  hook; the template ``forward`` runs one clean forward that captures the site features, the
+  attack on a captured feature (only the tail after the site runs), and the adversarial tail
+  passes through the task's clean pass, so the gradient flows into the part before the site
+  through ``f + δ`` with ``δ`` a constant (ALFA Eq. 3, A-FAN Eq. 3).
 * :func:`last_stage` / :func:`stage_blocks` — the default sites ("the last block", ALFA §4.3,
   A-FAN §7; L-ALFA's "by blocks", ALFA Table 9).
 * :func:`feature_moments`, :func:`adversarial_feature_normalization` and
   :class:`AdversarialFeatureNormalization` (the same, clean statistics shared by the k
   strengths) — A-FAN Eq. 6, per channel of the site's layout (:mod:`advfeat.layouts`).
-* :func:`project_simplex` — L-ALFA's projection of η (ALFA Algorithm 1, line 5).
 * :func:`random_feature_noise` — the random-noise ablations (ALFA Table 7, A-FAN Table 8).
 """
 
@@ -66,7 +67,6 @@ __all__ = [
     "last_stage",
     "multi_site_outputs",
     "perturbation_size",
-    "project_simplex",
     "random_feature_noise",
     "report_tail_fallback",
     "spread_blocks",
@@ -222,28 +222,6 @@ class AdversarialFeatureNormalization:
         """``f_mix`` for the adversarial feature ``f + scale·δ`` (δ is a constant)."""
         mean, sigma = self.adversarial_moments(delta, scale)
         return (sigma * self.normalized + mean).to(self.dtype)
-
-
-# ------------------------------------------------------------------------ simplex projection
-def project_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection of ``v`` (last dimension) onto ``{η : η ≥ 0, 1ᵀη = 1}``.
-
-    L-ALFA projects its strengths η after every SGD step (ALFA Algorithm 1, line 5). The paper
-    finds the threshold τ of ``η = max(v − τ, 0)`` by bisection (Wang et al. 2019b); here τ is
-    computed exactly by sorting (Held et al. 1974; Duchi et al. 2008), which gives the same
-    point: the projection is unique. (The authors' released code only shifts η so that it sums
-    to one and never clips negative entries.)
-    """
-    if v.ndim == 0 or v.shape[-1] == 0:
-        raise AdvfeatError(f"cannot project a tensor of shape {tuple(v.shape)} onto a simplex")
-    u, _ = torch.sort(v, dim=-1, descending=True)
-    cumulative = u.cumsum(dim=-1) - 1
-    ks = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
-    support = (u - cumulative / ks) > 0
-    # the largest k with u_k > (Σ_{j≤k} u_j − 1) / k; k = 1 always qualifies
-    rho = (support * ks).argmax(dim=-1, keepdim=True)
-    tau = cumulative.gather(-1, rho) / (rho + 1).to(v.dtype)
-    return (v - tau).clamp_min(0)
 
 
 # -------------------------------------------------------------------------- random features

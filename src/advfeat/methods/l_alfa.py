@@ -37,14 +37,13 @@ from advfeat.methods.feature_aug import (
     MULTI_SITE,
     FeatureAugmentation,
     FeatureAugOptions,
-    project_simplex,
     spread_blocks,
 )
 from advfeat.methods.registry import register_method
 from advfeat.options import Choice, option
 from advfeat.tasks.base import TaskPass
 
-__all__ = ["LALFA"]
+__all__ = ["LALFA", "project_simplex"]
 
 PROJECTIONS = ("simplex", "hyperplane")
 
@@ -54,6 +53,27 @@ def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     if not ok or value < 0 or (value == 0 and not allow_zero):
         need = ">= 0" if allow_zero else "> 0"
         raise AdvfeatError(f"{name} must be a number {need}, got {value!r}")
+
+
+def project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of ``v`` (last dimension) onto ``{η : η ≥ 0, 1ᵀη = 1}``.
+
+    L-ALFA projects its strengths η after every SGD step (ALFA Algorithm 1, line 5). The paper
+    finds the threshold τ of ``η = max(v − τ, 0)`` by bisection (Wang et al. 2019b); here τ is
+    computed exactly by sorting (Held et al. 1974; Duchi et al. 2008), which gives the same
+    point: the projection is unique. (The authors' released code only shifts η so that it sums
+    to one and never clips negative entries.)
+    """
+    if v.ndim == 0 or v.shape[-1] == 0:
+        raise AdvfeatError(f"cannot project a tensor of shape {tuple(v.shape)} onto a simplex")
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    cumulative = u.cumsum(dim=-1) - 1
+    ks = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    support = (u - cumulative / ks) > 0
+    # the largest k with u_k > (Σ_{j≤k} u_j − 1) / k; k = 1 always qualifies
+    rho = (support * ks).argmax(dim=-1, keepdim=True)
+    tau = cumulative.gather(-1, rho) / (rho + 1).to(v.dtype)
+    return (v - tau).clamp_min(0)
 
 
 @register_method
