@@ -114,6 +114,9 @@ def _as_tensor_feature(feature: Any, site: str) -> Tensor:
 
 Tail = Callable[[Tensor], Any]
 """``tail(feature) -> output``: what follows a site when it outputs ``feature``."""
+JointTail = Callable[[str, Tensor, Mapping[str, Callable[[Tensor], Tensor]]], Any]
+"""``tail(site, feature, later) -> output``: what follows ``site`` when it outputs ``feature``,
+the later sites replaced by ``later`` (a task's clean pass, :meth:`advfeat.tasks.TaskPass.joint_tail`)."""
 
 
 class FeatureAttack(Attack):
@@ -359,9 +362,10 @@ class MultiSiteFeaturePGD(FeatureAttack):
     * ``"separate"`` (Eq. 5 taken literally, one max per term of the sum): each site is attacked
       alone, the others clean, through the tail after that site; r adversarial losses.
 
-    ``__call__(x, y, features=None, strengths=None)`` returns ``{site: δ}`` (names as given);
-    the training pass(es) on the perturbed features are the method's
-    (:func:`advfeat.methods.feature_aug.multi_site_outputs`).
+    ``__call__(x, y, features=None, strengths=None, tail=None)`` returns ``{site: δ}`` (names as
+    given); ``tail`` runs what follows a site (a task's clean pass; default the model's
+    :meth:`~advfeat.sites.SiteSplit.tail`). The training pass(es) on the perturbed features are
+    the method's (:func:`advfeat.methods.feature_aug.multi_site_outputs`).
     """
 
     def __init__(
@@ -422,9 +426,10 @@ class MultiSiteFeaturePGD(FeatureAttack):
         y: Any,
         features: Mapping[str, Tensor] | None = None,
         strengths: Sequence[float] | Tensor | None = None,
+        tail: JointTail | None = None,
     ) -> dict[str, Tensor]:
         scales = self.scales(strengths, detach=True)
-        return self.attack_sites(x, y, features or {}, scales=scales)
+        return self.attack_sites(x, y, features or {}, scales=scales, tail=tail)
 
     def scales(
         self, strengths: Sequence[float] | Tensor | None, *, detach: bool
@@ -460,6 +465,7 @@ class MultiSiteFeaturePGD(FeatureAttack):
         y: Any,
         features: Mapping[str, Tensor],
         scales: Mapping[str, Tensor | float] | None = None,
+        tail: JointTail | None = None,
         **options: Any,
     ) -> dict[str, Tensor]:
         scales = scales or dict.fromkeys(self.sites, 1.0)
@@ -472,7 +478,8 @@ class MultiSiteFeaturePGD(FeatureAttack):
 
             def joint(var: Variable) -> Tensor:
                 later = {s: functools.partial(_scaled, var, s, scale=scales[s]) for s in rest}
-                out = split.tail(_scaled(var, first, f, scales[first]), later, x=x)
+                start = _scaled(var, first, f, scales[first])
+                out = tail(first, start, later) if tail else split.tail(start, later, x=x)
                 return self.objective(out, y)
 
             return engine.run(joint)
@@ -483,7 +490,8 @@ class MultiSiteFeaturePGD(FeatureAttack):
             split_s = SiteSplit(self.model, s)
 
             def alone(var: Variable, s: str = s, split_s: SiteSplit = split_s) -> Tensor:
-                out = split_s.tail(_scaled(var, s, clean[s], scales[s]), x=x)
+                start = _scaled(var, s, clean[s], scales[s])
+                out = tail(s, start, {}) if tail else split_s.tail(start, x=x)
                 return self.objective(out, y)
 
             deltas.update(engine.run(alone))

@@ -748,7 +748,7 @@ class FeatureAugmentation(Method):
             else:
                 detached = {s: feats[s].detach() for s in live}
                 eta = None if live_eta is None else live_eta.detach()
-                deltas = atk(x, y, features=detached, strengths=eta)
+                deltas = atk(x, y, features=detached, strengths=eta, tail=clean.attack_tail)
             atk.ordered_sites(x)  # the order of the sites in a pass, read once
             with self.adversarial_bn(model):
                 outputs = multi_site_outputs(

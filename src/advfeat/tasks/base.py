@@ -154,6 +154,12 @@ class TaskPass(ABC):
         """``feature -> output``: :meth:`tail` for an attack (no gradient to the prefix)."""
         return lambda feature: self.tail(site, feature, prefix_grad=False)
 
+    def attack_tail(self, site: str, feature: Tensor, later: Replacements) -> Any:
+        """:meth:`joint_tail` for a multi-site attack (no gradient to the prefix)."""
+        if not later:
+            return self.tail(site, feature, prefix_grad=False)
+        return self.joint_tail(site, feature, later, prefix_grad=False)
+
 
 class Task(ABC):
     """Everything a method, the trainer and evaluation need to know about a task.
