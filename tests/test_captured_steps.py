@@ -21,7 +21,7 @@ from advfeat.bench import run_bench
 from advfeat.capture import block_capture, noting_capture_blockers
 from advfeat.errors import AdvfeatError
 from advfeat.methods import METHODS
-from advfeat.methods.dense import build_task_method
+from advfeat.methods.registry import build_task_method
 from advfeat.tasks import ClassificationTask, DetectionTask
 from advfeat.train import Trainer, load_checkpoint
 from advfeat.train import trainer as trainer_module

@@ -24,6 +24,7 @@ from advfeat.methods.feature_aug import (
 )
 from advfeat.methods.l_alfa import LALFA
 from advfeat.models import build_model
+from advfeat.tasks import ClassificationTask
 
 ALPHA = 0.05
 SITES = ["block1", "block2"]
@@ -127,13 +128,12 @@ def test_zero_strength_sites_are_skipped_with_the_same_loss_and_gradients(
     # the same objective computed without skipping: every site attacked and passed
     ref = copy.deepcopy(tiny_bn_cnn).train()
     eta_ref = eta.clone().requires_grad_(True)
-    logits = ref(x)
-    f1 = ref.block1(x)
-    feats = {"block1": f1, "block2": ref.block2(f1)}
+    clean = ClassificationTask().clean_pass(ref, x, y, SITES)
+    logits, feats = clean.logits, clean.features
     atk = MultiSiteFeaturePGD(ref, SITES, alpha=ALPHA, steps=2, mode=mode, bn_mode="train")
     deltas = atk(x, y, features={s: f.detach() for s, f in feats.items()}, strengths=eta)
     assert float(deltas["block1"].abs().max()) == 0.0  # η = 0: the attack does not move δ
-    outputs = multi_site_outputs(atk, x, deltas, features=feats, strengths=eta_ref)
+    outputs = multi_site_outputs(atk, clean, deltas, features=feats, strengths=eta_ref)
     expected = F.cross_entropy(logits, y) + sum(F.cross_entropy(o, y) for o in outputs)
     if weighting == "mean":  # the skipped site still counts in 1 + n
         expected = expected / (1 + len(outputs))

@@ -20,6 +20,7 @@ from advfeat.attacks.feature import (
 from advfeat.errors import AdvfeatError
 from advfeat.methods.feature_aug import multi_site_outputs
 from advfeat.sites import SiteSplit, capture_features, replace_features
+from advfeat.tasks import ClassificationTask
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -332,7 +333,8 @@ def test_adversarial_outputs_train_the_strengths(
     for mode in ("joint", "separate"):
         attack = MultiSiteFeaturePGD(model, sites, alpha=0.05, steps=2, mode=mode)  # type: ignore[arg-type]
         deltas = attack(x, y, features=feats, strengths=eta)
-        outputs = multi_site_outputs(attack, x, deltas, feats, strengths=eta)
+        clean = ClassificationTask().clean_pass(model, x, y, sites)
+        outputs = multi_site_outputs(attack, clean, deltas, feats, strengths=eta)
         assert len(outputs) == (1 if mode == "joint" else 2)
         if mode == "joint":
             f1 = feats["block1"] + 0.3 * deltas["block1"]

@@ -279,7 +279,8 @@ def test_adversarial_pass_at_a_site_inside_a_block_reaches_the_skip_path() -> No
     with torch.no_grad(), capture_site(model, site) as seen:
         model(x)
     feature = seen[0].detach()  # a constant: the only path to layer1 is the skip connection
-    method.tail(model, site, feature, x).square().sum().backward()
+    clean = method.clean_pass(model, x, torch.zeros(4, dtype=torch.long), [site])
+    method.adversarial_output(model, clean, site, feature).square().sum().backward()
     got = model.layer1[0].conv1.weight.grad.clone()
     model.zero_grad()
     with replace_features(model, {site: feature}):

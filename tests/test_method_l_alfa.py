@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from advfeat.cli import main
 from advfeat.errors import AdvfeatError
 from advfeat.methods import build_method
-from advfeat.methods.feature_aug import project_simplex, stage_blocks
-from advfeat.methods.l_alfa import LALFA
+from advfeat.methods.feature_aug import stage_blocks
+from advfeat.methods.l_alfa import LALFA, project_simplex
 from advfeat.models import build_model
 from advfeat.presets import load_preset, preset_names
 

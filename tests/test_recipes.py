@@ -253,3 +253,75 @@ def test_an_unregistered_norm_class_gets_no_branches() -> None:
     assert not can_have_branches(_gain_norm_net()[1])
     with pytest.raises(AdvfeatError, match="register_norm_family"):
         build_method("advprop").prepare(_gain_norm_net())
+
+
+# ------------------------------------------------------------ recipe: a feature-space method
+@pytest.fixture
+def two_scales_method() -> Iterator[type[Method]]:
+    from advfeat.attacks.precision import add_perturbation
+    from advfeat.methods.feature_aug import (
+        AdversarialFeature,
+        FeatureAugmentation,
+        SiteOptions,
+        perturbation_size,
+    )
+    from advfeat.tasks import TaskPass
+
+    @register_method
+    class TwoScales(FeatureAugmentation):
+        """ALFA's perturbation δ and ``scale``·δ, two adversarial features per site (a toy)."""
+
+        name = "recipe-two-scales"
+        paper = "docs/architecture.md, recipe: a feature-space method"
+
+        @dataclass
+        class Options(SiteOptions):
+            scale: float = option(0.5, Number(low=0, low_open=True))
+
+        def perturb(
+            self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor, y: Any
+        ) -> list[AdversarialFeature]:
+            opts = self.opts
+            delta = self.feature_attack(model, clean, site, feature, y, opts.alpha, opts.eps)
+            size = perturbation_size(delta)
+            return [
+                AdversarialFeature(add_perturbation(feature, delta, s), s * size)
+                for s in (1.0, opts.scale)
+            ]
+
+    yield TwoScales
+    METHODS.remove("recipe-two-scales")
+
+
+def test_recipe_new_feature_method_is_one_hook(
+    two_scales_method: type[Method], tmp_path: Path
+) -> None:
+    with pytest.raises(AdvfeatError, match="recipe-two-scales: scale must be a number > 0"):
+        build_method("recipe-two-scales", scale=0)
+    with pytest.raises(AdvfeatError, match="recipe-two-scales: steps must be"):
+        build_method("recipe-two-scales", steps=0)  # a shared option, checked as declared once
+    # scale 1 trains twice on ALFA's adversarial feature: twice ALFA's L_adv, the same δ
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 3),
+    ).train()  # fmt: skip
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    options = {"site": "2", "alpha": 0.1, "steps": 2, "lam": 0.5}
+    toy = build_method("recipe-two-scales", scale=1.0, **options)(copy.deepcopy(model), x, y)
+    alfa = build_method("alfa", **options)(copy.deepcopy(model), x, y)
+    assert alfa.logs["loss_adv"] > alfa.logs["loss_clean"]  # the attack raised the loss
+    assert toy.logs["loss_adv"] == pytest.approx(2 * alfa.logs["loss_adv"], rel=1e-6)
+    assert toy.logs["delta_l2"] == pytest.approx(alfa.logs["delta_l2"], rel=1e-6)
+    torch.testing.assert_close(toy.loss, alfa.loss + 0.5 * alfa.logs["loss_adv"])
+    # trained through the public entry point, with the shared options set by name
+    args = ["train", "--method", "recipe-two-scales", "--epochs", "1", "--out", str(tmp_path)]
+    args += ["--set", TINY, "--set", "eval_shifted=false", "--set", "max_steps_per_epoch=2"]
+    args += ["--set", "method_options={scale: 0.25, steps: 1}"]
+    args += ["--batch-size", "16", "--model", "resnet20"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["method"] == "recipe-two-scales" and 0 <= metrics["clean_acc"] <= 1
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert {"loss_adv", "delta_l2"} <= set(history[0].split(","))

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from advfeat.data import build_dataset
 from advfeat.errors import AdvfeatError
 from advfeat.methods import build_method
-from advfeat.methods.dense import build_task_method, task_methods
+from advfeat.methods.registry import build_task_method, task_methods
 from advfeat.tasks import ClassificationTask, DetectionTask, Task, build_detector
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
 from advfeat.data import build_dataset
 from advfeat.errors import AdvfeatError
-from advfeat.methods.dense import build_task_method
+from advfeat.methods.registry import build_task_method
 from advfeat.tasks import (
     DensePGD,
     DetectionMeter,

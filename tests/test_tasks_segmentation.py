@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from advfeat.data import build_dataset
 from advfeat.errors import AdvfeatError
-from advfeat.methods.dense import build_task_method
+from advfeat.methods.registry import build_task_method
 from advfeat.norm.stats import frozen_bn_statistics
 from advfeat.tasks import (
     DensePGD,

@@ -63,7 +63,7 @@ from advfeat.attacks.base import deferred_finite_checks
 from advfeat.checkpoint import InitialWeights
 from advfeat.errors import AdvfeatError
 from advfeat.methods import METHODS, Method, PrepareContext
-from advfeat.methods.dense import build_task_method
+from advfeat.methods.registry import build_task_method
 from advfeat.models import build_model
 from advfeat.sites import frontier_capture
 from advfeat.tasks import (

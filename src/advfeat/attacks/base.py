@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from advfeat.norm.stats import frozen_bn_statistics
 
 __all__ = [
     "Attack",
+    "AttackOptions",
     "BNMode",
     "LossFn",
     "attack_guard",
@@ -45,6 +46,18 @@ __all__ = [
 BNMode = Literal["eval", "train", "keep"]
 LossFn = Callable[[Any, Tensor], Tensor]
 """``loss_fn(output, target) -> per-sample loss (B,) or scalar``; the attack *maximises* it."""
+
+
+class AttackOptions(TypedDict, total=False):
+    """The keyword arguments every attack takes besides its threat model and steps, declared
+    once (:class:`Attack`'s ``loss_fn``, ``targeted``, ``bn_mode``, ``branch``, ``seed``); an
+    attack's constructor passes them on as ``**options: Unpack[AttackOptions]``."""
+
+    loss_fn: LossFn | None
+    targeted: bool
+    bn_mode: BNMode
+    branch: str | None
+    seed: int | None
 
 
 def default_loss(output: Tensor, target: Tensor) -> Tensor:

@@ -31,15 +31,14 @@ from __future__ import annotations
 import functools
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from advfeat.attacks.base import (
     Attack,
-    BNMode,
-    LossFn,
+    AttackOptions,
     attack_guard,
     finite_checks_deferred,
 )
@@ -55,7 +54,16 @@ from advfeat.attacks.threat import (
 )
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.layouts import FeatureLayout
-from advfeat.sites import SiteSplit, capture_features, resolve_site, site_order, split_site_name
+from advfeat.sites import (
+    SiteSplit,
+    capture_features,
+    check_disjoint_sites,
+    resolve_site,
+    site_order,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "BNStatsAttack",
@@ -106,6 +114,9 @@ def _as_tensor_feature(feature: Any, site: str) -> Tensor:
 
 Tail = Callable[[Tensor], Any]
 """``tail(feature) -> output``: what follows a site when it outputs ``feature``."""
+JointTail = Callable[[str, Tensor, Mapping[str, Callable[[Tensor], Tensor]]], Any]
+"""``tail(site, feature, later) -> output``: what follows ``site`` when it outputs ``feature``,
+the later sites replaced by ``later`` (a task's clean pass, :meth:`advfeat.tasks.TaskPass.joint_tail`)."""
 
 
 class FeatureAttack(Attack):
@@ -142,16 +153,10 @@ class FeatureAttack(Attack):
         model: nn.Module,
         site: str,
         *,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
         tail: Tail | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            model, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch, seed=seed
-        )
+        super().__init__(model, **options)
         resolve_site(model, site)
         self.site = site
         self.sites = [site]
@@ -277,17 +282,10 @@ class FeaturePGD(FeatureAttack):
         eps: Strength | None = None,
         norm: str | ThreatModel = "linf",
         random_start: bool = False,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
         tail: Tail | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            model, site, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch,
-            seed=seed, tail=tail,
-        )  # fmt: skip
+        super().__init__(model, site, tail=tail, **options)
         _check_strength("alpha", alpha, positive=True)
         _check_strength("eps", eps, positive=False)
         check_steps(steps, minimum=1)
@@ -364,9 +362,10 @@ class MultiSiteFeaturePGD(FeatureAttack):
     * ``"separate"`` (Eq. 5 taken literally, one max per term of the sum): each site is attacked
       alone, the others clean, through the tail after that site; r adversarial losses.
 
-    ``__call__(x, y, features=None, strengths=None)`` returns ``{site: δ}`` (names as given);
-    the training pass(es) on the perturbed features are the method's
-    (:func:`advfeat.methods.feature_aug.multi_site_outputs`).
+    ``__call__(x, y, features=None, strengths=None, tail=None)`` returns ``{site: δ}`` (names as
+    given); ``tail`` runs what follows a site (a task's clean pass; default the model's
+    :meth:`~advfeat.sites.SiteSplit.tail`). The training pass(es) on the perturbed features are
+    the method's (:func:`advfeat.methods.feature_aug.multi_site_outputs`).
     """
 
     def __init__(
@@ -381,31 +380,13 @@ class MultiSiteFeaturePGD(FeatureAttack):
         strengths: Sequence[float] | Tensor | None = None,
         mode: Literal["joint", "separate"] = "joint",
         random_start: bool = False,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
         if isinstance(sites, str) or not sites:
             raise AdvfeatError(f"sites must be a non-empty list of site names, got {sites!r}")
-        super().__init__(
-            model, sites[0], loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode,
-            branch=branch, seed=seed,
-        )  # fmt: skip
+        super().__init__(model, sites[0], **options)
         self.sites = list(sites)
-        relative = [split_site_name(model, s)[1] for s in self.sites]
-        for s in self.sites:
-            resolve_site(model, s)
-        if len(set(relative)) != len(relative):
-            raise AdvfeatError(f"sites must be distinct, got {self.sites}")
-        for a in relative:
-            for b in relative:
-                if b.startswith(a + "."):
-                    raise AdvfeatError(
-                        f"site {b!r} lies inside site {a!r}; perturb blocks that do not contain "
-                        f"each other"
-                    )
+        check_disjoint_sites(model, self.sites)
         if mode not in ("joint", "separate"):
             raise unknown_name("multi-site mode", str(mode), ["joint", "separate"])
         _check_strength("alpha", alpha, positive=True)
@@ -445,9 +426,10 @@ class MultiSiteFeaturePGD(FeatureAttack):
         y: Any,
         features: Mapping[str, Tensor] | None = None,
         strengths: Sequence[float] | Tensor | None = None,
+        tail: JointTail | None = None,
     ) -> dict[str, Tensor]:
         scales = self.scales(strengths, detach=True)
-        return self.attack_sites(x, y, features or {}, scales=scales)
+        return self.attack_sites(x, y, features or {}, scales=scales, tail=tail)
 
     def scales(
         self, strengths: Sequence[float] | Tensor | None, *, detach: bool
@@ -483,6 +465,7 @@ class MultiSiteFeaturePGD(FeatureAttack):
         y: Any,
         features: Mapping[str, Tensor],
         scales: Mapping[str, Tensor | float] | None = None,
+        tail: JointTail | None = None,
         **options: Any,
     ) -> dict[str, Tensor]:
         scales = scales or dict.fromkeys(self.sites, 1.0)
@@ -495,7 +478,8 @@ class MultiSiteFeaturePGD(FeatureAttack):
 
             def joint(var: Variable) -> Tensor:
                 later = {s: functools.partial(_scaled, var, s, scale=scales[s]) for s in rest}
-                out = split.tail(_scaled(var, first, f, scales[first]), later, x=x)
+                start = _scaled(var, first, f, scales[first])
+                out = tail(first, start, later) if tail else split.tail(start, later, x=x)
                 return self.objective(out, y)
 
             return engine.run(joint)
@@ -506,7 +490,8 @@ class MultiSiteFeaturePGD(FeatureAttack):
             split_s = SiteSplit(self.model, s)
 
             def alone(var: Variable, s: str = s, split_s: SiteSplit = split_s) -> Tensor:
-                out = split_s.tail(_scaled(var, s, clean[s], scales[s]), x=x)
+                start = _scaled(var, s, clean[s], scales[s])
+                out = tail(s, start, {}) if tail else split_s.tail(start, x=x)
                 return self.objective(out, y)
 
             deltas.update(engine.run(alone))
@@ -608,16 +593,9 @@ class BNStatsAttack(FeatureAttack):
         stats: Literal["batch", "instance"] = "batch",
         channel_dim: int = 1,
         layout: FeatureLayout | None = None,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            model, site, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch,
-            seed=seed,
-        )  # fmt: skip
+        super().__init__(model, site, **options)
         for name, value in (("eps", eps), ("alpha", alpha)):
             if isinstance(value, Tensor) or not isinstance(value, (int, float)):
                 raise AdvfeatError(f"{name} must be a number (multipliers are per batch)")

@@ -22,12 +22,12 @@ the original L2 minimisation attack.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from advfeat.attacks.base import Attack, BNMode, LossFn
+from advfeat.attacks.base import Attack, AttackOptions, BNMode
 from advfeat.attacks.engine import IterativeAscent
 from advfeat.attacks.threat import (
     Budget,
@@ -40,6 +40,9 @@ from advfeat.attacks.threat import (
     threat_model,
 )
 from advfeat.errors import AdvfeatError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "CWL2",
@@ -129,15 +132,9 @@ class IterativeGradientAttack(Attack):
         alpha: Budget,
         steps: int,
         random_start: bool,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
-        super().__init__(
-            model, loss_fn=loss_fn, targeted=targeted, bn_mode=bn_mode, branch=branch, seed=seed
-        )
+        super().__init__(model, **options)
         self.threat = threat
         self.norm = threat.name
         self.eps = check_budget(eps, "eps") if threat.bounded else math.inf
@@ -208,11 +205,7 @@ class PGD(IterativeGradientAttack):
         steps: int = 10,
         norm: str | ThreatModel = "linf",
         random_start: bool = True,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
         super().__init__(
             model,
@@ -221,11 +214,7 @@ class PGD(IterativeGradientAttack):
             alpha=check_budget(alpha, "alpha", positive=True),
             steps=steps,
             random_start=random_start,
-            loss_fn=loss_fn,
-            targeted=targeted,
-            bn_mode=bn_mode,
-            branch=branch,
-            seed=seed,
+            **options,
         )
 
 
@@ -241,11 +230,7 @@ class FGSM(IterativeGradientAttack):
         *,
         eps: Budget = 8 / 255,
         norm: str | ThreatModel = "linf",
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
         eps = check_budget(eps, "eps")
         super().__init__(
@@ -255,11 +240,7 @@ class FGSM(IterativeGradientAttack):
             alpha=eps,
             steps=1,
             random_start=False,
-            loss_fn=loss_fn,
-            targeted=targeted,
-            bn_mode=bn_mode,
-            branch=branch,
-            seed=seed,
+            **options,
         )
 
 
@@ -274,11 +255,7 @@ class IFGSM(IterativeGradientAttack):
         alpha: Budget = 2 / 255,
         steps: int = 10,
         norm: str | ThreatModel = "linf",
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
         super().__init__(
             model,
@@ -287,11 +264,7 @@ class IFGSM(IterativeGradientAttack):
             alpha=check_budget(alpha, "alpha", positive=True),
             steps=steps,
             random_start=False,
-            loss_fn=loss_fn,
-            targeted=targeted,
-            bn_mode=bn_mode,
-            branch=branch,
-            seed=seed,
+            **options,
         )
 
 
@@ -311,11 +284,7 @@ class GD(IterativeGradientAttack):
         alpha: Budget = 1 / 255,
         steps: int = 5,
         init_eps: Budget | None = None,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        bn_mode: BNMode = "eval",
-        branch: str | None = None,
-        seed: int | None = None,
+        **options: Unpack[AttackOptions],
     ) -> None:
         super().__init__(
             model,
@@ -324,11 +293,7 @@ class GD(IterativeGradientAttack):
             alpha=check_budget(alpha, "alpha", positive=True),
             steps=steps,
             random_start=init_eps is not None,
-            loss_fn=loss_fn,
-            targeted=targeted,
-            bn_mode=bn_mode,
-            branch=branch,
-            seed=seed,
+            **options,
         )
         self.init_eps = None if init_eps is None else check_budget(init_eps, "init_eps")
 

@@ -5,7 +5,13 @@ Every module of this package that defines a :class:`Method` registers it with
 """
 
 from advfeat.methods.base import Method, MethodOutput, PrepareContext, unwrap
-from advfeat.methods.registry import METHODS, build_method, register_method
+from advfeat.methods.registry import (
+    METHODS,
+    build_method,
+    build_task_method,
+    register_method,
+    task_methods,
+)
 from advfeat.registry import import_submodules
 
 import_submodules(__name__, __path__, skip=("base", "registry"))
@@ -16,6 +22,8 @@ __all__ = [
     "MethodOutput",
     "PrepareContext",
     "build_method",
+    "build_task_method",
     "register_method",
+    "task_methods",
     "unwrap",
 ]

@@ -15,30 +15,25 @@ Feature Augmentation and Normalization for Visual Recognition", Algorithm 1).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from advfeat.attacks.feature import sample_strengths
 from advfeat.attacks.precision import add_perturbation
 from advfeat.errors import AdvfeatError
 from advfeat.layouts import AUTO_LAYOUT, LayoutSpec
-from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput
 from advfeat.methods.feature_aug import (
-    ADV_BN_STATS,
-    ADV_GRAD,
     ALPHA,
-    AUTO_SITE,
     EPS,
-    LAM,
-    LOSS_WEIGHTING,
-    NOISE_STD,
-    RANDOM_NOISE,
     STEPS,
+    AdversarialFeature,
     AdversarialFeatureNormalization,
     FeatureAugmentation,
+    SiteOptions,
+    perturbation_size,
 )
 from advfeat.methods.registry import register_method
 from advfeat.options import Choice, Flag, Integer, Number, option
@@ -103,7 +98,6 @@ class AFAN(FeatureAugmentation):
 
     name = "afan"
     paper = "Chen et al. 2021, Adversarial Feature Augmentation and Normalization (A-FAN)"
-    tasks = ("classification", "detection", "segmentation")
     task_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         # §5, Faster R-CNN on VOC2007: PGD-1, k = 5 strengths from [0, α], α = 0.3/255,
         # unbounded; the released code's convex combination ("sum" diverged on detection,
@@ -120,37 +114,25 @@ class AFAN(FeatureAugmentation):
     }
 
     @dataclass
-    class Options:
-        site: str = AUTO_SITE  # §4: the last block (dense: the task's sites)
-        sites: list[str] | None = None
-        # S2 / Fig. S5: PGD-1 with α = 1.0/255 (CIFAR-10)
-        alpha: float = option(1.0 / 255, ALPHA)
+    class Options(SiteOptions):
+        alpha: float = option(1.0 / 255, ALPHA)  # S2 / Fig. S5: PGD-1 with α = 1.0/255 (CIFAR-10)
+        steps: int = option(1, STEPS)  # S1.1 / Fig. S5: PGD-1
+        eps: float | None = option(8 / 255, EPS)  # S1.1: ε = 8/255
         # §4: three strengths
         k: int = option(3, Integer(low=1, hint="number of perturbation strengths"))
         strength_spacing: str = option("random", Choice("random", "grid"))  # Algorithm 1, line 2
-        steps: int = option(1, STEPS)  # S1.1 / Fig. S5: PGD-1
-        eps: float | None = option(8 / 255, EPS)  # S1.1: ε = 8/255
-        lam: float = option(1.0, LAM)  # Eq. 7: λ = 1
-        # measured (docs/results.md); "sum": Eq. 7 as written
-        loss_weighting: str = option("sum", LOSS_WEIGHTING)  # Eq. 7; docs/results.md §10
-        # Eq. 7: L_adv trains every weight; "tail": only after the site
-        adv_grad: str = option("full", ADV_GRAD)
         rescale: bool | None = None  # S1.1 when exact
         afn: bool = option(True, Flag())  # Table S10: False = AFA only
         # Eq. 6; "positional" = released code
         afn_stats: str = option("channel", Choice("channel", "positional"))
         afn_eps: float = option(1e-5, Number(low=0))  # batch norm's ε
         layout: str = option(AUTO_LAYOUT, LayoutSpec())  # where the channels are
-        random_noise: str | None = option(None, RANDOM_NOISE)  # Table 8: "gaussian" + AFN
-        noise_std: float | None = option(None, NOISE_STD)  # None: alpha
-        attack_bn_mode: str = option("train", ATTACK_BN_MODE)
-        adv_bn_stats: str = option("update", ADV_BN_STATS)
 
     def validate_options(self) -> None:
         opts = self.opts
         if opts.rescale is not None and not isinstance(opts.rescale, bool):
             raise AdvfeatError(f"rescale must be true, false or null, got {opts.rescale!r}")
-        self.requested_sites()
+        super().validate_options()
 
     @property
     def uses_rescaling(self) -> bool:
@@ -164,10 +146,6 @@ class AFAN(FeatureAugmentation):
         if opts.rescale is not None:
             return bool(opts.rescale)
         return opts.steps == 1 and (opts.eps is None or opts.alpha <= opts.eps)
-
-    def capture_refusal(self) -> str | None:
-        """Capturable: the strengths are drawn on the device and reach the attacks as tensors."""
-        return None if self.task.capturable else f"{self.task.name} batches are not captured"
 
     def perturbations(
         self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor, y: Any, alphas: Tensor
@@ -195,42 +173,28 @@ class AFAN(FeatureAugmentation):
             for a in alphas.unbind()
         ]
 
-    def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
+    def perturb(
+        self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor, y: Any
+    ) -> Iterator[AdversarialFeature]:
+        """The k adversarial features of Eq. 5 (:meth:`perturbations`), normalized with the clean
+        feature's statistics (Eq. 6, :class:`AdversarialFeatureNormalization`) unless ``afn``
+        is off; each one is trained on before the next is built."""
         opts = self.opts
-        self.task.check(x, y)
-        sites = self.resolve_sites(model)
-        clean = self.clean_pass(model, x, y, sites)
-        losses: list[Tensor] = []
-        sizes: list[Tensor] = []
-        for site in sites:
-            f = self.adv_feature(clean.features[site])
-            alphas = sample_strengths(
-                opts.k,
-                opts.alpha,
-                spacing=opts.strength_spacing,
-                device=f.device,
-            )
-            pairs = self.perturbations(model, clean, site, f, y, alphas)
-            afn = (
-                AdversarialFeatureNormalization(
-                    f, opts.afn_stats, opts.afn_eps, self.site_layout(model, site, f)
-                )
-                if opts.afn
-                else None
-            )
-            norms: dict[int, Tensor] = {}
-            for delta, scale in pairs:
-                if id(delta) not in norms:
-                    norms[id(delta)] = delta.flatten(1).norm(dim=1).mean()
-                size = scale.abs() if isinstance(scale, Tensor) else abs(scale)
-                sizes.append(size * norms[id(delta)])
-                f_in = afn(delta, scale) if afn is not None else add_perturbation(f, delta, scale)
-                losses.append(self.adversarial_loss(model, clean, site, f_in, y))
-        loss, loss_adv = self.combine(clean.loss, losses)
-        logs = self.detach_logs(
-            loss_clean=clean.loss,
-            loss_adv=loss_adv,
-            delta_l2=torch.stack(sizes).mean(),
-            **self.task.log_parts(clean.parts),
+        alphas = sample_strengths(
+            opts.k, opts.alpha, spacing=opts.strength_spacing, device=feature.device
         )
-        return MethodOutput(loss=loss, logits=clean.logits, logs=logs)
+        pairs = self.perturbations(model, clean, site, feature, y, alphas)
+        afn = (
+            AdversarialFeatureNormalization(
+                feature, opts.afn_stats, opts.afn_eps, self.site_layout(model, site, feature)
+            )
+            if opts.afn
+            else None
+        )
+        norms: dict[int, Tensor] = {}
+        for delta, scale in pairs:
+            if id(delta) not in norms:
+                norms[id(delta)] = perturbation_size(delta)
+            size = scale.abs() if isinstance(scale, Tensor) else abs(scale)
+            f_in = afn(delta, scale) if afn is not None else add_perturbation(feature, delta, scale)
+            yield AdversarialFeature(f_in, size * norms[id(delta)])

@@ -15,24 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
-from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput
+from advfeat.attacks.precision import add_perturbation
 from advfeat.methods.feature_aug import (
-    ADV_BN_STATS,
-    ADV_GRAD,
-    ALPHA,
-    AUTO_SITE,
-    EPS,
-    LAM,
-    LOSS_WEIGHTING,
-    NOISE_STD,
-    RANDOM_NOISE,
-    STEPS,
+    MULTI_SITE,
+    AdversarialFeature,
     FeatureAugmentation,
+    SiteOptions,
+    perturbation_size,
 )
 from advfeat.methods.registry import register_method
-from advfeat.options import Choice, option
+from advfeat.options import option
+from advfeat.tasks.base import TaskPass
 
 __all__ = ["ALFA"]
 
@@ -82,7 +77,6 @@ class ALFA(FeatureAugmentation):
 
     name = "alfa"
     paper = "Qin et al., ALFA: Adversarial Feature Augmentation for Enhanced Image Recognition"
-    tasks = ("classification", "detection", "segmentation")
     task_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         # ALFA reports no dense setting; clean-only running statistics (the adversarial passes
         # re-run the clean batch before the site when a model cannot be cut there); the convex
@@ -92,47 +86,20 @@ class ALFA(FeatureAugmentation):
     }
 
     @dataclass
-    class Options:
-        site: str = AUTO_SITE  # Table 2: the last residual block (dense: the task's sites)
-        sites: list[str] | None = None
-        alpha: float = option(0.5 / 255, ALPHA)  # Table 2, ResNet-20s
-        steps: int = option(5, STEPS)  # Table 2: PGD-5, ε unbounded
-        eps: float | None = option(None, EPS)  # §3.2: unbounded; a number clips δ to [-eps, eps]
-        lam: float = option(1.0, LAM)  # not reported (grid search); A-FAN Eq. 7 uses λ = 1
-        multi_site: str = option("separate", Choice("separate", "joint"))
-        # measured (docs/results.md §5) and the released code; "sum": Eq. 3 as written
-        loss_weighting: str = option("sum", LOSS_WEIGHTING)  # Eq. 3; docs/results.md §10
-        # Eq. 3: L_adv trains every weight; "tail": only after the site
-        adv_grad: str = option("full", ADV_GRAD)
-        # Table 7 ablation: "gaussian" / "uniform"
-        random_noise: str | None = option(None, RANDOM_NOISE)
-        noise_std: float | None = option(None, NOISE_STD)  # None: alpha
-        attack_bn_mode: str = option("train", ATTACK_BN_MODE)
-        adv_bn_stats: str = option("update", ADV_BN_STATS)
+    class Options(SiteOptions):
+        # the shared fields' defaults are ALFA's: Table 2 (ResNet-20s), PGD-5, α = 0.5/255,
+        # ε unbounded (§3.2), λ = 1, Eq. 3's sum and gradient path (docs/results.md §10)
+        multi_site: str = option("separate", MULTI_SITE)
 
-    def validate_options(self) -> None:
-        self.check_joint_sites()
-        self.requested_sites()
-
-    def capture_refusal(self) -> str | None:
-        """Capturable: fixed sites, fixed strengths, random starts drawn on the device."""
-        return None if self.task.capturable else f"{self.task.name} batches are not captured"
-
-    def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
-        self.task.check(x, y)
-        sites = self.resolve_sites(model)
-        clean = self.clean_pass(model, x, y, sites)
-        if len(sites) == 1 or self.opts.multi_site == "separate":
-            losses, delta_l2 = self.separate_site_losses(model, clean, y, sites)
+    def perturb(
+        self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor, y: Any
+    ) -> list[AdversarialFeature]:
+        """``f + δ`` with δ of PGD-``steps`` at step α (Eq. 4; ``eps``: §3.2's unbounded ε by
+        default), or random noise (Table 7)."""
+        if self.opts.random_noise is not None:
+            delta = self.noise(feature)
         else:
-            losses, delta_l2 = self.site_losses(
-                model, x, y, clean.features, sites, eps=self.opts.eps
+            delta = self.feature_attack(
+                model, clean, site, feature, y, self.opts.alpha, self.opts.eps
             )
-        loss, loss_adv = self.combine(clean.loss, losses)
-        logs = self.detach_logs(
-            loss_clean=clean.loss,
-            loss_adv=loss_adv,
-            delta_l2=delta_l2,
-            **self.task.log_parts(clean.parts),
-        )
-        return MethodOutput(loss=loss, logits=clean.logits, logs=logs)
+        return [AdversarialFeature(add_perturbation(feature, delta), perturbation_size(delta))]

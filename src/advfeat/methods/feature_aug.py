@@ -2,16 +2,17 @@
 Feature Augmentation for Enhanced Image Recognition") and A-FAN (Chen et al. 2021,
 "Adversarial Feature Augmentation and Normalization for Visual Recognition").
 
-* :class:`FeatureAugmentation` — the base of the three methods: one clean forward that captures
-  the site features, the attack on a captured feature (only the tail after the site runs), and
-  the adversarial tail pass that re-uses the captured feature, so the gradient flows into the
-  part before the site through ``f + δ`` with ``δ`` a constant (ALFA Eq. 3, A-FAN Eq. 3).
+* :class:`FeatureAugmentation` — the base of the three methods and its contract: options that
+  extend :class:`FeatureAugOptions` / :class:`SiteOptions` and one :meth:`~FeatureAugmentation.perturb`
+  hook; the template ``forward`` runs one clean forward that captures the site features, the
+  attack on a captured feature (only the tail after the site runs), and the adversarial tail
+  passes through the task's clean pass, so the gradient flows into the part before the site
+  through ``f + δ`` with ``δ`` a constant (ALFA Eq. 3, A-FAN Eq. 3).
 * :func:`last_stage` / :func:`stage_blocks` — the default sites ("the last block", ALFA §4.3,
   A-FAN §7; L-ALFA's "by blocks", ALFA Table 9).
 * :func:`feature_moments`, :func:`adversarial_feature_normalization` and
   :class:`AdversarialFeatureNormalization` (the same, clean statistics shared by the k
   strengths) — A-FAN Eq. 6, per channel of the site's layout (:mod:`advfeat.layouts`).
-* :func:`project_simplex` — L-ALFA's projection of η (ALFA Algorithm 1, line 5).
 * :func:`random_feature_noise` — the random-noise ablations (ALFA Table 7, A-FAN Table 8).
 """
 
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NamedTuple
 from weakref import WeakKeyDictionary
 
 import torch
@@ -36,13 +38,13 @@ from advfeat.attacks.precision import (
 )
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.layouts import AUTO_LAYOUT, CHANNELS_FIRST, FeatureLayout, site_layout
-from advfeat.methods.base import Method, cross_entropy, unwrap
+from advfeat.methods.base import ATTACK_BN_MODE, Method, MethodOutput, unwrap
 from advfeat.norm.stats import frozen_bn_statistics
-from advfeat.options import Choice, Integer, Number
+from advfeat.options import Choice, Integer, Number, option
 from advfeat.sites import (
     SiteSplit,
+    check_disjoint_sites,
     last_stage,
-    resolve_site,
     site_order,
     spread_blocks,
     stage_blocks,
@@ -53,15 +55,18 @@ from advfeat.tasks.base import TaskPass
 __all__ = [
     "AUTO_SITE",
     "AFNStats",
+    "AdversarialFeature",
     "AdversarialFeatureNormalization",
+    "FeatureAugOptions",
     "FeatureAugmentation",
+    "SiteOptions",
     "TailFallback",
     "adversarial_feature_normalization",
     "combine_losses",
     "feature_moments",
     "last_stage",
     "multi_site_outputs",
-    "project_simplex",
+    "perturbation_size",
     "random_feature_noise",
     "report_tail_fallback",
     "spread_blocks",
@@ -75,6 +80,7 @@ NOISE_KINDS = ("gaussian", "uniform")
 BN_STATS = ("update", "frozen")
 LOSS_WEIGHTINGS = ("sum", "mean")
 ADV_GRADS = ("full", "tail")
+MULTI_SITE_MODES = ("separate", "joint")
 
 
 # ---------------------------------------------------------------------- A-FAN normalization
@@ -218,28 +224,6 @@ class AdversarialFeatureNormalization:
         return (sigma * self.normalized + mean).to(self.dtype)
 
 
-# ------------------------------------------------------------------------ simplex projection
-def project_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection of ``v`` (last dimension) onto ``{η : η ≥ 0, 1ᵀη = 1}``.
-
-    L-ALFA projects its strengths η after every SGD step (ALFA Algorithm 1, line 5). The paper
-    finds the threshold τ of ``η = max(v − τ, 0)`` by bisection (Wang et al. 2019b); here τ is
-    computed exactly by sorting (Held et al. 1974; Duchi et al. 2008), which gives the same
-    point: the projection is unique. (The authors' released code only shifts η so that it sums
-    to one and never clips negative entries.)
-    """
-    if v.ndim == 0 or v.shape[-1] == 0:
-        raise AdvfeatError(f"cannot project a tensor of shape {tuple(v.shape)} onto a simplex")
-    u, _ = torch.sort(v, dim=-1, descending=True)
-    cumulative = u.cumsum(dim=-1) - 1
-    ks = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
-    support = (u - cumulative / ks) > 0
-    # the largest k with u_k > (Σ_{j≤k} u_j − 1) / k; k = 1 always qualifies
-    rho = (support * ks).argmax(dim=-1, keepdim=True)
-    tau = cumulative.gather(-1, rho) / (rho + 1).to(v.dtype)
-    return (v - tau).clamp_min(0)
-
-
 # -------------------------------------------------------------------------- random features
 def random_feature_noise(
     like: Tensor, kind: str, std: float | Tensor, generator: torch.Generator | None = None
@@ -286,42 +270,36 @@ def combine_losses(
 
 def multi_site_outputs(
     attack: MultiSiteFeaturePGD,
-    x: Any,
+    clean: TaskPass,
     deltas: Mapping[str, Tensor],
     features: Mapping[str, Tensor] | None = None,
     strengths: Sequence[float] | Tensor | None = None,
     *,
     prefix_grad: bool = True,
 ) -> list[Any]:
-    """The model output(s) on the features perturbed by ``attack`` (ALFA Eq. 5), for training.
+    """The task outputs on the features perturbed by ``attack`` (ALFA Eq. 5), for training.
 
-    ``"joint"``: one output, all sites perturbed (``f_i + η_i·δ_i``) in one tail pass from the
-    earliest site. ``"separate"``: one output per site (in the order of ``attack.sites``).
-    Features and η keep their autograd graph (η is learned by L-ALFA); sites missing from
-    ``features`` are computed from ``x`` with gradients. ``prefix_grad`` (ALFA Eq. 3/5: L_adv is
-    a loss of every weight) lets the values that jump over a site — the shortcut of a residual
-    block the site lies in — carry gradients too, as in the full model
-    (:class:`advfeat.sites.SiteSplit`); ``False`` is ``adv_grad="tail"``, with detached features.
+    What follows the sites runs through the clean pass (:class:`advfeat.tasks.TaskPass`), which
+    never recomputes what it computed before a site. ``"joint"``: one output, all sites perturbed
+    (``f_i + η_i·δ_i``) in one pass from the earliest site (:meth:`TaskPass.joint_tail`).
+    ``"separate"``: one output per site (in the order of ``attack.sites``). The features
+    (``features``, else the clean pass's) and η keep their autograd graph (η is learned by
+    L-ALFA). ``prefix_grad`` (ALFA Eq. 3/5: L_adv is a loss of every weight) lets the values
+    that jump over a site — the shortcut of a residual block the site lies in — carry gradients
+    too, as in the full model; ``False`` is ``adv_grad="tail"``, with detached features.
     """
-    model = attack.model
     scales = attack.scales(strengths, detach=False)
-    given = dict(features or {})
+    given = {**clean.features, **(features or {})}
+
+    def perturbed(site: str) -> Callable[[Tensor], Tensor]:
+        return lambda t: add_perturbation(t, deltas[site], scales[site])
+
     if attack.mode == "joint":
-        first, *rest = attack.ordered_sites(x)
-        split = SiteSplit(model, first, prefix_grad=prefix_grad)
-        f = given[first] if first in given else split.head(x)
-
-        def add(site: str) -> Callable[[Tensor], Tensor]:
-            return lambda t: add_perturbation(t, deltas[site], scales[site])
-
-        later = {s: add(s) for s in rest}
-        return [split.tail(add_perturbation(f, deltas[first], scales[first]), later, x=x)]
-    outputs = []
-    for s in attack.sites:
-        split_s = SiteSplit(model, s, prefix_grad=prefix_grad)
-        f = given[s] if s in given else split_s.head(x)
-        outputs.append(split_s.tail(add_perturbation(f, deltas[s], scales[s]), x=x))
-    return outputs
+        first, *rest = attack.ordered_sites()
+        later = {s: perturbed(s) for s in rest}
+        f = perturbed(first)(given[first])
+        return [clean.joint_tail(first, f, later, prefix_grad=prefix_grad)]
+    return [clean.tail(s, perturbed(s)(given[s]), prefix_grad=prefix_grad) for s in attack.sites]
 
 
 # -------------------------------------------------------------------------- tail fallback
@@ -351,7 +329,7 @@ def report_tail_fallback(model: nn.Module, site: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- option checks
-# Declared with advfeat.options.option(default, check) in the Options of ALFA, L-ALFA and A-FAN.
+# Declared with advfeat.options.option(default, check) in FeatureAugOptions and the methods' own.
 ALPHA = Number(low=0, low_open=True, hint="the attack step size")
 STEPS = Integer(low=1, hint="PGD steps")
 LAM = Number(low=0, hint="the weight of the adversarial loss")
@@ -361,6 +339,7 @@ NOISE_STD = Number(low=0, optional=True, hint="null: alpha")
 LOSS_WEIGHTING = Choice(*LOSS_WEIGHTINGS)
 ADV_GRAD = Choice(*ADV_GRADS)
 ADV_BN_STATS = Choice(*BN_STATS)
+MULTI_SITE = Choice(*MULTI_SITE_MODES)
 
 
 def check_sites_option(site: Any, sites: Any) -> list[str] | None:
@@ -380,13 +359,81 @@ def check_sites_option(site: Any, sites: Any) -> list[str] | None:
     return list(sites)
 
 
+# ------------------------------------------------------------------------ the shared options
+@dataclass
+class FeatureAugOptions:
+    """The options of every feature-space augmentation method, declared once with their checks.
+
+    A method's ``Options`` extends this class (or :class:`SiteOptions`), adds its own fields,
+    and re-declares a shared field only to change its default. The defaults are ALFA's
+    (Table 2, ResNet-20s on CIFAR-10):
+
+    * ``sites``: the perturbed sites; ``None``: :meth:`FeatureAugmentation.default_sites`.
+    * ``alpha``, ``steps``: the step size and number of sign steps of the feature attack.
+    * ``lam``: λ, the weight of the adversarial losses; ``loss_weighting``: ``"sum"`` (the
+      papers' equations) or ``"mean"`` (the released code's convex combination),
+      :func:`combine_losses`.
+    * ``adv_grad``: ``"full"`` (L_adv trains every weight, ALFA Eq. 3 / A-FAN Eq. 7) or
+      ``"tail"`` (only what follows the site).
+    * ``random_noise``, ``noise_std``: random noise of std ``noise_std`` (``None``: ``alpha``)
+      instead of the attack (ALFA Table 7, A-FAN Table 8).
+    * ``attack_bn_mode``, ``adv_bn_stats``: see :class:`FeatureAugmentation`.
+    """
+
+    sites: list[str] | None = None
+    alpha: float = option(0.5 / 255, ALPHA)  # ALFA Table 2, ResNet-20s
+    steps: int = option(5, STEPS)  # ALFA Table 2: PGD-5, ε unbounded
+    lam: float = option(1.0, LAM)  # A-FAN Eq. 7 (ALFA tunes λ without reporting it)
+    loss_weighting: str = option("sum", LOSS_WEIGHTING)  # the equations; docs/results.md §10
+    adv_grad: str = option("full", ADV_GRAD)  # the equations: L_adv trains every weight
+    random_noise: str | None = option(None, RANDOM_NOISE)  # "gaussian" / "uniform"
+    noise_std: float | None = option(None, NOISE_STD)  # None: alpha
+    attack_bn_mode: str = option("train", ATTACK_BN_MODE)
+    adv_bn_stats: str = option("update", ADV_BN_STATS)
+
+
+@dataclass
+class SiteOptions(FeatureAugOptions):
+    """The shared options, with ``site`` (one dotted module name; ``"auto"``: the task's
+    default sites) besides ``sites``, and ``eps``, the L∞ radius of δ (``None``: unbounded,
+    ALFA §3.2)."""
+
+    site: str = AUTO_SITE
+    eps: float | None = option(None, EPS)
+
+
+class AdversarialFeature(NamedTuple):
+    """One adversarial feature a method trains on at a site, and the size of its perturbation
+    (the mean ‖δ‖₂ per sample, averaged into the ``delta_l2`` log)."""
+
+    feature: Tensor
+    size: Tensor
+
+
+def perturbation_size(delta: Tensor) -> Tensor:
+    """The mean ‖δ‖₂ per sample."""
+    return delta.flatten(1).norm(dim=1).mean()
+
+
 # ------------------------------------------------------------------------------ the base class
 class FeatureAugmentation(Method):
     """Base of ALFA, L-ALFA and A-FAN: clean pass with capture, feature attack, tail passes.
 
-    Subclass options include ``alpha``, ``steps``, ``lam``, ``random_noise``, ``noise_std``,
-    ``attack_bn_mode`` and ``adv_bn_stats``; subclasses say which sites they perturb
-    (:meth:`requested_sites`, :meth:`default_sites`).
+    The contract. A subclass declares ``Options`` extending :class:`FeatureAugOptions` (or
+    :class:`SiteOptions`) and implements one hook, :meth:`perturb`: the adversarial features
+    of one site (built with :meth:`feature_attack`, :meth:`noise` and
+    :func:`advfeat.attacks.precision.add_perturbation`). The template :meth:`forward` does the
+    rest, on every task:
+
+    1. the sites (:meth:`training_sites`: the options' sites or :meth:`default_sites`, checked);
+    2. the task's clean pass, which captures the site features (:meth:`clean_pass`);
+    3. for each site, :meth:`perturb`, and one training pass of what follows the site per
+       adversarial feature (:meth:`adversarial_loss`, through :meth:`TaskPass.tail`);
+    4. the loss ``L_clean + λ·Σ L_adv`` (:meth:`combine`), plus the :meth:`penalties`.
+
+    Optional hooks: :meth:`training_sites` (L-ALFA: the sites its strengths are learned for),
+    :meth:`adversarial_losses` (L-ALFA: one pass through several perturbed sites,
+    :meth:`site_losses`), :meth:`penalties` (L-ALFA: γ‖η‖₁), :meth:`default_sites`.
 
     Tasks. Losses, default sites and the clean pass are the task's (``method.task``,
     :class:`advfeat.tasks.Task`; classification by default): the same class trains classifiers,
@@ -420,6 +467,10 @@ class FeatureAugmentation(Method):
     clean pass moves running statistics, so they describe clean features alone.
     """
 
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "detection", "segmentation")
+    capturable_step: ClassVar[bool] = True
+    """Whether a training step may be captured as a CUDA graph on a capturable task (fixed
+    sites, strengths drawn on the device, random starts drawn on the device)."""
     training_recipe: ClassVar[dict[str, Any]] = {
         # ALFA §4.1 / A-FAN S2.1 (CIFAR): lr 0.1 decayed ×0.1 at epochs 50 and 150 of 200,
         # linear warm-up over the first 200 iterations
@@ -434,10 +485,83 @@ class FeatureAugmentation(Method):
         self._site_cache: WeakKeyDictionary[nn.Module, list[str]] = WeakKeyDictionary()
         self._multi_attack: MultiSiteFeaturePGD | None = None
 
+    def validate_options(self) -> None:
+        """The site options and ``multi_site`` (subclasses extend)."""
+        self.check_joint_sites()
+        self.requested_sites()
+
+    def capture_refusal(self) -> str | None:
+        if not self.capturable_step:
+            return super().capture_refusal()
+        return None if self.task.capturable else f"{self.task.name} batches are not captured"
+
+    # --------------------------------------------------------------------------- template
+    def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
+        """One training step: clean pass, :meth:`adversarial_losses`, combined loss, logs."""
+        self.task.check(x, y)
+        sites = self.training_sites(model)
+        clean = self.clean_pass(model, x, y, sites)
+        losses, delta_l2 = self.adversarial_losses(model, clean, x, y, sites)
+        loss, loss_adv = self.combine(clean.loss, losses)
+        penalties = self.penalties()
+        for weight, term in penalties.values():
+            loss = loss + weight * term
+        logs = self.detach_logs(
+            loss_clean=clean.loss,
+            loss_adv=loss_adv,
+            **{name: term for name, (_, term) in penalties.items()},
+            delta_l2=delta_l2,
+            **self.task.log_parts(clean.parts),
+        )
+        return MethodOutput(loss=loss, logits=clean.logits, logs=logs)
+
+    def perturb(
+        self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor, y: Any
+    ) -> Iterable[AdversarialFeature]:
+        """The adversarial features to train on at ``site`` (the hook every method implements).
+
+        ``feature`` is the clean feature as the adversarial passes use it (:meth:`adv_feature`:
+        with its graph for ``adv_grad="full"``); ``clean`` runs what follows the site for an
+        attack (:meth:`feature_attack`). A list is built for every site before the first
+        adversarial pass; a generator's features interleave with the passes (A-FAN's k).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement perturb()")
+
+    def training_sites(self, model: nn.Module) -> list[str]:
+        """The sites of this step (:meth:`resolve_sites`)."""
+        return self.resolve_sites(model)
+
+    def adversarial_losses(
+        self, model: nn.Module, clean: TaskPass, x: Any, y: Any, sites: list[str]
+    ) -> tuple[list[Tensor], Tensor]:
+        """``(L_adv terms, mean ‖δ‖₂)``: one task loss per adversarial feature of :meth:`perturb`,
+        site by site; ``multi_site="joint"`` perturbs several sites in one pass
+        (:meth:`site_losses`)."""
+        if len(sites) > 1 and getattr(self.opts, "multi_site", "separate") == "joint":
+            return self.site_losses(model, clean, x, y, sites, eps=getattr(self.opts, "eps", None))
+        pending = [
+            (site, self.perturb(model, clean, site, self.adv_feature(clean.features[site]), y))
+            for site in sites
+        ]
+        losses: list[Tensor] = []
+        sizes: list[Tensor] = []
+        for site, adversarial in pending:
+            for item in adversarial:
+                losses.append(self.adversarial_loss(model, clean, site, item.feature, y))
+                sizes.append(item.size)
+        return losses, torch.stack(sizes).mean()
+
+    def penalties(self) -> dict[str, tuple[float, Tensor]]:
+        """Terms added to the loss, ``{log name: (weight, term)}`` (none by default)."""
+        return {}
+
     # ------------------------------------------------------------------------------ sites
     def check_joint_sites(self) -> None:
         """``multi_site="joint"`` runs one tail from the earliest site: classification only."""
-        if self.opts.multi_site == "joint" and self.task.name != "classification":
+        if (
+            getattr(self.opts, "multi_site", "separate") == "joint"
+            and self.task.name != "classification"
+        ):
             raise AdvfeatError(
                 f"multi_site='joint' perturbs several sites in one tail pass, which needs a "
                 f"model that maps images to outputs; {self.task.name} trains with "
@@ -446,7 +570,7 @@ class FeatureAugmentation(Method):
 
     def requested_sites(self) -> list[str] | None:
         """The sites named in the options, or ``None`` for :meth:`default_sites`."""
-        return check_sites_option(self.opts.site, self.opts.sites)
+        return check_sites_option(getattr(self.opts, "site", AUTO_SITE), self.opts.sites)
 
     def default_sites(self, model: nn.Module) -> list[str]:
         """The task's default sites (classification: the last stage, :func:`last_stage`;
@@ -462,15 +586,7 @@ class FeatureAugmentation(Method):
         names = self.requested_sites()
         if names is None:
             names = self.default_sites(inner)
-        for name in names:
-            resolve_site(inner, name)  # unknown names list close matches
-        for a in names:
-            for b in names:
-                if b.startswith(a + "."):
-                    raise AdvfeatError(
-                        f"site {b!r} lies inside site {a!r}; perturb modules that do not "
-                        f"contain each other"
-                    )
+        check_disjoint_sites(inner, names)  # unknown names list close matches
         ordered = site_order(inner, names)
         if self.task.name == "classification":
             for site in ordered:
@@ -510,19 +626,6 @@ class FeatureAugmentation(Method):
         """``(loss, Σ L_adv)`` under ``lam`` and ``loss_weighting`` (:func:`combine_losses`)."""
         return combine_losses(loss_clean, adv_losses, self.opts.lam, self.opts.loss_weighting)
 
-    def tail(self, model: nn.Module, site: str, feature: Tensor, x: Tensor) -> Tensor:
-        """The model output with ``feature`` at ``site`` (a training pass of the tail only).
-
-        With ``adv_grad="full"`` L_adv is a loss of every weight (ALFA Eq. 3): for a site that a
-        skip connection jumps over (inside a residual block), the full-model fallback runs the
-        part before the site with gradients, so L_adv also reaches earlier layers through the
-        skip path. With ``"tail"`` that part runs without gradients.
-        """
-        with self.adversarial_bn(model):
-            split = SiteSplit(unwrap(model), site, prefix_grad=self.adv_reaches_prefix)
-            out: Tensor = split.tail(feature, x=x)
-        return out
-
     def adversarial_output(
         self, model: nn.Module, clean: TaskPass, site: str, feature: Tensor
     ) -> Any:
@@ -551,8 +654,8 @@ class FeatureAugmentation(Method):
         alpha: float | Tensor,
         eps: float | None = None,
     ) -> Tensor:
-        """δ of PGD-``steps`` with step ``alpha`` (a number or a 0-d tensor) at ``site`` on the task's attack loss; only what
-        follows the site runs (:meth:`TaskPass.tail`)."""
+        """δ of PGD-``steps`` with step ``alpha`` (a number or a 0-d tensor) at ``site`` on the
+        task's attack loss; only what follows the site runs (:meth:`TaskPass.tail`)."""
         inner = unwrap(model)
         attack = FeaturePGD(
             inner,
@@ -577,8 +680,8 @@ class FeatureAugmentation(Method):
     def multi_site_attack(
         self, model: nn.Module, sites: list[str], eps: float | None = None
     ) -> MultiSiteFeaturePGD:
-        """The (cached) PGD at ``sites`` (ALFA Eq. 4-5): sign steps, δ clipped to the L∞ ball of
-        radius ``eps`` (``None``: unbounded, §3.2)."""
+        """The (cached) PGD at ``sites`` on the task's attack loss (ALFA Eq. 4-5): sign steps,
+        δ clipped to the L∞ ball of radius ``eps`` (``None``: unbounded, §3.2)."""
         inner = unwrap(model)
         atk = self._multi_attack
         if atk is None or atk.model is not inner or atk.sites != sites or atk.eps != eps:
@@ -589,43 +692,20 @@ class FeatureAugmentation(Method):
                 steps=self.opts.steps,
                 eps=eps,
                 mode=self.opts.multi_site,
-                bn_mode=self.opts.attack_bn_mode,
+                bn_mode=self.task.attack_bn_mode(self.opts.attack_bn_mode),  # type: ignore[arg-type]
+                loss_fn=self.task.attack_loss,
             )
             self._multi_attack = atk
         return atk
 
-    def separate_site_losses(
-        self, model: nn.Module, clean: TaskPass, y: Any, sites: Sequence[str]
-    ) -> tuple[list[Tensor], Tensor]:
-        """ALFA's adversarial losses site by site (Eq. 3 term by term), on the task's losses.
-
-        Each site is attacked alone with the others clean (``eps`` bounds δ, ``None``:
-        unbounded), or gets random noise (``random_noise``); then one training pass of what
-        follows each site on ``f + δ``. Returns the losses and the mean ‖δ‖₂ per sample.
-        """
-        feats = {s: self.adv_feature(clean.features[s]) for s in sites}
-        deltas = {
-            s: self.noise(feats[s])
-            if self.opts.random_noise is not None
-            else self.feature_attack(model, clean, s, feats[s], y, self.opts.alpha, self.opts.eps)
-            for s in sites
-        }
-        losses = [
-            self.adversarial_loss(model, clean, s, add_perturbation(feats[s], deltas[s]), y)
-            for s in sites
-        ]
-        sizes = [d.flatten(1).norm(dim=1).mean() for d in deltas.values()]
-        return losses, torch.stack(sizes).mean()
-
     def site_losses(
         self,
         model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        feats: dict[str, Tensor],
+        clean: TaskPass,
+        x: Any,
+        y: Any,
         sites: list[str],
         strengths: Tensor | None = None,
-        clean_logits: Tensor | None = None,
         eps: float | None = None,
     ) -> tuple[list[Tensor], Tensor]:
         """ALFA / L-ALFA adversarial losses: ``L(tail(f_i + η_i·δ_i))`` and the mean ‖δ‖₂.
@@ -633,21 +713,20 @@ class FeatureAugmentation(Method):
         ``strengths=None`` means η = 1 (ALFA Eq. 3); otherwise L-ALFA's η (Eq. 5), kept in the
         graph of the losses. With ``multi_site="separate"`` one loss per site (each site
         perturbed alone, Eq. 3/5 term by term), with ``"joint"`` one loss with all sites
-        perturbed in one pass.
+        perturbed in one pass (:func:`multi_site_outputs`, through the clean pass).
 
         Sites with η_i = 0 exactly are skipped, with the same losses and gradients as not
         skipping them: their δ_i is 0 (the attack's gradient carries the factor η_i, and
         ``sgn 0 = 0``), so ``f_i + η_i·δ_i = f_i``. In ``"joint"`` mode the pass starts at the
         earliest live site (with ``adv_grad="tail"`` at the earliest site, where the part that
         L_adv trains begins: dead sites before the first live one are kept, with δ = 0); in
-        ``"separate"`` mode the dead site's loss is the clean loss (``clean_logits``, when L_adv
-        reaches the prefix) or one tail pass from ``f_i``, with no attack. The only difference:
-        a skipped pass does not repeat the update of the tail's BN running statistics with the
-        clean batch.
+        ``"separate"`` mode the dead site's loss is the clean loss (when L_adv reaches the
+        prefix) or one tail pass from ``f_i``, with no attack. The only difference: a skipped
+        pass does not repeat the update of the tail's BN running statistics with the clean batch.
 
         ``eps``: the L∞ radius of the multi-site attack's δ (``None``: unbounded, ALFA §3.2).
         """
-        feats = {s: self.adv_feature(f) for s, f in feats.items()}
+        feats = {s: self.adv_feature(clean.features[s]) for s in sites}
         live = list(sites)
         if strengths is not None:
             values = strengths.detach().tolist()
@@ -667,28 +746,29 @@ class FeatureAugmentation(Method):
             if self.opts.random_noise is not None:
                 deltas = {s: self.noise(feats[s]) for s in live}
             else:
-                clean = {s: feats[s].detach() for s in live}
+                detached = {s: feats[s].detach() for s in live}
                 eta = None if live_eta is None else live_eta.detach()
-                deltas = atk(x, y, features=clean, strengths=eta)
+                deltas = atk(x, y, features=detached, strengths=eta, tail=clean.attack_tail)
+            atk.ordered_sites(x)  # the order of the sites in a pass, read once
             with self.adversarial_bn(model):
                 outputs = multi_site_outputs(
                     atk,
-                    x,
+                    clean,
                     deltas,
                     features={s: feats[s] for s in live},
                     strengths=live_eta,
                     prefix_grad=self.adv_reaches_prefix,
                 )
-            losses += [cross_entropy(out, y) for out in outputs]
-            sizes += [d.flatten(1).norm(dim=1).mean() for d in deltas.values()]
+            losses += [self.task.output_loss(out, y)[0] for out in outputs]
+            sizes += [perturbation_size(d) for d in deltas.values()]
         # the clean-feature losses of the skipped passes: one per dead site ("separate"), or
         # the single joint loss when every site is dead
         unperturbed = dead if self.opts.multi_site == "separate" else dead[:1] if not live else []
         for s in unperturbed:
-            if clean_logits is not None and self.adv_reaches_prefix:
-                losses.append(cross_entropy(clean_logits, y))
+            if self.adv_reaches_prefix:
+                losses.append(self.task.output_loss(clean.output, y)[0])
             else:
-                losses.append(cross_entropy(self.tail(model, s, feats[s], x), y))
+                losses.append(self.adversarial_loss(model, clean, s, feats[s], y))
         sizes += [feats[s].new_zeros(()) for s in dead]
         size = torch.stack(sizes).mean()
         return losses, size

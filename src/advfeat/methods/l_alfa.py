@@ -32,26 +32,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from advfeat.errors import AdvfeatError
-from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput, unwrap
+from advfeat.methods.base import unwrap
 from advfeat.methods.feature_aug import (
-    ADV_BN_STATS,
-    ADV_GRAD,
-    ALPHA,
-    AUTO_SITE,
-    LAM,
-    LOSS_WEIGHTING,
-    NOISE_STD,
-    RANDOM_NOISE,
-    STEPS,
+    MULTI_SITE,
     FeatureAugmentation,
-    check_sites_option,
-    project_simplex,
+    FeatureAugOptions,
     spread_blocks,
 )
 from advfeat.methods.registry import register_method
 from advfeat.options import Choice, option
+from advfeat.tasks.base import TaskPass
 
-__all__ = ["LALFA"]
+__all__ = ["LALFA", "project_simplex"]
 
 PROJECTIONS = ("simplex", "hyperplane")
 
@@ -61,6 +53,27 @@ def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     if not ok or value < 0 or (value == 0 and not allow_zero):
         need = ">= 0" if allow_zero else "> 0"
         raise AdvfeatError(f"{name} must be a number {need}, got {value!r}")
+
+
+def project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of ``v`` (last dimension) onto ``{η : η ≥ 0, 1ᵀη = 1}``.
+
+    L-ALFA projects its strengths η after every SGD step (ALFA Algorithm 1, line 5). The paper
+    finds the threshold τ of ``η = max(v − τ, 0)`` by bisection (Wang et al. 2019b); here τ is
+    computed exactly by sorting (Held et al. 1974; Duchi et al. 2008), which gives the same
+    point: the projection is unique. (The authors' released code only shifts η so that it sums
+    to one and never clips negative entries.)
+    """
+    if v.ndim == 0 or v.shape[-1] == 0:
+        raise AdvfeatError(f"cannot project a tensor of shape {tuple(v.shape)} onto a simplex")
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    cumulative = u.cumsum(dim=-1) - 1
+    ks = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    support = (u - cumulative / ks) > 0
+    # the largest k with u_k > (Σ_{j≤k} u_j − 1) / k; k = 1 always qualifies
+    rho = (support * ks).argmax(dim=-1, keepdim=True)
+    tau = cumulative.gather(-1, rho) / (rho + 1).to(v.dtype)
+    return (v - tau).clamp_min(0)
 
 
 @register_method
@@ -117,28 +130,23 @@ class LALFA(FeatureAugmentation):
     eta: nn.Parameter | None
     eta_seen: Tensor | None
 
+    tasks = ("classification",)
+    capturable_step = False  # η is projected when it changed: a per-step decision on the host
+
     @dataclass
-    class Options:
-        sites: list[str] | None = None  # None: num_sites blocks (Table 8: dim η = 9)
-        num_sites: int | None = 9  # Tables 8-9; null: every block
-        alpha: float = option(0.5 / 255, ALPHA)  # ALFA Table 2, ResNet-20s
-        steps: int = option(5, STEPS)  # ALFA Table 2: PGD-5, ε unbounded
-        lam: float = option(1.0, LAM)  # not reported; as ALFA
+    class Options(FeatureAugOptions):
+        # the shared fields' defaults are ALFA's Table 2 attack (PGD-5, α = 0.5/255, ε
+        # unbounded), λ = 1 and Eq. 5's sum and gradient path (docs/results.md §10)
+        num_sites: int | None = 9  # Tables 8-9 (sites None: dim η = 9); null: every block
         gamma: float = 1.0  # Table 10 (CIFAR-100, ResNet-56s)
         eta_init: float = 1.0  # Algorithm 1: η_0 = (1, ..., 1)
         eta_lr_scale: float = 1.0
         eta_weight_decay: float = 0.0
         eta_momentum: float | None = None  # None: the network's momentum
         # Algorithm 1, line 3: one PGD for the tuple δ
-        multi_site: str = option("joint", Choice("separate", "joint"))
-        loss_weighting: str = option("sum", LOSS_WEIGHTING)  # Eq. 5; docs/results.md §10
-        adv_grad: str = option("full", ADV_GRAD)  # Eq. 5: L_adv trains every weight
+        multi_site: str = option("joint", MULTI_SITE)
         # Alg. 1 line 5, Eq. 5: P = {1ᵀη = 1} as written; "simplex": the bisection reading
         projection: str = option("hyperplane", Choice(*PROJECTIONS))
-        random_noise: str | None = option(None, RANDOM_NOISE)
-        noise_std: float | None = option(None, NOISE_STD)
-        attack_bn_mode: str = option("train", ATTACK_BN_MODE)
-        adv_bn_stats: str = option("update", ADV_BN_STATS)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -162,12 +170,9 @@ class LALFA(FeatureAugmentation):
             raise AdvfeatError(
                 f"num_sites must be an integer >= 1 or null (every block), got {n!r}"
             )
-        self.requested_sites()
+        super().validate_options()
 
     # ------------------------------------------------------------------------------ sites
-    def requested_sites(self) -> list[str] | None:
-        return check_sites_option(AUTO_SITE, self.opts.sites)
-
     def default_sites(self, model: nn.Module) -> list[str]:
         """``num_sites`` blocks spread over the stages (:func:`spread_blocks`), or every block."""
         n = self.opts.num_sites
@@ -249,7 +254,8 @@ class LALFA(FeatureAugmentation):
         return {s: float(v) for s, v in zip(self.eta_sites, self.eta.detach(), strict=True)}
 
     # -------------------------------------------------------------------------- training
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
+    def training_sites(self, model: nn.Module) -> list[str]:
+        """The sites η is learned for, after projecting η (Algorithm 1, line 5)."""
         if self.eta is None or self.eta_sites is None:
             raise AdvfeatError(
                 "L-ALFA's strengths η depend on the model's sites and do not exist yet: call "
@@ -258,20 +264,20 @@ class LALFA(FeatureAugmentation):
             )
         self._ensure_eta(model)
         self.project_strengths_()
-        sites = self.eta_sites
-        clean = self.clean_pass(model, x, y, sites)
-        logits, loss_clean = clean.logits, clean.loss
-        losses, delta_l2 = self.site_losses(
-            model, x, y, clean.features, sites, strengths=self.eta, clean_logits=logits
-        )
-        loss, loss_adv = self.combine(loss_clean, losses)
-        # ‖η‖₁; on the simplex it equals 1ᵀη, whose gradient the projection removes (module doc)
-        loss_l1 = self.eta.sum() if self.opts.projection == "simplex" else self.eta.abs().sum()
-        loss = loss + self.opts.gamma * loss_l1
-        logs = self.detach_logs(
-            loss_clean=loss_clean, loss_adv=loss_adv, loss_l1=loss_l1, delta_l2=delta_l2
-        )
-        return MethodOutput(loss=loss, logits=logits, logs=logs)
+        return self.eta_sites
+
+    def adversarial_losses(
+        self, model: nn.Module, clean: TaskPass, x: Any, y: Any, sites: list[str]
+    ) -> tuple[list[Tensor], Tensor]:
+        """``L(tail(f_i + η_i·δ_i))`` at the current η (Eq. 5), jointly or site by site."""
+        return self.site_losses(model, clean, x, y, sites, strengths=self.eta)
+
+    def penalties(self) -> dict[str, tuple[float, Tensor]]:
+        """γ‖η‖₁ (Eq. 5); on the simplex it is computed as 1ᵀη, whose gradient the projection
+        removes (module doc)."""
+        eta: Tensor = self.eta  # type: ignore[assignment]
+        loss_l1 = eta.sum() if self.opts.projection == "simplex" else eta.abs().sum()
+        return {"loss_l1": (self.opts.gamma, loss_l1)}
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
         """Project η and report it: ``{"eta_<site>": value}`` (its trajectory, Fig. 4)."""

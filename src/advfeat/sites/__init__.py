@@ -46,7 +46,8 @@ are not run by a fast tail, which starts after the site.
 The package, one module per concern:
 
 * :mod:`~advfeat.sites.addressing` — names: :func:`resolve_site`, :func:`split_site_name`,
-  :func:`unwrap_model`, :func:`uncompiled`.
+  :func:`unwrap_model`, :func:`uncompiled`, :func:`check_disjoint_sites` (no site inside
+  another).
 * :mod:`~advfeat.sites.hooks` — :func:`capture_features`, :func:`replace_features`.
 * :mod:`~advfeat.sites.tracing` — the ``torch.fx`` tracer of sites, :func:`site_order`.
 * :mod:`~advfeat.sites.plans` — the trace cut after a site (tail plans, cached per model).
@@ -60,7 +61,13 @@ The package, one module per concern:
 
 from __future__ import annotations
 
-from advfeat.sites.addressing import resolve_site, split_site_name, uncompiled, unwrap_model
+from advfeat.sites.addressing import (
+    check_disjoint_sites,
+    resolve_site,
+    split_site_name,
+    uncompiled,
+    unwrap_model,
+)
 from advfeat.sites.blocks import (
     block_stacks,
     declared_sites,
@@ -79,6 +86,7 @@ __all__ = [
     "SiteSplit",
     "block_stacks",
     "capture_features",
+    "check_disjoint_sites",
     "declared_sites",
     "frontier_capture",
     "last_stage",

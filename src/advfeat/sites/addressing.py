@@ -15,6 +15,7 @@ from advfeat.errors import AdvfeatError, unknown_name
 
 __all__ = [
     "ModelInput",
+    "check_disjoint_sites",
     "resolve_site",
     "split_site_name",
     "uncompiled",
@@ -82,6 +83,25 @@ def resolve_site(model: nn.Module, name: str) -> nn.Module:
     except AttributeError:
         names = [n for n, _ in inner.named_modules() if n]
         raise unknown_name("feature site", name, names) from None
+
+
+def check_disjoint_sites(model: nn.Module, names: list[str]) -> list[str]:
+    """Check that ``names`` name distinct sites of ``model`` none of which lies inside another
+    (a perturbation of ``layer3`` would overwrite the one of ``layer3.1``); returns the names
+    relative to the unwrapped model. Unknown names list close matches (:func:`resolve_site`)."""
+    relative = [split_site_name(model, name)[1] for name in names]
+    for name in names:
+        resolve_site(model, name)
+    if len(set(relative)) != len(relative):
+        raise AdvfeatError(f"sites must be distinct, got {list(names)}")
+    for outer in relative:
+        for inner in relative:
+            if inner.startswith(outer + "."):
+                raise AdvfeatError(
+                    f"site {inner!r} lies inside site {outer!r}; perturb modules that do not "
+                    f"contain each other"
+                )
+    return relative
 
 
 def _as_args(x: ModelInput) -> tuple[Any, ...]:

@@ -140,9 +140,25 @@ class TaskPass(ABC):
         gradient (``adv_grad="full"``) or are constants (``"tail"``).
         """
 
+    def joint_tail(
+        self, site: str, feature: Tensor, later: Replacements, *, prefix_grad: bool
+    ) -> Any:
+        """:meth:`tail` from ``site`` with the later sites of ``later`` replaced inside it (one
+        pass through several perturbed sites, ALFA Eq. 5): models that map images to outputs."""
+        raise AdvfeatError(
+            f"{type(self).__name__} runs what follows one site at a time; a pass through "
+            f"several perturbed sites needs a model that maps images to outputs"
+        )
+
     def tail_fn(self, site: str) -> Callable[[Tensor], Any]:
         """``feature -> output``: :meth:`tail` for an attack (no gradient to the prefix)."""
         return lambda feature: self.tail(site, feature, prefix_grad=False)
+
+    def attack_tail(self, site: str, feature: Tensor, later: Replacements) -> Any:
+        """:meth:`joint_tail` for a multi-site attack (no gradient to the prefix)."""
+        if not later:
+            return self.tail(site, feature, prefix_grad=False)
+        return self.joint_tail(site, feature, later, prefix_grad=False)
 
 
 class Task(ABC):
@@ -296,7 +312,6 @@ class ForwardPass(TaskPass):
     def __init__(
         self, task: Task, model: nn.Module, x: Any, y: Any, sites: Sequence[str], *, replay: bool
     ) -> None:
-        model = uncompiled(model)  # the captures below are hooks
         model = uncompiled(model)  # the captures and replacements below are hooks
         self.task, self.model, self.x, self.y = task, model, x, y
         self.inner = unwrap_model(model)
@@ -310,10 +325,15 @@ class ForwardPass(TaskPass):
         self.logits = task.logits(self.output)
 
     def tail(self, site: str, feature: Tensor, *, prefix_grad: bool) -> Any:
+        return self.joint_tail(site, feature, {}, prefix_grad=prefix_grad)
+
+    def joint_tail(
+        self, site: str, feature: Tensor, later: Replacements, *, prefix_grad: bool
+    ) -> Any:
         split = SiteSplit(self.inner, site, prefix_grad=prefix_grad)
         ctx = self.rng.replay() if self.rng is not None else nullcontext()
         with ctx:
-            return split.tail(feature, x=self.x)
+            return split.tail(feature, later, x=self.x)
 
 
 class HookPass(TaskPass):

@@ -2,7 +2,7 @@
 
 Every run gets a :class:`~advfeat.tasks.Task` (classification, detection, segmentation), a model
 (:func:`advfeat.models.build_model`, or a detector / segmenter from :mod:`advfeat.tasks.models`)
-and the method built for that task (:func:`advfeat.methods.dense.build_task_method`: the methods
+and the method built for that task (:func:`advfeat.methods.registry.build_task_method`: the methods
 whose ``tasks`` include it — ``standard``, ``alfa``, ``afan`` for detection and segmentation).
 """
 
@@ -19,7 +19,7 @@ from advfeat.data import DatasetBundle, build_dataset
 from advfeat.data.bundle import check_dataset
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods import Method, PrepareContext
-from advfeat.methods.dense import build_task_method, task_methods
+from advfeat.methods.registry import build_task_method, task_methods
 from advfeat.models import build_model
 from advfeat.tasks import (
     DETECTORS,
