@@ -128,18 +128,18 @@ def test_site_option_and_dense_refusal_of_joint_sites(detection: Any) -> None:
 
 
 def test_task_defaults_and_classification_defaults() -> None:
-    """Dense defaults are A-FAN §5's setting and the measured convex combination; the user's
-    options win; classification keeps its own defaults."""
+    """Dense defaults are A-FAN §5's setting with the papers' sum (docs/results.md §16); the
+    user's options win; classification keeps its own defaults."""
     det = DetectionTask(3)
     afan = build_task_method("afan", det)
     assert (afan.opts.alpha, afan.opts.k, afan.opts.eps) == (0.3 / 255, 5, None)
-    assert (afan.opts.loss_weighting, afan.opts.adv_bn_stats) == ("mean", "frozen")
-    assert build_task_method("alfa", det).opts.loss_weighting == "mean"
-    assert build_task_method("alfa", det, loss_weighting="sum").opts.loss_weighting == "sum"
+    assert (afan.opts.loss_weighting, afan.opts.adv_bn_stats) == ("sum", "frozen")
+    assert build_task_method("alfa", det).opts.loss_weighting == "sum"
+    assert build_task_method("alfa", det, loss_weighting="mean").opts.loss_weighting == "mean"
     cls = build_method("afan")
     assert (cls.opts.alpha, cls.opts.k, cls.opts.eps) == (1.0 / 255, 3, 8 / 255)
     alfa = build_method("alfa")
     assert cls.opts.adv_bn_stats == "update" and alfa.opts.adv_bn_stats == "update"
-    # classification: the papers' sum (docs/results.md §10); dense: the convex combination
+    # classification: the papers' sum too (docs/results.md §10)
     assert alfa.opts.loss_weighting == "sum" and cls.opts.loss_weighting == "sum"
     assert build_method("l-alfa").opts.loss_weighting == "sum"

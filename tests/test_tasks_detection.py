@@ -97,7 +97,9 @@ def test_dense_tail_only_reading_gives_the_backbone_no_adversarial_gradient(det_
     task, images, targets, mean, std = det_data
     model = tiny_detector(task.num_classes, mean, std).train()
     site = "roi_heads.box_head"
-    afan = build_task_method("afan", task, k=2, sites=[site], adv_grad="tail", lam=1.0)
+    afan = build_task_method(
+        "afan", task, k=2, sites=[site], adv_grad="tail", lam=1.0, loss_weighting="mean"
+    )
     torch.manual_seed(1)
     out = afan(model, images, targets)
     model.zero_grad()

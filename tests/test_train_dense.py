@@ -104,9 +104,9 @@ def test_train_writes_dense_metrics(
         assert "train_acc" not in row
         for key in METRICS[setup["dataset"]]:
             assert 0.0 <= row[f"test_{key}"] <= 1.0
-        if method == "afan":  # default "mean": (L_clean + Σ L_adv) / (1 + 2 sites × k = 2)
+        if method == "afan":  # default: Eq. 7's sum, L_clean + λ·Σ L_adv (2 sites × k = 2)
             assert row["loss_adv"] > 0 and row["delta_l2"] > 0
-            total = (row["loss_clean"] + row["loss_adv"]) / 5
+            total = row["loss_clean"] + row["loss_adv"]
             assert row["train_loss"] == pytest.approx(total, rel=1e-4)
     # the last epoch's test metrics are those of the final model
     primary = "ap50" if setup["dataset"] == "shapes-det" else "miou"

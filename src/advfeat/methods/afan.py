@@ -50,12 +50,10 @@ class AFAN(FeatureAugmentation):
     PGD-1 with step α = 1.0/255 and k = 3 strengths from [0, α], "superior performance" —, with
     S1.1's exact rescaling of one attack to the k strengths, and λ = 1 of Eq. 7. §4's Table 2
     setting (PGD-5, α = 0.5/255, k separate attacks, as S1.1 says the rescaling is not exact for
-    multi-step PGD) is the ``afan-resnet{20,56}-cifar{10,100}`` presets. The loss weighting is
-    chosen by measurement (``docs/results.md``): Eq. 7's sum, whose gradient is (1 + k) = 4 times
-    standard training's at λ = 1, collapsed on the ``shapes`` protocol (clean accuracy 85.9 % and
-    12.8 % for seeds 0 and 1, standard 98.4 % and 99.1 %), so the default is the convex
-    combination ``(L_clean + Σ L_adv)/(1 + k)`` of the authors' released code; the gradient path is
-    Eq. 7's (``adv_grad="full"``)):
+    multi-step PGD) is the ``afan-resnet{20,56}-cifar{10,100}`` presets. The loss is Eq. 7's sum
+    ``L_clean + λ·Σ L_adv`` and the gradient path Eq. 7's (``adv_grad="full"``), for every task:
+    the released code's convex combination is offered, and was not ahead of the sum at the papers'
+    learning rates (``docs/results.md`` §10, §13 and, for detection, §16)):
 
     * ``site`` / ``sites``: as ALFA ("the last block", §4 and §7); each site gets its own k
       augmented features, all losses are summed.
@@ -70,11 +68,10 @@ class AFAN(FeatureAugmentation):
       always runs k attacks.
     * ``loss_weighting``, ``adv_grad``: as ALFA (``"sum"`` / ``"mean"``: Eq. 7 as written or
       the convex combination of the released code; ``"full"`` / ``"tail"``: whether L_adv
-      reaches the layers before the site). Classification default: Eq. 7's sum; at the papers'
-      learning rate per batch size the mean was +5.30 [−10.21, +20.81] clean over it
-      (``docs/results.md`` §10, 3 fresh seeds), no evidence against the paper's reading.
-      Detection and segmentation keep the mean: the sum diverged there (§3), not re-measured
-      at a matched learning rate.
+      reaches the layers before the site). Default: Eq. 7's sum for every task (the mean is
+      the sum at a (1 + λk)× smaller learning rate; ``docs/results.md`` §10 and §16 compare
+      them at the papers' rates). A dense run should use its paper's rate (the
+      ``afan-fasterrcnn-*`` and ``afan-deeplab-*`` presets): at 6× it the sum diverged (§3).
     * ``afn``: ``False`` is the "AFA" row of Table S10 (augmentation only, no normalization).
     * ``afn_stats``: ``"channel"`` (Eq. 6: per-channel batch statistics, "calculated in the
       routine of batch normalization") or ``"positional"`` (statistics over the channels at each
@@ -89,7 +86,7 @@ class AFAN(FeatureAugmentation):
     * Tasks: the same class trains Faster R-CNN and DeepLabV3/V3+ (``task=``, A-FAN §5-6) on
       the task's losses, with the task's default sites ("the last layer of backbone and ROI
       networks" / "... and the decoder") and :attr:`task_defaults` (§5's α = 0.3/255, k = 5,
-      unbounded ε, the convex combination, clean-only running statistics).
+      unbounded ε, clean-only running statistics).
     * ``attack_bn_mode``, ``adv_bn_stats``: see :class:`FeatureAugmentation`. The k adversarial
       tail passes are separate forward passes: batching them into one pass of k·B samples would
       change the batch statistics of every BN layer in the tail (one joint batch instead of k),
@@ -100,16 +97,9 @@ class AFAN(FeatureAugmentation):
     paper = "Chen et al. 2021, Adversarial Feature Augmentation and Normalization (A-FAN)"
     task_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         # §5, Faster R-CNN on VOC2007: PGD-1, k = 5 strengths from [0, α], α = 0.3/255,
-        # unbounded; the released code's convex combination ("sum" diverged on detection,
-        # docs/results.md); clean-only running statistics. Segmentation (§6) uses k = 3 and
-        # other α: see the afan-deeplab-* presets.
-        task: {
-            "alpha": 0.3 / 255,
-            "k": 5,
-            "eps": None,
-            "loss_weighting": "mean",
-            "adv_bn_stats": "frozen",
-        }
+        # unbounded; Eq. 7's sum (docs/results.md §16); clean-only running statistics.
+        # Segmentation (§6) uses k = 3 and other α: see the afan-deeplab-* presets.
+        task: {"alpha": 0.3 / 255, "k": 5, "eps": None, "adv_bn_stats": "frozen"}
         for task in ("detection", "segmentation")
     }
 

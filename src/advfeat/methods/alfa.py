@@ -55,13 +55,11 @@ class ALFA(FeatureAugmentation):
       ``"mean"`` (the convex combination of the authors' released code, ``(L_clean + L_adv)/2``
       for one site); see :func:`advfeat.methods.feature_aug.combine_losses`. The mean is the
       sum at a (1 + λn)× smaller learning rate, so the two were compared at the papers' rate per
-      batch size (``docs/results.md`` §10, 3 fresh seeds): the released code's mean with the
-      tail-only path −11.60 [−25.40, +2.20] and the mean with the full path −0.00 [−4.33, +4.33]
-      clean against Eq. 3; neither is ahead, so Eq. 3 is the default.
+      batch size: neither the released code's mean nor the mean with the full path is ahead of
+      Eq. 3, which is the default (``docs/results.md`` §10, confirmed on fresh seeds in §13).
     * ``adv_grad``: ``"full"`` (Eq. 3: L_adv reaches the layers before the site through ``f``)
       or ``"tail"`` (the released code detaches ``f``: L_adv trains only the layers after it).
-      Chosen by measurement (``docs/results.md`` §3, A-FAN on ``shapes``, 3 seeds): ``tail``
-      was behind ``full`` on every seed, under both loss scales.
+      ``full`` is the default; ``docs/results.md`` §3 measures the two.
     * ``random_noise``: ``"gaussian"`` or ``"uniform"`` replaces the attack by random noise of
       standard deviation ``noise_std`` (default α), the "Random Noise" row of Table 7
       (``N(0, (1/255)²)`` next to α = 1/255).
@@ -71,7 +69,8 @@ class ALFA(FeatureAugmentation):
     Tasks: the same class trains detectors and segmenters (``task=DetectionTask(...)``): the
     losses are the task's (:class:`advfeat.tasks.Task`), the default sites the task's (A-FAN
     §5-6: the last backbone stage and the ROI box head / decoder), and ``adv_bn_stats``
-    defaults to ``"frozen"`` and ``loss_weighting`` to ``"mean"`` there (:attr:`task_defaults`).
+    defaults to ``"frozen"`` there (:attr:`task_defaults`); the loss is Eq. 3's sum there too
+    (``docs/results.md`` §16: at the paper's detection rate the sum trains).
     ``multi_site="joint"`` is classification only.
     """
 
@@ -79,9 +78,9 @@ class ALFA(FeatureAugmentation):
     paper = "Qin et al., ALFA: Adversarial Feature Augmentation for Enhanced Image Recognition"
     task_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         # ALFA reports no dense setting; clean-only running statistics (the adversarial passes
-        # re-run the clean batch before the site when a model cannot be cut there); the convex
-        # combination, as dense A-FAN (its sum diverged on detection, docs/results.md §3)
-        task: {"adv_bn_stats": "frozen", "loss_weighting": "mean"}
+        # re-run the clean batch before the site when a model cannot be cut there); Eq. 3's
+        # sum, as dense A-FAN (docs/results.md §16)
+        task: {"adv_bn_stats": "frozen"}
         for task in ("detection", "segmentation")
     }
 

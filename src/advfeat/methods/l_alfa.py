@@ -105,8 +105,8 @@ class LALFA(FeatureAugmentation):
       δ = (δ¹…δʳ), one adversarial pass with all sites perturbed) or ``"separate"`` (Eq. 5 term
       by term: r attacks and r adversarial tail passes, r times the cost).
     * ``loss_weighting``, ``adv_grad``: as ALFA (default ``"sum"``, Eq. 5 as written: at the
-      papers' learning rate per batch size the convex combination was −6.07 [−19.61, +7.48]
-      clean against it, ``docs/results.md`` §10, so no reading is ahead of the paper's). Sites
+      papers' learning rate per batch size the convex combination is not ahead of it,
+      ``docs/results.md`` §10 and §13). Sites
       whose η is exactly 0 are skipped with the same loss and gradients
       (:meth:`FeatureAugmentation.site_losses`).
     * ``projection``: ``"hyperplane"`` (default: onto {1ᵀη = 1}, Eq. 5's P as written; η may
