@@ -70,7 +70,8 @@ _RUN_KEYS = {
 
 
 def build_data(cfg: TrainConfig, **extra: Any) -> DatasetBundle:
-    return build_dataset(cfg.dataset, cfg.data_dir, **_dataset_arguments(cfg, extra))
+    arguments = _dataset_arguments(cfg, extra)
+    return build_dataset(cfg.dataset, cfg.data_dir, **arguments)
 
 
 def _dataset_arguments(cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +99,8 @@ def check_config(cfg: TrainConfig, *, check_device: bool = True) -> None:
 
     cfg.validate()
     device = resolve_device(cfg.device) if check_device else None
-    check_dataset(cfg.dataset, cfg.data_dir, **_dataset_arguments(cfg, {}))
+    arguments = _dataset_arguments(cfg, {})
+    check_dataset(cfg.dataset, cfg.data_dir, **arguments)
     dense = cfg.model in DETECTORS or cfg.model in SEGMENTERS
     task: Task = ClassificationTask()
     if dense:
