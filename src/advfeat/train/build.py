@@ -70,8 +70,7 @@ _RUN_KEYS = {
 
 
 def build_data(cfg: TrainConfig, **extra: Any) -> DatasetBundle:
-    arguments = _dataset_arguments(cfg, extra)
-    return build_dataset(cfg.dataset, cfg.data_dir, **arguments)
+    return build_dataset(cfg.dataset, cfg.data_dir, **_dataset_arguments(cfg, extra))
 
 
 def _dataset_arguments(cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
@@ -99,8 +98,7 @@ def check_config(cfg: TrainConfig, *, check_device: bool = True) -> None:
 
     cfg.validate()
     device = resolve_device(cfg.device) if check_device else None
-    arguments = _dataset_arguments(cfg, {})
-    check_dataset(cfg.dataset, cfg.data_dir, **arguments)
+    check_dataset(cfg.dataset, cfg.data_dir, **_dataset_arguments(cfg, {}))
     dense = cfg.model in DETECTORS or cfg.model in SEGMENTERS
     task: Task = ClassificationTask()
     if dense:

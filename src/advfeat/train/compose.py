@@ -90,10 +90,9 @@ class ConfigSources:
         quiet: bool = False,
     ) -> ConfigSources:
         """Read preset ``preset``, the YAML ``file`` and the ``KEY=VALUE`` texts ``overrides``."""
-        keys = load_yaml(file) if file else None
         return cls(
             preset=load_preset(preset) if preset else None,
-            file=keys,
+            file=load_yaml(file) if file else None,
             flags=dict(flags or {}),
             overrides=dict(parse_override(o) for o in overrides),
             recipe=recipe,
@@ -175,9 +174,9 @@ def _recipe_schedule(
     from advfeat.methods import METHODS
 
     owner = method if name == "paper" else name
-    recipe = method_recipe(owner, model)
     if owner not in METHODS:
         raise unknown_name("--recipe method", owner, METHODS.names())
+    recipe = method_recipe(owner, model)
     if not recipe:
         having = [m for m in METHODS.names() if METHODS.get(m).training_recipe]
         raise AdvfeatError(
