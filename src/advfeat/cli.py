@@ -52,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from advfeat.plugins import import_user_modules, split_import_flags
 
-    parser = build_parser()
     try:  # --import MODULE (anywhere): the user's registered models, datasets, methods
         modules, rest = split_import_flags(sys.argv[1:] if argv is None else argv)
         import_user_modules(modules)
     except AdvfeatError as err:
         print(f"advfeat: error: {err}", file=sys.stderr)
         return 2
+    parser = build_parser()  # after the imports: the help lists the user's datasets too
     args = parser.parse_args(rest)
     if args.version:
         from advfeat.version import __version__

@@ -5,17 +5,37 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from advfeat.checkpoint import atomic_write_json, atomic_write_text
-from advfeat.commands.protocol import add_protocol_arguments, config_from_args
+from advfeat.commands.protocol import add_protocol_arguments, sources_from_args
 from advfeat.compare import Arm, PlannedRun, aggregate, collect, markdown, parse_arm, plot, run_all
 from advfeat.errors import AdvfeatError
 from advfeat.launchers import LAUNCHERS, make_launcher
-from advfeat.train.build import check_config
+from advfeat.train.compose import ConfigSources, compose_comparison
 
-__all__ = ["add_parser", "parse", "plan", "run"]
+__all__ = ["Comparison", "add_parser", "method_arms", "place", "plan", "run", "run_comparison"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What ``advfeat compare`` is asked: its arms × seeds on the protocol ``sources`` describe,
+    into ``out``, and how its runs are started (``advfeat train``'s default run is one too)."""
+
+    arms: list[Arm]
+    seeds: list[int]
+    sources: ConfigSources
+    out: Path
+    baseline: str | None = None
+    jobs: int | None = None
+    threads: int = 1
+    launcher: str = "process"
+    slurm: tuple[str, ...] = ()
+    runs_from: tuple[str, ...] = ()
+    report_only: bool = False
 
 
 def add_parser(sub: Any) -> None:
@@ -33,14 +53,6 @@ def add_parser(sub: Any) -> None:
     )
     _add_arguments(p)
     p.set_defaults(handler=run)
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    """The namespace of ``advfeat compare ARGV`` (what the default run of ``advfeat train``
-    hands :func:`run`)."""
-    parser = argparse.ArgumentParser(prog="advfeat compare")
-    _add_arguments(parser)
-    return parser.parse_args(argv)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,10 +110,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def method_arms(methods: Sequence[str]) -> list[Arm]:
+    """One arm per method, labelled with its name."""
+    return [Arm(m.strip(), {"method": m.strip()}) for m in methods if m.strip()]
+
+
 def _arms(args: argparse.Namespace) -> list[Arm]:
-    arms = [
-        Arm(m.strip(), {"method": m.strip()}) for m in (args.methods or "").split(",") if m.strip()
-    ]
+    arms = method_arms((args.methods or "").split(","))
     arms += [parse_arm(text) for text in args.arms]
     if not arms:
         raise AdvfeatError("give the arms: --methods standard,afan and/or --arm 'LABEL: key=value'")
@@ -131,51 +146,67 @@ def _run_folder(name: str, own: Path, sources: list[Path]) -> Path:
     return found[0] if found else own / name
 
 
+def comparison_from_args(args: argparse.Namespace) -> Comparison:
+    """The :class:`Comparison` that ``advfeat compare``'s flags ask for."""
+    return Comparison(
+        arms=_arms(args),
+        seeds=list(args.seeds),
+        sources=sources_from_args(args),
+        out=Path(args.out),
+        baseline=args.baseline,
+        jobs=args.jobs,
+        threads=args.threads,
+        launcher=args.launcher,
+        slurm=tuple(args.slurm),
+        runs_from=tuple(args.runs_from),
+        report_only=args.report_only,
+    )
+
+
 def plan(args: argparse.Namespace) -> tuple[list[Arm], list[PlannedRun]]:
     """Validate every run's configuration (before anything is written) and place it."""
-    arms = _arms(args)
-    if getattr(args, "recipe", None) == "paper" and len(arms) > 1:
-        raise AdvfeatError(
-            "--recipe paper would train each arm under its own method's schedule; a comparison "
-            "trains every arm under one: name the method whose recipe they share (--recipe afan)"
+    return place(comparison_from_args(args))
+
+
+def place(comparison: Comparison) -> tuple[list[Arm], list[PlannedRun]]:
+    """Every run of ``comparison``, its configuration validated and checked as the run checks it
+    at its start (before anything is written), in its folder."""
+    c = comparison
+    if c.threads < 1 or (c.jobs is not None and c.jobs < 1):
+        raise AdvfeatError(f"--jobs and --threads must be >= 1, got {c.jobs}, {c.threads}")
+    sources = [_runs_folder(Path(d)) for d in c.runs_from]
+    trains_here = not c.report_only and c.launcher != "slurm"  # SLURM jobs have their own devices
+    names = [f"{arm.label}-s{seed}" for seed in c.seeds for arm in c.arms]
+    folders = {name: _run_folder(name, c.out / "runs", sources) for name in names}
+    configs = compose_comparison(c.sources, c.arms, c.seeds, check_device=trains_here)
+    runs = [
+        PlannedRun(
+            arm=label,
+            seed=seed,
+            config=cfg,
+            folder=folders[f"{label}-s{seed}"],
+            config_file=c.out / "configs" / f"{label}-s{seed}.yaml",
+            log_file=c.out / "logs" / f"{label}-s{seed}.log",
         )
-    if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        raise AdvfeatError(f"--seeds must be distinct integers >= 0, got {args.seeds}")
-    if args.threads < 1 or (args.jobs is not None and args.jobs < 1):
-        raise AdvfeatError(f"--jobs and --threads must be >= 1, got {args.jobs}, {args.threads}")
-    out = Path(args.out)
-    sources = [_runs_folder(Path(d)) for d in args.runs_from]
-    runs = []
-    trains_here = not args.report_only and getattr(args, "launcher", "process") != "slurm"
-    for arm in arms:  # what every run checks at its start, before any run starts
-        for seed in args.seeds:
-            cfg = config_from_args(args, extra={**arm.for_seed(seed), "seed": seed})
-            check_config(cfg, check_device=trains_here)  # SLURM jobs have their own devices
-    for seed in args.seeds:
-        for arm in arms:
-            extra = {**arm.for_seed(seed), "seed": seed, "progress": False}
-            cfg = config_from_args(args, extra=extra)
-            name = f"{arm.label}-s{seed}"
-            runs.append(
-                PlannedRun(
-                    arm=arm.label,
-                    seed=seed,
-                    config=cfg,
-                    folder=_run_folder(name, out / "runs", sources),
-                    config_file=out / "configs" / f"{name}.yaml",
-                    log_file=out / "logs" / f"{name}.log",
-                )
-            )
-    return arms, runs
+        for (label, seed), cfg in configs.items()
+    ]
+    return c.arms, runs
 
 
 def run(args: argparse.Namespace) -> int:
-    arms, runs = plan(args)
+    return run_comparison(comparison_from_args(args))
+
+
+def run_comparison(comparison: Comparison) -> int:
+    """Train (or, ``report_only``, only tabulate) every run of ``comparison`` and write its
+    tables: OUT/compare.json, OUT/compare.md, OUT/compare.png. Returns 1 when a run failed."""
+    c = comparison
+    arms, runs = place(c)
     labels = [a.label for a in arms]
-    baseline = args.baseline or labels[0]
+    baseline = c.baseline or labels[0]
     if baseline not in labels:
         raise AdvfeatError(f"--baseline {baseline!r} is not an arm ({', '.join(labels)})")
-    out = Path(args.out)
+    out = c.out
     failed = []
     borrowed = [r for r in runs if r.folder.parent != out / "runs"]
     if borrowed:
@@ -184,15 +215,15 @@ def run(args: argparse.Namespace) -> int:
             f"({', '.join(sorted({str(r.folder.parent.parent) for r in borrowed}))})",
             file=sys.stderr,
         )
-    if args.report_only:
+    if c.report_only:
         for r in runs:
             r.check_folder()
     else:
-        launcher = make_launcher(args.launcher, args.slurm, out / "submitit", threads=args.threads)
-        jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
-        if args.launcher == "slurm":
-            jobs = args.jobs or len(runs)  # the scheduler decides
-        results = run_all(runs, jobs=jobs, threads=args.threads, launcher=launcher)
+        launcher = make_launcher(c.launcher, list(c.slurm), out / "submitit", threads=c.threads)
+        jobs = c.jobs or max(1, (os.cpu_count() or 1) // c.threads)
+        if c.launcher == "slurm":
+            jobs = c.jobs or len(runs)  # the scheduler decides
+        results = run_all(runs, jobs=jobs, threads=c.threads, launcher=launcher)
         failed = [r for r in results if r.returncode != 0]
     summary = aggregate(collect(runs), labels, baseline)
     summary["protocol"] = {
@@ -201,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         if k not in ("method", "method_options", "seed", "progress")
     }
     summary["arm_overrides"] = {a.label: a.overrides for a in arms}
-    summary["seeds"] = list(args.seeds)
+    summary["seeds"] = list(c.seeds)
     summary["command"] = (
         "advfeat " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
     )

@@ -37,6 +37,7 @@ __all__ = [
     "check_dataset",
     "check_positive_int",
     "detection_collate",
+    "fetches_into",
     "split_indices",
     "train_val_views",
 ]
@@ -144,6 +145,20 @@ def check_dataset(
         )
         arguments.apply_defaults()
         DATASET_CHECKS.get(name)(**arguments.arguments)
+
+
+def fetches_into(name: str, root: str | Path) -> bool:
+    """Whether dataset ``name`` downloads its files into ``root`` (a folder that need not exist):
+    its own check refuses ``root`` as it stands and accepts it with ``download=True``."""
+    try:
+        check_dataset(name, root, download=True)
+    except AdvfeatError:
+        return False
+    try:
+        check_dataset(name, root)
+    except AdvfeatError:
+        return True
+    return False
 
 
 def _check_options(name: str, factory: DatasetFactory, kw: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import yaml
 
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.options import Choice, Each, Flag, Integer, Number, check_options, option
+from advfeat.train.loggers import InstalledLoggers
 
 __all__ = ["SCHEDULES", "TrainConfig", "apply_overrides", "load_yaml", "parse_override"]
 
@@ -83,7 +84,7 @@ class TrainConfig:
     """Keep an exponential moving average of the weights (e.g. 0.999); it is evaluated and saved."""
     deterministic: bool = option(False, Flag())
     """Deterministic kernels only (an op without one raises), cuDNN autotuning off."""
-    loggers: list[str] = field(default_factory=list)
+    loggers: list[str] = field(default_factory=list, metadata={"check": InstalledLoggers()})
     """Besides history.csv: ``tensorboard`` and / or ``wandb`` (optional extras)."""
     sync_bn: bool = option(False, Flag())
     """Under DDP: batch statistics over all processes (every BN branch a SyncBatchNorm)."""
@@ -105,7 +106,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`AdvfeatError` on values no run could use."""
-        check_options("", self)  # every field declared with its constraint
+        check_options("", self)  # every field declared with its constraint (loggers: installed)
         if self.select_best and self.val_fraction == 0:
             raise AdvfeatError("select_best needs a validation split: set val_fraction (e.g. 0.1)")
         if not 0 <= self.warmup_epochs < self.epochs:
@@ -114,9 +115,6 @@ class TrainConfig:
             )
         if len(self.adam_betas) != 2:
             raise AdvfeatError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
-        from advfeat.train.loggers import check_loggers
-
-        check_loggers(self.loggers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,6 +16,7 @@ from advfeat.errors import AdvfeatError, unknown_name
 __all__ = [
     "LOGGERS",
     "EpochLogger",
+    "InstalledLoggers",
     "Loggers",
     "TensorBoardLogger",
     "WandbLogger",
@@ -95,6 +96,15 @@ def check_loggers(names: object) -> None:
             raise AdvfeatError(
                 f"the {name} logger needs an optional package: pip install 'advfeat[{name}]'"
             )
+
+
+class InstalledLoggers:
+    """The check of the ``loggers`` option (:func:`check_loggers`), declared on
+    :class:`~advfeat.train.config.TrainConfig`'s field."""
+
+    def __call__(self, owner: str, name: str, value: Any) -> Any:
+        check_loggers(value)
+        return value
 
 
 class Loggers:
