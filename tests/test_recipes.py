@@ -19,9 +19,9 @@ from advfeat.attacks import FGSM
 from advfeat.cli import main
 from advfeat.data import build_dataset
 from advfeat.errors import AdvfeatError
-from advfeat.eval import EvalConfig, evaluate, suite_names
+from advfeat.eval import evaluate, suite_names
 from advfeat.eval.context import EvalContext
-from advfeat.eval.suites import SUITES, register_suite
+from advfeat.eval.suites import SUITES, chosen_suites, register_suite
 from advfeat.methods import METHODS, Method, MethodOutput, build_method, register_method
 from advfeat.norm import (
     can_have_branches,
@@ -122,7 +122,7 @@ def test_recipe_new_suite_is_one_registration(margin_suite: str, tmp_path: Path)
     assert suite_names().index(margin_suite) < suite_names().index("corruptions")
     assert margin_suite not in suite_names("detection")
     with pytest.raises(AdvfeatError, match="does not apply to detection"):
-        EvalConfig.for_task("detection", suites=[margin_suite])
+        chosen_suites([margin_suite], "detection")
     bundle = build_dataset("shapes", n_train=16, n_test=8, image_size=16)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, bundle.num_classes))
     out = tmp_path / "eval.json"

@@ -77,15 +77,16 @@ def check_eps(value: Any, name: str = "eps") -> float:
     return float(EPS("", name, value))
 
 
-def _names(values: Any, kind: str, known: tuple[str, ...]) -> tuple[str, ...]:
+def _names(values: Any, kind: str, known: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """A list of names (or ``"a,b"``) without repeats; each among ``known`` when given."""
     if isinstance(values, str):
         values = [v.strip() for v in values.split(",") if v.strip()]
     if not isinstance(values, (list, tuple)):
         raise AdvfeatError(f"{kind}s must be a list of names, got {values!r}")
     out: list[str] = []
     for v in values:
-        if not isinstance(v, str) or v not in known:
-            raise unknown_name(kind, str(v), known)
+        if not isinstance(v, str) or (known is not None and v not in known):
+            raise unknown_name(kind, str(v), known or ())
         if v not in out:
             out.append(v)
     return tuple(out)
@@ -99,6 +100,8 @@ class EvalConfig:
     """
 
     suites: tuple[str, ...] = DEFAULT_SUITES
+    """The suites to run, in run order (chosen and checked once, by
+    :func:`advfeat.eval.suites.chosen_suites`, which the runner calls)."""
     task: str = "classification"
     """``classification``, ``detection`` or ``segmentation``: which suites and attacks apply."""
     batch_size: int = option(256, Integer(low=1))
@@ -190,24 +193,12 @@ class EvalConfig:
         """Check every value; raise :class:`AdvfeatError` naming the bad one. Returns ``self``."""
         if self.task not in TASK_NAMES:
             raise unknown_name("evaluation task", str(self.task), TASK_NAMES)
-        from advfeat.eval.suites import suite_names  # the registered suites, in run order
-
-        every = suite_names()
-        self.suites = _names(self.suites, "suite", every)
-        if not self.suites:
-            raise AdvfeatError(f"choose at least one suite ({', '.join(every)})")
-        self.suites = tuple(s for s in every if s in self.suites)
+        self.suites = _names(self.suites, "suite")
         self.attacks = _names(self.attacks, "attack", ATTACK_NAMES)
         if self.task != "classification":
             self._check_dense()
         self.corruptions = _names(self.corruptions, "corruption", CORRUPTION_NAMES)
-        from advfeat.eval.suites import SUITES
-
-        self.bn_suites = _names(
-            self.bn_suites,
-            "suite under each BN branch",
-            tuple(name for name in every if SUITES.get(name).per_branch),
-        )
+        self.bn_suites = _names(self.bn_suites, "suite under each BN branch")
         check_options("", self, write=True)  # every field declared with option(...)
         if self.corruption_set != "generated" and not self.corruption_dir:
             raise AdvfeatError(
@@ -262,20 +253,15 @@ class EvalConfig:
             self.landscape_reference = str(self.landscape_reference)
 
     def _check_dense(self) -> None:
-        """Detection / segmentation: only the suites and attacks that measure AP or mIoU."""
-        from advfeat.eval.suites import suite_names
-
-        for kind, chosen, allowed in (
-            ("suite", self.suites, suite_names(self.task)),
-            ("attack", self.attacks, DENSE_ATTACK_NAMES),
-        ):
-            wrong = [n for n in chosen if n not in allowed]
-            if wrong:
-                raise AdvfeatError(
-                    f"{kind} {', '.join(map(repr, wrong))} does not apply to {self.task} models "
-                    f"(they report AP / mIoU, not class accuracy); {self.task} {kind}s: "
-                    f"{', '.join(allowed)}"
-                )
+        """Detection / segmentation: only the attacks that measure AP or mIoU (the suites are
+        checked by :func:`advfeat.eval.suites.chosen_suites`)."""
+        wrong = [n for n in self.attacks if n not in DENSE_ATTACK_NAMES]
+        if wrong:
+            raise AdvfeatError(
+                f"attack {', '.join(map(repr, wrong))} does not apply to {self.task} models "
+                f"(they report AP / mIoU, not class accuracy); {self.task} attacks: "
+                f"{', '.join(DENSE_ATTACK_NAMES)}"
+            )
 
     @classmethod
     def for_task(cls, task: str, **options: Any) -> EvalConfig:

@@ -10,6 +10,8 @@ file.
 from advfeat.eval.suites.registry import (
     SUITES,
     Suite,
+    chosen_suites,
+    ordered_suites,
     register_suite,
     skipped,
     suite_names,
@@ -18,4 +20,12 @@ from advfeat.registry import import_submodules
 
 import_submodules(__name__, __path__, skip=("registry",))
 
-__all__ = ["SUITES", "Suite", "register_suite", "skipped", "suite_names"]
+__all__ = [
+    "SUITES",
+    "Suite",
+    "chosen_suites",
+    "ordered_suites",
+    "register_suite",
+    "skipped",
+    "suite_names",
+]

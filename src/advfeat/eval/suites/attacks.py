@@ -39,7 +39,6 @@ from torch.utils.data import Dataset
 
 from advfeat.attacks.base import attack_guard
 from advfeat.attacks.pixel import CWL2, FGSM, PGD
-from advfeat.errors import AdvfeatError
 from advfeat.eval.adaptive import adaptive_loss, find_fusion, fusion_weight_tap, per_sample_w0
 from advfeat.eval.autoattack import (
     MISSING_HINT,
@@ -290,13 +289,12 @@ def _dense(ctx: EvalContext, task: DenseTask) -> dict[str, Any]:
     return {"eps": cfg.eps, "pgd": pgd}
 
 
-def ready(config: EvalConfig) -> None:
-    """AutoAttack needs an AutoAttack package (an optional extra)."""
-    if "autoattack" in config.attacks and autoattack_backend() is None:
-        raise AdvfeatError(
-            "AutoAttack was asked for, but no AutoAttack package is installed: pip install "
-            "'advfeat[autoattack]' (torchattacks) or the authors' autoattack package"
-        )
+def ready(config: EvalConfig) -> list[str]:
+    """AutoAttack (standard or ``autoattack-fast``) needs an AutoAttack package (an optional
+    extra)."""
+    if {"autoattack", "autoattack-fast"} & set(config.attacks) and autoattack_backend() is None:
+        return [f"AutoAttack was asked for, but {MISSING_HINT}"]
+    return []
 
 
 def report(att: dict[str, Any], task: str) -> list[str]:

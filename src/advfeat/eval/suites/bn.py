@@ -9,22 +9,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from advfeat.errors import unknown_name
 from advfeat.eval.analysis_plots import plot_branches
 from advfeat.eval.config import EvalConfig
 from advfeat.eval.context import EvalContext
 from advfeat.eval.report import md_table, pct
-from advfeat.eval.suites.registry import SUITES, register_suite, skipped
+from advfeat.eval.suites.registry import SUITES, ordered_suites, register_suite, skipped
 from advfeat.norm import BranchModel, branch_names, has_branches
 
 __all__ = ["BranchModel", "run"]
 
 
-def ready(config: EvalConfig) -> None:
-    """The suites run under each branch must be ready themselves."""
+def ready(config: EvalConfig) -> list[str]:
+    """The suites run under each branch are ones that may (``per_branch``), and are ready
+    themselves."""
+    branchable = tuple(s.name for s in ordered_suites() if s.per_branch)
+    missing: list[str] = []
     for name in config.bn_suites:
+        if name not in branchable:
+            raise unknown_name("suite under each BN branch", name, branchable)
         check = SUITES.get(name).ready
-        if check is not None:
-            check(config)
+        missing += check(config) if check is not None else []
+    return missing
 
 
 @register_suite(

@@ -12,6 +12,7 @@ baseline the unnormalised mean corruption error is reported.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -19,22 +20,25 @@ from torch.utils.data import Dataset
 
 from advfeat.data.corruptions_released import released_corruption
 from advfeat.errors import AdvfeatError
+from advfeat.eval.config import EvalConfig
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.corruption import (
     ALEXNET_ERRORS,
     IMAGENET_ONLY,
+    MISSING_IMAGECORRUPTIONS,
     corrupt_batch,
     corrupted_size,
     corruption_errors,
     require_imagecorruptions,
     severity_scale,
 )
+from advfeat.eval.corruption_cifar import has_cifar_severities
 from advfeat.eval.plots import plot_corruptions
 from advfeat.eval.report import md_table, pct
 from advfeat.eval.robust import correct
 from advfeat.eval.suites.registry import register_suite
 
-__all__ = ["corruption_table", "run"]
+__all__ = ["corruption_table", "needs_imagecorruptions", "ready", "run"]
 
 
 def _scale(ctx: EvalContext, height: int, width: int) -> str:
@@ -132,6 +136,23 @@ def _baseline(ctx: EvalContext) -> dict[str, Any] | None:
     return corruption_table(ctx.child(base, "baseline"))
 
 
+def needs_imagecorruptions(config: EvalConfig) -> bool:
+    """Generated corruptions use the ``imagecorruptions`` package, except at CIFAR scale for the
+    types whose CIFAR-10-C severities advfeat implements itself."""
+    if config.corruption_set != "generated":
+        return False
+    if config.corruption_scale == "cifar":
+        return not all(has_cifar_severities(c) for c in config.corruptions)
+    return True  # ImageNet-C severities (or ``auto`` on images that may be larger than 32 px)
+
+
+def ready(config: EvalConfig) -> list[str]:
+    """Generated corruptions may need the optional package ``imagecorruptions``."""
+    if needs_imagecorruptions(config) and importlib.util.find_spec("imagecorruptions") is None:
+        return [MISSING_IMAGECORRUPTIONS]
+    return []
+
+
 @register_suite(
     "corruptions",
     "15 common corruptions × 5 severities (generated or released), mCE",
@@ -140,9 +161,7 @@ def _baseline(ctx: EvalContext) -> dict[str, Any] | None:
     report=lambda result, _task: _corruptions(result),
     plots={"corruptions": plot_corruptions},
     per_branch=True,
-    ready=lambda config: (
-        require_imagecorruptions() if config.corruption_set == "generated" else None
-    ),
+    ready=ready,
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     result = corruption_table(ctx)

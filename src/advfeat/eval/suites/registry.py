@@ -14,21 +14,23 @@ file in ``advfeat/eval/suites/`` (the package imports every module of its folder
   work, and :meth:`Suite.run` refuses them too);
 * ``title`` and ``report(result, task) -> lines`` make its section of the Markdown report
   (a skipped result shows its reason under the title);
-* ``per_branch`` lets the ``bn`` suite run it under every BN branch; ``ready(config)`` raises
-  before any work when an optional package it needs is missing;
+* ``per_branch`` lets the ``bn`` suite run it under every BN branch; ``ready(config)`` returns
+  one line per optional package it needs for ``config`` that is missing (the runner stops on
+  them before any work; :func:`advfeat.eval.preflight.missing_packages` gathers them);
 * ``plots`` maps a file stem (``<out>_plots/<stem>.png``) to ``plot(results, path)``, which
   returns ``None`` when the results hold nothing to draw.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from advfeat.errors import AdvfeatError
+from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.eval.config import TASK_NAMES
+from advfeat.eval.plots import PlotFn
+from advfeat.eval.report import ReportFn
 from advfeat.registry import Registry
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ __all__ = [
     "ReportFn",
     "Suite",
     "SuiteFn",
+    "chosen_suites",
+    "ordered_suites",
     "register_suite",
     "skipped",
     "suite_names",
@@ -50,11 +54,8 @@ __all__ = [
 ]
 
 SuiteFn = Callable[["EvalContext"], dict[str, Any]]
-ReadyFn = Callable[["EvalConfig"], None]
-ReportFn = Callable[[dict[str, Any], str], list[str]]
-"""``(suite result, task) -> Markdown lines`` of the suite's report section."""
-PlotFn = Callable[[dict[str, Any], Path], "Path | None"]
-"""``(all results, png path) -> the path written, or None (nothing to draw)``."""
+ReadyFn = Callable[["EvalConfig"], list[str]]
+"""``config -> one line per missing optional package`` (empty: ready)."""
 
 ALL_TASKS: tuple[str, ...] = TASK_NAMES
 """The kinds of model an evaluation knows (a suite that applies to all of them)."""
@@ -85,7 +86,7 @@ class Suite:
     per_branch: bool = False
     """May run again under every BN branch (the ``bn`` suite's ``bn_suites``)."""
     ready: ReadyFn | None = None
-    """Raise before any work when an optional piece it needs for ``config`` is missing."""
+    """One line per optional package it needs for ``config`` that is missing (none: ready)."""
 
     def applies_to(self, task: str) -> bool:
         return task in self.tasks
@@ -139,10 +140,40 @@ def register_suite(
     return deco
 
 
-def suite_names(task: str | None = None) -> tuple[str, ...]:
+def ordered_suites(task: str | None = None) -> tuple[Suite, ...]:
     """Every registered suite (or those that apply to ``task``), in the order they run."""
     ordered = sorted((SUITES.get(n) for n in SUITES), key=lambda s: (s.order, s.name))
-    return tuple(s.name for s in ordered if task is None or s.applies_to(task))
+    return tuple(s for s in ordered if task is None or s.applies_to(task))
+
+
+def suite_names(task: str | None = None) -> tuple[str, ...]:
+    """The names of :func:`ordered_suites`."""
+    return tuple(s.name for s in ordered_suites(task))
+
+
+def chosen_suites(names: Iterable[str] | str, task: str) -> tuple[str, ...]:
+    """The one check of a choice of suites: ``names`` (a list, or ``"clean,attacks"``; ``all`` is
+    every suite that applies to ``task``) in run order; an unknown name lists close matches, and
+    a suite that does not apply to ``task`` models is refused."""
+    chosen = [s.strip() for s in names.split(",")] if isinstance(names, str) else list(names)
+    chosen = [s for s in chosen if s]
+    if "all" in chosen:
+        return suite_names(task)
+    every = suite_names()
+    for name in chosen:
+        if not isinstance(name, str) or name not in every:
+            raise unknown_name("suite", str(name), every)
+    if not chosen:
+        raise AdvfeatError(f"choose at least one suite ({', '.join(every)})")
+    wrong = [n for n in chosen if not SUITES.get(n).applies_to(task)]
+    if wrong and task == "classification":
+        raise AdvfeatError(SUITES.get(wrong[0]).refusal(task))
+    if wrong:
+        raise AdvfeatError(
+            f"suite {', '.join(map(repr, wrong))} does not apply to {task} models (they report "
+            f"AP / mIoU, not class accuracy); {task} suites: {', '.join(suite_names(task))}"
+        )
+    return tuple(n for n in every if n in chosen)
 
 
 def skipped(reason: str) -> dict[str, Any]:
