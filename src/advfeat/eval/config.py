@@ -143,12 +143,6 @@ class EvalConfig:
     bn_suites: tuple[str, ...] = ("clean", "attacks", "shift")
     # divergence (AdvBN Eq. 4-5)
     divergence_layers: tuple[str, ...] | None = None
-    # hessian (A-FAN Tab. 1)
-    hessian_batches: int = option(2, Integer(low=1))
-    hessian_batch_size: int = option(64, Integer(low=1))
-    hessian_iters: int = option(20, Integer(low=1))
-    hessian_tol: float = option(1e-3, POSITIVE)
-    hutchinson_samples: int = option(20, Integer(low=1))
     # features (A-FAN Fig. S6)
     feature_site: str | None = None
     feature_alpha: float = option(0.01, POSITIVE)
@@ -186,6 +180,10 @@ class EvalConfig:
     advbn_batch_size: int = option(32, Integer(low=1))
     advbn_show_images: int = option(6, Integer(low=1))
     advbn_show_eps: tuple[float, ...] = (0.3, 0.6, 1.1)
+    suite_options: dict[str, Any] = field(default_factory=dict)
+    """Each suite's own settings, ``{suite: its Options}`` (declared by the suite, checked and
+    completed with defaults by :func:`advfeat.eval.suites.suite_options`, which the runner
+    calls); written into the results and part of the fingerprint."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the results (e.g. the surrogate's path)."""
 

@@ -51,7 +51,7 @@ from advfeat.eval.loading import DenseEvalData, eval_data, load_run
 from advfeat.eval.plots import load_history, plot_all
 from advfeat.eval.preflight import announce, missing_packages
 from advfeat.eval.report import markdown_report
-from advfeat.eval.suites import SUITES, chosen_suites, ordered_suites
+from advfeat.eval.suites import SUITES, chosen_suites, ordered_suites, split_options, suite_options
 from advfeat.eval.trajectories import eta_trajectories
 from advfeat.tasks import DenseTask
 
@@ -267,11 +267,13 @@ def evaluate(
     kind = _task_name(data)
     _check_dense_extras(kind, surrogate=surrogate, baseline=baseline, domains=domains)
     names = chosen_suites(suites, kind)
+    shared, per_suite = split_options(options)
     cfg = (
-        EvalConfig.for_task(kind, suites=names, **options)
+        EvalConfig.for_task(kind, suites=names, **shared)
         if config is None
         else config.replace(suites=names, task=kind)
     )
+    cfg.suite_options = suite_options({**cfg.suite_options, **per_suite})
     data = _add_domains(data, domains)
     _check_ready(cfg, plots=plots and out is not None)
     surrogate_model, surrogate_label = _load_surrogate(surrogate, dev)

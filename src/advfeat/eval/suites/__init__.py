@@ -11,10 +11,13 @@ from advfeat.eval.suites.registry import (
     SUITES,
     Suite,
     chosen_suites,
+    options_of,
     ordered_suites,
     register_suite,
     skipped,
+    split_options,
     suite_names,
+    suite_options,
 )
 from advfeat.registry import import_submodules
 
@@ -24,8 +27,11 @@ __all__ = [
     "SUITES",
     "Suite",
     "chosen_suites",
+    "options_of",
     "ordered_suites",
     "register_suite",
     "skipped",
+    "split_options",
     "suite_names",
+    "suite_options",
 ]

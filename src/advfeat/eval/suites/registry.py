@@ -17,12 +17,19 @@ file in ``advfeat/eval/suites/`` (the package imports every module of its folder
 * ``per_branch`` lets the ``bn`` suite run it under every BN branch; ``ready(config)`` returns
   one line per optional package it needs for ``config`` that is missing (the runner stops on
   them before any work; :func:`advfeat.eval.preflight.missing_packages` gathers them);
+* ``options`` is the suite's own settings, a dataclass whose fields are declared with
+  :func:`advfeat.options.option` (checked generically, like a method's ``Options``; a
+  ``validate(self)`` method adds the rules that tie two of them together); they are set with
+  ``--set NAME.KEY=VALUE``, the keyword ``NAME={"KEY": VALUE}`` (a config section) or a flat
+  alias the suite lists in ``aliases`` (``hessian_iters``), written into the results and
+  covered by ``--resume``'s fingerprint; the suite reads them with :func:`options_of`;
 * ``plots`` maps a file stem (``<out>_plots/<stem>.png``) to ``plot(results, path)``, which
   returns ``None`` when the results hold nothing to draw.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +38,7 @@ from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.eval.config import TASK_NAMES
 from advfeat.eval.plots import PlotFn
 from advfeat.eval.report import ReportFn
+from advfeat.options import check_options
 from advfeat.registry import Registry
 
 if TYPE_CHECKING:
@@ -46,10 +54,13 @@ __all__ = [
     "Suite",
     "SuiteFn",
     "chosen_suites",
+    "options_of",
     "ordered_suites",
     "register_suite",
     "skipped",
+    "split_options",
     "suite_names",
+    "suite_options",
     "task_of",
 ]
 
@@ -87,6 +98,10 @@ class Suite:
     """May run again under every BN branch (the ``bn`` suite's ``bn_suites``)."""
     ready: ReadyFn | None = None
     """One line per optional package it needs for ``config`` that is missing (none: ready)."""
+    options: type[Any] | None = None
+    """Its settings (a dataclass declared with :func:`advfeat.options.option`), or None."""
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    """Flat keyword -> option name (``hessian_iters`` -> ``iters``): older spellings kept."""
 
     def applies_to(self, task: str) -> bool:
         return task in self.tasks
@@ -123,6 +138,8 @@ def register_suite(
     plots: Mapping[str, PlotFn] | None = None,
     per_branch: bool = False,
     ready: ReadyFn | None = None,
+    options: type[Any] | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> Callable[[SuiteFn], SuiteFn]:
     """Function decorator: register ``run(ctx)`` as suite ``name`` (see the module docstring)."""
     unknown = [t for t in tasks if t not in ALL_TASKS]
@@ -132,7 +149,7 @@ def register_suite(
     def deco(fn: SuiteFn) -> SuiteFn:
         suite = Suite(
             name, description, fn, order, tuple(tasks), title, report, report_skipped,
-            dict(plots or {}), per_branch, ready,
+            dict(plots or {}), per_branch, ready, options, dict(aliases or {}),
         )  # fmt: skip
         SUITES.add(name, suite)
         return fn
@@ -174,6 +191,69 @@ def chosen_suites(names: Iterable[str] | str, task: str) -> tuple[str, ...]:
             f"AP / mIoU, not class accuracy); {task} suites: {', '.join(suite_names(task))}"
         )
     return tuple(n for n in every if n in chosen)
+
+
+def split_options(
+    options: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Keyword options -> ``(shared, {suite: {key: value}})``: ``NAME.KEY`` keys, ``NAME``
+    sections (a mapping) and each suite's flat ``aliases`` go to the suite; the rest are the
+    :class:`~advfeat.eval.config.EvalConfig` options every suite shares."""
+    with_options = {s.name: s for s in ordered_suites() if s.options is not None}
+    alias = {flat: (s.name, key) for s in with_options.values() for flat, key in s.aliases.items()}
+    shared: dict[str, Any] = {}
+    per_suite: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        head, dot, rest = key.partition(".")
+        if dot:
+            if head not in with_options:
+                raise unknown_name("suite with options", head, tuple(with_options))
+            per_suite.setdefault(head, {})[rest] = value
+        elif key in with_options and isinstance(value, Mapping):
+            per_suite.setdefault(key, {}).update(value)
+        elif key in alias:
+            name, option = alias[key]
+            per_suite.setdefault(name, {})[option] = value
+        else:
+            shared[key] = value
+    return shared, per_suite
+
+
+def _build(suite: Suite, given: Any) -> Any:
+    assert suite.options is not None
+    if isinstance(given, suite.options):
+        opts = dataclasses.replace(given)
+    elif isinstance(given, Mapping):
+        known = tuple(f.name for f in dataclasses.fields(suite.options))
+        for key in given:
+            if key not in known:
+                raise unknown_name(f"{suite.name} option", str(key), known)
+        opts = suite.options(**given)
+    else:
+        raise AdvfeatError(
+            f"the options of suite {suite.name!r} are KEY: VALUE pairs "
+            f"(--set {suite.name}.KEY=VALUE), got {given!r}"
+        )
+    check_options(suite.name, opts, write=True)
+    validate = getattr(opts, "validate", None)
+    if callable(validate):
+        validate()
+    return opts
+
+
+def suite_options(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every registered suite's options (``{suite: Options}``), from ``given`` (``{suite:
+    {key: value} or Options}``; the rest take their defaults), each checked generically."""
+    with_options = {s.name: s for s in ordered_suites() if s.options is not None}
+    for name in given:
+        if name not in with_options:
+            raise unknown_name("suite with options", str(name), tuple(with_options))
+    return {name: _build(s, given.get(name, {})) for name, s in with_options.items()}
+
+
+def options_of(config: EvalConfig, name: str) -> Any:
+    """The options of suite ``name`` in ``config`` (checked; defaults when not given)."""
+    return _build(SUITES.get(name), config.suite_options.get(name, {}))
 
 
 def skipped(reason: str) -> dict[str, Any]:
