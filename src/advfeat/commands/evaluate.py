@@ -123,8 +123,8 @@ def add_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any evaluation option, e.g. --set feature_site=layer2; a suite's own option as "
-        "SUITE.KEY=VALUE, e.g. --set hessian.iters=50",
+        help="any evaluation option, e.g. --set max_images=100; a suite's own option as "
+        "SUITE.KEY=VALUE, e.g. --set features.site=layer2",
     )
     p.add_argument(
         "--resume",

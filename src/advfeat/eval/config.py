@@ -26,6 +26,7 @@ __all__ = [
     "TASK_NAMES",
     "EvalConfig",
     "check_eps",
+    "names_of",
 ]
 
 DEFAULT_SUITES: tuple[str, ...] = ("clean", "attacks")
@@ -77,7 +78,7 @@ def check_eps(value: Any, name: str = "eps") -> float:
     return float(EPS("", name, value))
 
 
-def _names(values: Any, kind: str, known: tuple[str, ...] | None = None) -> tuple[str, ...]:
+def names_of(values: Any, kind: str, known: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """A list of names (or ``"a,b"``) without repeats; each among ``known`` when given."""
     if isinstance(values, str):
         values = [v.strip() for v in values.split(",") if v.strip()]
@@ -139,16 +140,6 @@ class EvalConfig:
     corruption_scale: str = option("auto", Choice("auto", "cifar", "imagenet"))
     """Severity parameters of generated corruptions: ``cifar`` (CIFAR-10-C's, where implemented),
     ``imagenet`` (ImageNet-C's), ``auto`` (``cifar`` for test images of at most 32 px)."""
-    # bn: which suites run under every BN branch
-    bn_suites: tuple[str, ...] = ("clean", "attacks", "shift")
-    # divergence (AdvBN Eq. 4-5)
-    divergence_layers: tuple[str, ...] | None = None
-    # features (A-FAN Fig. S6)
-    feature_site: str | None = None
-    feature_alpha: float = option(0.01, POSITIVE)
-    feature_steps: int = option(1, Integer(low=1))
-    feature_images: int = option(4, Integer(low=1))
-    feature_magnify: float = option(20.0, POSITIVE)
     # landscape (A-FAN Fig. 3; Li et al. 2018)
     landscape_data: str = option("train", Choice("train", "test"))
     """``train`` (the training loss, as Li et al. and A-FAN plot it) or ``test``."""
@@ -165,21 +156,6 @@ class EvalConfig:
     landscape_reference: str | None = None
     """Another model's landscape, side by side: an eval JSON with a landscape suite or a
     checkpoint."""
-    # advbn: decoder and "-AdvBN" test set (AdvBN §3, App. B)
-    advbn_site: str | None = None
-    """Encoder = the model up to this site (default: the first stage, as ``features``)."""
-    advbn_dir: str | None = None
-    """Where the decoder and the image folders go (default: ``<out stem>_advbn``)."""
-    advbn_train_images: int | None = option(2048, Integer(low=1, optional=True))
-    advbn_decoder_epochs: int = option(10, Integer(low=1))
-    advbn_decoder_batch_size: int = option(64, Integer(low=1))
-    advbn_decoder_lr: float = option(1e-3, POSITIVE)
-    advbn_eps: float = option(1.1, Number(low=0))
-    advbn_alpha: float = option(0.2, POSITIVE)
-    advbn_steps: int = option(6, Integer(low=0))
-    advbn_batch_size: int = option(32, Integer(low=1))
-    advbn_show_images: int = option(6, Integer(low=1))
-    advbn_show_eps: tuple[float, ...] = (0.3, 0.6, 1.1)
     suite_options: dict[str, Any] = field(default_factory=dict)
     """Each suite's own settings, ``{suite: its Options}`` (declared by the suite, checked and
     completed with defaults by :func:`advfeat.eval.suites.suite_options`, which the runner
@@ -191,12 +167,11 @@ class EvalConfig:
         """Check every value; raise :class:`AdvfeatError` naming the bad one. Returns ``self``."""
         if self.task not in TASK_NAMES:
             raise unknown_name("evaluation task", str(self.task), TASK_NAMES)
-        self.suites = _names(self.suites, "suite")
-        self.attacks = _names(self.attacks, "attack", ATTACK_NAMES)
+        self.suites = names_of(self.suites, "suite")
+        self.attacks = names_of(self.attacks, "attack", ATTACK_NAMES)
         if self.task != "classification":
             self._check_dense()
-        self.corruptions = _names(self.corruptions, "corruption", CORRUPTION_NAMES)
-        self.bn_suites = _names(self.bn_suites, "suite under each BN branch")
+        self.corruptions = names_of(self.corruptions, "corruption", CORRUPTION_NAMES)
         check_options("", self, write=True)  # every field declared with option(...)
         if self.corruption_set != "generated" and not self.corruption_dir:
             raise AdvfeatError(
@@ -225,16 +200,8 @@ class EvalConfig:
         if not sev:
             raise AdvfeatError("choose at least one corruption severity (1 to 5)")
         self.severities = tuple(sorted(set(sev)))
-        if self.divergence_layers is not None:
-            self.divergence_layers = tuple(str(n) for n in self.divergence_layers)
         self._check_landscape()
-        self._check_advbn()
         return self
-
-    def _check_advbn(self) -> None:
-        if isinstance(self.advbn_show_eps, (int, float)):
-            self.advbn_show_eps = (float(self.advbn_show_eps),)
-        self.advbn_show_eps = Each(Number(low=0))("", "advbn_show_eps", self.advbn_show_eps)
 
     def _check_landscape(self) -> None:
         if self.landscape_points % 2 == 0 or (
