@@ -16,7 +16,7 @@ from typing import Any
 
 from advfeat.data.corruptions_released import BENCHMARK_CORRUPTIONS
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.options import Choice, Each, Flag, Integer, Number, Text, check_options, option
+from advfeat.options import Choice, Each, Integer, Number, Text, check_options, option
 
 __all__ = [
     "ATTACK_NAMES",
@@ -140,22 +140,6 @@ class EvalConfig:
     corruption_scale: str = option("auto", Choice("auto", "cifar", "imagenet"))
     """Severity parameters of generated corruptions: ``cifar`` (CIFAR-10-C's, where implemented),
     ``imagenet`` (ImageNet-C's), ``auto`` (``cifar`` for test images of at most 32 px)."""
-    # landscape (A-FAN Fig. 3; Li et al. 2018)
-    landscape_data: str = option("train", Choice("train", "test"))
-    """``train`` (the training loss, as Li et al. and A-FAN plot it) or ``test``."""
-    landscape_batches: int = option(2, Integer(low=1))
-    landscape_batch_size: int = option(128, Integer(low=1))
-    landscape_range: float = option(1.0, POSITIVE)
-    """α (and β) run over [−range, range] in units of the filter-normalised direction."""
-    landscape_points: int = option(21, Integer(low=3))
-    """Points of the 1-D curve (odd: α = 0 is one of them)."""
-    landscape_points_2d: int = option(11, Integer(low=0))
-    """Points per axis of the 2-D surface (0: no 2-D surface)."""
-    landscape_ignore_biasbn: bool = option(True, Flag())
-    """Keep biases and BN weights at their trained values (Li et al.'s ``ignore='biasbn'``)."""
-    landscape_reference: str | None = None
-    """Another model's landscape, side by side: an eval JSON with a landscape suite or a
-    checkpoint."""
     suite_options: dict[str, Any] = field(default_factory=dict)
     """Each suite's own settings, ``{suite: its Options}`` (declared by the suite, checked and
     completed with defaults by :func:`advfeat.eval.suites.suite_options`, which the runner
@@ -200,22 +184,7 @@ class EvalConfig:
         if not sev:
             raise AdvfeatError("choose at least one corruption severity (1 to 5)")
         self.severities = tuple(sorted(set(sev)))
-        self._check_landscape()
         return self
-
-    def _check_landscape(self) -> None:
-        if self.landscape_points % 2 == 0 or (
-            self.landscape_points_2d % 2 == 0 and self.landscape_points_2d
-        ):
-            raise AdvfeatError(
-                "landscape_points and landscape_points_2d must be odd (so that α = 0, the trained "
-                f"weights, is on the grid), got {self.landscape_points} and "
-                f"{self.landscape_points_2d}"
-            )
-        if self.landscape_points_2d == 1:
-            raise AdvfeatError("landscape_points_2d must be 0 (no 2-D surface) or at least 3")
-        if self.landscape_reference is not None:
-            self.landscape_reference = str(self.landscape_reference)
 
     def _check_dense(self) -> None:
         """Detection / segmentation: only the attacks that measure AP or mIoU (the suites are
