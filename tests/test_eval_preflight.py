@@ -57,7 +57,8 @@ def test_preflight_lists_every_missing_package(monkeypatch: pytest.MonkeyPatch) 
     missing = missing_packages(cfg, plots=True)
     assert len(missing) == 3
     cifar_only = EvalConfig(
-        suites=("corruptions",), corruptions=("gaussian_noise",), corruption_scale="cifar"
+        suites=("corruptions",),
+        suite_options={"corruptions": {"types": ("gaussian_noise",), "scale": "cifar"}},
     )
     assert missing_packages(cifar_only, plots=False) == []  # CIFAR severities need no package
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from advfeat.data.corruptions_released import BENCHMARK_CORRUPTIONS
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.options import Choice, Each, Integer, Number, Text, check_options, option
+from advfeat.options import Choice, Each, Integer, Number, check_options, option
 
 __all__ = [
     "ATTACK_NAMES",
@@ -127,19 +126,6 @@ class EvalConfig:
     autoattack_version: str = option("standard", Choice("standard", "plus", "rand"))
     adaptive_weights: tuple[tuple[float, float], ...] = ADAPTIVE_WEIGHTS
     adaptive_bce_target: float = 0.0
-    # corruptions (Hendrycks & Dietterich 2019)
-    corruptions: tuple[str, ...] = CORRUPTION_NAMES
-    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    corruption_max_images: int | None = option(None, Integer(low=1, optional=True))
-    corruption_set: str = option(
-        "generated", Choice("generated", "cifar10-c", "cifar100-c", "imagenet-c")
-    )
-    """``generated`` (on the fly), or the released ``cifar10-c`` / ``cifar100-c`` / ``imagenet-c``
-    files under ``corruption_dir``."""
-    corruption_dir: str | None = option(None, Text(optional=True))
-    corruption_scale: str = option("auto", Choice("auto", "cifar", "imagenet"))
-    """Severity parameters of generated corruptions: ``cifar`` (CIFAR-10-C's, where implemented),
-    ``imagenet`` (ImageNet-C's), ``auto`` (``cifar`` for test images of at most 32 px)."""
     suite_options: dict[str, Any] = field(default_factory=dict)
     """Each suite's own settings, ``{suite: its Options}`` (declared by the suite, checked and
     completed with defaults by :func:`advfeat.eval.suites.suite_options`, which the runner
@@ -155,13 +141,7 @@ class EvalConfig:
         self.attacks = names_of(self.attacks, "attack", ATTACK_NAMES)
         if self.task != "classification":
             self._check_dense()
-        self.corruptions = names_of(self.corruptions, "corruption", CORRUPTION_NAMES)
         check_options("", self, write=True)  # every field declared with option(...)
-        if self.corruption_set != "generated" and not self.corruption_dir:
-            raise AdvfeatError(
-                f"corruption_set={self.corruption_set} reads the released files: also give "
-                "--set corruption_dir=PATH"
-            )
         curve = tuple(check_eps(e, "ε-curve value") for e in self.eps_curve)
         if not curve:
             raise AdvfeatError("eps_curve needs at least one value, e.g. 0,1,2,4,8 (/255)")
@@ -176,14 +156,6 @@ class EvalConfig:
                 f"adaptive_bce_target is the W_0 label of the BCE term, 0 or 1, got "
                 f"{self.adaptive_bce_target!r}"
             )
-        sev: list[int] = []
-        for s in self.severities:
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 1 <= s <= 5:
-                raise AdvfeatError(f"corruption severities are integers 1 to 5, got {s!r}")
-            sev.append(int(s))
-        if not sev:
-            raise AdvfeatError("choose at least one corruption severity (1 to 5)")
-        self.severities = tuple(sorted(set(sev)))
         return self
 
     def _check_dense(self) -> None:
