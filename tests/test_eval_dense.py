@@ -81,7 +81,7 @@ def test_cli_evaluates_a_dense_run_like_the_trainer(kind: str, request: Any) -> 
         assert pgd[key] <= suites["clean"][key] + 1e-9
         assert pgd["drop"][key] == pytest.approx(suites["clean"][key] - pgd[key])
     eps, alpha = (8 / 255, 1 / 255) if kind == "segmentation" else (2 / 255, 0.3 / 255)
-    cfg = res["config"]
+    cfg = res["config"]["suite_options"]["attacks"]
     assert (cfg["eps"], cfg["pgd_alpha"], cfg["pgd_steps"]) == pytest.approx((eps, alpha, 10))
     primary = "miou" if kind == "segmentation" else "ap50"
     domains = suites["shift"]["domains"]

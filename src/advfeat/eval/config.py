@@ -15,7 +15,7 @@ from typing import Any
 
 from advfeat.data.corruptions_released import BENCHMARK_CORRUPTIONS
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.options import Choice, Each, Integer, Number, check_options, option
+from advfeat.options import Integer, Number, check_options, option
 
 __all__ = [
     "ATTACK_NAMES",
@@ -96,7 +96,7 @@ def names_of(values: Any, kind: str, known: tuple[str, ...] | None = None) -> tu
 class EvalConfig:
     """Settings of one evaluation (defaults: the papers' CIFAR protocol).
 
-    Budgets are on images in [0, 1]: ``eps=8/255`` is the usual 8 pixel levels.
+    Only what every suite shares; each suite's own settings are in ``suite_options``.
     """
 
     suites: tuple[str, ...] = DEFAULT_SUITES
@@ -108,24 +108,6 @@ class EvalConfig:
     max_images: int | None = option(None, Integer(low=1, optional=True))
     """Evaluate a seeded random subset of this many test images (``None``: all)."""
     seed: int = option(0, Integer())
-    # attacks (AFA Tab. 1 and 3; Madry et al.)
-    attacks: tuple[str, ...] = ("pgd", "fgsm", "cw", "curve")
-    eps: float = option(8 / 255, EPS)
-    pgd_steps: int = option(20, Integer(low=1))
-    pgd_alpha: float = option(2 / 255, EPS)
-    eps_curve: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
-    curve_alpha_ratio: float = option(0.25, POSITIVE)
-    """Step size of the ε-curve's PGD as a fraction of ε (0.25: 2/255 at ε = 8/255)."""
-    cw_steps: int = option(100, Integer(low=1))
-    cw_c: float = option(1.0, POSITIVE)
-    cw_lr: float = option(0.01, POSITIVE)
-    cw_search_steps: int = option(1, Integer(low=1))
-    """Rounds of Carlini & Wagner's binary search over c (1: the fixed ``cw_c``, no search)."""
-    cw_l2_budgets: tuple[float, ...] = option((0.25, 0.5, 1.0), Each(POSITIVE, min_len=1))
-    """L2 budgets at which the C&W suite reports accuracy (samples not fooled within the budget)."""
-    autoattack_version: str = option("standard", Choice("standard", "plus", "rand"))
-    adaptive_weights: tuple[tuple[float, float], ...] = ADAPTIVE_WEIGHTS
-    adaptive_bce_target: float = 0.0
     suite_options: dict[str, Any] = field(default_factory=dict)
     """Each suite's own settings, ``{suite: its Options}`` (declared by the suite, checked and
     completed with defaults by :func:`advfeat.eval.suites.suite_options`, which the runner
@@ -138,45 +120,16 @@ class EvalConfig:
         if self.task not in TASK_NAMES:
             raise unknown_name("evaluation task", str(self.task), TASK_NAMES)
         self.suites = names_of(self.suites, "suite")
-        self.attacks = names_of(self.attacks, "attack", ATTACK_NAMES)
-        if self.task != "classification":
-            self._check_dense()
         check_options("", self, write=True)  # every field declared with option(...)
-        curve = tuple(check_eps(e, "ε-curve value") for e in self.eps_curve)
-        if not curve:
-            raise AdvfeatError("eps_curve needs at least one value, e.g. 0,1,2,4,8 (/255)")
-        self.eps_curve = tuple(sorted(set(curve)))
-        self.cw_l2_budgets = tuple(sorted(set(self.cw_l2_budgets)))
-        self.adaptive_weights = tuple(
-            (POSITIVE("", "CE weight", a), POSITIVE("", "BCE weight", b))
-            for a, b in self.adaptive_weights
-        )
-        if float(self.adaptive_bce_target) not in (0.0, 1.0):
-            raise AdvfeatError(
-                f"adaptive_bce_target is the W_0 label of the BCE term, 0 or 1, got "
-                f"{self.adaptive_bce_target!r}"
-            )
         return self
-
-    def _check_dense(self) -> None:
-        """Detection / segmentation: only the attacks that measure AP or mIoU (the suites are
-        checked by :func:`advfeat.eval.suites.chosen_suites`)."""
-        wrong = [n for n in self.attacks if n not in DENSE_ATTACK_NAMES]
-        if wrong:
-            raise AdvfeatError(
-                f"attack {', '.join(map(repr, wrong))} does not apply to {self.task} models "
-                f"(they report AP / mIoU, not class accuracy); {self.task} attacks: "
-                f"{', '.join(DENSE_ATTACK_NAMES)}"
-            )
 
     @classmethod
     def for_task(cls, task: str, **options: Any) -> EvalConfig:
         """A validated config for ``task`` whose unset options take the task's protocol.
 
-        Classification keeps the field defaults (CIFAR protocol). Detection and segmentation
-        default to A-FAN's robustness protocol (§5-6): PGD-10 with ε = 2/255, α = 0.3/255
-        (detection) or ε = 8/255, α = 1/255 (segmentation), no random start; only the ``pgd``
-        attack; batch size :data:`DENSE_BATCH_SIZE`. Options given here win (``eps=4/255``).
+        Classification keeps the field defaults (CIFAR protocol); detection and segmentation
+        default to batch size :data:`DENSE_BATCH_SIZE` (their attacks follow A-FAN's PGD-10,
+        :meth:`advfeat.eval.suites.attacks.AttackOptions.defaults`). Options given here win.
         """
         if task not in TASK_NAMES:
             raise unknown_name("evaluation task", str(task), TASK_NAMES)
@@ -184,17 +137,7 @@ class EvalConfig:
         if given != task:
             raise AdvfeatError(f"this is a {task} model; task={given!r} does not fit it")
         if task != "classification":
-            from advfeat.tasks.robust import DETECTION_PGD, SEGMENTATION_PGD
-
-            pgd = DETECTION_PGD if task == "detection" else SEGMENTATION_PGD
-            defaults: dict[str, Any] = {
-                "eps": pgd["eps"],
-                "pgd_alpha": pgd["alpha"],
-                "pgd_steps": pgd["steps"],
-                "attacks": DENSE_ATTACK_NAMES,
-                "batch_size": DENSE_BATCH_SIZE,
-            }
-            options = {**defaults, **options}
+            options = {"batch_size": DENSE_BATCH_SIZE, **options}
         return cls.from_options(task=task, **options)
 
     def to_dict(self) -> dict[str, Any]:

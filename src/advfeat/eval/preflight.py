@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from advfeat.eval.config import EvalConfig
-from advfeat.eval.suites import SUITES
+from advfeat.eval.suites import SUITES, options_of
 
 __all__ = ["announce", "gradient_passes_per_image", "missing_packages"]
 
@@ -38,15 +38,16 @@ def gradient_passes_per_image(cfg: EvalConfig) -> int:
     it stops early on fooled points)."""
     if "attacks" not in cfg.suites:
         return 0
+    opts = options_of(cfg, "attacks")
     passes = 0
-    if "pgd" in cfg.attacks:
-        passes += cfg.pgd_steps
-    if "fgsm" in cfg.attacks:
+    if "pgd" in opts.names:
+        passes += opts.pgd_steps
+    if "fgsm" in opts.names:
         passes += 1
-    if "cw" in cfg.attacks:
-        passes += cfg.cw_steps * cfg.cw_search_steps
-    if "curve" in cfg.attacks:
-        passes += cfg.pgd_steps * sum(1 for e in cfg.eps_curve if e > 0)
+    if "cw" in opts.names:
+        passes += opts.cw_steps * opts.cw_search_steps
+    if "curve" in opts.names:
+        passes += opts.pgd_steps * sum(1 for e in opts.eps_curve if e > 0)
     return passes
 
 

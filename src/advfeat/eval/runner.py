@@ -273,7 +273,7 @@ def evaluate(
         if config is None
         else config.replace(suites=names, task=kind)
     )
-    cfg.suite_options = suite_options({**cfg.suite_options, **per_suite})
+    cfg.suite_options = suite_options({**cfg.suite_options, **per_suite}, kind)
     data = _add_domains(data, domains)
     _check_ready(cfg, plots=plots and out is not None)
     surrogate_model, surrogate_label = _load_surrogate(surrogate, dev)

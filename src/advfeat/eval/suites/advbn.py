@@ -67,7 +67,7 @@ class AdvbnOptions:
     show_eps: tuple[float, ...] = (0.3, 0.6, 1.1)
     """The budgets of the example images (one number or a list)."""
 
-    def validate(self) -> None:
+    def validate(self, task: str) -> None:
         if isinstance(self.show_eps, (int, float)):
             self.show_eps = (float(self.show_eps),)
         self.show_eps = Each(Number(low=0))("advbn", "show_eps", self.show_eps)

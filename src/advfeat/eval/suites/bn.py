@@ -33,7 +33,7 @@ class BnOptions:
     suites: tuple[str, ...] = ("clean", "attacks", "shift")
     """The suites run again under every BN branch (those registered with ``per_branch``)."""
 
-    def validate(self) -> None:
+    def validate(self, task: str) -> None:
         branchable = tuple(s.name for s in ordered_suites() if s.per_branch)
         self.suites = names_of(self.suites, "suite under each BN branch", branchable)
 

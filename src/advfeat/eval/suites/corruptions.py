@@ -61,7 +61,7 @@ class CorruptionOptions:
     """Severity parameters of generated corruptions: ``cifar`` (CIFAR-10-C's, where implemented),
     ``imagenet`` (ImageNet-C's), ``auto`` (``cifar`` for test images of at most 32 px)."""
 
-    def validate(self) -> None:
+    def validate(self, task: str) -> None:
         self.types = names_of(self.types, "corruption", CORRUPTION_NAMES)
         if self.set != "generated" and not self.dir:
             raise AdvfeatError(

@@ -42,7 +42,7 @@ class DivergenceOptions:
     layers: tuple[str, ...] | None = None
     """The sites whose feature statistics are compared (default: one per stage)."""
 
-    def validate(self) -> None:
+    def validate(self, task: str) -> None:
         if self.layers is not None:
             self.layers = tuple(str(n) for n in self.layers)
 

@@ -59,7 +59,7 @@ class LandscapeOptions:
     """Another model's landscape, side by side: an eval JSON with a landscape suite or a
     checkpoint."""
 
-    def validate(self) -> None:
+    def validate(self, task: str) -> None:
         if self.points % 2 == 0 or (self.points_2d % 2 == 0 and self.points_2d):
             raise AdvfeatError(
                 "landscape: points and points_2d must be odd (so that α = 0, the trained "

@@ -19,7 +19,8 @@ file in ``advfeat/eval/suites/`` (the package imports every module of its folder
   them before any work; :func:`advfeat.eval.preflight.missing_packages` gathers them);
 * ``options`` is the suite's own settings, a dataclass whose fields are declared with
   :func:`advfeat.options.option` (checked generically, like a method's ``Options``; a
-  ``validate(self)`` method adds the rules that tie two of them together); they are set with
+  ``validate(self, task)`` method adds the rules that tie two of them together, or to the
+  task, and a ``defaults(task)`` classmethod the defaults that differ by task); they are set with
   ``--set NAME.KEY=VALUE``, the keyword ``NAME={"KEY": VALUE}`` (a config section) or a flat
   alias the suite lists in ``aliases`` (``hessian_iters``), written into the results and
   covered by ``--resume``'s fingerprint; the suite reads them with :func:`options_of`;
@@ -219,7 +220,7 @@ def split_options(
     return shared, per_suite
 
 
-def _build(suite: Suite, given: Any) -> Any:
+def _build(suite: Suite, given: Any, task: str) -> Any:
     assert suite.options is not None
     if isinstance(given, suite.options):
         opts = dataclasses.replace(given)
@@ -228,7 +229,8 @@ def _build(suite: Suite, given: Any) -> Any:
         for key in given:
             if key not in known:
                 raise unknown_name(f"{suite.name} option", str(key), known)
-        opts = suite.options(**given)
+        defaults = getattr(suite.options, "defaults", None)
+        opts = suite.options(**{**(defaults(task) if callable(defaults) else {}), **given})
     else:
         raise AdvfeatError(
             f"the options of suite {suite.name!r} are KEY: VALUE pairs "
@@ -237,23 +239,24 @@ def _build(suite: Suite, given: Any) -> Any:
     check_options(suite.name, opts, write=True)
     validate = getattr(opts, "validate", None)
     if callable(validate):
-        validate()
+        validate(task)
     return opts
 
 
-def suite_options(given: Mapping[str, Any]) -> dict[str, Any]:
-    """Every registered suite's options (``{suite: Options}``), from ``given`` (``{suite:
-    {key: value} or Options}``; the rest take their defaults), each checked generically."""
+def suite_options(given: Mapping[str, Any], task: str = "classification") -> dict[str, Any]:
+    """Every registered suite's options (``{suite: Options}``) for ``task`` models, from
+    ``given`` (``{suite: {key: value} or Options}``; the rest take their defaults), each
+    checked generically."""
     with_options = {s.name: s for s in ordered_suites() if s.options is not None}
     for name in given:
         if name not in with_options:
             raise unknown_name("suite with options", str(name), tuple(with_options))
-    return {name: _build(s, given.get(name, {})) for name, s in with_options.items()}
+    return {name: _build(s, given.get(name, {}), task) for name, s in with_options.items()}
 
 
 def options_of(config: EvalConfig, name: str) -> Any:
     """The options of suite ``name`` in ``config`` (checked; defaults when not given)."""
-    return _build(SUITES.get(name), config.suite_options.get(name, {}))
+    return _build(SUITES.get(name), config.suite_options.get(name, {}), config.task)
 
 
 def skipped(reason: str) -> dict[str, Any]:
