@@ -168,11 +168,6 @@ def _add_domains(data: EvalData, domains: dict[str, str] | None) -> EvalData:
     )
 
 
-def _task_name(data: EvalData) -> str:
-    task = getattr(data, "task", None)
-    return task.name if isinstance(task, DenseTask) else "classification"
-
-
 def _check_dense_extras(task: str, **given: Any) -> None:
     """Surrogates, mCE baselines and image-folder domains are classification-only."""
     if task == "classification":
@@ -264,7 +259,7 @@ def evaluate(
     dev = torch.device(device) if device is not None else _device_of(model)
     model.to(dev)
     data = _as_data(dataset, model, dev, task)
-    kind = _task_name(data)
+    kind = data.task_name
     _check_dense_extras(kind, surrogate=surrogate, baseline=baseline, domains=domains)
     names = chosen_suites(suites, kind)
     shared, per_suite = split_options(options)

@@ -69,7 +69,7 @@ from advfeat.eval.robust import (
     summarize,
     worst_case_curve,
 )
-from advfeat.eval.suites.dense import dense_task, task_metrics
+from advfeat.eval.suites.dense import task_metrics
 from advfeat.eval.suites.registry import ALL_TASKS, options_of, register_suite, skipped
 from advfeat.options import Choice, Each, Integer, option
 from advfeat.tasks import DensePGD, DenseTask
@@ -412,7 +412,7 @@ def report(att: dict[str, Any], task: str) -> list[str]:
 def run(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.config
     opts: AttackOptions = options_of(cfg, "attacks")
-    task = dense_task(ctx)
+    task = ctx.data.dense_task
     if task is not None:
         return _dense(ctx, task)
     dataset = ctx.test_set()

@@ -62,7 +62,6 @@ __all__ = [
     "split_options",
     "suite_names",
     "suite_options",
-    "task_of",
 ]
 
 SuiteFn = Callable[["EvalContext"], dict[str, Any]]
@@ -71,14 +70,6 @@ ReadyFn = Callable[["EvalConfig"], list[str]]
 
 ALL_TASKS: tuple[str, ...] = TASK_NAMES
 """The kinds of model an evaluation knows (a suite that applies to all of them)."""
-
-
-def task_of(ctx: EvalContext) -> str:
-    """``classification``, or the name of the dense task of the evaluated data."""
-    from advfeat.tasks import DenseTask
-
-    task = getattr(ctx.data, "task", None)
-    return task.name if isinstance(task, DenseTask) else "classification"
 
 
 @dataclass(frozen=True)
@@ -118,7 +109,7 @@ class Suite:
         )
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
-        task = task_of(ctx)
+        task = ctx.data.task_name
         if not self.applies_to(task):
             raise AdvfeatError(self.refusal(task))
         return self.fn(ctx)
