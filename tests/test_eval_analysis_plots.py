@@ -16,6 +16,7 @@ from advfeat.eval import EvalData, evaluate
 from advfeat.eval.analysis_plots import branch_accuracies, plot_branches
 from advfeat.eval.plots import load_history, plot_all, plot_eta
 from advfeat.eval.report import markdown_report
+from advfeat.eval.suites import ordered_suites
 from advfeat.eval.trajectories import eta_trajectories
 
 pytest.importorskip("matplotlib", reason="the plot extra is not installed")
@@ -114,7 +115,7 @@ def test_branch_plot_draws_the_bn_suite_numbers(tmp_path: Path) -> None:
     }
     path = plot_branches(res, tmp_path / "b.png")
     assert path is not None and path.stat().st_size > 10_000
-    assert "bn_branches" in plot_all(res, tmp_path / "all")
+    assert "bn_branches" in plot_all(res, tmp_path / "all", ordered_suites())
     assert plot_branches({"suites": {}}, tmp_path / "none.png") is None
     # an AFA model without a bn suite still gets W₀ vs ε
     res["suites"].pop("bn")
@@ -154,5 +155,7 @@ def test_report_lists_branch_and_landscape_sections_from_saved_results() -> None
         environment={"device": "cpu"},
         timing_s={"total": 1.0},
     )
-    assert "# Evaluation report: advprop / resnet20 / shapes" in markdown_report(res)
+    assert "# Evaluation report: advprop / resnet20 / shapes" in markdown_report(
+        res, ordered_suites()
+    )
     assert load_history("/nonexistent") == []

@@ -50,7 +50,9 @@ def test_every_suite_runs_and_writes_json_report_and_plots(
     res = json.loads(out.read_text())
     assert res["format"] == "advfeat-eval/1"
     assert res["run"]["method"] == "standard" and res["run"]["model"] == "resnet20"
-    assert res["config"]["pgd_steps"] == 2 and res["config"]["severities"] == [1, 5]
+    assert res["config"]["suite_options"]["attacks"]["pgd_steps"] == 2 and res["config"][
+        "suite_options"
+    ]["corruptions"]["severities"] == [1, 5]
     assert res["environment"]["torch"] and "imagecorruptions" in res["environment"]
     suites = res["suites"]
     assert list(suites) == [

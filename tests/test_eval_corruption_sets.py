@@ -28,6 +28,7 @@ from advfeat.eval.corruption_cifar_spatial import glass_blur
 from advfeat.eval.corruption_ops import clipped_zoom, disk_kernel, motion_blur
 from advfeat.eval.report import markdown_report
 from advfeat.eval.robust import correct
+from advfeat.eval.suites import ordered_suites
 
 
 def test_cifar_severities_are_cifar_10_c_parameters() -> None:
@@ -244,7 +245,7 @@ def test_corruptions_suite_reads_released_files(
     )
     res = results["suites"]["corruptions"]
     assert res["corruption_set"].startswith("released cifar10-c files")
-    assert "Corruption set: released cifar10-c files" in markdown_report(results)
+    assert "Corruption set: released cifar10-c files" in markdown_report(results, ordered_suites())
     files = CifarCorrupted(tmp_path, "snow", 5)
     x = torch.stack([files[i][0] for i in range(len(files))])
     y = torch.tensor([files[i][1] for i in range(len(files))])

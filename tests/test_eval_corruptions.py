@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from advfeat.errors import AdvfeatError
-from advfeat.eval import EvalConfig, evaluate
+from advfeat.eval import evaluate
 from advfeat.eval.corruption import corrupt_batch, corrupted_size, corruption_errors
+from advfeat.eval.suites import suite_options
 
 pytest.importorskip("imagecorruptions", reason="the corruptions extra is not installed")
 
@@ -48,12 +49,12 @@ def test_severity_outside_1_to_5_is_a_clear_error(severity: Any) -> None:
     with pytest.raises(AdvfeatError, match="1 to 5"):
         corrupt_batch(_images(1), "fog", severity, [0])
     with pytest.raises(AdvfeatError, match="1 to 5"):
-        EvalConfig(severities=(1, severity)).validate()
+        suite_options({"corruptions": {"severities": (1, severity)}})
 
 
 def test_unknown_corruption_lists_close_matches() -> None:
     with pytest.raises(AdvfeatError, match="did you mean 'gaussian_noise'"):
-        EvalConfig(corruptions=("gausian_noise",)).validate()
+        suite_options({"corruptions": {"types": ("gausian_noise",)}})
     with pytest.raises(AdvfeatError, match="did you mean"):
         corrupt_batch(_images(1), "snowy", 1, [0])
 

@@ -18,7 +18,7 @@ from advfeat.eval import EvalConfig, evaluate, load_run
 from advfeat.eval.context import EvalContext, PartialStore, seeded_subset
 from advfeat.eval.loading import DenseEvalData, LoadedRun, eval_data
 from advfeat.eval.report import markdown_report
-from advfeat.eval.suites import SUITES
+from advfeat.eval.suites import SUITES, ordered_suites
 from advfeat.tasks import DensePGD
 
 SEGMENTATION = [
@@ -81,7 +81,7 @@ def test_cli_evaluates_a_dense_run_like_the_trainer(kind: str, request: Any) -> 
         assert pgd[key] <= suites["clean"][key] + 1e-9
         assert pgd["drop"][key] == pytest.approx(suites["clean"][key] - pgd[key])
     eps, alpha = (8 / 255, 1 / 255) if kind == "segmentation" else (2 / 255, 0.3 / 255)
-    cfg = res["config"]
+    cfg = res["config"]["suite_options"]["attacks"]
     assert (cfg["eps"], cfg["pgd_alpha"], cfg["pgd_steps"]) == pytest.approx((eps, alpha, 10))
     primary = "miou" if kind == "segmentation" else "ap50"
     domains = suites["shift"]["domains"]
@@ -174,7 +174,7 @@ def test_dense_suites_that_do_not_apply_are_clear_errors(
 
 def test_report_of_saved_results_names_dense_metrics(seg_loaded: LoadedRun) -> None:
     res = evaluate(seg_loaded.model, seg_loaded.data, "clean,attacks", max_images=4, pgd_steps=1)
-    text = markdown_report(res)
+    text = markdown_report(res, ordered_suites())
     assert "| clean mIoU |" in text and "PGD-1 (ε = 8/255, step 1/255) mIoU" in text
     assert "Robust accuracy counts" not in text  # the classification note does not apply
     assert all(math.isfinite(v) for v in res["suites"]["attacks"]["pgd"]["drop"].values())

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
 from advfeat.errors import AdvfeatError
-from advfeat.eval import EvalConfig, EvalData, evaluate
+from advfeat.eval import EvalData, evaluate
 from advfeat.eval.landscape import (
     filter_normalized_direction,
     landscape_1d,
@@ -24,6 +24,7 @@ from advfeat.eval.landscape import (
     landscape_parameters,
     summarize_1d,
 )
+from advfeat.eval.suites import suite_options
 from advfeat.eval.suites.landscape import grid
 
 
@@ -185,8 +186,8 @@ def test_landscape_suite_compares_two_models_side_by_side(
 
 def test_landscape_options_are_checked() -> None:
     with pytest.raises(AdvfeatError, match="odd"):
-        EvalConfig(landscape_points=10).validate()
-    with pytest.raises(AdvfeatError, match="landscape_data"):
-        EvalConfig(landscape_data="val").validate()
-    assert EvalConfig(landscape_points_2d=0).validate().landscape_points_2d == 0
+        suite_options({"landscape": {"points": 10}})
+    with pytest.raises(AdvfeatError, match="landscape data"):
+        suite_options({"landscape": {"data": "val"}})
+    assert suite_options({"landscape": {"points_2d": 0}})["landscape"].points_2d == 0
     assert grid(0.5, 3) == [-0.5, 0.0, 0.5]

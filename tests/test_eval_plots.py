@@ -16,6 +16,7 @@ from advfeat.eval.plots import (
     plot_training,
 )
 from advfeat.eval.report import markdown_report
+from advfeat.eval.suites import ordered_suites
 
 pytest.importorskip("matplotlib", reason="the plot extra is not installed")
 
@@ -96,7 +97,7 @@ def test_training_and_eta_plots_from_a_run_folder(tmp_path: Path) -> None:
 
 
 def test_report_reads_the_numbers() -> None:
-    md = markdown_report(_results())
+    md = markdown_report(_results(), ordered_suites())
     assert md.startswith("# Evaluation report: afa / resnet20 / shapes")
     assert "| clean top-1 | 90.0 % |" in md
     assert "| AFA adaptive PGD (ε = 8/255) | 25.0 % |" in md

@@ -13,6 +13,7 @@ import pytest
 from advfeat.cli import main
 from advfeat.eval.config import EvalConfig
 from advfeat.eval.preflight import gradient_passes_per_image, missing_packages
+from advfeat.eval.suites import options_of
 
 DATA = "dataset_options={n_train: 32, n_test: 24, image_size: 16}"
 
@@ -53,11 +54,15 @@ def test_preflight_lists_every_missing_package(monkeypatch: pytest.MonkeyPatch) 
     _hide(
         monkeypatch, "matplotlib", "imagecorruptions", "autoattack", "pyautoattack", "torchattacks"
     )
-    cfg = EvalConfig(suites=("attacks", "corruptions"), attacks=("pgd", "autoattack"))
+    cfg = EvalConfig(
+        suites=("attacks", "corruptions"),
+        suite_options={"attacks": {"names": ("pgd", "autoattack")}},
+    )
     missing = missing_packages(cfg, plots=True)
     assert len(missing) == 3
     cifar_only = EvalConfig(
-        suites=("corruptions",), corruptions=("gaussian_noise",), corruption_scale="cifar"
+        suites=("corruptions",),
+        suite_options={"corruptions": {"types": ("gaussian_noise",), "scale": "cifar"}},
     )
     assert missing_packages(cifar_only, plots=False) == []  # CIFAR severities need no package
 
@@ -77,6 +82,9 @@ def test_cpu_default_sample_is_stated_and_recorded(
 
 
 def test_gradient_passes_count_the_attacks() -> None:
-    cfg = EvalConfig(suites=("attacks",), attacks=("pgd", "fgsm", "cw", "curve"))
-    nonzero = sum(1 for e in cfg.eps_curve if e > 0)
-    assert gradient_passes_per_image(cfg) == cfg.pgd_steps * (1 + nonzero) + 1 + cfg.cw_steps
+    cfg = EvalConfig(
+        suites=("attacks",), suite_options={"attacks": {"names": ("pgd", "fgsm", "cw", "curve")}}
+    )
+    opts = options_of(cfg, "attacks")
+    nonzero = sum(1 for e in opts.eps_curve if e > 0)
+    assert gradient_passes_per_image(cfg) == opts.pgd_steps * (1 + nonzero) + 1 + opts.cw_steps

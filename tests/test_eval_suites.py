@@ -158,3 +158,20 @@ def test_bad_input_is_a_clear_error(trained_tiny_model: nn.Module, tiny_task: An
         evaluate(trained_tiny_model, data, ["clean"], config=EvalConfig(), seed=1)
     with pytest.raises(AdvfeatError, match="DatasetBundle"):
         evaluate(trained_tiny_model, [1, 2, 3], ["clean"])  # type: ignore[arg-type]
+
+
+def test_top_k_accuracy_of_evaluation_and_task_is_one_count() -> None:
+    """``evaluate_accuracy`` and the classification task count top-k hits with one function."""
+    from torch.utils.data import TensorDataset
+
+    from advfeat.eval import evaluate_accuracy
+    from advfeat.tasks.classification import topk_counts, topk_hits
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
+    ranks = (x > x.gather(1, y[:, None])).sum(1)  # how many logits beat the label's
+    expected = {k: int((ranks < k).sum()) for k in (1, 3, 9)}  # k = 9 > 7 classes: all
+    assert topk_hits(x, y, (1, 3, 9)) == expected and expected[9] == 50
+    assert topk_counts(x, y, (1, 3)).tolist() == [expected[1], expected[3]]
+    acc = evaluate_accuracy(nn.Identity(), TensorDataset(x, y), batch_size=16, topk=(1, 3))
+    assert acc == {"top1": expected[1] / 50, "top3": expected[3] / 50}

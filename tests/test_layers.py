@@ -13,15 +13,18 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 """Upward arrows that are still there, each with the change that removes it."""
 
 
-def layer_map() -> dict[str, int]:
+def layer_map(block: str = "layers", root: str = "advfeat") -> dict[str, int]:
+    """The ```<block> map of docs/architecture.md: full module name -> layer (names in the
+    block are relative to ``root``; ``root``'s last part alone names ``root`` itself)."""
     text = (ROOT / "docs" / "architecture.md").read_text()
-    found = re.search(r"```layers\n(.*?)```", text, re.S)
-    assert found, "docs/architecture.md has no ```layers block"
+    found = re.search(rf"```{block}\n(.*?)```", text, re.S)
+    assert found, f"docs/architecture.md has no ```{block} block"
+    own = root.rpartition(".")[2]
     layers: dict[str, int] = {}
     for line in found.group(1).strip().splitlines():
         level, *names = line.split()
         for name in names:
-            layers["advfeat" if name == "advfeat" else f"advfeat.{name}"] = int(level)
+            layers[root if name == own else f"{root}.{name}"] = int(level)
     return layers
 
 
@@ -108,3 +111,79 @@ def test_the_check_sees_an_upward_import() -> None:
     found = imported_modules(path, lazy_relative)
     assert found[-1][0] == "advfeat.methods"
     assert layer_of(found[-1][0], layers) > layer_of("advfeat.norm.stats", layers)
+
+
+EVAL = "advfeat.eval"
+
+
+def eval_imports() -> dict[str, list[tuple[str, int]]]:
+    """``module -> [(imported module of eval/, line)]`` for every module of ``eval/``."""
+    graph: dict[str, list[tuple[str, int]]] = {}
+    for path in sorted((PACKAGE / "eval").rglob("*.py")):
+        found = imported_modules(path)
+        graph[module_name(path)] = [(m, n) for m, n in found if m.startswith(EVAL)]
+    return graph
+
+
+def upward_inside(graph: dict[str, list[tuple[str, int]]], layers: dict[str, int]) -> list[str]:
+    return [
+        f"{source} (layer {layer_of(source, layers)}) imports {target} "
+        f"(layer {layer_of(target, layers)}), line {line}"
+        for source, targets in graph.items()
+        for target, line in targets
+        if layer_of(target, layers) > layer_of(source, layers)
+    ]
+
+
+def import_cycles(graph: dict[str, list[tuple[str, int]]]) -> list[list[str]]:
+    """Every cycle found by a depth-first walk (each reported once, from where it closed)."""
+    edges = {m: sorted({t for t, _ in targets if t != m}) for m, targets in graph.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in edges.get(node, []):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+    return cycles
+
+
+def test_every_eval_module_has_an_eval_layer() -> None:
+    layers = layer_map("layers-eval", EVAL)
+    for module in eval_imports():
+        layer_of(module, layers)
+
+
+def test_no_eval_module_imports_upward_or_in_a_circle() -> None:
+    """Inside eval/: no import from a higher layer of the ```layers-eval map, and no cycle."""
+    graph = eval_imports()
+    assert upward_inside(graph, layer_map("layers-eval", EVAL)) == []
+    assert import_cycles(graph) == []
+
+
+def test_the_eval_checks_see_a_cycle_and_an_upward_import() -> None:
+    layers = layer_map("layers-eval", EVAL)
+    config, suites = f"{EVAL}.config", f"{EVAL}.suites"
+    assert layer_of(f"{EVAL}.suites.attacks", layers) > layer_of(config, layers)
+    assert layer_of(f"{EVAL}.report", layers) < layer_of(suites, layers)
+    lazy = (PACKAGE / "eval" / "config.py").read_text() + (
+        "\n\ndef _late() -> None:\n    from advfeat.eval.suites import SUITES\n"
+    )
+    graph = eval_imports()
+    found = imported_modules(PACKAGE / "eval" / "config.py", lazy)
+    graph[config] = [(m, n) for m, n in found if m.startswith(EVAL)]
+    assert any(line.startswith(config) for line in upward_inside(graph, layers))
+    cycles = import_cycles(graph)
+    assert cycles and all(c[0] == c[-1] for c in cycles)
+    assert any(config in c and f"{EVAL}.suites.registry" in c for c in cycles)

@@ -19,9 +19,9 @@ from advfeat.attacks import FGSM
 from advfeat.cli import main
 from advfeat.data import build_dataset
 from advfeat.errors import AdvfeatError
-from advfeat.eval import EvalConfig, evaluate, suite_names
+from advfeat.eval import evaluate, suite_names
 from advfeat.eval.context import EvalContext
-from advfeat.eval.suites import SUITES, register_suite
+from advfeat.eval.suites import SUITES, chosen_suites, options_of, register_suite
 from advfeat.methods import METHODS, Method, MethodOutput, build_method, register_method
 from advfeat.norm import (
     can_have_branches,
@@ -122,7 +122,7 @@ def test_recipe_new_suite_is_one_registration(margin_suite: str, tmp_path: Path)
     assert suite_names().index(margin_suite) < suite_names().index("corruptions")
     assert margin_suite not in suite_names("detection")
     with pytest.raises(AdvfeatError, match="does not apply to detection"):
-        EvalConfig.for_task("detection", suites=[margin_suite])
+        chosen_suites([margin_suite], "detection")
     bundle = build_dataset("shapes", n_train=16, n_test=8, image_size=16)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, bundle.num_classes))
     out = tmp_path / "eval.json"
@@ -325,3 +325,64 @@ def test_recipe_new_feature_method_is_one_hook(
     assert metrics["method"] == "recipe-two-scales" and 0 <= metrics["clean_acc"] <= 1
     history = (tmp_path / "history.csv").read_text().splitlines()
     assert {"loss_adv", "delta_l2"} <= set(history[0].split(","))
+
+
+# ------------------------------------------------------- recipe 2b: a suite with its own options
+@pytest.fixture
+def contrast_suite() -> Iterator[str]:
+    @dataclass
+    class ContrastOptions:
+        factor: float = option(0.5, Number(low=0, low_open=True))
+
+    @register_suite(
+        "recipe-contrast",
+        "accuracy on test images whose contrast is scaled by `factor`",
+        order=16,
+        title="Low contrast",
+        options=ContrastOptions,
+    )
+    def run(ctx: EvalContext) -> dict[str, Any]:
+        opts = options_of(ctx.config, "recipe-contrast")
+        right = n = 0
+        for x, y in ctx.batches(ctx.test_set()):
+            x = 0.5 + opts.factor * (x - 0.5)
+            with torch.no_grad():
+                right += int((ctx.model(x).argmax(1) == y).sum())
+            n += int(y.shape[0])
+        return {"factor": opts.factor, "accuracy": right / n, "n": n}
+
+    yield "recipe-contrast"
+    SUITES.remove("recipe-contrast")
+
+
+def test_recipe_suite_with_options_is_one_file(
+    contrast_suite: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = build_dataset("shapes", n_train=16, n_test=8, image_size=16)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, bundle.num_classes))
+    default = evaluate(model, bundle, suites=[contrast_suite])
+    dotted = evaluate(model, bundle, suites=[contrast_suite], **{f"{contrast_suite}.factor": 0.25})
+    section = evaluate(model, bundle, suites=[contrast_suite], **{contrast_suite: {"factor": 0.25}})
+    assert default["suites"][contrast_suite]["factor"] == 0.5
+    assert dotted["suites"] == section["suites"] and dotted["resume_key"] == section["resume_key"]
+    assert dotted["suites"][contrast_suite]["factor"] == 0.25
+    assert dotted["config"]["suite_options"][contrast_suite] == {"factor": 0.25}
+    assert default["resume_key"] != dotted["resume_key"]  # --resume never mixes the two
+    with pytest.raises(AdvfeatError, match="recipe-contrast: factor must be a number"):
+        evaluate(model, bundle, suites=[contrast_suite], **{f"{contrast_suite}.factor": -1})
+    with pytest.raises(AdvfeatError, match="did you mean 'factor'"):
+        evaluate(model, bundle, suites=[contrast_suite], **{f"{contrast_suite}.factr": 1})
+    run_dir = tmp_path / "run"
+    args = ["train", "--method", "standard", "--epochs", "1", "--out", str(run_dir)]
+    args += ["--set", TINY, "--set", "eval_shifted=false", "--set", "max_steps_per_epoch=1"]
+    assert main([*args, "--batch-size", "16", "--model", "resnet20", "--quiet"]) == 0
+    out = tmp_path / "eval.json"
+    args = ["eval", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out", str(out)]
+    args += ["--suite", contrast_suite, "--set", f"{contrast_suite}.factor=0.25"]
+    assert main([*args, "--no-plots", "--quiet", "--device", "cpu"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["suites"][contrast_suite]["factor"] == 0.25
+    assert saved["suites"][contrast_suite]["n"] == 16
+    assert main([*args, "--force", "--set", f"{contrast_suite}.factor=0"]) == 2
+    assert "recipe-contrast: factor must be a number" in capsys.readouterr().err

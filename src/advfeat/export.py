@@ -418,7 +418,8 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     if isinstance(aa, dict) and "accuracy" in aa:
         out["autoattack_acc"] = aa["accuracy"]
         out["autoattack"] = {k: aa.get(k) for k in ("backend", "backend_version", "version")}
-    eps = (ev.get("config") or {}).get("eps")
+    config = ev.get("config") or {}
+    eps = config.get("suite_options", {}).get("attacks", {}).get("eps", config.get("eps"))
     if eps is not None:
         out["eps"] = eps
     return out

@@ -123,7 +123,8 @@ def add_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any evaluation option, e.g. --set feature_site=layer2",
+        help="any evaluation option, e.g. --set max_images=100; a suite's own option as "
+        "SUITE.KEY=VALUE, e.g. --set features.site=layer2",
     )
     p.add_argument(
         "--resume",
@@ -169,9 +170,9 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.attacks is not None:
         opts["attacks"] = _list(args.attacks)
     if args.autoattack:
-        from advfeat.eval.config import EvalConfig
+        from advfeat.eval.suites.attacks import AttackOptions
 
-        base = opts.get("attacks", list(EvalConfig().attacks))
+        base = opts.get("attacks", list(AttackOptions().names))
         opts["attacks"] = [*base, "autoattack"]
     if args.corruption_subset is not None:
         opts["corruptions"] = _list(args.corruption_subset)

@@ -13,7 +13,7 @@ from advfeat.eval.config import DEFAULT_SUITES, EvalConfig
 from advfeat.eval.context import EvalContext, EvalData
 from advfeat.eval.loading import LoadedRun, eval_data, load_run, load_weights
 from advfeat.eval.runner import evaluate, evaluate_checkpoint, write_outputs
-from advfeat.eval.suites import SUITES, suite_names
+from advfeat.eval.suites import SUITES, ordered_suites, suite_names
 
 __all__ = [
     "DEFAULT_SUITES",
@@ -29,6 +29,7 @@ __all__ = [
     "evaluate_checkpoint",
     "load_run",
     "load_weights",
+    "ordered_suites",
     "suite_names",
     "write_outputs",
 ]

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from advfeat.modes import eval_mode
+from advfeat.tasks.classification import topk_counts
 
 __all__ = ["eval_mode", "evaluate_accuracy"]
 
@@ -31,11 +32,7 @@ def evaluate_accuracy(
     with eval_mode(model):
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            k_max = min(max(topk), logits.shape[1])
-            top = logits.topk(k_max, dim=1).indices
-            for i, k in enumerate(topk):
-                hits[i] += (top[:, : min(k, k_max)] == y[:, None]).any(dim=1).sum()
+            hits += topk_counts(model(x), y, topk)
             total += y.numel()
     counts = hits.tolist()
     return {f"top{k}": counts[i] / max(total, 1) for i, k in enumerate(topk)}

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from advfeat.data.corruptions_released import BENCHMARK_CORRUPTIONS
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.options import Choice, Each, Flag, Integer, Number, Text, check_options, option
+from advfeat.options import Integer, Number, check_options, option
 
 __all__ = [
     "ATTACK_NAMES",
@@ -26,6 +25,7 @@ __all__ = [
     "TASK_NAMES",
     "EvalConfig",
     "check_eps",
+    "names_of",
 ]
 
 DEFAULT_SUITES: tuple[str, ...] = ("clean", "attacks")
@@ -77,15 +77,16 @@ def check_eps(value: Any, name: str = "eps") -> float:
     return float(EPS("", name, value))
 
 
-def _names(values: Any, kind: str, known: tuple[str, ...]) -> tuple[str, ...]:
+def names_of(values: Any, kind: str, known: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """A list of names (or ``"a,b"``) without repeats; each among ``known`` when given."""
     if isinstance(values, str):
         values = [v.strip() for v in values.split(",") if v.strip()]
     if not isinstance(values, (list, tuple)):
         raise AdvfeatError(f"{kind}s must be a list of names, got {values!r}")
     out: list[str] = []
     for v in values:
-        if not isinstance(v, str) or v not in known:
-            raise unknown_name(kind, str(v), known)
+        if not isinstance(v, str) or (known is not None and v not in known):
+            raise unknown_name(kind, str(v), known or ())
         if v not in out:
             out.append(v)
     return tuple(out)
@@ -95,94 +96,22 @@ def _names(values: Any, kind: str, known: tuple[str, ...]) -> tuple[str, ...]:
 class EvalConfig:
     """Settings of one evaluation (defaults: the papers' CIFAR protocol).
 
-    Budgets are on images in [0, 1]: ``eps=8/255`` is the usual 8 pixel levels.
+    Only what every suite shares; each suite's own settings are in ``suite_options``.
     """
 
     suites: tuple[str, ...] = DEFAULT_SUITES
+    """The suites to run, in run order (chosen and checked once, by
+    :func:`advfeat.eval.suites.chosen_suites`, which the runner calls)."""
     task: str = "classification"
     """``classification``, ``detection`` or ``segmentation``: which suites and attacks apply."""
     batch_size: int = option(256, Integer(low=1))
     max_images: int | None = option(None, Integer(low=1, optional=True))
     """Evaluate a seeded random subset of this many test images (``None``: all)."""
     seed: int = option(0, Integer())
-    # attacks (AFA Tab. 1 and 3; Madry et al.)
-    attacks: tuple[str, ...] = ("pgd", "fgsm", "cw", "curve")
-    eps: float = option(8 / 255, EPS)
-    pgd_steps: int = option(20, Integer(low=1))
-    pgd_alpha: float = option(2 / 255, EPS)
-    eps_curve: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
-    curve_alpha_ratio: float = option(0.25, POSITIVE)
-    """Step size of the ε-curve's PGD as a fraction of ε (0.25: 2/255 at ε = 8/255)."""
-    cw_steps: int = option(100, Integer(low=1))
-    cw_c: float = option(1.0, POSITIVE)
-    cw_lr: float = option(0.01, POSITIVE)
-    cw_search_steps: int = option(1, Integer(low=1))
-    """Rounds of Carlini & Wagner's binary search over c (1: the fixed ``cw_c``, no search)."""
-    cw_l2_budgets: tuple[float, ...] = option((0.25, 0.5, 1.0), Each(POSITIVE, min_len=1))
-    """L2 budgets at which the C&W suite reports accuracy (samples not fooled within the budget)."""
-    autoattack_version: str = option("standard", Choice("standard", "plus", "rand"))
-    adaptive_weights: tuple[tuple[float, float], ...] = ADAPTIVE_WEIGHTS
-    adaptive_bce_target: float = 0.0
-    # corruptions (Hendrycks & Dietterich 2019)
-    corruptions: tuple[str, ...] = CORRUPTION_NAMES
-    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    corruption_max_images: int | None = option(None, Integer(low=1, optional=True))
-    corruption_set: str = option(
-        "generated", Choice("generated", "cifar10-c", "cifar100-c", "imagenet-c")
-    )
-    """``generated`` (on the fly), or the released ``cifar10-c`` / ``cifar100-c`` / ``imagenet-c``
-    files under ``corruption_dir``."""
-    corruption_dir: str | None = option(None, Text(optional=True))
-    corruption_scale: str = option("auto", Choice("auto", "cifar", "imagenet"))
-    """Severity parameters of generated corruptions: ``cifar`` (CIFAR-10-C's, where implemented),
-    ``imagenet`` (ImageNet-C's), ``auto`` (``cifar`` for test images of at most 32 px)."""
-    # bn: which suites run under every BN branch
-    bn_suites: tuple[str, ...] = ("clean", "attacks", "shift")
-    # divergence (AdvBN Eq. 4-5)
-    divergence_layers: tuple[str, ...] | None = None
-    # hessian (A-FAN Tab. 1)
-    hessian_batches: int = option(2, Integer(low=1))
-    hessian_batch_size: int = option(64, Integer(low=1))
-    hessian_iters: int = option(20, Integer(low=1))
-    hessian_tol: float = option(1e-3, POSITIVE)
-    hutchinson_samples: int = option(20, Integer(low=1))
-    # features (A-FAN Fig. S6)
-    feature_site: str | None = None
-    feature_alpha: float = option(0.01, POSITIVE)
-    feature_steps: int = option(1, Integer(low=1))
-    feature_images: int = option(4, Integer(low=1))
-    feature_magnify: float = option(20.0, POSITIVE)
-    # landscape (A-FAN Fig. 3; Li et al. 2018)
-    landscape_data: str = option("train", Choice("train", "test"))
-    """``train`` (the training loss, as Li et al. and A-FAN plot it) or ``test``."""
-    landscape_batches: int = option(2, Integer(low=1))
-    landscape_batch_size: int = option(128, Integer(low=1))
-    landscape_range: float = option(1.0, POSITIVE)
-    """α (and β) run over [−range, range] in units of the filter-normalised direction."""
-    landscape_points: int = option(21, Integer(low=3))
-    """Points of the 1-D curve (odd: α = 0 is one of them)."""
-    landscape_points_2d: int = option(11, Integer(low=0))
-    """Points per axis of the 2-D surface (0: no 2-D surface)."""
-    landscape_ignore_biasbn: bool = option(True, Flag())
-    """Keep biases and BN weights at their trained values (Li et al.'s ``ignore='biasbn'``)."""
-    landscape_reference: str | None = None
-    """Another model's landscape, side by side: an eval JSON with a landscape suite or a
-    checkpoint."""
-    # advbn: decoder and "-AdvBN" test set (AdvBN §3, App. B)
-    advbn_site: str | None = None
-    """Encoder = the model up to this site (default: the first stage, as ``features``)."""
-    advbn_dir: str | None = None
-    """Where the decoder and the image folders go (default: ``<out stem>_advbn``)."""
-    advbn_train_images: int | None = option(2048, Integer(low=1, optional=True))
-    advbn_decoder_epochs: int = option(10, Integer(low=1))
-    advbn_decoder_batch_size: int = option(64, Integer(low=1))
-    advbn_decoder_lr: float = option(1e-3, POSITIVE)
-    advbn_eps: float = option(1.1, Number(low=0))
-    advbn_alpha: float = option(0.2, POSITIVE)
-    advbn_steps: int = option(6, Integer(low=0))
-    advbn_batch_size: int = option(32, Integer(low=1))
-    advbn_show_images: int = option(6, Integer(low=1))
-    advbn_show_eps: tuple[float, ...] = (0.3, 0.6, 1.1)
+    suite_options: dict[str, Any] = field(default_factory=dict)
+    """Each suite's own settings, ``{suite: its Options}`` (declared by the suite, checked and
+    completed with defaults by :func:`advfeat.eval.suites.suite_options`, which the runner
+    calls); written into the results and part of the fingerprint."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the results (e.g. the surrogate's path)."""
 
@@ -190,101 +119,17 @@ class EvalConfig:
         """Check every value; raise :class:`AdvfeatError` naming the bad one. Returns ``self``."""
         if self.task not in TASK_NAMES:
             raise unknown_name("evaluation task", str(self.task), TASK_NAMES)
-        from advfeat.eval.suites import suite_names  # the registered suites, in run order
-
-        every = suite_names()
-        self.suites = _names(self.suites, "suite", every)
-        if not self.suites:
-            raise AdvfeatError(f"choose at least one suite ({', '.join(every)})")
-        self.suites = tuple(s for s in every if s in self.suites)
-        self.attacks = _names(self.attacks, "attack", ATTACK_NAMES)
-        if self.task != "classification":
-            self._check_dense()
-        self.corruptions = _names(self.corruptions, "corruption", CORRUPTION_NAMES)
-        from advfeat.eval.suites import SUITES
-
-        self.bn_suites = _names(
-            self.bn_suites,
-            "suite under each BN branch",
-            tuple(name for name in every if SUITES.get(name).per_branch),
-        )
+        self.suites = names_of(self.suites, "suite")
         check_options("", self, write=True)  # every field declared with option(...)
-        if self.corruption_set != "generated" and not self.corruption_dir:
-            raise AdvfeatError(
-                f"corruption_set={self.corruption_set} reads the released files: also give "
-                "--set corruption_dir=PATH"
-            )
-        curve = tuple(check_eps(e, "ε-curve value") for e in self.eps_curve)
-        if not curve:
-            raise AdvfeatError("eps_curve needs at least one value, e.g. 0,1,2,4,8 (/255)")
-        self.eps_curve = tuple(sorted(set(curve)))
-        self.cw_l2_budgets = tuple(sorted(set(self.cw_l2_budgets)))
-        self.adaptive_weights = tuple(
-            (POSITIVE("", "CE weight", a), POSITIVE("", "BCE weight", b))
-            for a, b in self.adaptive_weights
-        )
-        if float(self.adaptive_bce_target) not in (0.0, 1.0):
-            raise AdvfeatError(
-                f"adaptive_bce_target is the W_0 label of the BCE term, 0 or 1, got "
-                f"{self.adaptive_bce_target!r}"
-            )
-        sev: list[int] = []
-        for s in self.severities:
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 1 <= s <= 5:
-                raise AdvfeatError(f"corruption severities are integers 1 to 5, got {s!r}")
-            sev.append(int(s))
-        if not sev:
-            raise AdvfeatError("choose at least one corruption severity (1 to 5)")
-        self.severities = tuple(sorted(set(sev)))
-        if self.divergence_layers is not None:
-            self.divergence_layers = tuple(str(n) for n in self.divergence_layers)
-        self._check_landscape()
-        self._check_advbn()
         return self
-
-    def _check_advbn(self) -> None:
-        if isinstance(self.advbn_show_eps, (int, float)):
-            self.advbn_show_eps = (float(self.advbn_show_eps),)
-        self.advbn_show_eps = Each(Number(low=0))("", "advbn_show_eps", self.advbn_show_eps)
-
-    def _check_landscape(self) -> None:
-        if self.landscape_points % 2 == 0 or (
-            self.landscape_points_2d % 2 == 0 and self.landscape_points_2d
-        ):
-            raise AdvfeatError(
-                "landscape_points and landscape_points_2d must be odd (so that α = 0, the trained "
-                f"weights, is on the grid), got {self.landscape_points} and "
-                f"{self.landscape_points_2d}"
-            )
-        if self.landscape_points_2d == 1:
-            raise AdvfeatError("landscape_points_2d must be 0 (no 2-D surface) or at least 3")
-        if self.landscape_reference is not None:
-            self.landscape_reference = str(self.landscape_reference)
-
-    def _check_dense(self) -> None:
-        """Detection / segmentation: only the suites and attacks that measure AP or mIoU."""
-        from advfeat.eval.suites import suite_names
-
-        for kind, chosen, allowed in (
-            ("suite", self.suites, suite_names(self.task)),
-            ("attack", self.attacks, DENSE_ATTACK_NAMES),
-        ):
-            wrong = [n for n in chosen if n not in allowed]
-            if wrong:
-                raise AdvfeatError(
-                    f"{kind} {', '.join(map(repr, wrong))} does not apply to {self.task} models "
-                    f"(they report AP / mIoU, not class accuracy); {self.task} {kind}s: "
-                    f"{', '.join(allowed)}"
-                )
 
     @classmethod
     def for_task(cls, task: str, **options: Any) -> EvalConfig:
         """A validated config for ``task`` whose unset options take the task's protocol.
 
-        Classification keeps the field defaults (CIFAR protocol). Detection and segmentation
-        default to A-FAN's robustness protocol (§5-6): PGD-10 with ε = 2/255, α = 0.3/255
-        (detection) or ε = 8/255, α = 1/255 (segmentation), no random start; only the ``pgd``
-        attack; batch size :data:`DENSE_BATCH_SIZE`. Options given here win (``eps=4/255``).
+        Classification keeps the field defaults (CIFAR protocol); detection and segmentation
+        default to batch size :data:`DENSE_BATCH_SIZE` (their attacks follow A-FAN's PGD-10,
+        :meth:`advfeat.eval.suites.attacks.AttackOptions.defaults`). Options given here win.
         """
         if task not in TASK_NAMES:
             raise unknown_name("evaluation task", str(task), TASK_NAMES)
@@ -292,17 +137,7 @@ class EvalConfig:
         if given != task:
             raise AdvfeatError(f"this is a {task} model; task={given!r} does not fit it")
         if task != "classification":
-            from advfeat.tasks.robust import DETECTION_PGD, SEGMENTATION_PGD
-
-            pgd = DETECTION_PGD if task == "detection" else SEGMENTATION_PGD
-            defaults: dict[str, Any] = {
-                "eps": pgd["eps"],
-                "pgd_alpha": pgd["alpha"],
-                "pgd_steps": pgd["steps"],
-                "attacks": DENSE_ATTACK_NAMES,
-                "batch_size": DENSE_BATCH_SIZE,
-            }
-            options = {**defaults, **options}
+            options = {"batch_size": DENSE_BATCH_SIZE, **options}
         return cls.from_options(task=task, **options)
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from advfeat.checkpoint import atomic_write_json
 from advfeat.errors import AdvfeatError
 from advfeat.eval.config import EvalConfig
+from advfeat.tasks import DenseTask
 
 __all__ = ["EvalContext", "EvalData", "PartialStore", "seeded_subset"]
 
@@ -43,6 +44,18 @@ class EvalData:
     """Un-augmented training images (the Hessian suite's loss is the training loss)."""
     shifted: dict[str, Dataset] = field(default_factory=dict)
     """Shifted test domains by name (same classes as ``test``)."""
+
+    @property
+    def dense_task(self) -> DenseTask | None:
+        """The detection / segmentation task that evaluates this data (``None``: class labels;
+        :class:`~advfeat.eval.loading.DenseEvalData` has one)."""
+        return None
+
+    @property
+    def task_name(self) -> str:
+        """Which task this data is for: ``classification``, or the dense task's name."""
+        task = self.dense_task
+        return task.name if task is not None else "classification"
 
 
 def seeded_subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:

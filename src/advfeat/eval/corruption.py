@@ -36,6 +36,7 @@ __all__ = [
     "ALEXNET_MEAN_ERRORS",
     "IMAGENET_ONLY",
     "MIN_SIZE",
+    "MISSING_IMAGECORRUPTIONS",
     "SCALES",
     "corrupt_batch",
     "corruption_errors",
@@ -94,15 +95,18 @@ MIN_SIZE = 32
 """The smallest image side ``imagecorruptions`` accepts."""
 
 
+MISSING_IMAGECORRUPTIONS = (
+    "the corruptions suite needs the optional package imagecorruptions: "
+    "pip install 'advfeat[corruptions]' (installs imagecorruptions-imaug)"
+)
+
+
 def require_imagecorruptions() -> Any:
     """The ``imagecorruptions`` module, or a clear error naming the extra to install."""
     try:
         import imagecorruptions
     except ImportError:
-        raise AdvfeatError(
-            "the corruptions suite needs the optional package imagecorruptions: "
-            "pip install 'advfeat[corruptions]' (installs imagecorruptions-imaug)"
-        ) from None
+        raise AdvfeatError(MISSING_IMAGECORRUPTIONS) from None
     return imagecorruptions
 
 

@@ -44,6 +44,10 @@ class DenseEvalData(EvalData):
 
     task: DenseTask | None = None
 
+    @property
+    def dense_task(self) -> DenseTask | None:
+        return self.task
+
     def __post_init__(self) -> None:
         if not isinstance(self.task, DenseTask):
             raise AdvfeatError(

@@ -19,13 +19,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from advfeat.errors import AdvfeatError
 from advfeat.eval.trajectories import eta_trajectories
 
 __all__ = [
+    "PlotFn",
+    "SuitePlots",
     "load_history",
     "plot_all",
     "plot_corruptions",
@@ -36,6 +39,17 @@ __all__ = [
     "plot_fusion_weight",
     "plot_training",
 ]
+
+PlotFn = Callable[[dict[str, Any], Path], "Path | None"]
+"""``(all results, png path) -> the path written, or None (nothing to draw)``."""
+
+
+class SuitePlots(Protocol):
+    """What :func:`plot_all` needs of a suite (:class:`advfeat.eval.suites.Suite` has it)."""
+
+    @property
+    def plots(self) -> Mapping[str, PlotFn]: ...
+
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f")
 
@@ -382,14 +396,17 @@ def plot_eta(history: list[dict[str, Any]], path: Path, title: str = "") -> Path
 
 
 def plot_all(
-    results: dict[str, Any], folder: str | Path, *, run_dir: str | Path | None = None
+    results: dict[str, Any],
+    folder: str | Path,
+    suites: Sequence[SuitePlots],
+    *,
+    run_dir: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Every plot the results (and the run folder, if given) have data for."""
-    from advfeat.eval.suites import SUITES, suite_names
-
+    """Every plot the results (and the run folder, if given) have data for: the plots each of
+    ``suites`` declares (the registered suites, :func:`advfeat.eval.suites.ordered_suites`)."""
     folder = Path(folder)
     made: dict[str, Path] = {}
-    for suite in (SUITES.get(name) for name in suite_names()):  # the plots each suite declares
+    for suite in suites:
         for name, fn in suite.plots.items():
             path = fn(results, folder / f"{name}.png")
             if path is not None:

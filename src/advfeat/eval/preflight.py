@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from advfeat.eval.config import EvalConfig
+from advfeat.eval.suites import SUITES, options_of
 
 __all__ = ["announce", "gradient_passes_per_image", "missing_packages"]
 
@@ -20,35 +21,16 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _needs_imagecorruptions(cfg: EvalConfig) -> bool:
-    from advfeat.eval.corruption_cifar import has_cifar_severities
-
-    if cfg.corruption_set != "generated":
-        return False
-    if cfg.corruption_scale == "cifar":
-        return not all(has_cifar_severities(c) for c in cfg.corruptions)
-    return True  # ImageNet-C severities (or ``auto`` on images that may be larger than 32 px)
-
-
 def missing_packages(cfg: EvalConfig, *, plots: bool) -> list[str]:
-    """One line per missing optional package that ``cfg`` (and plotting) needs."""
-    from advfeat.eval.autoattack import MISSING_HINT, autoattack_backend
-
+    """One line per missing optional package that ``cfg`` (and plotting) needs: each chosen
+    suite decides for itself (its ``ready``), and plots need matplotlib."""
     missing: list[str] = []
-    corruptions = "corruptions" in cfg.suites or (
-        "bn" in cfg.suites and "corruptions" in cfg.bn_suites
-    )
-    if corruptions and _needs_imagecorruptions(cfg) and not _installed("imagecorruptions"):
-        missing.append(
-            "the corruptions suite needs the optional package imagecorruptions: "
-            "pip install 'advfeat[corruptions]' (installs imagecorruptions-imaug)"
-        )
-    wants_aa = {"autoattack", "autoattack-fast"} & set(cfg.attacks)
-    if "attacks" in cfg.suites and wants_aa and autoattack_backend() is None:
-        missing.append(f"AutoAttack was asked for, but {MISSING_HINT}")
+    for name in cfg.suites:
+        check = SUITES.get(name).ready
+        missing += check(cfg) if check is not None else []
     if plots and not _installed("matplotlib"):
         missing.append("plots need matplotlib: pip install 'advfeat[plot]', or pass --no-plots")
-    return missing
+    return list(dict.fromkeys(missing))
 
 
 def gradient_passes_per_image(cfg: EvalConfig) -> int:
@@ -56,15 +38,16 @@ def gradient_passes_per_image(cfg: EvalConfig) -> int:
     it stops early on fooled points)."""
     if "attacks" not in cfg.suites:
         return 0
+    opts = options_of(cfg, "attacks")
     passes = 0
-    if "pgd" in cfg.attacks:
-        passes += cfg.pgd_steps
-    if "fgsm" in cfg.attacks:
+    if "pgd" in opts.names:
+        passes += opts.pgd_steps
+    if "fgsm" in opts.names:
         passes += 1
-    if "cw" in cfg.attacks:
-        passes += cfg.cw_steps * cfg.cw_search_steps
-    if "curve" in cfg.attacks:
-        passes += cfg.pgd_steps * sum(1 for e in cfg.eps_curve if e > 0)
+    if "cw" in opts.names:
+        passes += opts.cw_steps * opts.cw_search_steps
+    if "curve" in opts.names:
+        passes += opts.pgd_steps * sum(1 for e in opts.eps_curve if e > 0)
     return passes
 
 

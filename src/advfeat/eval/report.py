@@ -1,16 +1,20 @@
 """A Markdown report of evaluation results (written next to the JSON as ``<stem>.md``).
 
 Classification results show accuracies; detection and segmentation results (``config.task``)
-show AP / AP50 / AP75 or mIoU / pixel accuracy, clean, under PGD and on shifted domains.
+show AP / AP50 / AP75 or mIoU / pixel accuracy, clean, under PGD and on shifted domains. Each
+suite draws its own section: the runner hands the registered suites to :func:`markdown_report`.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 __all__ = [
     "DENSE_METRICS",
+    "ReportFn",
+    "SuiteSection",
     "dense_scalars",
     "markdown_report",
     "md_table",
@@ -28,6 +32,23 @@ DENSE_METRICS = {
     "pixel_acc": "pixel acc.",
 }
 """The scalar metrics of detection and segmentation, in report order, with their labels."""
+
+ReportFn = Callable[[dict[str, Any], str], list[str]]
+"""``(suite result, task) -> Markdown lines`` of the suite's report section."""
+
+
+class SuiteSection(Protocol):
+    """What the report needs of a suite (:class:`advfeat.eval.suites.Suite` has it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def report(self) -> ReportFn | None: ...
+    @property
+    def report_skipped(self) -> bool: ...
+
 
 ROBUST_ACCURACY_NOTE = (
     "Robust accuracy counts a test image as robust only if the model is correct on it both "
@@ -138,14 +159,12 @@ def _summary(suites: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def suite_sections(suites: dict[str, Any], task: str) -> list[str]:
-    """One section per suite in ``suites``, each drawn by the suite itself, in run order."""
-    from advfeat.eval.suites import SUITES, suite_names
-
+def suite_sections(results: dict[str, Any], task: str, suites: Sequence[SuiteSection]) -> list[str]:
+    """One section per suite with a result in ``results``, each drawn by the suite itself, in the
+    order of ``suites``."""
     lines: list[str] = []
-    for name in suite_names():
-        suite = SUITES.get(name)
-        res = suites.get(name)
+    for suite in suites:
+        res = results.get(suite.name)
         if res is None or suite.report is None:
             continue
         if "skipped" in res:
@@ -156,10 +175,11 @@ def suite_sections(suites: dict[str, Any], task: str) -> list[str]:
     return lines
 
 
-def markdown_report(results: dict[str, Any]) -> str:
-    """The report: summary, one section per suite, plots, configuration and versions."""
+def markdown_report(results: dict[str, Any], suites: Sequence[SuiteSection]) -> str:
+    """The report: summary, one section per suite (``suites``: the registered suites in run
+    order, :func:`advfeat.eval.suites.ordered_suites`), plots, configuration and versions."""
     run = results.get("run", {})
-    suites = results.get("suites", {})
+    suites_results = results.get("suites", {})
     title = " / ".join(str(run[k]) for k in ("method", "model", "dataset") if k in run)
     lines = [f"# Evaluation report{': ' + title if title else ''}", ""]
     facts = []
@@ -183,7 +203,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines += [DENSE_ROBUST_NOTE.format(metrics=names), ""]
     else:
         lines += [ROBUST_ACCURACY_NOTE, ""]
-    lines += suite_sections(suites, task)
+    lines += suite_sections(suites_results, task, suites)
     if task != "classification":
         return "\n".join([*lines, *_tail(results)])
     eta = results.get("training", {}).get("eta")

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from advfeat.checkpoint import atomic_write_json
+from advfeat.checkpoint import atomic_write_json, atomic_write_text
 from advfeat.data import DatasetBundle
 from advfeat.errors import AdvfeatError
 from advfeat.eval.accuracy import eval_mode
@@ -48,6 +48,11 @@ from advfeat.eval.config import DEFAULT_SUITES, EvalConfig
 from advfeat.eval.context import EvalContext, EvalData, PartialStore
 from advfeat.eval.folders import ImageFolderDomain
 from advfeat.eval.loading import DenseEvalData, eval_data, load_run
+from advfeat.eval.plots import load_history, plot_all
+from advfeat.eval.preflight import announce, missing_packages
+from advfeat.eval.report import markdown_report
+from advfeat.eval.suites import SUITES, chosen_suites, ordered_suites, split_options, suite_options
+from advfeat.eval.trajectories import eta_trajectories
 from advfeat.tasks import DenseTask
 
 __all__ = [
@@ -163,22 +168,6 @@ def _add_domains(data: EvalData, domains: dict[str, str] | None) -> EvalData:
     )
 
 
-def _task_name(data: EvalData) -> str:
-    task = getattr(data, "task", None)
-    return task.name if isinstance(task, DenseTask) else "classification"
-
-
-def _suite_list(suites: Iterable[str] | str, task: str) -> tuple[str, ...]:
-    """Suite names; ``all`` is every suite that applies to ``task``."""
-    names = [s.strip() for s in suites.split(",")] if isinstance(suites, str) else list(suites)
-    names = [s for s in names if s]
-    if "all" in names:
-        from advfeat.eval.suites import suite_names
-
-        return suite_names(task)
-    return tuple(names)
-
-
 def _check_dense_extras(task: str, **given: Any) -> None:
     """Surrogates, mCE baselines and image-folder domains are classification-only."""
     if task == "classification":
@@ -191,19 +180,12 @@ def _check_dense_extras(task: str, **given: Any) -> None:
             )
 
 
-def _check_ready(cfg: EvalConfig, surrogate: Any, *, plots: bool = False) -> None:
-    """Fail before any work when an asked-for optional piece is missing: every package the
-    evaluation will import (:mod:`advfeat.eval.preflight`), then each suite's own check."""
-    from advfeat.eval.preflight import missing_packages
-    from advfeat.eval.suites import SUITES
-
+def _check_ready(cfg: EvalConfig, *, plots: bool = False) -> None:
+    """Fail before any work when an asked-for optional package is missing (each chosen suite
+    says which it needs, :func:`advfeat.eval.preflight.missing_packages`)."""
     missing = missing_packages(cfg, plots=plots)
     if missing:
         raise AdvfeatError("; ".join(missing))
-    for name in cfg.suites:
-        ready = SUITES.get(name).ready
-        if ready is not None:
-            ready(cfg)
 
 
 def _load_baseline(baseline: Any, device: torch.device) -> tuple[Any, str | None]:
@@ -277,16 +259,18 @@ def evaluate(
     dev = torch.device(device) if device is not None else _device_of(model)
     model.to(dev)
     data = _as_data(dataset, model, dev, task)
-    kind = _task_name(data)
+    kind = data.task_name
     _check_dense_extras(kind, surrogate=surrogate, baseline=baseline, domains=domains)
-    names = _suite_list(suites, kind)
+    names = chosen_suites(suites, kind)
+    shared, per_suite = split_options(options)
     cfg = (
-        EvalConfig.for_task(kind, suites=names, **options)
+        EvalConfig.for_task(kind, suites=names, **shared)
         if config is None
         else config.replace(suites=names, task=kind)
     )
+    cfg.suite_options = suite_options({**cfg.suite_options, **per_suite}, kind)
     data = _add_domains(data, domains)
-    _check_ready(cfg, surrogate, plots=plots and out is not None)
+    _check_ready(cfg, plots=plots and out is not None)
     surrogate_model, surrogate_label = _load_surrogate(surrogate, dev)
     baseline_value, baseline_label = _load_baseline(baseline, dev)
     if surrogate_label:
@@ -306,8 +290,6 @@ def evaluate(
         surrogate=surrogate_model,
         baseline=baseline_value,
     )
-    from advfeat.eval.suites import SUITES
-
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -315,8 +297,6 @@ def evaluate(
         for m in {id(x): x for x in (model, raw_model, surrogate_model) if x is not None}.values():
             stack.enter_context(eval_mode(m))
         if progress:
-            from advfeat.eval.preflight import announce
-
             announce(ctx)
         for name in cfg.suites:
             t0 = time.perf_counter()
@@ -340,9 +320,6 @@ def evaluate(
         "resume_key": key,
     }
     if run_dir is not None:
-        from advfeat.eval.plots import load_history
-        from advfeat.eval.trajectories import eta_trajectories
-
         eta = eta_trajectories(load_history(run_dir))
         if eta:
             output["training"] = {"eta": eta}
@@ -365,18 +342,14 @@ def write_outputs(
     written: dict[str, Path] = {}
     images: dict[str, Path] = {}
     if plots:
-        from advfeat.eval.plots import plot_all
-
-        images = plot_all(results, out.with_name(out.stem + "_plots"), run_dir=run_dir)
+        folder = out.with_name(out.stem + "_plots")
+        images = plot_all(results, folder, ordered_suites(), run_dir=run_dir)
         results["plots"] = {k: str(v.relative_to(out.parent)) for k, v in images.items()}
     atomic_write_json(out, results)
     written["json"] = out
     if report:
-        from advfeat.checkpoint import atomic_write_text
-        from advfeat.eval.report import markdown_report
-
         md = out.with_suffix(".md")
-        atomic_write_text(md, markdown_report(results))
+        atomic_write_text(md, markdown_report(results, ordered_suites()))
         written["report"] = md
     written.update(images)
     return written

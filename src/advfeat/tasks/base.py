@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -271,8 +271,20 @@ class Task(ABC):
         ``detailed`` adds secondary metrics where the task has them (top-5 accuracy)."""
 
 
+class Meter(Protocol):
+    """Accumulates a dense task's metric over batches: ``update(predictions, targets)``, then
+    ``compute()`` (AP / mIoU, :mod:`advfeat.tasks.metrics`)."""
+
+    def update(self, predictions: Any, targets: Any) -> None: ...
+    def compute(self) -> dict[str, Any]: ...
+
+
 class DenseTask(Task):
-    """Base of the detection and segmentation tasks: ``num_classes`` includes the background."""
+    """Base of the detection and segmentation tasks: ``num_classes`` includes the background.
+
+    A dense task says how its model predicts (:meth:`predict`) and what measures the
+    predictions (:meth:`meter`); :meth:`evaluate` is the one evaluation loop of both.
+    """
 
     stacked_images = True
 
@@ -282,6 +294,39 @@ class DenseTask(Task):
                 f"num_classes counts the background and must be an integer >= 2, got {num_classes!r}"
             )
         self.num_classes = num_classes
+
+    @abstractmethod
+    def predict(self, model: nn.Module, images: Any) -> Any:
+        """The model's predictions for ``images`` (model in eval mode)."""
+
+    @abstractmethod
+    def meter(self) -> Meter:
+        """A fresh accumulator of this task's metrics."""
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: Any,
+        *,
+        device: torch.device | str = "cpu",
+        attack: Any = None,
+        detailed: bool = False,
+    ) -> dict[str, Any]:
+        """The task's metrics on ``loader`` (:meth:`meter`); ``attack(model, images, targets)``
+        perturbs the images first (robust AP / mIoU, A-FAN Tables 5 and 6). The model's
+        train/eval flag is restored afterwards."""
+        device = torch.device(device)
+        was_training = model.training
+        meter = self.meter()
+        try:
+            for images, targets in loader:
+                images, targets = self.to_device(images, targets, device)
+                if attack is not None:
+                    images = attack(model, images, targets)
+                meter.update(self.predict(model, images), targets)
+        finally:
+            model.train(was_training)
+        return meter.compute()
 
     def attack_bn_mode(self, bn_mode: str) -> str:
         """Dense models return their losses in training mode: :meth:`attack_mode` sets the

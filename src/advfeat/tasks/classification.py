@@ -20,14 +20,20 @@ from advfeat.modes import eval_mode
 from advfeat.sites import last_stage
 from advfeat.tasks.base import ForwardPass, Task, TaskPass
 
-__all__ = ["ClassificationTask", "topk_hits"]
+__all__ = ["ClassificationTask", "topk_counts", "topk_hits"]
+
+
+def topk_counts(logits: Tensor, y: Tensor, topk: Sequence[int]) -> Tensor:
+    """For each ``k`` of ``topk``, the number of samples whose label is among the ``k`` largest
+    logits: an int64 tensor on the logits' device (read it once, after the last batch)."""
+    k_max = min(max(topk), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices
+    return torch.stack([(top[:, : min(k, k_max)] == y[:, None]).any(dim=1).sum() for k in topk])
 
 
 def topk_hits(logits: Tensor, y: Tensor, topk: Sequence[int]) -> dict[int, int]:
     """``{k: number of samples whose label is among the k largest logits}``."""
-    k_max = min(max(topk), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices
-    return {k: int((top[:, : min(k, k_max)] == y[:, None]).any(dim=1).sum()) for k in topk}
+    return dict(zip(topk, topk_counts(logits, y, topk).tolist(), strict=True))
 
 
 class ClassificationTask(Task):

@@ -163,26 +163,6 @@ class DetectionTask(DenseTask):
         model.eval()
         return list(model(list(images)))
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: Any,
-        *,
-        device: torch.device | str = "cpu",
-        attack: Any = None,
-        detailed: bool = False,
-    ) -> dict[str, Any]:
-        """COCO AP, AP50 (VOC mAP@0.5) and AP75 on ``loader``; ``attack(model, images, targets)``
-        perturbs the images first (robust AP, A-FAN Table 5)."""
-        device = torch.device(device)
-        was_training = model.training
-        meter = DetectionMeter()
-        try:
-            for images, targets in loader:
-                images, targets = self.to_device(images, targets, device)
-                if attack is not None:
-                    images = attack(model, images, targets)
-                meter.update(self.predict(model, images), targets)
-        finally:
-            model.train(was_training)
-        return meter.compute()
+    def meter(self) -> DetectionMeter:
+        """COCO AP, AP50 (VOC mAP@0.5) and AP75 (A-FAN Table 5)."""
+        return DetectionMeter()

@@ -125,25 +125,6 @@ class SegmentationTask(DenseTask):
         model.eval()
         return segmentation_logits(model(images)).argmax(1)
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: Any,
-        *,
-        device: torch.device | str = "cpu",
-        attack: Any = None,
-        detailed: bool = False,
-    ) -> dict[str, Any]:
-        """mIoU and pixel accuracy; ``attack(model, images, masks)`` first gives robust mIoU."""
-        device = torch.device(device)
-        was_training = model.training
-        meter = SegmentationMeter(self.num_classes, self.ignore_index)
-        try:
-            for images, masks in loader:
-                images, masks = self.to_device(images, masks, device)
-                if attack is not None:
-                    images = attack(model, images, masks)
-                meter.update(self.predict(model, images), masks)
-        finally:
-            model.train(was_training)
-        return meter.compute()
+    def meter(self) -> SegmentationMeter:
+        """mIoU and pixel accuracy (A-FAN Table 6)."""
+        return SegmentationMeter(self.num_classes, self.ignore_index)

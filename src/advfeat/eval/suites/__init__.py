@@ -10,12 +10,28 @@ file.
 from advfeat.eval.suites.registry import (
     SUITES,
     Suite,
+    chosen_suites,
+    options_of,
+    ordered_suites,
     register_suite,
     skipped,
+    split_options,
     suite_names,
+    suite_options,
 )
 from advfeat.registry import import_submodules
 
 import_submodules(__name__, __path__, skip=("registry",))
 
-__all__ = ["SUITES", "Suite", "register_suite", "skipped", "suite_names"]
+__all__ = [
+    "SUITES",
+    "Suite",
+    "chosen_suites",
+    "options_of",
+    "ordered_suites",
+    "register_suite",
+    "skipped",
+    "split_options",
+    "suite_names",
+    "suite_options",
+]

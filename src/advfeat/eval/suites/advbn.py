@@ -22,6 +22,7 @@ Any model is then scored on them like on any shifted domain::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +36,47 @@ from advfeat.eval.advbn_decoder import (
     write_image_folder,
 )
 from advfeat.eval.analysis_plots import plot_advbn
+from advfeat.eval.config import POSITIVE
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.report import md_table, pct
 from advfeat.eval.suites.features import default_site
-from advfeat.eval.suites.registry import register_suite, skipped
+from advfeat.eval.suites.registry import options_of, register_suite, skipped
+from advfeat.options import Each, Integer, Number, Text, option
 
 __all__ = ["run"]
 
 
+@dataclass
+class AdvbnOptions:
+    """Settings of the ``advbn`` suite: the decoder and the "-AdvBN" test set (AdvBN §3,
+    App. B)."""
+
+    site: str | None = option(None, Text(optional=True))
+    """Encoder = the model up to this site (default: the first stage, as ``features``)."""
+    dir: str | None = option(None, Text(optional=True))
+    """Where the decoder and the image folders go (default: ``<out stem>_advbn``)."""
+    train_images: int | None = option(2048, Integer(low=1, optional=True))
+    decoder_epochs: int = option(10, Integer(low=1))
+    decoder_batch_size: int = option(64, Integer(low=1))
+    decoder_lr: float = option(1e-3, POSITIVE)
+    eps: float = option(1.1, Number(low=0))
+    alpha: float = option(0.2, POSITIVE)
+    steps: int = option(6, Integer(low=0))
+    batch_size: int = option(32, Integer(low=1))
+    show_images: int = option(6, Integer(low=1))
+    show_eps: tuple[float, ...] = (0.3, 0.6, 1.1)
+    """The budgets of the example images (one number or a list)."""
+
+    def validate(self, task: str) -> None:
+        if isinstance(self.show_eps, (int, float)):
+            self.show_eps = (float(self.show_eps),)
+        self.show_eps = Each(Number(low=0))("advbn", "show_eps", self.show_eps)
+
+
 def _folder(ctx: EvalContext) -> Path | None:
-    if ctx.config.advbn_dir:
-        return Path(ctx.config.advbn_dir)
+    folder = options_of(ctx.config, "advbn").dir
+    if folder:
+        return Path(folder)
     partial = ctx.store.path
     if partial is None:
         return None
@@ -69,11 +100,14 @@ def _quantized(t: torch.Tensor) -> torch.Tensor:
     title="AdvBN decoder and -AdvBN test set (AdvBN §3, App. B)",
     report=lambda result, _task: _advbn(result),
     plots={"advbn_images": plot_advbn},
+    options=AdvbnOptions,
+    aliases={f"advbn_{f}": f for f in AdvbnOptions.__dataclass_fields__},
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.config
+    opts: AdvbnOptions = options_of(cfg, "advbn")
     model = ctx.model
-    site = cfg.advbn_site or default_site(model)
+    site = opts.site or default_site(model)
     if site is None:
         return skipped("no feature site found; set advbn_site (e.g. layer1)")
     train = ctx.data.train if ctx.data.train is not None else None
@@ -83,8 +117,8 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     names = ctx.data.class_names or [str(i) for i in range(ctx.data.num_classes)]
 
     def compute() -> dict[str, Any]:
-        subset = seeded_subset(train, cfg.advbn_train_images, cfg.seed)
-        bar = ctx.bar(cfg.advbn_decoder_epochs, "advbn decoder")
+        subset = seeded_subset(train, opts.train_images, cfg.seed)
+        bar = ctx.bar(opts.decoder_epochs, "advbn decoder")
 
         def tick(epoch: int, loss: float) -> None:
             bar.update(1)
@@ -95,9 +129,9 @@ def run(ctx: EvalContext) -> dict[str, Any]:
                 model,
                 site,
                 subset,
-                epochs=cfg.advbn_decoder_epochs,
-                batch_size=cfg.advbn_decoder_batch_size,
-                lr=cfg.advbn_decoder_lr,
+                epochs=opts.decoder_epochs,
+                batch_size=opts.decoder_batch_size,
+                lr=opts.decoder_lr,
                 seed=ctx.seed_for("advbn/decoder"),
                 device=ctx.device,
                 progress=tick,
@@ -107,13 +141,13 @@ def run(ctx: EvalContext) -> dict[str, Any]:
         test = ctx.test_set()
         held_out = reconstruction_error(model, site, decoder, test, device=ctx.device)
         # the pictures: a few test images at every strength of advbn_show_eps
-        show = seeded_subset(ctx.data.test, cfg.advbn_show_images, cfg.seed + 1)
-        xs, ys = next(ctx.batches(show, batch_size=cfg.advbn_show_images))
+        show = seeded_subset(ctx.data.test, opts.show_images, cfg.seed + 1)
+        xs, ys = next(ctx.batches(show, batch_size=opts.show_images))
         columns: dict[str, Any] = {"original": xs}
-        for eps in cfg.advbn_show_eps:
+        for eps in opts.show_eps:
             recon, adv = advbn_images(
-                model, site, decoder, xs, ys, eps=eps, alpha=cfg.advbn_alpha,
-                steps=cfg.advbn_steps, seed=ctx.seed_for(f"advbn/show/{eps:g}"),
+                model, site, decoder, xs, ys, eps=eps, alpha=opts.alpha,
+                steps=opts.steps, seed=ctx.seed_for(f"advbn/show/{eps:g}"),
             )  # fmt: skip
             columns.setdefault("reconstructed", recon)
             columns[f"AdvBN ε={eps:g}"] = adv
@@ -122,10 +156,10 @@ def run(ctx: EvalContext) -> dict[str, Any]:
         change = {"advbn_vs_original": 0.0, "advbn_vs_reconstructed": 0.0,
                   "reconstructed_vs_original": 0.0}  # fmt: skip
         lo, hi, n, start = 1.0, 0.0, 0, 0
-        for b, (x, y) in enumerate(ctx.batches(test, batch_size=cfg.advbn_batch_size)):
+        for b, (x, y) in enumerate(ctx.batches(test, batch_size=opts.batch_size)):
             recon, adv = advbn_images(
-                model, site, decoder, x, y, eps=cfg.advbn_eps, alpha=cfg.advbn_alpha,
-                steps=cfg.advbn_steps, seed=ctx.seed_for(f"advbn/test/{b}"),
+                model, site, decoder, x, y, eps=opts.eps, alpha=opts.alpha,
+                steps=opts.steps, seed=ctx.seed_for(f"advbn/test/{b}"),
             )  # fmt: skip
             recon, adv = _quantized(recon), _quantized(adv)
             with torch.no_grad():
@@ -153,16 +187,16 @@ def run(ctx: EvalContext) -> dict[str, Any]:
             "site": site,
             "decoder": {
                 **decoder.config(),
-                "epochs": cfg.advbn_decoder_epochs,
+                "epochs": opts.decoder_epochs,
                 "train_images": len(subset),  # type: ignore[arg-type]
                 "train_mse": losses,
                 "held_out": held_out,
             },
             "attack": {
-                "eps": cfg.advbn_eps,
-                "alpha": cfg.advbn_alpha,
-                "steps": cfg.advbn_steps,
-                "batch_size": cfg.advbn_batch_size,
+                "eps": opts.eps,
+                "alpha": opts.alpha,
+                "steps": opts.steps,
+                "batch_size": opts.batch_size,
             },
             "n": n,
             "accuracy": {k: v / max(n, 1) for k, v in hits.items()},

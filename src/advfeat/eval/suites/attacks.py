@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +49,16 @@ from advfeat.eval.autoattack import (
     model_checks,
     perturbation_check,
 )
-from advfeat.eval.config import EvalConfig
+from advfeat.eval.config import (
+    ADAPTIVE_WEIGHTS,
+    ATTACK_NAMES,
+    DENSE_ATTACK_NAMES,
+    EPS,
+    POSITIVE,
+    EvalConfig,
+    check_eps,
+    names_of,
+)
 from advfeat.eval.context import EvalContext
 from advfeat.eval.plots import plot_eps_curve, plot_fusion_weight
 from advfeat.eval.report import DENSE_METRICS, dense_scalars, md_table, pct, pgd_budget, skip_lines
@@ -59,11 +69,78 @@ from advfeat.eval.robust import (
     summarize,
     worst_case_curve,
 )
-from advfeat.eval.suites.dense import dense_task, task_metrics
-from advfeat.eval.suites.registry import ALL_TASKS, register_suite, skipped
+from advfeat.eval.suites.dense import task_metrics
+from advfeat.eval.suites.registry import ALL_TASKS, options_of, register_suite, skipped
+from advfeat.options import Choice, Each, Integer, option
 from advfeat.tasks import DensePGD, DenseTask
+from advfeat.tasks.robust import DETECTION_PGD, SEGMENTATION_PGD
 
-__all__ = ["run"]
+__all__ = ["AttackOptions", "run"]
+
+
+@dataclass
+class AttackOptions:
+    """Settings of the ``attacks`` suite (AFA Tab. 1 and 3; Madry et al.). Budgets are on
+    images in [0, 1]: ``eps=8/255`` is the usual 8 pixel levels."""
+
+    names: tuple[str, ...] = ("pgd", "fgsm", "cw", "curve")
+    """The attacks run (``transfer`` needs a surrogate, ``adaptive`` an AFA model;
+    ``autoattack-fast`` is a cheaper variant, never the standard AutoAttack)."""
+    eps: float = option(8 / 255, EPS)
+    pgd_steps: int = option(20, Integer(low=1))
+    pgd_alpha: float = option(2 / 255, EPS)
+    eps_curve: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    curve_alpha_ratio: float = option(0.25, POSITIVE)
+    """Step size of the ε-curve's PGD as a fraction of ε (0.25: 2/255 at ε = 8/255)."""
+    cw_steps: int = option(100, Integer(low=1))
+    cw_c: float = option(1.0, POSITIVE)
+    cw_lr: float = option(0.01, POSITIVE)
+    cw_search_steps: int = option(1, Integer(low=1))
+    """Rounds of Carlini & Wagner's binary search over c (1: the fixed ``cw_c``, no search)."""
+    cw_l2_budgets: tuple[float, ...] = option((0.25, 0.5, 1.0), Each(POSITIVE, min_len=1))
+    """L2 budgets at which the C&W suite reports accuracy (samples not fooled within the budget)."""
+    autoattack_version: str = option("standard", Choice("standard", "plus", "rand"))
+    adaptive_weights: tuple[tuple[float, float], ...] = ADAPTIVE_WEIGHTS
+    adaptive_bce_target: float = 0.0
+
+    @classmethod
+    def defaults(cls, task: str) -> dict[str, Any]:
+        """Detection and segmentation follow A-FAN's robustness protocol (§5-6): PGD-10 with
+        ε = 2/255, α = 0.3/255 (detection) or ε = 8/255, α = 1/255 (segmentation), no random
+        start; only the ``pgd`` attack."""
+        if task == "classification":
+            return {}
+        pgd = DETECTION_PGD if task == "detection" else SEGMENTATION_PGD
+        return {
+            "eps": pgd["eps"],
+            "pgd_alpha": pgd["alpha"],
+            "pgd_steps": pgd["steps"],
+            "names": DENSE_ATTACK_NAMES,
+        }
+
+    def validate(self, task: str) -> None:
+        self.names = names_of(self.names, "attack", ATTACK_NAMES)
+        wrong = [n for n in self.names if n not in DENSE_ATTACK_NAMES]
+        if task != "classification" and wrong:
+            raise AdvfeatError(
+                f"attack {', '.join(map(repr, wrong))} does not apply to {task} models "
+                f"(they report AP / mIoU, not class accuracy); {task} attacks: "
+                f"{', '.join(DENSE_ATTACK_NAMES)}"
+            )
+        curve = tuple(check_eps(e, "ε-curve value") for e in self.eps_curve)
+        if not curve:
+            raise AdvfeatError("eps_curve needs at least one value, e.g. 0,1,2,4,8 (/255)")
+        self.eps_curve = tuple(sorted(set(curve)))
+        self.cw_l2_budgets = tuple(sorted(set(self.cw_l2_budgets)))
+        self.adaptive_weights = tuple(
+            (POSITIVE("", "CE weight", a), POSITIVE("", "BCE weight", b))
+            for a, b in self.adaptive_weights
+        )
+        if float(self.adaptive_bce_target) not in (0.0, 1.0):
+            raise AdvfeatError(
+                f"adaptive_bce_target is the W_0 label of the BCE term, 0 or 1, got "
+                f"{self.adaptive_bce_target!r}"
+            )
 
 
 def _eps_key(eps: float) -> str:
@@ -80,23 +157,29 @@ def _identity(x: Tensor, y: Tensor) -> Tensor:
 
 def _pgd(ctx: EvalContext, key: str, eps: float, alpha: float, **kw: Any) -> PGD:
     return PGD(
-        ctx.model, eps=eps, alpha=alpha, steps=ctx.config.pgd_steps, seed=ctx.seed_for(key), **kw
+        ctx.model,
+        eps=eps,
+        alpha=alpha,
+        steps=options_of(ctx.config, "attacks").pgd_steps,
+        seed=ctx.seed_for(key),
+        **kw,
     )
 
 
 def _curve(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]:
     cfg = ctx.config
+    opts: AttackOptions = options_of(cfg, "attacks")
     outcomes: list[Outcome] = []
     weights: list[float] = []
     spreads: list[float] = []
-    for eps in cfg.eps_curve:
+    for eps in opts.eps_curve:
         key = f"attacks/curve/{_eps_key(eps)}"
 
         def compute(eps: float = eps, key: str = key) -> dict[str, Any]:
             attack = (
                 _identity
                 if eps == 0
-                else _pgd(ctx, key, eps, max(eps * cfg.curve_alpha_ratio, 1e-12))
+                else _pgd(ctx, key, eps, max(eps * opts.curve_alpha_ratio, 1e-12))
             )
             w0: list[float] = []
 
@@ -117,10 +200,10 @@ def _curve(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]:
             w0 = torch.tensor(saved["w0"], dtype=torch.float64)
             weights.append(float(w0.mean()))
             spreads.append(float(w0.std(correction=0)))
-    result = worst_case_curve(list(cfg.eps_curve), outcomes)
-    result["eps_255"] = [round(e * 255, 4) for e in cfg.eps_curve]
-    result["alpha_ratio"] = cfg.curve_alpha_ratio
-    result["steps"] = cfg.pgd_steps
+    result = worst_case_curve(list(opts.eps_curve), outcomes)
+    result["eps_255"] = [round(e * 255, 4) for e in opts.eps_curve]
+    result["alpha_ratio"] = opts.curve_alpha_ratio
+    result["steps"] = opts.pgd_steps
     if weights:
         result["fusion_weight_w0"] = weights
         result["fusion_weight_w1"] = [1 - w for w in weights]
@@ -132,11 +215,12 @@ def _curve(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]:
 
 def _transfer(ctx: EvalContext, dataset: Dataset) -> dict[str, Any]:
     cfg = ctx.config
+    opts: AttackOptions = options_of(cfg, "attacks")
     surrogate = ctx.surrogate
     if surrogate is None:
         return skipped("no surrogate model given (--surrogate PATH)")
     outcomes = []
-    for eps in cfg.eps_curve:
+    for eps in opts.eps_curve:
         key = f"attacks/transfer/{_eps_key(eps)}"
 
         def compute(eps: float = eps, key: str = key) -> Outcome:
@@ -146,16 +230,16 @@ def _transfer(ctx: EvalContext, dataset: Dataset) -> dict[str, Any]:
                 else PGD(
                     surrogate,
                     eps=eps,
-                    alpha=max(eps * cfg.curve_alpha_ratio, 1e-12),
-                    steps=cfg.pgd_steps,
+                    alpha=max(eps * opts.curve_alpha_ratio, 1e-12),
+                    steps=opts.pgd_steps,
                     seed=ctx.seed_for(key),
                 )
             )
             return attack_outcome(ctx, attack, dataset, f"transfer ε={eps * 255:.3g}/255")
 
         outcomes.append(_outcome(ctx, key, compute))
-    result = worst_case_curve(list(cfg.eps_curve), outcomes)
-    result["eps_255"] = [round(e * 255, 4) for e in cfg.eps_curve]
+    result = worst_case_curve(list(opts.eps_curve), outcomes)
+    result["eps_255"] = [round(e * 255, 4) for e in opts.eps_curve]
     result["surrogate"] = cfg.extra.get("surrogate", "given model")
     return result
 
@@ -175,14 +259,15 @@ def _autoattack(
     ctx: EvalContext, dataset: Dataset, pgd: dict[str, Any] | None, *, fast: bool = False
 ) -> dict[str, Any]:
     cfg = ctx.config
+    opts: AttackOptions = options_of(cfg, "attacks")
     backend = autoattack_backend()
     if backend is None:
         return skipped(f"no AutoAttack package installed ({MISSING_HINT})")
     key = "attacks/autoattack-fast" if fast else "attacks/autoattack"
     adversary = make_autoattack(
         ctx.model,
-        eps=cfg.eps,
-        version="fast" if fast else cfg.autoattack_version,
+        eps=opts.eps,
+        version="fast" if fast else opts.autoattack_version,
         seed=ctx.seed_for(key),
         num_classes=ctx.data.num_classes,
         device=ctx.device,
@@ -201,7 +286,7 @@ def _autoattack(
         first_x, _ = next(ctx.batches(dataset))
         checks = model_checks(ctx.model, first_x)
         summary = summarize(outcome)
-        checks["in_budget"] = perturbation_check(summary["max_linf"], cfg.eps, *lo_hi)
+        checks["in_budget"] = perturbation_check(summary["max_linf"], opts.eps, *lo_hi)
         if pgd is not None and "accuracy" in pgd:
             weaker = summary["accuracy"] > pgd["accuracy"] + 1e-9
             checks["not_weaker_than_pgd"] = {
@@ -226,6 +311,7 @@ def _autoattack(
 
 def _adaptive(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]:
     cfg = ctx.config
+    opts: AttackOptions = options_of(cfg, "attacks")
     if fusion is None:
         return skipped("not an AFA model (no AdaptiveFeatureAlignment module)")
 
@@ -235,9 +321,9 @@ def _adaptive(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]
                 loss = (
                     None
                     if weights is None
-                    else adaptive_loss(store, weights[0], weights[1], cfg.adaptive_bce_target)
+                    else adaptive_loss(store, weights[0], weights[1], opts.adaptive_bce_target)
                 )
-                attack = _pgd(ctx, key, cfg.eps, cfg.pgd_alpha, loss_fn=loss)
+                attack = _pgd(ctx, key, opts.eps, opts.pgd_alpha, loss_fn=loss)
                 return attack_outcome(ctx, attack, dataset, key.rsplit("/", 1)[-1])
 
         return _outcome(ctx, key, compute)
@@ -245,7 +331,7 @@ def _adaptive(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]
     detached = run_pgd("attacks/adaptive/w0_detached", detach=True, weights=None)
     per_weight: dict[str, Any] = {}
     alive = list(detached.clean)
-    for ce_w, bce_w in cfg.adaptive_weights:
+    for ce_w, bce_w in opts.adaptive_weights:
         label = f"{ce_w:g}:{bce_w:g}"
         outcome = run_pgd(f"attacks/adaptive/ce_bce={label}", detach=False, weights=(ce_w, bce_w))
         per_weight[label] = summarize(outcome)["accuracy"]
@@ -256,20 +342,21 @@ def _adaptive(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]
         "best_single_weighting": min(per_weight.values()) if per_weight else worst,
         "per_weighting": per_weight,
         "non_adaptive_w0_detached": summarize(detached),
-        "bce_target": cfg.adaptive_bce_target,
-        "eps": cfg.eps,
-        "steps": cfg.pgd_steps,
+        "bce_target": opts.adaptive_bce_target,
+        "eps": opts.eps,
+        "steps": opts.pgd_steps,
     }
 
 
 def _dense(ctx: EvalContext, task: DenseTask) -> dict[str, Any]:
     """Robust AP / mIoU under image-space PGD on the task loss (A-FAN Tables 5-6)."""
     cfg = ctx.config
-    if "pgd" not in cfg.attacks:
+    opts: AttackOptions = options_of(cfg, "attacks")
+    if "pgd" not in opts.names:
         return skipped(f"no attack chosen ({task.name} models are attacked with pgd)")
     dataset = ctx.test_set()
     attack = DensePGD(
-        task, eps=cfg.eps, alpha=cfg.pgd_alpha, steps=cfg.pgd_steps, seed=ctx.seed_for("pgd")
+        task, eps=opts.eps, alpha=opts.pgd_alpha, steps=opts.pgd_steps, seed=ctx.seed_for("pgd")
     )
     clean = ctx.unit("attacks/clean", lambda: task_metrics(ctx, task, dataset, "attacks/clean"))
     robust = ctx.unit(
@@ -281,22 +368,23 @@ def _dense(ctx: EvalContext, task: DenseTask) -> dict[str, Any]:
         **robust,
         "clean": {k: clean[k] for k in scalars},
         "drop": drop,
-        "eps": cfg.eps,
-        "alpha": cfg.pgd_alpha,
-        "steps": cfg.pgd_steps,
+        "eps": opts.eps,
+        "alpha": opts.pgd_alpha,
+        "steps": opts.pgd_steps,
         "random_start": False,
         "loss": f"{task.name} training loss against the ground truth",
     }
-    return {"eps": cfg.eps, "pgd": pgd}
+    return {"eps": opts.eps, "pgd": pgd}
 
 
-def ready(config: EvalConfig) -> None:
-    """AutoAttack needs an AutoAttack package (an optional extra)."""
-    if "autoattack" in config.attacks and autoattack_backend() is None:
-        raise AdvfeatError(
-            "AutoAttack was asked for, but no AutoAttack package is installed: pip install "
-            "'advfeat[autoattack]' (torchattacks) or the authors' autoattack package"
-        )
+def ready(config: EvalConfig) -> list[str]:
+    """AutoAttack (standard or ``autoattack-fast``) needs an AutoAttack package (an optional
+    extra)."""
+    if {"autoattack", "autoattack-fast"} & set(
+        options_of(config, "attacks").names
+    ) and autoattack_backend() is None:
+        return [f"AutoAttack was asked for, but {MISSING_HINT}"]
+    return []
 
 
 def report(att: dict[str, Any], task: str) -> list[str]:
@@ -315,65 +403,71 @@ def report(att: dict[str, Any], task: str) -> list[str]:
     plots={"accuracy_vs_eps": plot_eps_curve, "fusion_weight": plot_fusion_weight},
     per_branch=True,
     ready=ready,
+    options=AttackOptions,
+    aliases={
+        "attacks": "names",
+        **{f: f for f in AttackOptions.__dataclass_fields__ if f != "names"},
+    },
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.config
-    task = dense_task(ctx)
+    opts: AttackOptions = options_of(cfg, "attacks")
+    task = ctx.data.dense_task
     if task is not None:
         return _dense(ctx, task)
     dataset = ctx.test_set()
     fusion = find_fusion(ctx.model)
-    results: dict[str, Any] = {"eps": cfg.eps}
-    if "pgd" in cfg.attacks:
+    results: dict[str, Any] = {"eps": opts.eps}
+    if "pgd" in opts.names:
 
         def pgd() -> Outcome:
-            atk = _pgd(ctx, "attacks/pgd", cfg.eps, cfg.pgd_alpha)
-            return attack_outcome(ctx, atk, dataset, f"PGD-{cfg.pgd_steps}")
+            atk = _pgd(ctx, "attacks/pgd", opts.eps, opts.pgd_alpha)
+            return attack_outcome(ctx, atk, dataset, f"PGD-{opts.pgd_steps}")
 
         summary = summarize(_outcome(ctx, "attacks/pgd", pgd))
-        results["pgd"] = {**summary, "steps": cfg.pgd_steps, "alpha": cfg.pgd_alpha}
-    if "fgsm" in cfg.attacks:
+        results["pgd"] = {**summary, "steps": opts.pgd_steps, "alpha": opts.pgd_alpha}
+    if "fgsm" in opts.names:
 
         def fgsm() -> Outcome:
-            return attack_outcome(ctx, FGSM(ctx.model, eps=cfg.eps), dataset, "FGSM")
+            return attack_outcome(ctx, FGSM(ctx.model, eps=opts.eps), dataset, "FGSM")
 
         results["fgsm"] = summarize(_outcome(ctx, "attacks/fgsm", fgsm))
-    if "cw" in cfg.attacks:
+    if "cw" in opts.names:
 
         def cw() -> Outcome:
             atk = CWL2(
                 ctx.model,
-                c=cfg.cw_c,
-                steps=cfg.cw_steps,
-                lr=cfg.cw_lr,
-                search_steps=cfg.cw_search_steps,
+                c=opts.cw_c,
+                steps=opts.cw_steps,
+                lr=opts.cw_lr,
+                search_steps=opts.cw_search_steps,
             )
             return attack_outcome(ctx, atk, dataset, "C&W-L2")
 
         cw_outcome = _outcome(ctx, "attacks/cw", cw)
-        budgets = list(cfg.cw_l2_budgets)
+        budgets = list(opts.cw_l2_budgets)
         results["cw"] = {
             **summarize(cw_outcome),
-            "c": cfg.cw_c,
-            "steps": cfg.cw_steps,
-            "search_steps": cfg.cw_search_steps,
+            "c": opts.cw_c,
+            "steps": opts.cw_steps,
+            "search_steps": opts.cw_search_steps,
             "l2_budgets": budgets,
             "accuracy_within_l2": accuracy_within_l2(cw_outcome, budgets),
-            "label": _cw_label(cfg.cw_c, cfg.cw_steps, cfg.cw_search_steps),
+            "label": _cw_label(opts.cw_c, opts.cw_steps, opts.cw_search_steps),
         }
-    if "curve" in cfg.attacks:
+    if "curve" in opts.names:
         results["curve"] = _curve(ctx, dataset, fusion)
-    if "transfer" in cfg.attacks:
+    if "transfer" in opts.names:
         results["transfer"] = (
             _transfer(ctx, dataset)
             if ctx.surrogate is not None
             else skipped("no surrogate model given (--surrogate PATH)")
         )
-    if "autoattack" in cfg.attacks:
+    if "autoattack" in opts.names:
         results["autoattack"] = _autoattack(ctx, dataset, results.get("pgd"))
-    if "autoattack-fast" in cfg.attacks:
+    if "autoattack-fast" in opts.names:
         results["autoattack_fast"] = _autoattack(ctx, dataset, results.get("pgd"), fast=True)
-    if "adaptive" in cfg.attacks:
+    if "adaptive" in opts.names:
         results["adaptive"] = _adaptive(ctx, dataset, fusion)
     return results
 

@@ -8,7 +8,7 @@ from typing import Any
 from advfeat.eval.accuracy import evaluate_accuracy
 from advfeat.eval.context import EvalContext
 from advfeat.eval.report import DENSE_METRICS, dense_scalars, pct
-from advfeat.eval.suites.dense import dense_task, task_metrics
+from advfeat.eval.suites.dense import task_metrics
 from advfeat.eval.suites.registry import ALL_TASKS, register_suite
 
 __all__ = ["run"]
@@ -33,7 +33,7 @@ def report(c: dict[str, Any], task: str) -> list[str]:
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     dataset = ctx.test_set()
-    task = dense_task(ctx)
+    task = ctx.data.dense_task
     if task is not None:
         return ctx.unit("clean", lambda: task_metrics(ctx, task, dataset, "clean"))
     topk = (1, 5) if ctx.data.num_classes > 5 else (1,)

@@ -8,7 +8,7 @@ training mode, so a unit's result depends on ``(config.seed, unit key)`` alone. 
 metric of a task is its ``primary_metric`` (VOC mAP@0.5, A-FAN Table 5; mIoU, Table 6).
 
 The suites that measure class accuracy (corruptions, bn, divergence, hessian, features) declare
-``tasks=("classification",)`` when they register: ``EvalConfig`` rejects them for dense data
+``tasks=("classification",)`` when they register: ``chosen_suites`` rejects them for dense data
 before any work, and :meth:`~advfeat.eval.suites.Suite.run` refuses it too.
 """
 
@@ -24,13 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from advfeat.eval.context import EvalContext
 from advfeat.tasks import DenseTask
 
-__all__ = ["dense_task", "task_metrics"]
-
-
-def dense_task(ctx: EvalContext) -> DenseTask | None:
-    """The detection / segmentation task of the evaluated data, or ``None`` (classification)."""
-    task = getattr(ctx.data, "task", None)
-    return task if isinstance(task, DenseTask) else None
+__all__ = ["task_metrics"]
 
 
 def _json_number(value: Any) -> Any:

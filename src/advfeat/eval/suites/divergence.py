@@ -4,6 +4,7 @@ every shifted domain (the dataset's own and ``--domain`` image folders)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from advfeat.eval.divergence import (
 )
 from advfeat.eval.plots import plot_divergence
 from advfeat.eval.report import md_table
-from advfeat.eval.suites.registry import register_suite, skipped
+from advfeat.eval.suites.registry import options_of, register_suite, skipped
 
 __all__ = ["run"]
 
@@ -34,6 +35,18 @@ def report(dv: dict[str, Any], _task: str) -> list[str]:
     return md_table(["layer", *[p.replace("|", " vs ") for p in pairs]], rows)
 
 
+@dataclass
+class DivergenceOptions:
+    """Settings of the ``divergence`` suite."""
+
+    layers: tuple[str, ...] | None = None
+    """The sites whose feature statistics are compared (default: one per stage)."""
+
+    def validate(self, task: str) -> None:
+        if self.layers is not None:
+            self.layers = tuple(str(n) for n in self.layers)
+
+
 @register_suite(
     "divergence",
     "AdvBN Eq. 4-5 symmetric KL feature divergence per layer",
@@ -41,6 +54,8 @@ def report(dv: dict[str, Any], _task: str) -> list[str]:
     title="Feature divergence (AdvBN Eq. 4-5)",
     report=report,
     plots={"divergence": plot_divergence},
+    options=DivergenceOptions,
+    aliases={"divergence_layers": "layers"},
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     if not ctx.data.shifted:
@@ -48,7 +63,8 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.config
     test = ctx.test_set()
     probe, _ = next(ctx.batches(test, batch_size=2))
-    layers = list(cfg.divergence_layers or default_layers(ctx.model, probe))
+    chosen = options_of(cfg, "divergence").layers
+    layers = list(chosen or default_layers(ctx.model, probe))
 
     def moments_of(dataset: Any) -> dict[str, Any]:
         images = (x for x, _ in ctx.batches(dataset))

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from advfeat.eval.config import POSITIVE
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.feature_maps import feature_grid
 from advfeat.eval.plots import plot_feature_maps
-from advfeat.eval.suites.registry import register_suite, skipped
+from advfeat.eval.suites.registry import options_of, register_suite, skipped
+from advfeat.options import Integer, Text, option
 
 __all__ = ["default_site", "run"]
 
@@ -41,6 +44,19 @@ def report(f: dict[str, Any], _task: str) -> list[str]:
     ]
 
 
+@dataclass
+class FeatureOptions:
+    """Settings of the ``features`` suite (A-FAN Fig. S6)."""
+
+    site: str | None = option(None, Text(optional=True))
+    """The site whose maps are shown (default: the end of the first stage)."""
+    alpha: float = option(0.01, POSITIVE)
+    steps: int = option(1, Integer(low=1))
+    images: int = option(4, Integer(low=1))
+    magnify: float = option(20.0, POSITIVE)
+    """How much the perturbation is magnified in the picture."""
+
+
 @register_suite(
     "features",
     "clean / perturbed / re-normalized feature maps (A-FAN Fig. S6)",
@@ -49,14 +65,17 @@ def report(f: dict[str, Any], _task: str) -> list[str]:
     report=report,
     report_skipped=False,
     plots={"feature_maps": plot_feature_maps},
+    options=FeatureOptions,
+    aliases={f"feature_{key}": key for key in ("site", "alpha", "steps", "images", "magnify")},
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.config
-    site = cfg.feature_site or default_site(ctx.model)
+    opts: FeatureOptions = options_of(cfg, "features")
+    site = opts.site or default_site(ctx.model)
     if site is None:
         return skipped("no feature site found; set feature_site (e.g. layer1)")
-    subset = seeded_subset(ctx.data.test, cfg.feature_images, cfg.seed)
-    x, y = next(ctx.batches(subset, batch_size=cfg.feature_images))
+    subset = seeded_subset(ctx.data.test, opts.images, cfg.seed)
+    x, y = next(ctx.batches(subset, batch_size=opts.images))
 
     def compute() -> dict[str, Any]:
         return feature_grid(
@@ -64,9 +83,9 @@ def run(ctx: EvalContext) -> dict[str, Any]:
             x,
             y,
             site,
-            alpha=cfg.feature_alpha,
-            steps=cfg.feature_steps,
-            magnify=cfg.feature_magnify,
+            alpha=opts.alpha,
+            steps=opts.steps,
+            magnify=opts.magnify,
         )
 
     return ctx.unit("features", compute)

@@ -14,6 +14,7 @@ evaluated here on the same images with the same settings.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from advfeat.errors import AdvfeatError
 from advfeat.eval.analysis_plots import plot_landscape
+from advfeat.eval.config import POSITIVE
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.landscape import (
     filter_normalized_direction,
@@ -31,9 +33,40 @@ from advfeat.eval.landscape import (
     summarize_1d,
 )
 from advfeat.eval.report import md_table, pct, skip_lines
-from advfeat.eval.suites.registry import register_suite
+from advfeat.eval.suites.registry import options_of, register_suite
+from advfeat.options import Choice, Flag, Integer, Text, option
 
 __all__ = ["grid", "landscape_of", "run"]
+
+
+@dataclass
+class LandscapeOptions:
+    """Settings of the ``landscape`` suite (A-FAN Fig. 3; Li et al. 2018)."""
+
+    data: str = option("train", Choice("train", "test"))
+    """``train`` (the training loss, as Li et al. and A-FAN plot it) or ``test``."""
+    batches: int = option(2, Integer(low=1))
+    batch_size: int = option(128, Integer(low=1))
+    range: float = option(1.0, POSITIVE)
+    """α (and β) run over [−range, range] in units of the filter-normalised direction."""
+    points: int = option(21, Integer(low=3))
+    """Points of the 1-D curve (odd: α = 0 is one of them)."""
+    points_2d: int = option(11, Integer(low=0))
+    """Points per axis of the 2-D surface (0: no 2-D surface)."""
+    ignore_biasbn: bool = option(True, Flag())
+    """Keep biases and BN weights at their trained values (Li et al.'s ``ignore='biasbn'``)."""
+    reference: str | None = option(None, Text(optional=True))
+    """Another model's landscape, side by side: an eval JSON with a landscape suite or a
+    checkpoint."""
+
+    def validate(self, task: str) -> None:
+        if self.points % 2 == 0 or (self.points_2d % 2 == 0 and self.points_2d):
+            raise AdvfeatError(
+                "landscape: points and points_2d must be odd (so that α = 0, the trained "
+                f"weights, is on the grid), got {self.points} and {self.points_2d}"
+            )
+        if self.points_2d == 1:
+            raise AdvfeatError("landscape: points_2d must be 0 (no 2-D surface) or at least 3")
 
 
 def grid(radius: float, points: int) -> list[float]:
@@ -50,17 +83,14 @@ def grid(radius: float, points: int) -> list[float]:
 def landscape_of(ctx: EvalContext, model: nn.Module, batches: list[Any], prefix: str) -> dict:
     """The 1-D curve and (unless ``landscape_points_2d`` is 0) the 2-D surface of ``model``."""
     cfg = ctx.config
+    opts: LandscapeOptions = options_of(cfg, "landscape")
     first = torch.Generator().manual_seed(ctx.seed_for("landscape/direction/1"))
     second = torch.Generator().manual_seed(ctx.seed_for("landscape/direction/2"))
-    d1 = filter_normalized_direction(
-        model, generator=first, ignore_biasbn=cfg.landscape_ignore_biasbn
-    )
-    d2 = filter_normalized_direction(
-        model, generator=second, ignore_biasbn=cfg.landscape_ignore_biasbn
-    )
+    d1 = filter_normalized_direction(model, generator=first, ignore_biasbn=opts.ignore_biasbn)
+    d2 = filter_normalized_direction(model, generator=second, ignore_biasbn=opts.ignore_biasbn)
     params = landscape_parameters(model)
     moved = sum(p.numel() for (_, p), d in zip(params, d1, strict=True) if bool(d.ne(0).any()))
-    alphas = grid(cfg.landscape_range, cfg.landscape_points)
+    alphas = grid(opts.range, opts.points)
 
     def one() -> dict[str, Any]:
         curve = landscape_1d(model, batches, d1, alphas)
@@ -70,12 +100,12 @@ def landscape_of(ctx: EvalContext, model: nn.Module, batches: list[Any], prefix:
         "parameters": sum(p.numel() for _, p in params),
         "parameters_moved": moved,
     }
-    bar = ctx.bar(2 if cfg.landscape_points_2d else 1, "landscape")
+    bar = ctx.bar(2 if opts.points_2d else 1, "landscape")
     try:
         out["1d"] = ctx.unit(f"{prefix}/1d", one)
         bar.update(1)
-        if cfg.landscape_points_2d:
-            axis = grid(cfg.landscape_range, cfg.landscape_points_2d)
+        if opts.points_2d:
+            axis = grid(opts.range, opts.points_2d)
             out["2d"] = ctx.unit(
                 f"{prefix}/2d", lambda: landscape_2d(model, batches, (d1, d2), axis, axis)
             )
@@ -125,25 +155,28 @@ def _reference(ctx: EvalContext, path_text: str, batches: list[Any]) -> dict[str
     title="Loss landscape (A-FAN Fig. 3)",
     report=lambda result, _task: _landscape(result),
     plots={"loss_landscape": plot_landscape},
+    options=LandscapeOptions,
+    aliases={f"landscape_{f}": f for f in LandscapeOptions.__dataclass_fields__},
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.config
-    use_train = cfg.landscape_data == "train" and ctx.data.train is not None
+    opts: LandscapeOptions = options_of(cfg, "landscape")
+    use_train = opts.data == "train" and ctx.data.train is not None
     dataset = ctx.data.train if use_train else ctx.data.test
     assert dataset is not None
-    n = cfg.landscape_batches * cfg.landscape_batch_size
+    n = opts.batches * opts.batch_size
     subset = seeded_subset(dataset, n, cfg.seed)
-    batches = list(ctx.batches(subset, batch_size=cfg.landscape_batch_size))
+    batches = list(ctx.batches(subset, batch_size=opts.batch_size))
     meta = {
         "data": "train" if use_train else "test",
         "n": sum(int(y.shape[0]) for _, y in batches),
-        "range": cfg.landscape_range,
-        "ignore_biasbn": cfg.landscape_ignore_biasbn,
+        "range": opts.range,
+        "ignore_biasbn": opts.ignore_biasbn,
         "bn": "eval mode, trained running statistics",
     }
     results: dict[str, Any] = {**meta, **landscape_of(ctx, ctx.model, batches, "landscape")}
-    if cfg.landscape_reference:
-        results["reference"] = _reference(ctx, cfg.landscape_reference, batches)
+    if opts.reference:
+        results["reference"] = _reference(ctx, opts.reference, batches)
     return results
 
 

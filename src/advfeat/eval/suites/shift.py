@@ -13,7 +13,7 @@ from typing import Any
 from advfeat.eval.accuracy import evaluate_accuracy
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.report import DENSE_METRICS, dense_scalars, md_table, pct
-from advfeat.eval.suites.dense import dense_task, task_metrics
+from advfeat.eval.suites.dense import task_metrics
 from advfeat.eval.suites.registry import ALL_TASKS, register_suite, skipped
 
 __all__ = ["run"]
@@ -39,7 +39,7 @@ def report(sh: dict[str, Any], task: str) -> list[str]:
     per_branch=True,
 )
 def run(ctx: EvalContext) -> dict[str, Any]:
-    task = dense_task(ctx)
+    task = ctx.data.dense_task
     if not ctx.data.shifted:
         if task is not None:
             return skipped(f"the {task.name} dataset has no shifted domains")
