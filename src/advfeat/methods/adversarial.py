@@ -17,7 +17,7 @@ Nothing is detached inside the losses: as in both papers' objectives (and their 
 gradients flow through f(x) in the KL term and through the weight (1 − p_y(x)) of MART.
 
 The attack, :func:`pixel_attack`, is the L∞ :class:`~advfeat.attacks.pixel.PGD` of
-``advfeat.attacks.pixel``; what differs between the papers is collected in :data:`RECIPES`:
+``advfeat.attacks.pixel``; what differs between the papers is collected in :data:`PAPER_ATTACKS`:
 
 ========  ====================  ===============================  =====================
 base      attack maximises      start                            BN mode of the attack
@@ -52,13 +52,13 @@ __all__ = [
     "BASES",
     "EPS",
     "INIT_STD",
+    "PAPER_ATTACKS",
     "RANDOM_START",
-    "RECIPES",
     "STEP",
     "STEPS",
     "AttackLoss",
-    "AttackRecipe",
     "Base",
+    "PaperAttack",
     "PixelAdversarialTraining",
     "RandomStart",
     "adversarial_term",
@@ -79,7 +79,7 @@ RANDOM_STARTS: tuple[str, ...] = get_args(RandomStart)
 
 
 @dataclass(frozen=True)
-class AttackRecipe:
+class PaperAttack:
     """How one paper generates its training attack (see the module table)."""
 
     loss: AttackLoss
@@ -87,10 +87,10 @@ class AttackRecipe:
     bn_mode: Literal["train", "eval"]
 
 
-RECIPES: dict[str, AttackRecipe] = {
-    "pgd-at": AttackRecipe(loss="ce", random_start="uniform", bn_mode="train"),
-    "trades": AttackRecipe(loss="kl", random_start="normal", bn_mode="eval"),
-    "mart": AttackRecipe(loss="ce", random_start="normal", bn_mode="eval"),
+PAPER_ATTACKS: dict[str, PaperAttack] = {
+    "pgd-at": PaperAttack(loss="ce", random_start="uniform", bn_mode="train"),
+    "trades": PaperAttack(loss="kl", random_start="normal", bn_mode="eval"),
+    "mart": PaperAttack(loss="ce", random_start="normal", bn_mode="eval"),
 }
 
 
@@ -251,13 +251,13 @@ INIT_STD = Number(low=0)
 class PixelAdversarialTraining(Method):
     """Common part of ``pgd-at``, ``trades`` and ``mart``: option checks and the attack.
 
-    Subclasses set ``recipe`` (a key of :data:`RECIPES`) and declare ``Options`` with the fields
+    Subclasses set ``paper_attack`` (a key of :data:`PAPER_ATTACKS`) and declare ``Options`` with the fields
     ``eps``, ``alpha``, ``steps``, ``random_start``, ``init_std`` and ``attack_bn_mode``, each with
     its constraint (:data:`EPS`, :data:`STEP`, :data:`STEPS`, :data:`RANDOM_START`,
     :data:`INIT_STD`, :data:`~advfeat.methods.base.ATTACK_BN_MODE`).
     """
 
-    recipe: ClassVar[str] = ""
+    paper_attack: ClassVar[str] = ""
 
     def adversarial_examples(
         self, net: nn.Module, x: Tensor, y: Tensor, clean_logits: Tensor | None = None
@@ -271,7 +271,7 @@ class PixelAdversarialTraining(Method):
             eps=o.eps,
             alpha=o.alpha,
             steps=o.steps,
-            loss=RECIPES[self.recipe].loss,
+            loss=PAPER_ATTACKS[self.paper_attack].loss,
             clean_logits=clean_logits,
             random_start=o.random_start,
             init_std=o.init_std,

@@ -75,8 +75,8 @@ from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.methods.adversarial import (
     BASES,
     INIT_STD,
+    PAPER_ATTACKS,
     RANDOM_STARTS,
-    RECIPES,
     STEPS,
     RandomStart,
     adversarial_term,
@@ -353,9 +353,9 @@ class AFA(Method):
 
     def _attack_settings(self) -> tuple[RandomStart, Literal["train", "eval"]]:
         """Random start and BN mode of the stage-I attack: the options, else the base's."""
-        recipe = RECIPES[self.opts.base]
-        start = cast(RandomStart, self.opts.random_start or recipe.random_start)
-        bn_mode = cast(Literal["train", "eval"], self.opts.attack_bn_mode or recipe.bn_mode)
+        paper = PAPER_ATTACKS[self.opts.base]
+        start = cast(RandomStart, self.opts.random_start or paper.random_start)
+        bn_mode = cast(Literal["train", "eval"], self.opts.attack_bn_mode or paper.bn_mode)
         return start, bn_mode
 
     def _stage1(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:
@@ -365,7 +365,7 @@ class AFA(Method):
         batch, reps = x.shape[0], len(names) - 1
         route = [(name, batch) for name in names[1:]]
         start, bn_mode = self._attack_settings()
-        recipe = RECIPES[o.base]
+        paper = PAPER_ATTACKS[o.base]
         own_reference = o.clean_reference == "own-branch" and o.base != "pgd-at"
         x_rep, y_rep = x.repeat(reps, *([1] * (x.dim() - 1))), y.repeat(reps)
         eps = torch.tensor(self.grid_255[1:], dtype=x.dtype, device=x.device) / 255
@@ -397,7 +397,7 @@ class AFA(Method):
                 eps=eps_k,
                 alpha=o.alpha_ratio * eps_k,
                 steps=o.steps,
-                loss=recipe.loss,
+                loss=paper.loss,
                 clean_logits=t,
                 random_start=start,
                 init_std=o.init_std,
@@ -414,7 +414,7 @@ class AFA(Method):
         logits_clean: Tensor | None = None
         logits_ref: Tensor | None = None  # f_ref(x) of the loss when it is f_k(x) ("own-branch")
         target: Tensor | None = None  # f_ref(x) as the KL attack of TRADES sees it (detached)
-        if recipe.loss == "kl" and bn_mode == "train":  # the training forward gives these values
+        if paper.loss == "kl" and bn_mode == "train":  # the training forward gives these values
             if own_reference:
                 logits_ref = per_branch(forward, x_rep)
                 target = logits_ref.detach()
@@ -422,9 +422,9 @@ class AFA(Method):
                 with use_branch(net, names[0]):
                     logits_clean = model(x)
                 target = logits_clean.detach().repeat(reps, 1)
-        elif recipe.loss == "kl" and own_reference:
+        elif paper.loss == "kl" and own_reference:
             target = per_branch(reference, x_rep)
-        elif recipe.loss == "kl":
+        elif paper.loss == "kl":
             ref = clean_reference_logits(net, x, bn_mode="eval", branch=names[0])
             target = ref.repeat(reps, 1)
         x_adv = per_branch(attack, x_rep, y_rep, eps, target)

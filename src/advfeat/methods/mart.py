@@ -38,7 +38,7 @@ class MART(PixelAdversarialTraining):
 
     name = "mart"
     paper = "Wang et al., ICLR 2020"
-    recipe = "mart"
+    paper_attack = "mart"
 
     @dataclass
     class Options:

@@ -39,7 +39,7 @@ class PGDAT(PixelAdversarialTraining):
 
     name = "pgd-at"
     paper = "Madry et al., ICLR 2018"
-    recipe = "pgd-at"
+    paper_attack = "pgd-at"
 
     @dataclass
     class Options:

@@ -40,7 +40,7 @@ class TRADES(PixelAdversarialTraining):
 
     name = "trades"
     paper = "Zhang et al., ICML 2019"
-    recipe = "trades"
+    paper_attack = "trades"
 
     @dataclass
     class Options:
