@@ -12,8 +12,8 @@ from torch.utils.data import TensorDataset
 from advfeat.eval import EvalData, evaluate
 from advfeat.eval.divergence import (
     default_layers,
-    feature_moments,
     gaussian_kl,
+    layer_moments,
     near_constant_channels,
     symmetric_kl_divergence,
 )
@@ -64,7 +64,7 @@ def test_divergence_matches_the_closed_form_on_gaussian_data() -> None:
     model = FeatureNet().eval()
     xa, xb = _gaussian_images(A, 200, 0), _gaussian_images(B, 200, 1)
     moments = [
-        feature_moments(model, (x[i : i + 64] for i in range(0, 200, 64)), ["features"])["features"]
+        layer_moments(model, (x[i : i + 64] for i in range(0, 200, 64)), ["features"])["features"]
         for x in (xa, xb)
     ]
     (mu_a, sd_a), (mu_b, sd_b) = (m.mean_std() for m in moments)

@@ -38,8 +38,8 @@ from advfeat.sites import capture_features
 __all__ = [
     "ChannelMoments",
     "default_layers",
-    "feature_moments",
     "gaussian_kl",
+    "layer_moments",
     "near_constant_channels",
     "symmetric_kl_divergence",
 ]
@@ -146,7 +146,7 @@ def _is_feature_map(model: nn.Module, name: str, feature: object) -> bool:
     return feature.ndim == 4
 
 
-def feature_moments(
+def layer_moments(
     model: nn.Module,
     batches: Iterable[Tensor],
     layers: Sequence[str],

@@ -12,7 +12,7 @@ import torch
 from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.divergence import (
     default_layers,
-    feature_moments,
+    layer_moments,
     near_constant_channels,
     symmetric_kl_divergence,
 )
@@ -68,7 +68,7 @@ def run(ctx: EvalContext) -> dict[str, Any]:
 
     def moments_of(dataset: Any) -> dict[str, Any]:
         images = (x for x, _ in ctx.batches(dataset))
-        found = feature_moments(ctx.model, images, layers)
+        found = layer_moments(ctx.model, images, layers)
         out = {}
         for name, m in found.items():
             mean, std = m.mean_std()
