@@ -16,10 +16,11 @@ from torchvision import models as tv_models
 from torchvision.models.convnext import CNBlockConfig
 
 from advfeat.errors import AdvfeatError
-from advfeat.export import export_run, load_exported_state
+from advfeat.export import build_exported, export_run, load_exported_state
 from advfeat.methods import build_method
 from advfeat.methods.feature_aug import TailFallback, report_tail_fallback
 from advfeat.models import attach_normalize, build_model
+from advfeat.norm import AdaptiveFeatureAlignment
 from advfeat.sites import (
     SiteSplit,
     capture_features,
@@ -310,3 +311,47 @@ def test_an_untraceable_model_says_so_in_one_line_and_falls_back_correctly() -> 
     feature = torch.randn(3, 4, requires_grad=True)
     out = SiteSplit(model, "blocks.1").tail(feature, x=x)
     torch.testing.assert_close(out, model.head(feature))
+
+
+# ------------------------------------------------------------------------- AFA stage II on a ViT
+def test_afa_stage2_on_a_vit_fuses_every_layer_norm_and_exports_the_same_logits(
+    tmp_path: Path,
+) -> None:
+    """Stage I (3 LayerNorm branches), stage II from its checkpoint, export: the exported model
+    gives the trained stage-II logits, and every fused LayerNorm blends its two frozen branches
+    with one W_0 per sample, broadcast over the tokens and channels of (N, L, C)."""
+    torch.manual_seed(0)
+    stage1 = tiny_run("afa", "timm:vit_tiny_patch16_224", SIZE, **TIMM_VIT)
+    stage1.method_options = {"num_branches": 3, "steps": 1}
+    Trainer(stage1, tmp_path / "s1").fit()
+    stage2 = tiny_run("afa", "timm:vit_tiny_patch16_224", SIZE, **TIMM_VIT)
+    stage2.method_options = {
+        "num_branches": 3,
+        "steps": 1,
+        "stage": 2,
+        "stage1_checkpoint": str(tmp_path / "s1" / "checkpoint.pt"),
+    }
+    trainer = Trainer(stage2, tmp_path / "s2")
+    trainer.fit()
+    fused = trainer.method.eval_model(trainer.model).eval()
+    assert isinstance(fused, AdaptiveFeatureAlignment)
+    layer_norms = 2 * TIMM_VIT["depth"] + 1  # two per block and the final norm
+    assert [isinstance(m.first, nn.LayerNorm) for m in fused.fused_layers] == [True] * layer_norms
+
+    x = torch.rand(4, 3, SIZE, SIZE)
+    layer = fused.fused_layers[0]
+    with torch.no_grad(), capture_features(fused, ["model.blocks.0.norm1"]) as feats:
+        hook = layer.register_forward_pre_hook(lambda _m, args: feats.update(tokens=args[0]))
+        logits, w0 = fused(x, return_weight=True)
+        hook.remove()
+    tokens, out = feats["tokens"], feats["model.blocks.0.norm1"]
+    assert tokens.shape == (4, (SIZE // 4) ** 2 + 1, TIMM_VIT["embed_dim"])  # (N, L, C)
+    assert w0.shape == (4,) and bool(((w0 > 0) & (w0 < 1)).all())
+    w = w0[:, None, None]
+    torch.testing.assert_close(out, w * layer.first(tokens) + (1 - w) * layer.last(tokens))
+    assert not torch.allclose(layer.first(tokens), layer.last(tokens))  # the branches differ
+
+    export_run(tmp_path / "s2", tmp_path / "export")
+    exported = build_exported(tmp_path / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), logits)
