@@ -4,6 +4,7 @@ and the tail after a ViT block is the full model with the block's output replace
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +15,12 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.models.convnext import CNBlockConfig
 
-from advfeat.export import export_run, load_exported_state
+from advfeat.errors import AdvfeatError
+from advfeat.export import build_exported, export_run, load_exported_state
 from advfeat.methods import build_method
 from advfeat.methods.feature_aug import TailFallback, report_tail_fallback
 from advfeat.models import attach_normalize, build_model
+from advfeat.norm import AdaptiveFeatureAlignment
 from advfeat.sites import (
     SiteSplit,
     capture_features,
@@ -38,6 +41,15 @@ FEW_STEPS = {"alfa": 1, "l-alfa": 1, "afan": 1, "pgd-at": 2, "trades": 2, "mart"
 TIMM_VIT = {"patch_size": 4, "depth": 2, "embed_dim": 16, "num_heads": 2}
 TIMM_CONVNEXT = {"depths": (1, 1, 2, 1), "dims": (8, 8, 16, 16)}
 TV_VIT = {"patch_size": 4, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
+TV_CONVNEXT = {"patch_size": 2, "depths": [1, 2, 1], "dims": [8, 16, 16]}
+
+
+def stock_tv_convnext(num_classes: int = 10) -> nn.Module:
+    """What ``torchvision:convnext_tiny`` with :data:`TV_CONVNEXT` is, from torchvision alone."""
+    setting = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, 16, 2), CNBlockConfig(16, None, 1)]
+    model = tv_models.ConvNeXt(setting, stochastic_depth_prob=0.1, num_classes=num_classes)
+    model.features[0][0] = nn.Conv2d(3, 8, kernel_size=2, stride=2)
+    return model
 
 
 def tv_convnext() -> nn.Module:
@@ -171,6 +183,12 @@ def tiny_run(method: str, model: str, size: int, **model_options: object) -> Tra
             TV_VIT,
             lambda: tv_models.VisionTransformer(image_size=SIZE, num_classes=8, **TV_VIT),
         ),
+        (
+            "advprop",
+            "torchvision:convnext_tiny",
+            TV_CONVNEXT,
+            lambda: stock_tv_convnext(num_classes=8),
+        ),
     ],
 )
 def test_export_gives_the_stock_keys_and_logits(
@@ -190,6 +208,48 @@ def test_export_gives_the_stock_keys_and_logits(
     x = torch.rand(4, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(plain((x - mean) / std), trained(x))
+
+
+# ------------------------------------------------------ torchvision ConvNeXt shape options
+def test_torchvision_convnext_follows_its_shape_options() -> None:
+    torch.manual_seed(0)
+    model = build_model("torchvision:convnext_tiny", image_size=32, **TV_CONVNEXT)
+    stem = model.features[0][0]
+    assert (stem.kernel_size, stem.stride, stem.out_channels) == ((2, 2), (2, 2), 8)
+    assert stages(model) == ["features.1", "features.3", "features.5"]
+    assert [len(model.get_submodule(s)) for s in stages(model)] == [1, 2, 1]
+    assert last_stage(model) == "features.5"
+    with capture_features(model, stages(model)) as feats:
+        logits = model(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 10)
+    shapes = [tuple(feats[s].shape) for s in stages(model)]
+    assert shapes == [(2, 8, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4)]  # stride 2, then ×2 each
+    rates = [block.stochastic_depth.p for block in model.modules() if hasattr(block, "layer_scale")]
+    assert rates == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1])  # convnext_tiny's 0.1, linear
+    assert set(model.state_dict()) - {"normalize.mean", "normalize.std"} == set(
+        stock_tv_convnext().state_dict()
+    )
+    plain = build_model("torchvision:convnext_tiny", depths=[1, 1, 1, 1], stochastic_depth_prob=0)
+    assert plain.features[0][0].kernel_size == (4, 4)  # the paper's stem unless asked
+    assert [m.stochastic_depth.p for m in plain.features[7]] == [0.0]
+    assert [plain.features[i][0].block[0].in_channels for i in (1, 3, 5, 7)] == [96, 192, 384, 768]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"depths": [1, 2], "dims": [8, 16, 32]}, "one value per stage"),
+        ({"depths": "1,1"}, "list of positive integers"),
+        ({"patch_size": 0}, "positive integer"),
+        ({"patch_size": 16}, "at least 128 px, got 32"),
+        ({"depth": [1, 1, 1, 1]}, "does not accept option(s) depth"),
+        ({"pretrained": True, "dims": [8, 8, 8, 8]}, "built without weights"),
+    ],
+)
+def test_torchvision_convnext_refuses_wrong_shapes_in_one_line(options: dict, message: str) -> None:
+    with pytest.raises(AdvfeatError, match=re.escape(message)) as info:
+        build_model("torchvision:convnext_tiny", image_size=32, **options)
+    assert "\n" not in str(info.value)
 
 
 # ----------------------------------------------------------------------------- tail only
@@ -251,3 +311,47 @@ def test_an_untraceable_model_says_so_in_one_line_and_falls_back_correctly() -> 
     feature = torch.randn(3, 4, requires_grad=True)
     out = SiteSplit(model, "blocks.1").tail(feature, x=x)
     torch.testing.assert_close(out, model.head(feature))
+
+
+# ------------------------------------------------------------------------- AFA stage II on a ViT
+def test_afa_stage2_on_a_vit_fuses_every_layer_norm_and_exports_the_same_logits(
+    tmp_path: Path,
+) -> None:
+    """Stage I (3 LayerNorm branches), stage II from its checkpoint, export: the exported model
+    gives the trained stage-II logits, and every fused LayerNorm blends its two frozen branches
+    with one W_0 per sample, broadcast over the tokens and channels of (N, L, C)."""
+    torch.manual_seed(0)
+    stage1 = tiny_run("afa", "timm:vit_tiny_patch16_224", SIZE, **TIMM_VIT)
+    stage1.method_options = {"num_branches": 3, "steps": 1}
+    Trainer(stage1, tmp_path / "s1").fit()
+    stage2 = tiny_run("afa", "timm:vit_tiny_patch16_224", SIZE, **TIMM_VIT)
+    stage2.method_options = {
+        "num_branches": 3,
+        "steps": 1,
+        "stage": 2,
+        "stage1_checkpoint": str(tmp_path / "s1" / "checkpoint.pt"),
+    }
+    trainer = Trainer(stage2, tmp_path / "s2")
+    trainer.fit()
+    fused = trainer.method.eval_model(trainer.model).eval()
+    assert isinstance(fused, AdaptiveFeatureAlignment)
+    layer_norms = 2 * TIMM_VIT["depth"] + 1  # two per block and the final norm
+    assert [isinstance(m.first, nn.LayerNorm) for m in fused.fused_layers] == [True] * layer_norms
+
+    x = torch.rand(4, 3, SIZE, SIZE)
+    layer = fused.fused_layers[0]
+    with torch.no_grad(), capture_features(fused, ["model.blocks.0.norm1"]) as feats:
+        hook = layer.register_forward_pre_hook(lambda _m, args: feats.update(tokens=args[0]))
+        logits, w0 = fused(x, return_weight=True)
+        hook.remove()
+    tokens, out = feats["tokens"], feats["model.blocks.0.norm1"]
+    assert tokens.shape == (4, (SIZE // 4) ** 2 + 1, TIMM_VIT["embed_dim"])  # (N, L, C)
+    assert w0.shape == (4,) and bool(((w0 > 0) & (w0 < 1)).all())
+    w = w0[:, None, None]
+    torch.testing.assert_close(out, w * layer.first(tokens) + (1 - w) * layer.last(tokens))
+    assert not torch.allclose(layer.first(tokens), layer.last(tokens))  # the branches differ
+
+    export_run(tmp_path / "s2", tmp_path / "export")
+    exported = build_exported(tmp_path / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), logits)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision import models as tv_models
+from torchvision.models.convnext import CNBlockConfig
 
 from advfeat.errors import AdvfeatError, unknown_name
 
@@ -129,8 +130,9 @@ def build_torchvision(
     defaults to ``image_size <= 64`` for randomly initialized ResNets and to ``False`` with
     pretrained weights, whose stem it would discard. GoogLeNet and Inception-v3 are built without
     auxiliary heads (``aux_logits=False``) unless asked, so they return logits in train mode too;
-    ViTs without pretrained weights are built for ``image_size``. Other options ``kw`` go to the
-    model's constructor.
+    ViTs without pretrained weights are built for ``image_size``; ViTs and ConvNeXts without
+    weights take shape options (:data:`VIT_SHAPE_OPTIONS`, :data:`CONVNEXT_SHAPE_OPTIONS`).
+    Other options ``kw`` go to the model's constructor.
     """
     if name not in _torchvision_names():
         choices = [f"torchvision:{n}" for n in _torchvision_names()]
@@ -147,15 +149,22 @@ def build_torchvision(
     weights_classes = _weights_label_count(name) if pretrained else None
     if weights_classes is None:
         kw["num_classes"] = num_classes
+    is_convnext = name.startswith("convnext_")
+    if is_convnext:
+        _check_convnext_options(name, kw, pretrained=pretrained)
     try:
         if not pretrained and VIT_SHAPE_OPTIONS & set(kw) and name.startswith("vit_"):
             model = _reshaped_vit(name, kw)
+        elif is_convnext and not pretrained:
+            model = _reshaped_convnext(name, kw, image_size)
         else:
             model = tv_models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
     except TypeError as err:
         raise AdvfeatError(
             f"torchvision model {name!r} rejected the options {options}: {err}"
         ) from None
+    except AdvfeatError:
+        raise
     except (ValueError, AssertionError) as err:
         raise AdvfeatError(f"torchvision model {name!r}: {err or 'invalid options'}") from None
     if weights_classes is not None and weights_classes != num_classes:
@@ -190,6 +199,102 @@ def _reshaped_vit(name: str, kw: dict[str, Any]) -> nn.Module:
         "mlp_dim": stock.mlp_dim,
     }
     return tv_models.VisionTransformer(**{**shape, **kw})
+
+
+CONVNEXT_SHAPE_OPTIONS = frozenset({"patch_size", "depths", "dims"})
+"""Options that reshape a randomly initialized torchvision ConvNeXt, named as timm names them.
+
+``patch_size``: the stem's kernel and stride (4 in the paper; 1 or 2 keeps 32-px inputs from
+shrinking to 1×1 in the last stage); ``depths``: blocks per stage; ``dims``: channels per stage.
+They become torchvision's own ``block_setting`` (a ``CNBlockConfig`` per stage); the constructor's
+``stochastic_depth_prob`` and ``layer_scale`` are accepted as they are.
+"""
+
+_CONVNEXT_OPTIONS = CONVNEXT_SHAPE_OPTIONS | {"stochastic_depth_prob", "layer_scale"}
+
+
+def _check_convnext_options(name: str, kw: dict[str, Any], *, pretrained: bool) -> None:
+    """Refuse what torchvision's ConvNeXt would silently ignore (it takes ``**kwargs``)."""
+    unknown = sorted(set(kw) - _CONVNEXT_OPTIONS - {"num_classes", "block", "norm_layer"})
+    if unknown:
+        raise AdvfeatError(
+            f"torchvision model {name!r} does not accept option(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(sorted(_CONVNEXT_OPTIONS))}"
+        )
+    shape = sorted(CONVNEXT_SHAPE_OPTIONS & set(kw))
+    if pretrained and shape:
+        raise AdvfeatError(
+            f"{', '.join(shape)} reshape a ConvNeXt built without weights; the pretrained "
+            f"{name!r} has its own shape (drop the option, or build without weights)"
+        )
+
+
+def _reshaped_convnext(name: str, kw: dict[str, Any], image_size: int) -> nn.Module:
+    """torchvision ConvNeXt ``name`` without weights, with :data:`CONVNEXT_SHAPE_OPTIONS` applied.
+
+    Unset options keep the named model's values (depths, widths and stochastic depth are read
+    from a copy built on the meta device). The stem of another ``patch_size`` is a fresh
+    ``Conv2d(3, dims[0], patch_size, stride=patch_size)`` initialized as torchvision does, so the
+    module names (and the state_dict's keys) stay torchvision's.
+    """
+    patch_size = _positive_int(name, "patch_size", kw.pop("patch_size", 4))
+    depths, dims = kw.pop("depths", None), kw.pop("dims", None)
+    if depths is None and dims is None:
+        model = tv_models.get_model(name, weights=None, **kw)
+    else:
+        with torch.device("meta"):
+            stock = tv_models.get_model(name, weights=None)
+        stages = list(stock.features[1::2])
+        # the last block's rate is the model's (torchvision scales it linearly up to the last)
+        kw.setdefault("stochastic_depth_prob", round(stages[-1][-1].stochastic_depth.p, 6))
+        depths = _positive_ints(name, "depths", depths, [len(stage) for stage in stages])
+        dims = _positive_ints(
+            name, "dims", dims, [stage[0].block[0].in_channels for stage in stages]
+        )
+        if len(depths) != len(dims):
+            raise AdvfeatError(
+                f"torchvision model {name!r}: depths {depths} and dims {dims} must have one "
+                f"value per stage, as many of each"
+            )
+        outputs: list[int | None] = [*dims[1:], None]
+        setting = [
+            CNBlockConfig(width, out, depth)
+            for width, out, depth in zip(dims, outputs, depths, strict=True)
+        ]
+        model = tv_models.ConvNeXt(setting, **kw)
+    smallest = patch_size * 2 ** (len(model.features[1::2]) - 1)
+    if image_size < smallest:
+        raise AdvfeatError(
+            f"torchvision model {name!r} with patch_size {patch_size} and "
+            f"{len(model.features[1::2])} stages needs images of at least {smallest} px, got "
+            f"{image_size}; set model_options.patch_size smaller or use fewer stages"
+        )
+    if patch_size != 4:
+        old = model.features[0][0]
+        stem = nn.Conv2d(3, old.out_channels, patch_size, stride=patch_size)
+        nn.init.trunc_normal_(stem.weight, std=0.02)
+        nn.init.zeros_(stem.bias)  # type: ignore[arg-type]
+        model.features[0][0] = stem
+    return model
+
+
+def _positive_int(name: str, option: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdvfeatError(
+            f"torchvision model {name!r}: {option} must be a positive integer, got {value!r}"
+        )
+    return value
+
+
+def _positive_ints(name: str, option: str, value: Any, default: list[int]) -> list[int]:
+    if value is None:
+        return default
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+        raise AdvfeatError(
+            f"torchvision model {name!r}: {option} must be a list of positive integers, one per "
+            f"stage (e.g. [2, 2, 6, 2]), got {value!r}"
+        )
+    return [_positive_int(name, option, v) for v in value]
 
 
 def _weights_label_count(name: str) -> int:
