@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from advfeat.attacks.feature import BNStatsAttack, advbn_feature
 from advfeat.errors import AdvfeatError
 from advfeat.eval.divergence import ChannelMoments, default_layers
-from advfeat.eval.divergence import feature_moments as divergence_moments
+from advfeat.eval.divergence import layer_moments as divergence_moments
 from advfeat.layouts import (
     CHANNELS_FIRST,
     FeatureLayout,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from advfeat.attacks.feature import MultiSiteFeaturePGD
-from advfeat.eval.divergence import ChannelMoments, feature_moments
+from advfeat.eval.divergence import ChannelMoments, layer_moments
 from advfeat.eval.feature_maps import perturb_feature
 from advfeat.sites import capture_features
 
@@ -120,9 +120,9 @@ def test_perturb_feature_returns_the_site_output() -> None:
     assert delta.shape == clean.shape and delta.abs().max() > 0
 
 
-def test_feature_moments_are_those_of_the_site_output() -> None:
+def test_layer_moments_are_those_of_the_site_output() -> None:
     model, (x, _) = in_place_net(), batch()
-    moments = feature_moments(model, [x, x.flip(0)], ["bn"])["bn"]
+    moments = layer_moments(model, [x, x.flip(0)], ["bn"])["bn"]
     expected = ChannelMoments()
     for images in (x, x.flip(0)):
         expected.update(site_outputs(model, images, ["bn"])["bn"])

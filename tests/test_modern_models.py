@@ -355,3 +355,24 @@ def test_afa_stage2_on_a_vit_fuses_every_layer_norm_and_exports_the_same_logits(
     exported = build_exported(tmp_path / "export")
     with torch.no_grad():
         torch.testing.assert_close(exported(x), logits)
+
+
+def test_feature_maps_of_a_vit_are_its_patch_token_grid() -> None:
+    """The ``features`` suite on a ViT (A-FAN Fig. S6): the first block's patch tokens laid out
+    on their grid, the class token left out, and its maps in the results."""
+    from advfeat.eval.feature_maps import as_map, feature_grid
+    from advfeat.eval.suites.features import default_site
+
+    model = build_model("timm:vit_tiny_patch16_224", image_size=SIZE, **TIMM_VIT).eval()
+    assert default_site(model) == "blocks.0"
+    side = SIZE // TIMM_VIT["patch_size"]
+    tokens = torch.randn(2, 1 + side * side, 16)
+    grid = as_map(model, "blocks.0", tokens)
+    assert grid.shape == (2, 16, side, side)
+    # token t (after the class token) is pixel (t // side, t % side) of channel c
+    torch.testing.assert_close(grid[1, 5, 2, 3], tokens[1, 1 + 2 * side + 3, 5])
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    maps = feature_grid(model, x, torch.tensor([0, 1]), "blocks.0", alpha=0.1, steps=1, magnify=5)
+    clean = maps["maps"]["clean"]
+    assert len(clean) == 2 and len(clean[0]) == side and len(clean[0][0]) == side
+    assert maps["maps"]["perturbed ×1"] != clean  # the attack moved the tokens

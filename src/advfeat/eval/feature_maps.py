@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from advfeat.attacks.base import attack_guard
 from advfeat.attacks.feature import FeaturePGD
 from advfeat.errors import AdvfeatError
+from advfeat.layouts import site_layout
 from advfeat.methods.feature_aug import adversarial_feature_normalization
 from advfeat.sites import capture_features
 
@@ -33,7 +34,9 @@ def perturb_feature(
     model: nn.Module, x: Tensor, y: Tensor, site: str, *, alpha: float, steps: int
 ) -> tuple[Tensor, Tensor]:
     """``(f_clean, δ)``: the site's clean output and ``steps`` unbounded sign-gradient steps of
-    size ``alpha`` ascending the cross-entropy (ALFA Eq. 2 with ε = ∞)."""
+    size ``alpha`` ascending the cross-entropy (ALFA Eq. 2 with ε = ∞), both as maps
+    (N, C, H, W): a channels-last output is moved, a ViT's patch tokens (N, L, C) are laid out
+    on their square grid without the class tokens (:mod:`advfeat.layouts`)."""
     # a copy: the rest of the forward may write into the site's output (`out += identity`)
     with (
         attack_guard(model),
@@ -42,13 +45,30 @@ def perturb_feature(
     ):
         model(x)
     clean = f[site]
-    if not isinstance(clean, Tensor) or clean.ndim != 4:
+    if not isinstance(clean, Tensor) or clean.ndim not in (3, 4):
         shape = tuple(clean.shape) if isinstance(clean, Tensor) else type(clean).__name__
         raise AdvfeatError(
-            f"feature site {site!r} must output a feature map (N, C, H, W), got {shape}"
+            f"feature site {site!r} must output a feature map (N, C, H, W), (N, H, W, C) or "
+            f"tokens (N, L, C), got {shape}"
         )
     delta = FeaturePGD(model, site, alpha=alpha, steps=steps)(x, y, feature=clean)
-    return clean, delta
+    return as_map(model, site, clean), as_map(model, site, delta)
+
+
+def as_map(model: nn.Module, site: str, feature: Tensor) -> Tensor:
+    """``feature`` (the output of ``site``, or a perturbation of it) as (N, C, H, W)."""
+    layout = site_layout(model, site, feature)
+    grid = layout.to_channels_first(feature)
+    if layout.kind != "tokens":
+        return grid
+    patches = grid[:, :, layout.prefix_tokens :]
+    side = round(patches.shape[2] ** 0.5)
+    if side * side != patches.shape[2]:
+        raise AdvfeatError(
+            f"feature site {site!r}: {patches.shape[2]} patch tokens do not form a square grid; "
+            "set features.site to a site with a square token grid or a feature map"
+        )
+    return patches.reshape(*patches.shape[:2], side, side)
 
 
 def _show(t: Tensor, channel: int) -> list[list[list[float]]]:

@@ -19,7 +19,8 @@ __all__ = ["default_site", "run"]
 
 
 def default_site(model: nn.Module) -> str | None:
-    """The first residual stage (``layer1``), as in the paper's figure; else the first block.
+    """The first residual stage (``layer1``), as in the paper's figure; a ViT's first block and
+    a ConvNeXt's first stage (``blocks.0``, ``stages.0``); else the first block.
 
     A wrapper holding the network as its child ``model`` (AFA, BN-branch views) is looked into.
     """
@@ -27,9 +28,13 @@ def default_site(model: nn.Module) -> str | None:
     if "model" in names and "layer1" not in names:
         inner = default_site(model.get_submodule("model"))
         return None if inner is None else f"model.{inner}"
-    for name in ("layer1", "block1", "features", "blocks", "stages"):
+    for name in ("layer1", "block1", "features"):
         if name in names:
             return name
+    for name in ("blocks", "stages"):
+        if name in names:
+            first = next(iter(model.get_submodule(name).named_children()), None)
+            return name if first is None else f"{name}.{first[0]}"
     for name, child in model.named_children():
         if name != "normalize" and any(True for _ in child.parameters()):
             return name
