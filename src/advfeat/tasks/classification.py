@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
+from advfeat.data.bundle import DatasetBundle
+from advfeat.models import build_model
 from advfeat.modes import eval_mode
 from advfeat.sites import last_stage
 from advfeat.tasks.base import ForwardPass, Task, TaskPass
+from advfeat.tasks.registry import register_task
 
 __all__ = ["ClassificationTask", "topk_counts", "topk_hits"]
 
@@ -36,6 +39,7 @@ def topk_hits(logits: Tensor, y: Tensor, topk: Sequence[int]) -> dict[int, int]:
     return dict(zip(topk, topk_counts(logits, y, topk).tolist(), strict=True))
 
 
+@register_task
 class ClassificationTask(Task):
     """Cross-entropy training, summed cross-entropy for attacks, top-k accuracy.
 
@@ -67,6 +71,17 @@ class ClassificationTask(Task):
 
     def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
         return ForwardPass(self, model, x, y, sites, replay=False)
+
+    def build_model(self, name: str, data: DatasetBundle, **options: Any) -> nn.Module:
+        """Classifier ``name`` of :data:`advfeat.models.MODELS` for ``data``."""
+        return build_model(
+            name,
+            num_classes=data.num_classes,
+            mean=data.mean,
+            std=data.std,
+            image_size=data.image_size,
+            **options,
+        )
 
     def default_sites(self, model: nn.Module) -> list[str]:
         """The last stage (:func:`advfeat.sites.last_stage`), "the last block" of ALFA / A-FAN."""
