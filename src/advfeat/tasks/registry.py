@@ -29,7 +29,7 @@ def register_task(cls: T) -> T:
 def build_task(name: str, num_classes: int) -> Task:
     """The task ``name`` (a dataset bundle's ``task``) with its defaults, for ``num_classes``
     classes (the background included for detection and segmentation)."""
-    return TASKS.get(name)(num_classes)  # type: ignore[call-arg]
+    return TASKS.get(name)(num_classes)  # type: ignore[call-arg]  # each task takes its classes
 
 
 def model_task(model: str) -> str:
