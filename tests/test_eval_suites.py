@@ -175,3 +175,14 @@ def test_top_k_accuracy_of_evaluation_and_task_is_one_count() -> None:
     assert topk_counts(x, y, (1, 3)).tolist() == [expected[1], expected[3]]
     acc = evaluate_accuracy(nn.Identity(), TensorDataset(x, y), batch_size=16, topk=(1, 3))
     assert acc == {"top1": expected[1] / 50, "top3": expected[3] / 50}
+    # the task's evaluation (the trainer's) runs the same loop: top-1 and, detailed, top-5
+    from torch.utils.data import DataLoader
+
+    from advfeat.tasks import ClassificationTask
+
+    model = nn.Sequential(nn.Identity()).train()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    top5 = int((ranks < 5).sum()) / 50
+    detailed = ClassificationTask(7).evaluate(model, loader, detailed=True)
+    assert detailed == {"acc": expected[1] / 50, "top5": top5} and model.training
+    assert ClassificationTask(7).evaluate(model, loader) == {"acc": expected[1] / 50}

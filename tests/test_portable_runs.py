@@ -13,6 +13,7 @@ from PIL import Image
 
 from advfeat.cli import main
 from advfeat.eval.loading import load_run, rebuild_model
+from advfeat.tasks import ClassificationTask
 
 
 def _image_folder(root: Path) -> None:
@@ -50,6 +51,7 @@ def test_moved_checkpoint_rebuilds_without_its_data(moved_run: tuple[Path, Path]
     rebuilt = rebuild_model(run / "checkpoint.pt")
     assert not rebuilt.data_read
     assert rebuilt.data.num_classes == 2 and rebuilt.data.image_size == 16
+    assert isinstance(rebuilt.task, ClassificationTask) and rebuilt.task.num_classes == 2
     assert main(["export", str(run)]) == 0
     assert (run / "export" / "model.pt").is_file()
 
@@ -68,5 +70,6 @@ def test_eval_reads_the_moved_data_with_data_dir(
     results = json.loads(out.read_text())
     loaded = load_run(run / "checkpoint.pt", data_dir=str(data))
     assert len(loaded.data.test) == 8  # type: ignore[arg-type]
+    assert isinstance(loaded.task, ClassificationTask) and "task" not in loaded.info
     assert 0.0 <= results["suites"]["clean"]["top1"] <= 1.0
     assert results["suites"]["clean"]["n"] == 8

@@ -66,16 +66,7 @@ from advfeat.methods import METHODS, Method, PrepareContext
 from advfeat.methods.registry import build_task_method
 from advfeat.models import build_model
 from advfeat.sites import frontier_capture
-from advfeat.tasks import (
-    DETECTORS,
-    SEGMENTERS,
-    ClassificationTask,
-    DetectionTask,
-    SegmentationTask,
-    Task,
-    build_detector,
-    build_segmenter,
-)
+from advfeat.tasks import DETECTORS, SEGMENTERS, ClassificationTask, Task, build_task
 from advfeat.train.graphs import CapturedStep, CudaGraphs, GraphBackend, use_tensor_learning_rates
 
 __all__ = [
@@ -253,16 +244,8 @@ def _task_batch(setup: _Setup, dev: torch.device) -> tuple[Task, nn.Module, Any,
             augment=False,
             seed=setup.seed,
         )
-        task: Task
-        model: nn.Module
-        if detection:
-            task = DetectionTask(bundle.num_classes)
-            model = build_detector(
-                name, bundle.num_classes, image_size=size, mean=bundle.mean, std=bundle.std
-            )
-        else:
-            task = SegmentationTask(bundle.num_classes)
-            model = build_segmenter(name, bundle.num_classes, mean=bundle.mean, std=bundle.std)
+        task = build_task(bundle.task, bundle.num_classes)
+        model = task.build_model(name, bundle)
         x, y = task.collate([bundle.train[i] for i in range(batch)])
         x, y = task.to_device(x, y, dev)
         return task, model, x, y

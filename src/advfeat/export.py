@@ -564,6 +564,7 @@ def export_run(
     """
     from advfeat.checkpoint import atomic_write_json, atomic_write_text, checkpoint_digest
     from advfeat.eval.loading import rebuild_model
+    from advfeat.tasks import ClassificationTask
 
     for fmt in formats:
         if fmt not in FORMATS:
@@ -574,7 +575,7 @@ def export_run(
     if path.is_dir():
         path = path / "checkpoint.pt"
     rebuilt = rebuild_model(path)
-    if rebuilt.task is not None:
+    if not isinstance(rebuilt.task, ClassificationTask):
         raise AdvfeatError(
             f"advfeat export writes classifiers; this run is a {rebuilt.task.name} model"
         )

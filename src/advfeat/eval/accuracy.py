@@ -1,4 +1,5 @@
-"""Top-k accuracy of a classifier over a dataset (evaluation mode, restored afterwards)."""
+"""Top-k accuracy of a classifier over a dataset (evaluation mode, restored afterwards): the loop
+of :class:`~advfeat.tasks.ClassificationTask`, :func:`~advfeat.tasks.classification.topk_accuracy`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from advfeat.modes import eval_mode
-from advfeat.tasks.classification import topk_counts
+from advfeat.tasks.classification import topk_accuracy
 
 __all__ = ["eval_mode", "evaluate_accuracy"]
 
@@ -22,17 +23,11 @@ def evaluate_accuracy(
     topk: tuple[int, ...] = (1,),
     workers: int = 0,
 ) -> dict[str, float]:
-    """Return ``{"top1": ..., "top5": ...}`` (fractions in [0, 1]) of ``model`` on ``dataset``."""
+    """Return ``{"top1": ..., "top5": ...}`` (fractions in [0, 1]) of ``model`` on ``dataset``
+    (in order, ``batch_size`` images a batch)."""
     pin = torch.device(device).type == "cuda"
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin
     )
-    hits = torch.zeros(len(topk), dtype=torch.long, device=device)  # read once, at the end
-    total = 0
-    with eval_mode(model):
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            hits += topk_counts(model(x), y, topk)
-            total += y.numel()
-    counts = hits.tolist()
-    return {f"top{k}": counts[i] / max(total, 1) for i, k in enumerate(topk)}
+    accuracy = topk_accuracy(model, loader, device=device, topk=topk)
+    return {f"top{k}": v for k, v in accuracy.items()}

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from advfeat.checkpoint import atomic_write_json
 from advfeat.errors import AdvfeatError
 from advfeat.eval.config import EvalConfig
-from advfeat.tasks import DenseTask
+from advfeat.tasks import ClassificationTask, DenseTask, Task
 
 __all__ = ["EvalContext", "EvalData", "PartialStore", "seeded_subset"]
 
@@ -34,7 +34,12 @@ PARTIAL_FORMAT = "advfeat-eval-partial/1"
 
 @dataclass
 class EvalData:
-    """The datasets an evaluation may use (items: ``(image in [0, 1] CHW, class index)``)."""
+    """The datasets an evaluation may use, and the task that evaluates them.
+
+    Items are ``(image in [0, 1] CHW, target)`` as ``task`` collates them: a class index for
+    the default :class:`~advfeat.tasks.ClassificationTask` (of ``num_classes`` classes), boxes
+    or masks for a detection / segmentation task.
+    """
 
     test: Dataset
     num_classes: int
@@ -44,18 +49,22 @@ class EvalData:
     """Un-augmented training images (the Hessian suite's loss is the training loss)."""
     shifted: dict[str, Dataset] = field(default_factory=dict)
     """Shifted test domains by name (same classes as ``test``)."""
+    task: Task = field(default_factory=ClassificationTask)
+    """What evaluates the data (its metrics, :meth:`Task.evaluate`)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task, ClassificationTask) and self.task.num_classes is None:
+            self.task = ClassificationTask(self.num_classes)
 
     @property
     def dense_task(self) -> DenseTask | None:
-        """The detection / segmentation task that evaluates this data (``None``: class labels;
-        :class:`~advfeat.eval.loading.DenseEvalData` has one)."""
-        return None
+        """The detection / segmentation task that evaluates this data (``None``: class labels)."""
+        return self.task if isinstance(self.task, DenseTask) else None
 
     @property
     def task_name(self) -> str:
-        """Which task this data is for: ``classification``, or the dense task's name."""
-        task = self.dense_task
-        return task.name if task is not None else "classification"
+        """Which task this data is for: ``classification``, ``detection``, ``segmentation``."""
+        return self.task.name
 
 
 def seeded_subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:

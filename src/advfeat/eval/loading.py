@@ -1,11 +1,11 @@
 """From a checkpoint written by ``advfeat train`` to a model and its data, ready to evaluate.
 
-A run's model is rebuilt exactly as the trainer built it (``build_parts(cfg)``: architecture,
-then ``method.prepare``), its weights loaded, and ``method.eval_model`` applied — the model the
-trainer itself evaluated. The prepared model (every BN branch kept) is returned too, for the
-``bn`` suite. Detection and segmentation runs also return their task
-(:class:`~advfeat.tasks.DetectionTask` / :class:`~advfeat.tasks.SegmentationTask`), which the
-dense suites evaluate with. Checkpoints are read with ``weights_only=True``.
+A run's model is rebuilt exactly as the trainer built it (``build_parts(cfg)``: the task, its
+model, then ``method.prepare_with``), its weights loaded, and ``method.eval_model`` applied — the
+model the trainer itself evaluated. The prepared model (every BN branch kept) is returned too,
+for the ``bn`` suite, with the run's task (:class:`~advfeat.tasks.ClassificationTask`,
+:class:`~advfeat.tasks.DetectionTask`, :class:`~advfeat.tasks.SegmentationTask`), which the
+suites evaluate with. Checkpoints are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ from advfeat.checkpoint import checkpoint_digest, load_checkpoint
 from advfeat.data import DatasetBundle, build_dataset
 from advfeat.errors import AdvfeatError
 from advfeat.eval.context import EvalData
-from advfeat.tasks import DenseTask, DetectionTask, SegmentationTask
+from advfeat.tasks import ClassificationTask, DenseTask, Task, build_task
 from advfeat.train.config import TrainConfig
 
 __all__ = [
     "DenseEvalData",
     "LoadedRun",
     "RebuiltModel",
-    "dense_task_for",
     "eval_data",
     "load_run",
     "load_weights",
@@ -40,13 +39,7 @@ __all__ = [
 @dataclass
 class DenseEvalData(EvalData):
     """:class:`EvalData` of a detection or segmentation model: items are ``(image, target)``
-    as the task collates them, and ``task`` computes the metrics (AP / mIoU)."""
-
-    task: DenseTask | None = None
-
-    @property
-    def dense_task(self) -> DenseTask | None:
-        return self.task
+    as the task collates them, and ``task`` (required) computes the metrics (AP / mIoU)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, DenseTask):
@@ -67,8 +60,8 @@ class LoadedRun:
     data: DatasetBundle
     epoch: int
     info: dict[str, Any] = field(default_factory=dict)
-    task: DenseTask | None = None
-    """The run's detection / segmentation task (``None`` for classification)."""
+    task: Task = field(default_factory=ClassificationTask)
+    """The run's task (``build_parts``'s)."""
 
     @property
     def run_dir(self) -> Path:
@@ -183,7 +176,8 @@ class RebuiltModel:
     """What the model was built from: the checkpoint's description of its data (empty splits),
     or, for checkpoints that do not record it, the training data itself (``data_read``)."""
     data_read: bool = False
-    task: DenseTask | None = None
+    task: Task = field(default_factory=ClassificationTask)
+    """The run's task (``build_parts``'s)."""
 
 
 def rebuild_model(
@@ -291,7 +285,7 @@ def load_run(
     partial = state.get("partial")
     if isinstance(partial, dict):  # a preempted run: weights from the middle of an epoch
         info["stopped_mid_epoch"] = {"epoch": int(partial["epoch"]) + 1, "step": partial["step"]}
-    if rebuilt.task is not None:
+    if isinstance(rebuilt.task, DenseTask):  # a classification run's record stays as it was
         info["task"] = rebuilt.task.name
     epoch = int(state.get("epoch", -1))
     return LoadedRun(
@@ -299,36 +293,13 @@ def load_run(
     )
 
 
-def dense_task_for(bundle: DatasetBundle) -> DenseTask:
-    """The task ``advfeat train`` builds for a detection / segmentation bundle (its defaults)."""
-    if bundle.task == "detection":
-        return DetectionTask(bundle.num_classes)
-    if bundle.task == "segmentation":
-        return SegmentationTask(bundle.num_classes)
-    raise AdvfeatError(f"{bundle.task} data has no detection / segmentation task")
-
-
-def eval_data(bundle: DatasetBundle, task: DenseTask | None = None) -> EvalData:
-    """The evaluation view of a dataset bundle (test, un-augmented train, shifted domains).
-
-    A detection / segmentation bundle gives :class:`DenseEvalData` with ``task`` (default: the
-    task ``advfeat train`` builds for it).
-    """
-    if bundle.task != "classification":
-        task = task if task is not None else dense_task_for(bundle)
-        if task.name != bundle.task:
-            raise AdvfeatError(f"a {task.name} task cannot evaluate {bundle.task} data")
-        return DenseEvalData(
-            test=bundle.test,
-            num_classes=bundle.num_classes,
-            class_names=list(bundle.class_names),
-            image_size=bundle.image_size,
-            train=bundle.train,
-            shifted=dict(bundle.shifted),
-            task=task,
-        )
-    if task is not None:
-        raise AdvfeatError("a detection / segmentation task cannot evaluate classification data")
+def eval_data(bundle: DatasetBundle, task: Task | None = None) -> EvalData:
+    """The evaluation view of a dataset bundle (test, un-augmented train, shifted domains) with
+    the task that evaluates it (default: the one ``advfeat train`` builds for the bundle,
+    :func:`~advfeat.tasks.build_task`)."""
+    task = task if task is not None else build_task(bundle.task, bundle.num_classes)
+    if task.name != bundle.task:
+        raise AdvfeatError(f"a {task.name} task cannot evaluate {bundle.task} data")
     return EvalData(
         test=bundle.test,
         num_classes=bundle.num_classes,
@@ -336,4 +307,5 @@ def eval_data(bundle: DatasetBundle, task: DenseTask | None = None) -> EvalData:
         image_size=bundle.image_size,
         train=bundle.train,
         shifted=dict(bundle.shifted),
+        task=task,
     )

@@ -33,6 +33,7 @@ import platform
 import time
 from collections.abc import Iterable
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from advfeat.eval.preflight import announce, missing_packages
 from advfeat.eval.report import markdown_report
 from advfeat.eval.suites import SUITES, chosen_suites, ordered_suites, split_options, suite_options
 from advfeat.eval.trajectories import eta_trajectories
-from advfeat.tasks import DenseTask
+from advfeat.tasks import DenseTask, Task
 
 __all__ = [
     "RESULT_FORMAT",
@@ -121,16 +122,16 @@ def _as_data(
     dataset: DatasetBundle | EvalData | Dataset,
     model: nn.Module,
     device: torch.device,
-    task: DenseTask | None = None,
+    task: Task | None = None,
 ) -> EvalData:
-    if task is not None and not isinstance(task, DenseTask):
+    if task is not None and not isinstance(task, Task):
         raise AdvfeatError(
-            "task must be a DetectionTask or SegmentationTask (advfeat.tasks), got "
-            f"{type(task).__name__}"
+            "task must be an advfeat Task (advfeat.tasks: ClassificationTask, DetectionTask, "
+            f"SegmentationTask), got {type(task).__name__}"
         )
     if isinstance(dataset, EvalData):
-        if task is not None and getattr(dataset, "task", None) is not task:
-            raise AdvfeatError("pass the task inside DenseEvalData(task=...) or with a Dataset")
+        if task is not None and dataset.task is not task:
+            raise AdvfeatError("pass the task inside EvalData(task=...) or with a Dataset")
         return dataset
     if isinstance(dataset, DatasetBundle):
         return eval_data(dataset, task)
@@ -141,12 +142,13 @@ def _as_data(
         )
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise AdvfeatError("the dataset is empty")
-    if task is not None:
+    if isinstance(task, DenseTask):  # targets are boxes or masks: the task knows the classes
         return DenseEvalData(test=dataset, num_classes=task.num_classes, task=task)
     image, _ = dataset[0]
     with torch.no_grad(), eval_mode(model):
         classes = int(model(image[None].to(device)).shape[1])
-    return EvalData(test=dataset, num_classes=classes, image_size=int(image.shape[-1]))
+    data = EvalData(test=dataset, num_classes=classes, image_size=int(image.shape[-1]))
+    return data if task is None else replace(data, task=task)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -163,9 +165,7 @@ def _add_domains(data: EvalData, domains: dict[str, str] | None) -> EvalData:
         if name in shifted:
             raise AdvfeatError(f"domain name {name!r} is already taken; choose another NAME=PATH")
         shifted[name] = ImageFolderDomain(path, data.class_names, data.image_size)
-    return EvalData(
-        data.test, data.num_classes, data.class_names, data.image_size, data.train, shifted
-    )
+    return replace(data, shifted=shifted)
 
 
 def _check_dense_extras(task: str, **given: Any) -> None:
@@ -227,7 +227,7 @@ def evaluate(
     run_dir: str | Path | None = None,
     report: bool = True,
     plots: bool = True,
-    task: DenseTask | None = None,
+    task: Task | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (images in [0, 1] → logits) on ``dataset`` with the named suites.
@@ -249,8 +249,10 @@ def evaluate(
         surrogate: model (or checkpoint path) for the black-box transfer attack.
         baseline: eval JSON, checkpoint path or model normalising the corruption error (mCE).
         domains: extra shifted domains, ``{name: image folder}``.
-        task: the :class:`~advfeat.tasks.DetectionTask` / :class:`~advfeat.tasks.SegmentationTask`
-            that evaluates ``model`` on a plain ``Dataset`` (a bundle's is built from it).
+        task: the :class:`~advfeat.tasks.Task` that evaluates ``model`` (a
+            :class:`~advfeat.tasks.DetectionTask` / :class:`~advfeat.tasks.SegmentationTask` for a
+            plain ``Dataset`` of dense targets; default: a bundle's own task, classification
+            for a plain ``Dataset``).
 
     Returns the results (the JSON written to ``out``).
     """

@@ -1,5 +1,8 @@
 """Tasks: classification, detection and segmentation — losses, metrics, models, robust evaluation.
 
+Each task registers itself in :data:`TASKS`; :func:`build_task` builds a run's task from the
+name its dataset gives (``bundle.task``).
+
 >>> from advfeat.methods import build_method
 >>> from advfeat.tasks import DetectionTask, build_detector
 >>> task = DetectionTask(num_classes=9)
@@ -19,6 +22,7 @@ from advfeat.tasks.metrics import (
     iou_from_confusion,
 )
 from advfeat.tasks.models import DETECTORS, SEGMENTERS, build_detector, build_segmenter
+from advfeat.tasks.registry import TASKS, build_task, model_task, register_task
 from advfeat.tasks.robust import DETECTION_PGD, SEGMENTATION_PGD, DensePGD, robust_evaluate
 from advfeat.tasks.segmentation import SegmentationTask, check_masks
 
@@ -27,6 +31,7 @@ __all__ = [
     "DETECTORS",
     "SEGMENTATION_PGD",
     "SEGMENTERS",
+    "TASKS",
     "ClassificationTask",
     "DeepLabV3Plus",
     "DensePGD",
@@ -42,9 +47,12 @@ __all__ = [
     "batchnorm_eval",
     "build_detector",
     "build_segmenter",
+    "build_task",
     "check_detection_targets",
     "check_masks",
     "confusion_matrix",
     "iou_from_confusion",
+    "model_task",
+    "register_task",
     "robust_evaluate",
 ]

@@ -12,7 +12,7 @@ classification-or-not branches.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from advfeat.capture import block_capture
+from advfeat.data.bundle import DatasetBundle
 from advfeat.errors import AdvfeatError
 from advfeat.modes import restored_train_flags
 from advfeat.norm.stats import batchnorm_modules
@@ -169,6 +170,8 @@ class Task(ABC):
     """
 
     name: str = ""
+    models: Container[str] = ()
+    """The model names this task builds besides classifiers (:func:`advfeat.tasks.model_task`)."""
     metrics: tuple[str, ...] = ()
     primary_metric: str = ""
     autocast: bool = True
@@ -245,6 +248,12 @@ class Task(ABC):
         """Run the training forward pass, capturing ``sites`` (see :class:`TaskPass`)."""
 
     # --------------------------------------------------------------------- model, metrics
+    @abstractmethod
+    def build_model(self, name: str, data: DatasetBundle, **options: Any) -> nn.Module:
+        """This task's model ``name`` for ``data`` (its classes, normalisation and image size),
+        with a run's ``model_options``; a name the task has no model of raises
+        :class:`AdvfeatError`."""
+
     @abstractmethod
     def default_sites(self, model: nn.Module) -> list[str]:
         """The feature sites A-FAN perturbs by default in this task's models."""

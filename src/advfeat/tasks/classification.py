@@ -8,7 +8,7 @@ primary one) and top-5 accuracy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -16,11 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
+from advfeat.data.bundle import DatasetBundle
+from advfeat.models import build_model
 from advfeat.modes import eval_mode
 from advfeat.sites import last_stage
 from advfeat.tasks.base import ForwardPass, Task, TaskPass
+from advfeat.tasks.registry import register_task
 
-__all__ = ["ClassificationTask", "topk_counts", "topk_hits"]
+__all__ = ["ClassificationTask", "topk_accuracy", "topk_counts", "topk_hits"]
 
 
 def topk_counts(logits: Tensor, y: Tensor, topk: Sequence[int]) -> Tensor:
@@ -36,6 +39,32 @@ def topk_hits(logits: Tensor, y: Tensor, topk: Sequence[int]) -> dict[int, int]:
     return dict(zip(topk, topk_counts(logits, y, topk).tolist(), strict=True))
 
 
+@torch.no_grad()
+def topk_accuracy(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: torch.device | str = "cpu",
+    topk: Sequence[int] = (1,),
+    attack: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> dict[int, float]:
+    """``{k: top-k accuracy}`` of ``model`` in eval mode (its flags restored afterwards) over the
+    ``(images, labels)`` batches of ``loader``, on images attacked by ``attack(x, y)`` when given.
+    The hits are counted on the device and read once, after the last batch."""
+    hits = torch.zeros(len(topk), dtype=torch.long, device=device)
+    total = 0
+    with eval_mode(model):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if attack is not None:
+                with torch.enable_grad():
+                    x = attack(x, y)
+            hits += topk_counts(model(x), y, topk)
+            total += y.numel()
+    return {k: n / max(total, 1) for k, n in zip(topk, hits.tolist(), strict=True)}
+
+
+@register_task
 class ClassificationTask(Task):
     """Cross-entropy training, summed cross-entropy for attacks, top-k accuracy.
 
@@ -68,6 +97,17 @@ class ClassificationTask(Task):
     def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
         return ForwardPass(self, model, x, y, sites, replay=False)
 
+    def build_model(self, name: str, data: DatasetBundle, **options: Any) -> nn.Module:
+        """Classifier ``name`` of :data:`advfeat.models.MODELS` for ``data``."""
+        return build_model(
+            name,
+            num_classes=data.num_classes,
+            mean=data.mean,
+            std=data.std,
+            image_size=data.image_size,
+            **options,
+        )
+
     def default_sites(self, model: nn.Module) -> list[str]:
         """The last stage (:func:`advfeat.sites.last_stage`), "the last block" of ALFA / A-FAN."""
         return [last_stage(model)]
@@ -79,7 +119,6 @@ class ClassificationTask(Task):
         """``{"acc": top-1 hits}`` of a batch, counted on the device."""
         return {} if logits is None else {"acc": (logits.detach().argmax(1) == y).sum()}
 
-    @torch.no_grad()
     def evaluate(
         self,
         model: nn.Module,
@@ -89,17 +128,8 @@ class ClassificationTask(Task):
         attack: Any = None,
         detailed: bool = False,
     ) -> dict[str, Any]:
-        """Top-1 (``acc``) and top-5 accuracy in eval mode; ``attack(x, y)`` first when given."""
+        """Top-1 (``acc``) and top-5 accuracy in eval mode (:func:`topk_accuracy`);
+        ``attack(x, y)`` first when given."""
         topk = (1, 5) if detailed and (self.num_classes or 0) > 5 else (1,)
-        hits = dict.fromkeys(topk, 0)
-        total = 0
-        with eval_mode(model):
-            for x, y in loader:
-                x, y = self.to_device(x, y, torch.device(device))
-                if attack is not None:
-                    with torch.enable_grad():
-                        x = attack(x, y)
-                for k, n in topk_hits(model(x), y, topk).items():
-                    hits[k] += n
-                total += y.numel()
-        return {("acc" if k == 1 else f"top{k}"): hits[k] / max(total, 1) for k in topk}
+        accuracy = topk_accuracy(model, loader, device=device, topk=topk, attack=attack)
+        return {("acc" if k == 1 else f"top{k}"): v for k, v in accuracy.items()}

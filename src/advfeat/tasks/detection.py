@@ -14,13 +14,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advfeat.data.bundle import detection_collate
+from advfeat.data.bundle import DatasetBundle, detection_collate
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.tasks.base import DenseTask, HookPass, TaskPass, check_images, last_child
 from advfeat.tasks.detection_pass import DetectionPass
 from advfeat.tasks.metrics import DetectionMeter
+from advfeat.tasks.models import DETECTORS, build_detector
+from advfeat.tasks.registry import register_task
 
-__all__ = ["ROI_TERMS", "RPN_TERMS", "DetectionTask", "check_detection_targets"]
+__all__ = [
+    "ROI_TERMS",
+    "RPN_TERMS",
+    "SMALL_DETECTION_IMAGES",
+    "DetectionTask",
+    "check_detection_targets",
+]
+
+SMALL_DETECTION_IMAGES = 256
+"""Detection images up to this size are square generated ones: the detector keeps their size and
+scales its anchors to it; larger sizes are the shorter side torchvision resizes real photos to."""
 
 RPN_TERMS = ("loss_objectness", "loss_rpn_box_reg")
 ROI_TERMS = ("loss_classifier", "loss_box_reg")
@@ -80,6 +92,7 @@ def check_detection_targets(images: Sequence[Tensor], targets: Any, num_classes:
             )
 
 
+@register_task
 class DetectionTask(DenseTask):
     """Faster R-CNN training loss, attack objective and COCO/VOC evaluation.
 
@@ -92,6 +105,7 @@ class DetectionTask(DenseTask):
     """
 
     name = "detection"
+    models = DETECTORS
     metrics = ("ap", "ap50", "ap75")
     primary_metric = "ap50"
     autocast = False  # torchvision's box coder and ROI pooling want float32
@@ -151,6 +165,16 @@ class DetectionTask(DenseTask):
         return [x.to(device) for x in images], [
             {k: v.to(device) for k, v in t.items()} for t in targets
         ]
+
+    def build_model(self, name: str, data: DatasetBundle, **options: Any) -> nn.Module:
+        """Detector ``name`` of :data:`~advfeat.tasks.DETECTORS` for ``data``: small square
+        images (up to :data:`SMALL_DETECTION_IMAGES`) keep their size, larger ones set the
+        shorter side torchvision resizes to."""
+        if name not in DETECTORS:
+            raise unknown_name("detection model", name, DETECTORS)
+        size_key = "image_size" if data.image_size <= SMALL_DETECTION_IMAGES else "min_size"
+        options = {size_key: data.image_size, **options}
+        return build_detector(name, data.num_classes, mean=data.mean, std=data.std, **options)
 
     def default_sites(self, model: nn.Module) -> list[str]:
         """``backbone.body.<last stage>`` and ``roi_heads.box_head`` (A-FAN §5: "the last layer of

@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advfeat.errors import AdvfeatError
+from advfeat.data.bundle import DatasetBundle
+from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.tasks.base import DenseTask, ForwardPass, TaskPass, check_images, last_child
 from advfeat.tasks.metrics import SegmentationMeter
+from advfeat.tasks.models import SEGMENTERS, build_segmenter
+from advfeat.tasks.registry import register_task
 
 __all__ = ["SegmentationTask", "check_masks", "segmentation_logits"]
 
@@ -57,10 +60,12 @@ def segmentation_logits(output: Any) -> Tensor:
     return output
 
 
+@register_task
 class SegmentationTask(DenseTask):
     """Pixel cross-entropy with ignore index, attack objective and mIoU evaluation."""
 
     name = "segmentation"
+    models = SEGMENTERS
     metrics = ("miou", "pixel_acc")
     primary_metric = "miou"
 
@@ -108,6 +113,12 @@ class SegmentationTask(DenseTask):
 
     def to_device(self, images: Any, targets: Any, device: torch.device) -> tuple[Any, Any]:
         return images.to(device), targets.to(device)
+
+    def build_model(self, name: str, data: DatasetBundle, **options: Any) -> nn.Module:
+        """Segmenter ``name`` of :data:`~advfeat.tasks.SEGMENTERS` for ``data``."""
+        if name not in SEGMENTERS:
+            raise unknown_name("segmentation model", name, SEGMENTERS)
+        return build_segmenter(name, data.num_classes, mean=data.mean, std=data.std, **options)
 
     def default_sites(self, model: nn.Module) -> list[str]:
         """The last backbone stage and the decoder (DeepLabV3+) or the head's last ReLU (DeepLabV3)

@@ -1,9 +1,12 @@
-"""Build the dataset, model and method of a run from its configuration (train and eval share it).
+"""Build the dataset, task, model and method of a run from its configuration (train and eval
+share it).
 
-Every run gets a :class:`~advfeat.tasks.Task` (classification, detection, segmentation), a model
-(:func:`advfeat.models.build_model`, or a detector / segmenter from :mod:`advfeat.tasks.models`)
-and the method built for that task (:func:`advfeat.methods.registry.build_task_method`: the methods
-whose ``tasks`` include it — ``standard``, ``alfa``, ``afan`` for detection and segmentation).
+Every run gets the :class:`~advfeat.tasks.Task` its dataset names
+(:func:`advfeat.tasks.build_task`: classification, detection, segmentation), the task's model
+(:meth:`Task.build_model`: :func:`advfeat.models.build_model`, a detector or a segmenter) and the
+method built for that task (:func:`advfeat.methods.registry.build_task_method`: the methods whose
+``tasks`` include it — ``standard``, ``alfa``, ``afan`` for detection and segmentation), which
+prepares the model (:meth:`Method.prepare_with`).
 """
 
 from __future__ import annotations
@@ -17,37 +20,22 @@ from torch import nn
 from advfeat.checkpoint import read_initial_weights
 from advfeat.data import DatasetBundle, build_dataset
 from advfeat.data.bundle import check_dataset
-from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.errors import AdvfeatError
 from advfeat.methods import Method, PrepareContext
-from advfeat.methods.registry import build_task_method, task_methods
+from advfeat.methods.registry import build_task_method
 from advfeat.models import build_model
-from advfeat.tasks import (
-    DETECTORS,
-    SEGMENTERS,
-    ClassificationTask,
-    DenseTask,
-    DetectionTask,
-    SegmentationTask,
-    Task,
-    build_detector,
-    build_segmenter,
-)
+from advfeat.tasks import DenseTask, Task, build_task, model_task
 from advfeat.train.config import TrainConfig
 from advfeat.train.graphs import resolve_cuda_graph, run_refusal
 
 __all__ = [
     "RunParts",
     "build_data",
-    "build_dense_parts",
     "build_parts",
     "check_config",
     "input_shape",
     "prepare_context",
 ]
-
-SMALL_DETECTION_IMAGES = 256
-"""Detection images up to this size are square generated ones: the detector keeps their size and
-scales its anchors to it; larger sizes are the shorter side torchvision resizes real photos to."""
 
 
 @dataclass
@@ -55,9 +43,8 @@ class RunParts:
     data: DatasetBundle
     model: nn.Module
     method: Method
-    task: DenseTask | None = None
-    """The detection / segmentation task (``None`` for classification); every method carries
-    its task as ``method.task``."""
+    task: Task
+    """The run's task (classification, detection, segmentation), also ``method.task``."""
 
 
 _RUN_KEYS = {
@@ -99,37 +86,25 @@ def check_config(cfg: TrainConfig, *, check_device: bool = True) -> None:
     cfg.validate()
     device = resolve_device(cfg.device) if check_device else None
     check_dataset(cfg.dataset, cfg.data_dir, **_dataset_arguments(cfg, {}))
-    dense = cfg.model in DETECTORS or cfg.model in SEGMENTERS
-    task: Task = ClassificationTask()
-    if dense:
-        task = DetectionTask(2) if cfg.model in DETECTORS else SegmentationTask(2)
+    task = build_task(model_task(cfg.model), 2)  # the data's classes are not read here
     method = build_task_method(cfg.method, task, **cfg.method_options)
     if device is not None and cfg.cuda_graph == "true":
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         refusal = run_refusal(cfg, device, method.capture_refusal(), distributed=distributed)
         resolve_cuda_graph(cfg.cuda_graph, refusal)
-    if not dense:
+    if not isinstance(task, DenseTask):  # a classifier's options are checked by building it
         build_model(cfg.model, num_classes=10, **cfg.model_options)
 
 
 def build_parts(cfg: TrainConfig, data: DatasetBundle | None = None) -> RunParts:
-    """Dataset, model (already prepared by the method), method and, for dense data, task."""
+    """Dataset, task, method, and the task's model prepared by the method."""
     cfg.validate()
     data = data if data is not None else build_data(cfg)
-    if data.task != "classification":
-        return build_dense_parts(cfg, data)
-    task = ClassificationTask(data.num_classes)
+    task = build_task(data.task, data.num_classes)
     method = build_task_method(cfg.method, task, **cfg.method_options)
-    model = build_model(
-        cfg.model,
-        num_classes=data.num_classes,
-        mean=data.mean,
-        std=data.std,
-        image_size=data.image_size,
-        **cfg.model_options,
-    )
+    model = task.build_model(cfg.model, data, **cfg.model_options)
     model = method.prepare_with(model, prepare_context(method, data))
-    return RunParts(data=data, model=model, method=method)
+    return RunParts(data=data, model=model, method=method, task=task)
 
 
 def prepare_context(method: Method, data: DatasetBundle) -> PrepareContext:
@@ -147,32 +122,3 @@ def input_shape(data: DatasetBundle) -> tuple[int, ...]:
     if len(train) > 0:
         return tuple(train[0][0].shape)
     return (len(data.mean), data.image_size, data.image_size)
-
-
-def build_dense_parts(cfg: TrainConfig, data: DatasetBundle) -> RunParts:
-    """Task, detector / segmenter and dense method for a detection or segmentation dataset."""
-    if cfg.method not in task_methods(data.task):
-        raise AdvfeatError(
-            f"method {cfg.method!r} has no {data.task} version; {data.task} datasets "
-            f"({cfg.dataset!r}) train with: {', '.join(task_methods(data.task))}"
-        )
-    task: DenseTask | None = None
-    """The detection / segmentation task (``None`` for classification); every method carries
-    its task as ``method.task``."""
-    model: nn.Module
-    if data.task == "detection":
-        if cfg.model not in DETECTORS:
-            raise unknown_name("detection model", cfg.model, DETECTORS)
-        task = DetectionTask(data.num_classes)
-        size_key = "image_size" if data.image_size <= SMALL_DETECTION_IMAGES else "min_size"
-        options = {size_key: data.image_size, **cfg.model_options}
-        model = build_detector(cfg.model, data.num_classes, mean=data.mean, std=data.std, **options)
-    else:
-        if cfg.model not in SEGMENTERS:
-            raise unknown_name("segmentation model", cfg.model, SEGMENTERS)
-        task = SegmentationTask(data.num_classes)
-        model = build_segmenter(
-            cfg.model, data.num_classes, mean=data.mean, std=data.std, **cfg.model_options
-        )
-    method = build_task_method(cfg.method, task, **cfg.method_options)
-    return RunParts(data=data, model=method.prepare(model), method=method, task=task)
