@@ -231,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     suites = options.pop("suites", list(DEFAULT_SUITES))
     device = resolve_device(args.device)
+    domains = dict(parse_domain(t) for t in args.domains)
+    dataset_options = dict(parse_override(t) for t in args.dataset_options) or None
     if args.all_images and "max_images" in options:
         raise AdvfeatError("--all-images and --max-images contradict each other: pass one")
     if device.type == "cpu" and not args.all_images and "max_images" not in options:
@@ -240,8 +242,6 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix != ".json":
         raise AdvfeatError(f"--out must name a .json file, got {str(out)!r}")
     _check_outputs(out, resume=args.resume, force=args.force)
-    domains = dict(parse_domain(t) for t in args.domains)
-    dataset_options = dict(parse_override(t) for t in args.dataset_options) or None
     results = evaluate_checkpoint(
         checkpoint,
         suites,
