@@ -212,11 +212,10 @@ class FeatureAttack(Attack):
     @staticmethod
     def _non_finite_from_finite(result: Tensor, feature: Tensor | None) -> bool:
         """Whether ``result`` holds NaN / inf although ``feature`` (when given) does not (one
-        copy to the host)."""
-        bad = ~torch.isfinite(result).all()
-        if feature is not None:
-            bad &= torch.isfinite(feature).all()
-        return bool(bad)
+        copy to the host; the feature is read only when the result is not finite)."""
+        if bool(torch.isfinite(result).all()):
+            return False
+        return feature is None or bool(torch.isfinite(feature).all())
 
     def validate(self, x: Any) -> None:
         """The model input is passed through untouched; nothing to check here."""
