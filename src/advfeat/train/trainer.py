@@ -531,7 +531,8 @@ class Trainer:
         where = f"at epoch {epoch + 1}, step {seen.step + 1}"
         if seen.what == "loss":
             raise TrainingDiverged(
-                f"the loss became {seen.value} {where}; stopped. " + self._kept_message()
+                f"the loss became {seen.value} {where}; stopped (lower the lr). "
+                + self._kept_message()
             )
         raise TrainingDiverged(
             f"the weights became {'non-finite' if math.isnan(seen.value) else 'too large'} "
