@@ -365,6 +365,7 @@ def test_feature_maps_of_a_vit_are_its_patch_token_grid() -> None:
 
     model = build_model("timm:vit_tiny_patch16_224", image_size=SIZE, **TIMM_VIT).eval()
     assert default_site(model) == "blocks.0"
+    assert default_site(tv_convnext()) == "features.1"  # the first stage, not the whole stack
     side = SIZE // TIMM_VIT["patch_size"]
     tokens = torch.randn(2, 1 + side * side, 16)
     grid = as_map(model, "blocks.0", tokens)

@@ -71,6 +71,7 @@ from advfeat.sites.addressing import (
 from advfeat.sites.blocks import (
     block_stacks,
     declared_sites,
+    first_stage,
     last_stage,
     spread_blocks,
     stage_blocks,
@@ -88,6 +89,7 @@ __all__ = [
     "capture_features",
     "check_disjoint_sites",
     "declared_sites",
+    "first_stage",
     "frontier_capture",
     "last_stage",
     "replace_features",

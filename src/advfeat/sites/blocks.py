@@ -46,6 +46,7 @@ from advfeat.sites.tracing import site_order
 __all__ = [
     "block_stacks",
     "declared_sites",
+    "first_stage",
     "last_stage",
     "spread_blocks",
     "stage_blocks",
@@ -189,6 +190,21 @@ def last_stage(model: nn.Module) -> str:
     if not found:
         raise _no_stage_error(model)
     return found[-1]
+
+
+def first_stage(model: nn.Module) -> str | None:
+    """The first stage (``layer1``, ``stages.0``, ``features.1``), or a ViT's first block
+    (``blocks.0``); a model that declares its sites, the first of them; ``None`` when the model
+    has no stage (the counterpart of :func:`last_stage`, for views of early features)."""
+    inner = unwrap_model(model)
+    declared = declared_sites(inner)
+    if declared is not None:
+        return declared[0]
+    groups = _stack_blocks(inner)
+    if groups is not None and len(groups) == 1:
+        return groups[0][0]
+    found = stages(inner)
+    return found[0] if found else None
 
 
 def stage_blocks(model: nn.Module) -> list[str]:

@@ -14,13 +14,14 @@ from advfeat.eval.feature_maps import feature_grid
 from advfeat.eval.plots import plot_feature_maps
 from advfeat.eval.suites.registry import options_of, register_suite, skipped
 from advfeat.options import Integer, Text, option
+from advfeat.sites import first_stage
 
 __all__ = ["default_site", "run"]
 
 
 def default_site(model: nn.Module) -> str | None:
-    """The first residual stage (``layer1``), as in the paper's figure; a ViT's first block and
-    a ConvNeXt's first stage (``blocks.0``, ``stages.0``); else the first block.
+    """The first residual stage (``layer1``), as in the paper's figure, or a ViT's first block
+    (:func:`advfeat.sites.first_stage`); else the first child with parameters.
 
     A wrapper holding the network as its child ``model`` (AFA, BN-branch views) is looked into.
     """
@@ -28,13 +29,9 @@ def default_site(model: nn.Module) -> str | None:
     if "model" in names and "layer1" not in names:
         inner = default_site(model.get_submodule("model"))
         return None if inner is None else f"model.{inner}"
-    for name in ("layer1", "block1", "features"):
-        if name in names:
-            return name
-    for name in ("blocks", "stages"):
-        if name in names:
-            first = next(iter(model.get_submodule(name).named_children()), None)
-            return name if first is None else f"{name}.{first[0]}"
+    first = first_stage(model)
+    if first is not None:
+        return first
     for name, child in model.named_children():
         if name != "normalize" and any(True for _ in child.parameters()):
             return name
