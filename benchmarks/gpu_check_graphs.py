@@ -74,7 +74,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-class _ReplayByCalling:
+class ReplayByCalling:
     """``--cpu-replay`` (the tiny CPU run of the plumbing): warm-up and capture as on a GPU, a
     "replay" that runs the step again."""
 
@@ -93,7 +93,7 @@ def check(args: argparse.Namespace) -> int:
     if args.cpu_replay:
         from advfeat.train import trainer as trainer_module
 
-        trainer_module.CudaGraphs = _ReplayByCalling  # type: ignore[assignment,misc]
+        trainer_module.CudaGraphs = ReplayByCalling  # type: ignore[assignment,misc]
         trainer_module.run_refusal = lambda cfg, device, refusal, **kw: refusal  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp, open(args.out, "a") as out:
         for name in args.methods.split(","):

@@ -30,25 +30,15 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gpu_check_graphs import ReplayByCalling
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
-
-
-class _ReplayByCalling:
-    """Warm-up and capture as on a GPU, a "replay" that runs the step again (the CPU)."""
-
-    def warm(self, run: Callable[[], None]) -> None:
-        run()
-
-    def capture(self, run: Callable[[], None]) -> Callable[[], None]:
-        return run
 
 
 def _optimizer(params: list[Tensor], device: torch.device) -> torch.optim.SGD:
@@ -154,7 +144,7 @@ def _stepper(way: Any, x: Tensor, y: Tensor, device: torch.device, capture: bool
 
     if not capture:
         return lambda: way.step(x, y)
-    backend = CudaGraphs(device) if device.type == "cuda" else _ReplayByCalling()
+    backend = CudaGraphs(device) if device.type == "cuda" else ReplayByCalling(device)
     captured = CapturedStep(way.step, backend, warmup=3, required=True)
     return lambda: captured(x, y)
 
