@@ -7,6 +7,10 @@ schedule, epochs: everything else). Each (arm, seed) is an ordinary run folder t
 be killed and started again (finished runs are kept, interrupted ones resumed) and any run can be
 inspected or re-evaluated alone.
 
+A :class:`Comparison` (arms × seeds on one protocol, into a folder) is conducted by
+:func:`run_comparison`: :func:`place` composes and checks every run's configuration before any
+starts, :func:`run_all` trains the unfinished ones through a launcher, and the tables are
+written. ``advfeat compare``, ``advfeat train``'s default run and a script all call it.
 :func:`collect` reads the run folders, :func:`aggregate` gives per arm the mean ± standard
 deviation of every metric and the difference to the baseline arm paired by seed with its 95 %
 Student-t interval (:mod:`advfeat.seed_stats`); :func:`markdown` and :func:`plot` render them.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,22 +31,28 @@ from typing import Any
 
 import yaml
 
+from advfeat.checkpoint import atomic_write_json, atomic_write_text
 from advfeat.errors import AdvfeatError
-from advfeat.launchers import Launcher, ProcessLauncher, run_environment
+from advfeat.launchers import Launcher, ProcessLauncher, make_launcher, run_environment
 from advfeat.seed_stats import paired_difference, summarize
+from advfeat.train.compose import ConfigSources, compose_comparison
 from advfeat.train.config import TrainConfig
 
 __all__ = [
     "Arm",
+    "Comparison",
     "PlannedRun",
     "RunResult",
     "aggregate",
     "collect",
     "flatten_metrics",
     "markdown",
+    "method_arms",
     "parse_arm",
+    "place",
     "plot",
     "run_all",
+    "run_comparison",
     "verdicts",
 ]
 
@@ -191,6 +202,129 @@ def run_all(
         raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What ``advfeat compare`` is asked: its arms × seeds on the protocol ``sources`` describe,
+    into ``out``, and how its runs are started (``advfeat train``'s default run is one too)."""
+
+    arms: list[Arm]
+    seeds: list[int]
+    sources: ConfigSources
+    out: Path
+    baseline: str | None = None
+    jobs: int | None = None
+    threads: int = 1
+    launcher: str = "process"
+    slurm: tuple[str, ...] = ()
+    runs_from: tuple[str, ...] = ()
+    report_only: bool = False
+
+
+def method_arms(methods: Sequence[str]) -> list[Arm]:
+    """One arm per method, labelled with its name."""
+    return [Arm(m.strip(), {"method": m.strip()}) for m in methods if m.strip()]
+
+
+def _runs_folder(folder: Path) -> Path:
+    """The ``runs`` folder of a comparison given to ``--runs-from``."""
+    if not (folder / "runs").is_dir():
+        raise AdvfeatError(
+            f"--runs-from {folder}: no comparison there (it has no runs/ folder); give the --out "
+            f"folder of an earlier `advfeat compare`"
+        )
+    return folder / "runs"
+
+
+def _run_folder(name: str, own: Path, sources: list[Path]) -> Path:
+    """Where run ``name`` lives: this comparison's own folder, unless it has not finished there
+    and a ``--runs-from`` comparison holds it finished (the first one that does)."""
+    if (own / name / "metrics.json").is_file():
+        return own / name
+    found = [s / name for s in sources if (s / name / "metrics.json").is_file()]
+    return found[0] if found else own / name
+
+
+def place(comparison: Comparison) -> tuple[list[Arm], list[PlannedRun]]:
+    """Every run of ``comparison``, its configuration validated and checked as the run checks it
+    at its start (before anything is written), in its folder."""
+    c = comparison
+    if c.threads < 1 or (c.jobs is not None and c.jobs < 1):
+        raise AdvfeatError(f"--jobs and --threads must be >= 1, got {c.jobs}, {c.threads}")
+    sources = [_runs_folder(Path(d)) for d in c.runs_from]
+    trains_here = not c.report_only and c.launcher != "slurm"  # SLURM jobs have their own devices
+    names = [f"{arm.label}-s{seed}" for seed in c.seeds for arm in c.arms]
+    folders = {name: _run_folder(name, c.out / "runs", sources) for name in names}
+    configs = compose_comparison(c.sources, c.arms, c.seeds, check_device=trains_here)
+    runs = [
+        PlannedRun(
+            arm=label,
+            seed=seed,
+            config=cfg,
+            folder=folders[f"{label}-s{seed}"],
+            config_file=c.out / "configs" / f"{label}-s{seed}.yaml",
+            log_file=c.out / "logs" / f"{label}-s{seed}.log",
+        )
+        for (label, seed), cfg in configs.items()
+    ]
+    return c.arms, runs
+
+
+def run_comparison(comparison: Comparison) -> int:
+    """Train (or, ``report_only``, only tabulate) every run of ``comparison`` and write its
+    tables: OUT/compare.json, OUT/compare.md, OUT/compare.png. Returns 1 when a run failed."""
+    c = comparison
+    arms, runs = place(c)
+    labels = [a.label for a in arms]
+    baseline = c.baseline or labels[0]
+    if baseline not in labels:
+        raise AdvfeatError(f"--baseline {baseline!r} is not an arm ({', '.join(labels)})")
+    out = c.out
+    failed = []
+    borrowed = [r for r in runs if r.folder.parent != out / "runs"]
+    if borrowed:
+        print(
+            f"advfeat compare: {len(borrowed)} finished runs taken from --runs-from "
+            f"({', '.join(sorted({str(r.folder.parent.parent) for r in borrowed}))})",
+            file=sys.stderr,
+        )
+    if c.report_only:
+        for r in runs:
+            r.check_folder()
+    else:
+        launcher = make_launcher(c.launcher, list(c.slurm), out / "submitit", threads=c.threads)
+        jobs = c.jobs or max(1, (os.cpu_count() or 1) // c.threads)
+        if c.launcher == "slurm":
+            jobs = c.jobs or len(runs)  # the scheduler decides
+        results = run_all(runs, jobs=jobs, threads=c.threads, launcher=launcher)
+        failed = [r for r in results if r.returncode != 0]
+    summary = aggregate(collect(runs), labels, baseline)
+    summary["protocol"] = {
+        k: v
+        for k, v in runs[0].config.to_dict().items()
+        if k not in ("method", "method_options", "seed", "progress")
+    }
+    summary["arm_overrides"] = {a.label: a.overrides for a in arms}
+    summary["seeds"] = list(c.seeds)
+    summary["command"] = (
+        "advfeat " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    )
+    summary["run_folders"] = {f"{r.arm}-s{r.seed}": str(r.folder) for r in runs}
+    summary["missing"] = [f"{r.arm}-s{r.seed}" for r in runs if not r.finished]
+    table = markdown(summary)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "compare.json", summary)
+    atomic_write_text(out / "compare.md", table)
+    drawn = plot(summary, out / "compare.png")
+    print(table)
+    print(
+        f"comparison: {out / 'compare.json'}, {out / 'compare.md'}"
+        + (f", {out / 'compare.png'}" if drawn else "")
+    )
+    if summary["missing"]:
+        print(f"not finished: {', '.join(summary['missing'])}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

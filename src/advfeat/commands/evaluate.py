@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     from advfeat.eval.folders import parse_domain
     from advfeat.eval.runner import evaluate_checkpoint
     from advfeat.train.config import parse_override
-    from advfeat.train.trainer import resolve_device
+    from advfeat.train.runtime import resolve_device
 
     options = options_from_args(args)
     suites = options.pop("suites", list(DEFAULT_SUITES))

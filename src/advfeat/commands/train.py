@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from advfeat.commands import compare
+from advfeat import compare
 from advfeat.commands.protocol import add_protocol_arguments, sources_from_args
 from advfeat.train.compose import DEFAULT_METHODS, DEFAULT_SEEDS, TrainingPlan, plan_training
 

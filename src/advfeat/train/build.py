@@ -27,6 +27,7 @@ from advfeat.models import build_model
 from advfeat.tasks import DenseTask, Task, build_task, model_task
 from advfeat.train.config import TrainConfig
 from advfeat.train.graphs import resolve_cuda_graph, run_refusal
+from advfeat.train.runtime import resolve_device
 
 __all__ = [
     "RunParts",
@@ -81,8 +82,6 @@ def check_config(cfg: TrainConfig, *, check_device: bool = True) -> None:
     ``advfeat train`` checks its run and ``advfeat compare`` every run of every arm this way
     before the first one starts.
     """
-    from advfeat.train.trainer import resolve_device  # the trainer imports this module
-
     cfg.validate()
     device = resolve_device(cfg.device) if check_device else None
     check_dataset(cfg.dataset, cfg.data_dir, **_dataset_arguments(cfg, {}))

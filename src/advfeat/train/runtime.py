@@ -10,11 +10,31 @@ from torch import nn
 
 from advfeat.errors import AdvfeatError
 
-__all__ = ["CUDA_MEMORY_FRACTION_ENV", "cap_cuda_memory", "set_deterministic", "sync_batchnorm"]
+__all__ = [
+    "CUDA_MEMORY_FRACTION_ENV",
+    "cap_cuda_memory",
+    "resolve_device",
+    "set_deterministic",
+    "sync_batchnorm",
+]
 
 CUDA_MEMORY_FRACTION_ENV = "ADVFEAT_CUDA_MEMORY_FRACTION"
 """Environment variable: the share of its GPU's memory a run may allocate (``advfeat compare
 --jobs N`` sets it for runs that share a GPU)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``name`` asks for (``auto``: CUDA when there is one), refused in one line when
+    it is unknown or absent here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AdvfeatError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AdvfeatError(f"device {name!r} asked for, but CUDA is not available here (use cpu)")
+    return device
 
 
 def set_deterministic(enabled: bool) -> None:

@@ -81,10 +81,15 @@ from advfeat.train.rundir import (
     resume_refusal,
 )
 from advfeat.train.running import DivergenceWatch, RunningSums, weight_norm
-from advfeat.train.runtime import cap_cuda_memory, set_deterministic, sync_batchnorm
+from advfeat.train.runtime import (
+    cap_cuda_memory,
+    resolve_device,
+    set_deterministic,
+    sync_batchnorm,
+)
 from advfeat.train.schedule import check_warmup, describe_schedule, lr_factor, warmup_length
 
-__all__ = ["PREEMPTED_EXIT", "Preempted", "Trainer", "TrainingDiverged", "resolve_device"]
+__all__ = ["PREEMPTED_EXIT", "Preempted", "Trainer", "TrainingDiverged"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,18 +110,6 @@ PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 PROGRESS_EVERY = 50
 """Steps between two updates of the progress bar's running averages: each reads the running sums
 from the device (a synchronisation); without the bar they are read once, at the end of the epoch."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise AdvfeatError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AdvfeatError(f"device {name!r} asked for, but CUDA is not available here (use cpu)")
-    return device
 
 
 def _stat_key(path: Path) -> tuple[int, int, int]:
