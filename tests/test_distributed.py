@@ -45,6 +45,13 @@ ARGS = [
 ]
 
 
+def _worker_logs(folder: Path) -> str:
+    """The end of every torchrun worker's log under ``folder``: the launcher's own summary only
+    says that a worker failed, its log says why."""
+    logs = sorted(folder.rglob("*.log")) if folder.is_dir() else []
+    return "".join(f"\n--- {log.relative_to(folder)}:\n{log.read_text()[-1500:]}" for log in logs)
+
+
 def test_sampler_ranks_partition_the_single_process_batches() -> None:
     single = list(EpochSampler(100, seed=1))
     ranks = [list(EpochSampler(100, seed=1, info=DistInfo(r, 2, r))) for r in range(2)]
@@ -82,6 +89,10 @@ def test_two_gloo_processes_train_the_same_model_as_one(tmp_path: Path, extra: l
             "--standalone",
             "--nproc_per_node",
             "2",
+            "--log-dir",
+            str(tmp_path / "workers"),
+            "--redirects",
+            "3",  # each worker's stdout and stderr into a file, shown if the run fails
             "-m",
             "advfeat.cli",
             *ARGS,
@@ -94,7 +105,7 @@ def test_two_gloo_processes_train_the_same_model_as_one(tmp_path: Path, extra: l
         env=env,
         timeout=240,
     )
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-1000:] + _worker_logs(tmp_path / "workers")
     a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 1
