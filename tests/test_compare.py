@@ -11,9 +11,21 @@ import yaml
 
 from advfeat.cli import build_parser, main
 from advfeat.commands.compare import plan
-from advfeat.compare import PlannedRun, aggregate, flatten_metrics, markdown, parse_arm, verdicts
+from advfeat.compare import (
+    Comparison,
+    PlannedRun,
+    aggregate,
+    flatten_metrics,
+    markdown,
+    method_arms,
+    parse_arm,
+    place,
+    run_comparison,
+    verdicts,
+)
 from advfeat.errors import AdvfeatError
 from advfeat.seed_stats import paired_difference, student_t_cdf, student_t_ppf, summarize
+from advfeat.train.compose import ConfigSources
 from advfeat.train.config import TrainConfig
 
 # two-sided 95 % critical values of Student's t (statistical tables)
@@ -261,3 +273,34 @@ def test_runs_from_other_comparisons_are_tabulated_and_checked(
     assert main([*argv, "--out", str(tmp_path / "d"), "--runs-from", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "another protocol (epochs: 3 there, 1 now)" in err and "no runs/ folder" in err
+
+
+def test_a_script_runs_the_same_comparison_as_the_command(tmp_path: Path) -> None:
+    """``run_comparison`` lives below the command line: a :class:`Comparison` built in Python
+    places the same runs and writes the same table as ``advfeat compare`` does."""
+    argv = ["compare", "--methods", "standard,afan", "--seeds", "0", "1", "--epochs", "1"]
+    _, planned = plan(build_parser().parse_args([*argv, "--out", str(tmp_path / "cli")]))
+    for out in (tmp_path / "cli", tmp_path / "script"):
+        for run, acc in zip(planned, (50.0, 70.0, 60.0, 80.0), strict=True):
+            folder = out / "runs" / f"{run.arm}-s{run.seed}"
+            folder.mkdir(parents=True)
+            (folder / "config.yaml").write_text(yaml.safe_dump(run.config.to_dict()))
+            (folder / "metrics.json").write_text(json.dumps({"clean_acc": acc}))
+    assert main([*argv, "--out", str(tmp_path / "cli"), "--report-only"]) == 0
+    comparison = Comparison(
+        arms=method_arms(["standard", "afan"]),
+        seeds=[0, 1],
+        sources=ConfigSources(flags={"epochs": 1}),
+        out=tmp_path / "script",
+        report_only=True,
+    )
+    assert [(r.arm, r.seed, r.config) for r in place(comparison)[1]] == [
+        (r.arm, r.seed, r.config) for r in planned
+    ]
+    assert run_comparison(comparison) == 0
+    cli, script = (
+        json.loads((tmp_path / d / "compare.json").read_text()) for d in ("cli", "script")
+    )
+    assert script["results"] == cli["results"] and script["protocol"] == cli["protocol"]
+    diff = script["results"]["afan"]["metrics"]["clean_acc"]["diff_vs_baseline"]
+    assert diff["mean"] == pytest.approx(((70 - 50) + (80 - 60)) / 2)
