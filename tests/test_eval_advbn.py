@@ -119,8 +119,8 @@ def test_advbn_suite_writes_a_test_set_the_shift_suite_scores(
         ["shift"],
         domains={"advbn": str(folder / "advbn"), "rec": str(folder / "reconstructed")},
     )["suites"]["shift"]["domains"]
-    assert shifted["advbn"]["accuracy"] == pytest.approx(res["accuracy"]["advbn"])
-    assert shifted["rec"]["accuracy"] == pytest.approx(res["accuracy"]["reconstructed"])
+    assert shifted["advbn"]["top1"] == pytest.approx(res["accuracy"]["advbn"])
+    assert shifted["rec"]["top1"] == pytest.approx(res["accuracy"]["reconstructed"])
     assert (tmp_path / "eval_plots" / "advbn_images.png").stat().st_size > 5_000
     md = out.with_suffix(".md").read_text()
     assert "## AdvBN decoder and -AdvBN test set" in md

@@ -57,8 +57,8 @@ def test_shift_suite_reads_image_folder_domains(
         copy.deepcopy(trained_tiny_model), data, ["shift"], domains={"disk": str(tmp_path / "dom")}
     )["suites"]["shift"]
     assert set(res["domains"]) == {"same", "disk"} and res["domains"]["disk"]["n"] == 6
-    assert res["mean_accuracy"] == pytest.approx(
-        (res["domains"]["same"]["accuracy"] + res["domains"]["disk"]["accuracy"]) / 2
+    assert res["metric"] == "top1" and res["mean_top1"] == pytest.approx(
+        (res["domains"]["same"]["top1"] + res["domains"]["disk"]["top1"]) / 2
     )
     domain = ImageFolderDomain(tmp_path / "dom", ["red", "green", "blue"], 8)
     image, _ = domain[0]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from advfeat.eval.plots import COLOURS, _figure, _percent_axis, _save, _title
+from advfeat.eval.report import shift_mean
 
 __all__ = ["branch_accuracies", "plot_advbn", "plot_branches", "plot_landscape"]
 
@@ -127,9 +128,9 @@ def branch_accuracies(results: dict[str, Any]) -> dict[str, dict[str, float]]:
         for key, label in (("pgd", "PGD"), ("fgsm", "FGSM"), ("cw", "C&W-L2")):
             if "accuracy" in att.get(key, {}):
                 row[label] = float(att[key]["accuracy"])
-        shift = res.get("shift", {})
-        if "mean_accuracy" in shift:
-            row["shifted (mean)"] = float(shift["mean_accuracy"])
+        _, shifted = shift_mean(res.get("shift", {}))  # eval.json of any version
+        if shifted is not None:
+            row["shifted (mean)"] = float(shifted)
         out[name] = row
     return out
 

@@ -8,18 +8,22 @@ suite draws its own section: the runner hands the registered suites to :func:`ma
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 __all__ = [
     "DENSE_METRICS",
+    "METRIC_LABELS",
     "ReportFn",
     "SuiteSection",
     "dense_scalars",
     "markdown_report",
     "md_table",
+    "metric_keys",
+    "metric_label",
     "pct",
     "pgd_budget",
+    "shift_mean",
     "skip_lines",
     "summary_rows",
 ]
@@ -32,6 +36,8 @@ DENSE_METRICS = {
     "pixel_acc": "pixel acc.",
 }
 """The scalar metrics of detection and segmentation, in report order, with their labels."""
+METRIC_LABELS = {"top1": "accuracy", "top5": "top-5 accuracy", **DENSE_METRICS}
+"""The label of every task's metric (under its evaluation name), in report order."""
 
 ReportFn = Callable[[dict[str, Any], str], list[str]]
 """``(suite result, task) -> Markdown lines`` of the suite's report section."""
@@ -83,6 +89,39 @@ def dense_scalars(res: dict[str, Any]) -> list[str]:
     return [k for k in DENSE_METRICS if k in res]
 
 
+def metric_label(key: str) -> str:
+    """How the report names metric ``key`` (a new task's metric: by its own name)."""
+    return METRIC_LABELS.get(key, key)
+
+
+def metric_keys(res: Mapping[str, Any]) -> list[str]:
+    """The scalar metrics of a task's result (:func:`~advfeat.eval.suites.metrics.task_metrics`):
+    the known ones in report order, then any other number but ``n`` and ``seed``."""
+    known = [k for k in METRIC_LABELS if k in res]
+    return known + [
+        k
+        for k, v in res.items()
+        if k not in METRIC_LABELS
+        and k not in ("n", "seed")
+        and (v is None or (isinstance(v, int | float) and not isinstance(v, bool)))
+    ]
+
+
+def shift_mean(shift: Mapping[str, Any]) -> tuple[str, Any]:
+    """``(metric, mean over the domains)`` of a ``shift`` result: ``mean_<metric>``, where
+    ``metric`` names the task's headline (``top1``, ``ap50``, ``miou``); a result written
+    before the suite named its metric holds ``mean_accuracy``. The mean is ``None`` when absent."""
+    metric = str(shift.get("metric", "accuracy"))
+    return metric, shift.get(f"mean_{metric}")
+
+
+def _shift_rows(shift: Mapping[str, Any]) -> list[list[str]]:
+    metric, mean = shift_mean(shift)
+    if f"mean_{metric}" not in shift:
+        return []
+    return [[f"mean shifted-domain {metric_label(metric)}", pct(mean)]]
+
+
 def pgd_budget(res: dict[str, Any]) -> str:
     return f"ε = {255 * res['eps']:.3g}/255, step {255 * res['alpha']:.3g}/255"
 
@@ -94,10 +133,7 @@ def _dense_summary(suites: dict[str, Any]) -> list[list[str]]:
     pgd = suites.get("attacks", {}).get("pgd", {})
     label = f"PGD-{pgd.get('steps', '')} ({pgd_budget(pgd)})" if "eps" in pgd else ""
     rows += [[f"{label} {DENSE_METRICS[k]}", pct(pgd[k])] for k in dense_scalars(pgd)]
-    shift = suites.get("shift", {})
-    metric = shift.get("metric")
-    if metric is not None:
-        rows.append([f"mean shifted-domain {DENSE_METRICS[metric]}", pct(shift[f"mean_{metric}"])])
+    rows += _shift_rows(suites.get("shift", {}))
     return rows
 
 
@@ -146,9 +182,7 @@ def _summary(suites: dict[str, Any]) -> list[list[str]]:
         rows.append(["mean corruption accuracy", pct(cor["mean_corruption_accuracy"])])
         if cor.get("mce") is not None:
             rows.append(["mCE (vs baseline)", pct(cor["mce"])])
-    shift = suites.get("shift", {})
-    if "mean_accuracy" in shift:
-        rows.append(["mean shifted-domain accuracy", pct(shift["mean_accuracy"])])
+    rows += _shift_rows(suites.get("shift", {}))
     land = suites.get("landscape", {}).get("1d", {})
     if land.get("mean_loss_increase") is not None:
         rows.append(["loss-landscape mean increase (1-D)", f"{land['mean_loss_increase']:.4g}"])

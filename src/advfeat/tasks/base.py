@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -166,7 +166,8 @@ class Task(ABC):
     """Everything a method, the trainer and evaluation need to know about a task.
 
     Subclasses set ``name``, ``metrics`` (what :meth:`evaluate` returns) and
-    ``primary_metric`` (the one that selects the best epoch and names shifted-domain results).
+    ``primary_metric`` (the one that selects the best epoch; under its evaluation name,
+    :attr:`eval_metric`, the headline of the evaluation suites).
     """
 
     name: str = ""
@@ -174,6 +175,13 @@ class Task(ABC):
     """The model names this task builds besides classifiers (:func:`advfeat.tasks.model_task`)."""
     metrics: tuple[str, ...] = ()
     primary_metric: str = ""
+    eval_names: ClassVar[Mapping[str, str]] = {}
+    """The name the evaluation suites give a metric of :meth:`evaluate` where it differs from
+    training's (classification's ``acc`` is ``top1`` there, beside ``top5``)."""
+    seeded_evaluation: bool = True
+    """Whether :meth:`evaluate` may draw random numbers (sampled proposals, dropout while an
+    attack runs the model in training mode): the evaluation suites then run each unit under a
+    seed of its own and record it (:func:`advfeat.eval.suites.metrics.task_metrics`)."""
     autocast: bool = True
     """Whether training may run under autocast (torchvision's box coder wants float32)."""
     capturable: bool = False
@@ -276,8 +284,18 @@ class Task(ABC):
         attack: Any = None,
         detailed: bool = False,
     ) -> dict[str, Any]:
-        """Metrics of ``model`` on ``loader`` (on images attacked by ``attack`` when given);
-        ``detailed`` adds secondary metrics where the task has them (top-5 accuracy)."""
+        """Metrics of ``model`` on the collated batches of ``loader`` (:attr:`metrics`), on the
+        images ``attack(model, images, targets)`` returns when an attack is given; ``detailed``
+        adds secondary metrics where the task has them (top-5 accuracy). The model's train /
+        eval flags are restored afterwards. The one evaluation contract of every task: the
+        trainer and the ``clean``, ``attacks`` and ``shift`` suites call it."""
+
+    @property
+    def eval_metric(self) -> str:
+        """The headline metric under its evaluation name (:attr:`eval_names`): what the
+        ``shift`` suite averages over domains (``top1``; ``ap50``, VOC mAP@0.5, A-FAN Table 5;
+        ``miou``, Table 6)."""
+        return self.eval_names.get(self.primary_metric, self.primary_metric)
 
 
 class Meter(Protocol):

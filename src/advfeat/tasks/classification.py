@@ -8,8 +8,8 @@ primary one) and top-5 accuracy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +68,16 @@ def topk_accuracy(
 class ClassificationTask(Task):
     """Cross-entropy training, summed cross-entropy for attacks, top-k accuracy.
 
-    :meth:`evaluate` reports top-1 accuracy (``acc``), and with ``detailed=True`` top-5
-    (``top5``) too when there are more than 5 classes.
+    :meth:`evaluate` reports top-1 accuracy (``acc``; ``top1`` in the evaluation suites), and
+    with ``detailed=True`` top-5 (``top5``) too when there are more than 5 classes.
     """
 
     name = "classification"
     metrics = ("acc", "top5")
     primary_metric = "acc"
+    eval_names: ClassVar[Mapping[str, str]] = {"acc": "top1"}
+    seeded_evaluation = False
+    """Top-k accuracy in eval mode draws no random numbers: its results carry no seed."""
     capturable = True
 
     def __init__(self, num_classes: int | None = None) -> None:
@@ -128,8 +131,9 @@ class ClassificationTask(Task):
         attack: Any = None,
         detailed: bool = False,
     ) -> dict[str, Any]:
-        """Top-1 (``acc``) and top-5 accuracy in eval mode (:func:`topk_accuracy`);
-        ``attack(x, y)`` first when given."""
+        """Top-1 (``acc``) and top-5 accuracy in eval mode (:func:`topk_accuracy`), on the
+        images ``attack(model, x, y)`` returns when given."""
         topk = (1, 5) if detailed and (self.num_classes or 0) > 5 else (1,)
-        accuracy = topk_accuracy(model, loader, device=device, topk=topk, attack=attack)
+        attack_xy = None if attack is None else lambda x, y: attack(model, x, y)
+        accuracy = topk_accuracy(model, loader, device=device, topk=topk, attack=attack_xy)
         return {("acc" if k == 1 else f"top{k}"): v for k, v in accuracy.items()}

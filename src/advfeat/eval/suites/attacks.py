@@ -69,7 +69,7 @@ from advfeat.eval.robust import (
     summarize,
     worst_case_curve,
 )
-from advfeat.eval.suites.dense import task_metrics
+from advfeat.eval.suites.metrics import task_metrics
 from advfeat.eval.suites.registry import ALL_TASKS, options_of, register_suite, skipped
 from advfeat.options import Choice, Each, Integer, option
 from advfeat.tasks import DensePGD, DenseTask
@@ -358,10 +358,8 @@ def _dense(ctx: EvalContext, task: DenseTask) -> dict[str, Any]:
     attack = DensePGD(
         task, eps=opts.eps, alpha=opts.pgd_alpha, steps=opts.pgd_steps, seed=ctx.seed_for("pgd")
     )
-    clean = ctx.unit("attacks/clean", lambda: task_metrics(ctx, task, dataset, "attacks/clean"))
-    robust = ctx.unit(
-        "attacks/pgd", lambda: task_metrics(ctx, task, dataset, "attacks/pgd", attack)
-    )
+    clean = ctx.unit("attacks/clean", lambda: task_metrics(ctx, dataset, "attacks/clean"))
+    robust = ctx.unit("attacks/pgd", lambda: task_metrics(ctx, dataset, "attacks/pgd", attack))
     scalars = [k for k, v in robust.items() if isinstance(v, float) and k not in ("n", "seed")]
     drop = {k: clean[k] - robust[k] for k in scalars if clean.get(k) is not None}
     pgd = {

@@ -13,7 +13,7 @@ from typing import Any
 from advfeat.eval.analysis_plots import plot_branches
 from advfeat.eval.config import EvalConfig, names_of
 from advfeat.eval.context import EvalContext
-from advfeat.eval.report import md_table, pct
+from advfeat.eval.report import md_table, pct, shift_mean
 from advfeat.eval.suites.registry import (
     SUITES,
     options_of,
@@ -78,6 +78,6 @@ def _bn(bn: dict[str, Any]) -> list[str]:
     for name, res in bn["branches"].items():
         clean = res.get("clean", {}).get("top1")
         pgd = res.get("attacks", {}).get("pgd", {}).get("accuracy")
-        shift = res.get("shift", {}).get("mean_accuracy")
+        _, shift = shift_mean(res.get("shift", {}))
         rows.append([name, pct(clean), pct(pgd), pct(shift)])
     return md_table(["BN branch", "clean top-1", "PGD", "mean shifted"], rows)
