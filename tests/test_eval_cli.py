@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from advfeat.cli import main
+from advfeat.eval.context import PARTIAL_FORMAT
 
 DATA = "dataset_options={n_train: 96, n_test: 32, image_size: 32}"
 
@@ -98,12 +99,33 @@ def test_resume_reuses_finished_units(checkpoint: Path, tmp_path: Path) -> None:
     partial = out.with_name("e.json.partial")
     fingerprint = first["resume_key"]
     partial.write_text(json.dumps({
-        "format": "advfeat-eval-partial/1", "fingerprint": fingerprint,
+        "format": PARTIAL_FORMAT, "fingerprint": fingerprint,
         "units": {"clean": first["suites"]["clean"]},
     }))  # fmt: skip
     assert main([*args, "--resume"]) == 0
     resumed = json.loads(out.read_text())
     assert resumed["reused_units"] == 1 and resumed["suites"] == first["suites"]
+
+
+def test_partial_results_of_an_earlier_format_are_refused_in_one_line(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Format 1 held a classifier's shifted-domain units under ``accuracy``: reusing them would
+    mix two formats in one file, so --resume refuses and says how to start again."""
+    out = tmp_path / "e.json"
+    args = _eval(checkpoint, out, "--suite", "clean", "--max-images", "8", "--no-plots")
+    assert main(args) == 0
+    old = {"colour": {"accuracy": 0.5, "n": 8}}
+    partial = out.with_name("e.json.partial")
+    partial.write_text(json.dumps({
+        "format": "advfeat-eval-partial/1", "fingerprint": json.loads(out.read_text())["resume_key"],
+        "units": {"shift/colour": old["colour"]},
+    }))  # fmt: skip
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another version of advfeat" in err and "--force" in err
+    assert partial.is_file()  # the user's partial results are kept
 
 
 def test_landscape_reference_checkpoint_is_cut_along_the_same_directions(

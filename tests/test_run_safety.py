@@ -26,6 +26,7 @@ import advfeat
 from advfeat.checkpoint import FORMAT, remove_stale_temporaries
 from advfeat.cli import main
 from advfeat.errors import AdvfeatError
+from advfeat.eval.context import PARTIAL_FORMAT
 from advfeat.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint, save_checkpoint
 from advfeat.train.trainer import PREEMPTED_EXIT, Preempted
 
@@ -116,7 +117,7 @@ def test_02_eval_resume_never_reuses_another_models_results(
     partial.write_text(
         json.dumps(
             {
-                "format": "advfeat-eval-partial/1",
+                "format": PARTIAL_FORMAT,
                 "fingerprint": first["resume_key"],
                 "units": {"clean": {"top1": 0.123456, "n": 16}},
             }

@@ -29,7 +29,9 @@ from advfeat.tasks import ClassificationTask, DenseTask, Task
 __all__ = ["EvalContext", "EvalData", "PartialStore", "seeded_subset"]
 
 T = TypeVar("T")
-PARTIAL_FORMAT = "advfeat-eval-partial/1"
+PARTIAL_FORMAT = "advfeat-eval-partial/2"
+"""The partial-results format; 2: a ``shift`` unit of a classifier holds ``top1``, not
+``accuracy`` (the units of an earlier format are not mixed with new ones)."""
 
 
 @dataclass
@@ -93,7 +95,15 @@ class PartialStore:
             saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise AdvfeatError(f"cannot read partial results {str(path)!r} ({err})") from None
-        if not isinstance(saved, dict) or saved.get("format") != PARTIAL_FORMAT:
+        found = saved.get("format") if isinstance(saved, dict) else None
+        if isinstance(found, str) and found.startswith("advfeat-eval-partial/"):
+            if found != PARTIAL_FORMAT:
+                raise AdvfeatError(
+                    f"the partial results in {str(path)!r} were written by another version of "
+                    f"advfeat ({found}, this one writes {PARTIAL_FORMAT}); pass --force (instead "
+                    "of --resume) to start again"
+                )
+        else:
             raise AdvfeatError(f"{str(path)!r} is not an advfeat partial-results file")
         if saved.get("fingerprint") != self.fingerprint:
             raise AdvfeatError(
