@@ -158,3 +158,57 @@ def test_preset_show_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--preset", "advbn-finetune-cifar", "--show-config"]) == 0
     text = capsys.readouterr().out
     assert "method: advbn" in text and "epochs: 20" in text and "lr: 0.001" in text
+
+
+def test_default_site_is_the_first_stage_of_each_model_family(tmp_path: Path) -> None:
+    """``site="auto"``: a ResNet's ``layer1`` (the paper's conv2_3), a ViT's first block, a
+    ConvNeXt's first stage; a model whose only stage is its whole feature extractor is refused
+    in one line (its first stage would be its last), and a named site is kept as given."""
+    from advfeat.models import build_model
+
+    method = build_method("advbn")
+    assert method.opts.site == "auto"
+    vit = {"patch_size": 4, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
+    convnext = {"patch_size": 2, "depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}
+    expected = [
+        ("resnet20", {}, "layer1"),
+        ("torchvision:vit_b_16", vit, "encoder.layers.encoder_layer_0"),
+        ("torchvision:convnext_tiny", convnext, "features.1"),
+        ("timm:vit_tiny_patch16_224", {"depth": 2, "patch_size": 4}, "blocks.0"),
+    ]
+    for name, options, site in expected:
+        model = build_model(name, num_classes=10, **options)
+        assert method.site_of(model) == site, name
+    assert build_method("advbn", site="layer2").site_of(build_model("resnet20")) == "layer2"
+    with pytest.raises(AdvfeatError, match=r"no early stage.*method_options.site"):
+        method.site_of(build_model("torchvision:mobilenet_v3_small", num_classes=10))
+
+
+def test_fine_tunes_a_vit_at_its_default_site(tmp_path: Path) -> None:
+    """The default site on a ViT: the prefix up to the first block stays frozen, the rest trains."""
+    import timm
+
+    torch.manual_seed(0)
+    stock = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, depth=2, num_classes=3
+    )
+    path = tmp_path / "vit.pt"
+    save_checkpoint(path, {"model": stock.state_dict(), "config": {"model": "vit"}, "epoch": 1})
+    method = build_method("advbn", init_checkpoint=str(path), steps=1)
+    model = method.prepare(copy.deepcopy(stock))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    model.train()
+    out = method(model, x, y)
+    optimizer.zero_grad()
+    out.loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    frozen = [
+        k for k in after if k.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.0."))
+    ]
+    trained = [k for k in after if k.startswith(("blocks.1.attn", "head."))]
+    assert frozen and trained
+    assert all(torch.equal(after[k], before[k]) for k in frozen)
+    assert all(not torch.equal(after[k], before[k]) for k in trained)

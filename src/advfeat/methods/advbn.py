@@ -59,9 +59,15 @@ from advfeat.modes import restored_train_flags
 from advfeat.norm import split_branches, use_branch
 from advfeat.norm.stats import frozen_bn_statistics, has_running_statistics
 from advfeat.options import Choice, Flag, Integer, Number, Text, option
-from advfeat.sites import SiteSplit, resolve_site
+from advfeat.sites import SiteSplit, first_stage, last_stage, resolve_site, stages
 
 __all__ = ["AdvBN", "advbn_eps", "load_initial_weights", "prefix_module_names"]
+
+AUTO_SITE = "auto"
+"""The ``site`` option's default: the model's first stage (:func:`advfeat.sites.first_stage`)."""
+
+_FIRST_STAGES: WeakKeyDictionary[nn.Module, str] = WeakKeyDictionary()
+"""The first stage of each model AdvBN trained (looked up once per model, not at every step)."""
 
 _PREFIXES: WeakKeyDictionary[nn.Module, dict[str, tuple[str, ...]]] = WeakKeyDictionary()
 
@@ -121,7 +127,9 @@ class AdvBN(AuxBNMethod):
     Options (defaults: Sec. 5.1, ResNet-50: m = 6, τ = 0.2, ε = m·τ − 0.1):
 
     * ``init_checkpoint``: the pre-trained model (an ``advfeat train`` checkpoint; required).
-    * ``site``: dotted module name of layer l (``layer1``: the first stage, as conv2_3).
+    * ``site``: dotted module name of layer l; ``"auto"`` (default): the model's first stage
+      (:func:`advfeat.sites.first_stage`: ``layer1`` of a ResNet, as the paper's conv2_3; a
+      ViT's first block; a ConvNeXt's first stage).
     * ``steps`` (m), ``tau`` (τ), ``eps`` (ε; ``None`` → m·τ − 0.1), ``random_start``.
     * ``stats``: ``"batch"`` per-channel batch mean (the paper) or ``"instance"`` (per sample).
     * ``layout``: where the site's channels are (:mod:`advfeat.layouts`; ``"auto"``: the
@@ -143,8 +151,8 @@ class AdvBN(AuxBNMethod):
     class Options:
         # Sec. 4: AdvBN fine-tunes a pre-trained model
         init_checkpoint: str | None = option(None, Text(optional=True, hint="a file path"))
-        # Sec. 5.1: conv2_3, the end of the first residual stage
-        site: str = option("layer1", Text(hint="a dotted module name"))
+        # Sec. 5.1: conv2_3, the end of the first residual stage ("auto": the first stage)
+        site: str = option(AUTO_SITE, Text(hint="a dotted module name, or auto: the first stage"))
         steps: int = option(6, Integer(low=1, hint="m"))  # Sec. 5.1: m = 6
         tau: float = option(0.2, Number(low=0, low_open=True))  # Sec. 5.1: τ = 0.2
         eps: float | None = option(None, Number(low=0, optional=True))  # Sec. 5.1: ε = m·τ − 0.1
@@ -181,9 +189,28 @@ class AdvBN(AuxBNMethod):
         return self.opts.init_checkpoint
 
     # ------------------------------------------------------------------------------ model
+    def site_of(self, model: nn.Module) -> str:
+        """Layer l in ``model``: the ``site`` option, or with ``"auto"`` its first stage (refused
+        for a model whose only stage is its whole feature extractor, as torchvision's
+        EfficientNets and MobileNets: the first stage would be the last)."""
+        if self.opts.site != AUTO_SITE:
+            return str(self.opts.site)
+        inner = unwrap(model)
+        found = _FIRST_STAGES.get(inner)
+        if found is None:
+            found = first_stage(inner)
+            if found is None or found == last_stage(inner):  # one stage: no early layer
+                raise AdvfeatError(
+                    f"{self.name}: {type(inner).__name__} has no early stage to perturb by "
+                    f"default (its stages: {', '.join(stages(inner)) or 'none'}); name layer l "
+                    "with --set method_options.site=NAME (a dotted module name)"
+                )
+            _FIRST_STAGES[inner] = found
+        return found
+
     def prepare(self, model: nn.Module) -> nn.Module:
         """Check the site, load ``init_checkpoint``, then give every BN layer an aux branch."""
-        resolve_site(model, self.opts.site)
+        resolve_site(model, self.site_of(model))
         initial = self.initial_weights()
         if initial is None:
             raise AdvfeatError(
@@ -198,12 +225,12 @@ class AdvBN(AuxBNMethod):
         """The modules of g^{1,l} (found once per model); their parameters stop requiring grad."""
         inner = unwrap(model)
         known = _PREFIXES.setdefault(inner, {})
-        if self.opts.site not in known:
-            known[self.opts.site] = prefix_module_names(inner, split, x)
-            for name in known[self.opts.site]:
+        if split.site not in known:
+            known[split.site] = prefix_module_names(inner, split, x)
+            for name in known[split.site]:
                 for p in inner.get_submodule(name).parameters():
                     p.requires_grad_(False)
-        return [inner.get_submodule(name) for name in known[self.opts.site]]
+        return [inner.get_submodule(name) for name in known[split.site]]
 
     @contextmanager
     def frozen_prefix(self, modules: list[nn.Module]) -> Iterator[None]:
@@ -221,16 +248,17 @@ class AdvBN(AuxBNMethod):
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
         o = self.opts
         net = require_branches(model, self.name)
-        split = SiteSplit(net, o.site)
+        site = self.site_of(net)
+        split = SiteSplit(net, site)
         with self.frozen_prefix(self.prefix_modules(net, split, x)):
             with torch.no_grad():
                 f = split.head(x)
             if not isinstance(f, Tensor):
-                raise AdvfeatError(f"{self.name}: site {o.site!r} must output a tensor")
+                raise AdvfeatError(f"{self.name}: site {site!r} must output a tensor")
             attack = BNStatsAttack(
-                net, o.site, eps=self.bound, alpha=o.tau, steps=o.steps,
+                net, site, eps=self.bound, alpha=o.tau, steps=o.steps,
                 random_start=o.random_start, stats=o.stats,  # type: ignore[arg-type]
-                layout=site_layout(net, o.site, f, o.layout),
+                layout=site_layout(net, site, f, o.layout),
                 bn_mode=o.attack_bn_mode, branch=ADV,  # type: ignore[arg-type]
             )  # fmt: skip
             f_adv = attack(x, y, feature=f.detach())
