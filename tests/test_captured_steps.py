@@ -37,7 +37,7 @@ from advfeat.train.trainer import Preempted
 from test_train_step_sync import counted_host_reads, tiny_config
 
 CPU = torch.device("cpu")
-CAPTURED = ("standard", "alfa", "afan")
+CAPTURED = ("standard", "alfa", "afan", "pgd-at", "trades", "mart")
 AFAN_TABLE_2 = {"steps": 5, "alpha": 0.5 / 255, "k": 3}
 """A-FAN's Table 2 options: three separate PGD-5 attacks, one per sampled strength."""
 """The methods whose default step is captured."""
@@ -285,7 +285,7 @@ def test_the_bench_times_captured_steps_and_names_the_others(
 
     monkeypatch.setattr(bench_module, "graph_backend", lambda device: ReplayByCalling())
     rows = run_bench(
-        ["standard", "afan", "pgd-at"],
+        ["standard", "afan", "pgd-at", "advprop"],
         model_name="resnet20",
         batch_size=4,
         image_size=8,
@@ -295,8 +295,8 @@ def test_the_bench_times_captured_steps_and_names_the_others(
         cuda_graph=True,
     )
     how = {r.label or r.method: r.steps for r in rows}
-    assert how["standard"] == "captured" and how["afan"] == "captured"
-    assert how["pgd-at"].startswith("eager (method 'pgd-at' is not checked")
+    assert how["standard"] == how["afan"] == how["pgd-at"] == "captured"
+    assert how["advprop"].startswith("eager (method 'advprop' is not checked")
 
 
 def test_a_step_that_says_it_cannot_be_captured_is_never_captured() -> None:

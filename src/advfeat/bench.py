@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-from advfeat.attacks.base import deferred_finite_checks
+from advfeat.attacks.base import ImageRange, deferred_finite_checks, deferred_image_checks
 from advfeat.checkpoint import InitialWeights
 from advfeat.errors import AdvfeatError
 from advfeat.methods import METHODS, Method, PrepareContext
@@ -216,8 +216,17 @@ def _make_step(
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=AMP_DTYPES[amp])
 
+    # the benchmark draws its images in [0, 1] itself: their range is noted on the device, as
+    # in training, so that a pixel attack's step reads nothing and can be captured
+    seen = ImageRange(torch.device(device_type))
+
     def step() -> None:
-        with frontier_capture(spec.frontier), autocast(), deferred_finite_checks():
+        with (
+            frontier_capture(spec.frontier),
+            autocast(),
+            deferred_finite_checks(),
+            deferred_image_checks(seen),
+        ):
             out = method(model, x, y)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -36,10 +36,12 @@ __all__ = [
     "Attack",
     "AttackOptions",
     "BNMode",
+    "ImageRange",
     "LossFn",
     "attack_guard",
     "check_image_range",
     "deferred_finite_checks",
+    "deferred_image_checks",
     "finite_checks_deferred",
 ]
 
@@ -85,8 +87,65 @@ def finite_checks_deferred() -> bool:
     return _DEFERRED_FINITE_CHECKS.get()
 
 
+class ImageRange:
+    """The lowest and the highest value of the images checked inside
+    :func:`deferred_image_checks`, kept on ``device`` and updated in place (no host read per
+    batch, so a captured training step can check its images); :meth:`check` reads them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.bounds = torch.tensor([math.inf, -math.inf], device=device)
+        """``[min, max]`` so far; ``[inf, -inf]`` while no image was seen."""
+
+    def observe(self, x: Tensor) -> None:
+        values = x.detach()
+        seen = torch.stack([values.min(), values.max()]).float()
+        low, high = torch.minimum(self.bounds[0], seen[0]), torch.maximum(self.bounds[1], seen[1])
+        self.bounds.copy_(torch.stack([low, high]))  # NaN wins both: it is reported
+
+    def check(self, *, tol: float = 1e-6) -> None:
+        """Raise what :func:`check_image_range` would have for the images seen (one copy to
+        the host)."""
+        lo, hi = self.bounds.tolist()
+        if lo == math.inf and hi == -math.inf:
+            return
+        refusal = _range_refusal(lo, hi, tol)
+        if refusal is not None:
+            raise AdvfeatError(refusal)
+
+
+_DEFERRED_IMAGE_CHECKS: ContextVar[ImageRange | None] = ContextVar(
+    "deferred_image_checks", default=None
+)
+
+
+@contextmanager
+def deferred_image_checks(seen: ImageRange) -> Iterator[None]:
+    """Within this block, :func:`check_image_range` notes the range of the images in ``seen``
+    instead of reading it (a host synchronisation per attack): for a caller that checks
+    ``seen`` itself, as the trainer does after the first step and at the end of each epoch."""
+    token = _DEFERRED_IMAGE_CHECKS.set(seen)
+    try:
+        yield
+    finally:
+        _DEFERRED_IMAGE_CHECKS.reset(token)
+
+
+def _range_refusal(lo: float, hi: float, tol: float) -> str | None:
+    """What is wrong with images whose values lie in ``[lo, hi]``, or ``None``."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "images contain NaN or infinite values; attacks need finite images in [0, 1]"
+    if lo < -tol or hi > 1 + tol:
+        return (
+            f"images must lie in [0, 1] (normalization belongs inside the model), got values in "
+            f"[{lo:.3g}, {hi:.3g}]; pass un-normalized images or wrap the model with "
+            f"advfeat.models.Normalize"
+        )
+    return None
+
+
 def check_image_range(x: Tensor, *, tol: float = 1e-6, strict: bool = True) -> None:
-    """Images must be finite and lie in [0, 1] (normalization lives inside the model)."""
+    """Images must be finite and lie in [0, 1] (normalization lives inside the model); inside
+    :func:`deferred_image_checks` the range is noted for the caller to check."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
         raise AdvfeatError(
@@ -95,23 +154,18 @@ def check_image_range(x: Tensor, *, tol: float = 1e-6, strict: bool = True) -> N
         )
     if x.numel() == 0:
         return
-    values = x.detach()
+    deferred = _DEFERRED_IMAGE_CHECKS.get()
+    if deferred is not None:
+        deferred.observe(x)
+        return
     # one copy to the host: min and max are NaN / infinite exactly when some value is
-    lo, hi = torch.stack([values.min(), values.max()]).tolist()
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        msg = "images contain NaN or infinite values; attacks need finite images in [0, 1]"
-        if strict:
-            raise AdvfeatError(msg)
-        warnings.warn(msg, stacklevel=3)
-    elif lo < -tol or hi > 1 + tol:
-        msg = (
-            f"images must lie in [0, 1] (normalization belongs inside the model), got values in "
-            f"[{lo:.3g}, {hi:.3g}]; pass un-normalized images or wrap the model with "
-            f"advfeat.models.Normalize"
-        )
-        if strict:
-            raise AdvfeatError(msg)
-        warnings.warn(msg, stacklevel=3)
+    lo, hi = torch.stack([x.detach().min(), x.detach().max()]).tolist()
+    refusal = _range_refusal(lo, hi, tol)
+    if refusal is None:
+        return
+    if strict:
+        raise AdvfeatError(refusal)
+    warnings.warn(refusal, stacklevel=3)
 
 
 @contextmanager

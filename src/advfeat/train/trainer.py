@@ -46,7 +46,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from advfeat.attacks.base import deferred_finite_checks
+from advfeat.attacks.base import ImageRange, deferred_finite_checks, deferred_image_checks
 from advfeat.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -202,6 +202,7 @@ class Trainer:
         # what a step writes to, kept for the whole run so that a captured step writes there
         self._sums = RunningSums(self.device)
         self._watch = DivergenceWatch(self.device)
+        self._image_range = ImageRange(self.device)  # attacks' images, checked after step 1
         self._step_index = torch.zeros((), dtype=torch.int64, device=self.device)
         self.sampler = EpochSampler(
             len(self.data.train),  # type: ignore[arg-type]
@@ -428,6 +429,8 @@ class Trainer:
                     break
                 lr = self.set_lr(epoch + step / steps, steps)
                 seen += self._train_step(x, y, step, sums, watch)
+                if step == first and epoch == self.start_epoch:
+                    self._image_range.check()  # at once, not only at the epoch's end
                 if bar is not None:
                     bar.update(1)
                     if (step - first) % PROGRESS_EVERY == 0:
@@ -446,6 +449,7 @@ class Trainer:
             self._raise_if_diverged(watch, epoch)  # the failure may come from non-finite values
             raise
         self._raise_if_diverged(watch, epoch)
+        self._image_range.check()
         totals = sums.read()
         if bar is not None:
             bar.close()
@@ -503,7 +507,11 @@ class Trainer:
 
     def _step_on(self, x: Any, y: Any, sums: RunningSums, watch: DivergenceWatch) -> None:
         """The step itself: the method's passes, backward, update, EMA and the running sums."""
-        with self.precision.autocast(), deferred_finite_checks():
+        with (
+            self.precision.autocast(),
+            deferred_finite_checks(),
+            deferred_image_checks(self._image_range),
+        ):
             out = self.method(self.train_model, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.step(out.loss, self.optimizer)
