@@ -149,6 +149,22 @@ def test_export_errors_are_one_line(advprop_run: Path, capsys: pytest.CaptureFix
     assert main(["export", str(advprop_run), "--format", "onnx"]) == 2
     err = capsys.readouterr().err.strip()
     assert "export format" in err and "state_dict" in err and "\n" not in err
+    for args in ([], [str(advprop_run), "--checkpoint", str(advprop_run)]):  # none, or twice
+        assert main(["export", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "give the run to export once" in err and "\n" not in err
+
+
+def test_export_takes_the_run_as_eval_does(advprop_run: Path, tmp_path: Path) -> None:
+    """``--checkpoint RUN`` (eval's spelling) exports what ``RUN`` does."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["export", str(advprop_run / "checkpoint.pt"), "--out", str(a)]) == 0
+    assert (
+        main(["export", "--checkpoint", str(advprop_run / "checkpoint.pt"), "--out", str(b)]) == 0
+    )
+    first, second = torch.load(a / "model.pt"), torch.load(b / "model.pt")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 # --------------------------------------------------------------------------- every method's run

@@ -24,7 +24,12 @@ def add_parser(sub: Any) -> None:
         "dual BN layers and the weight generator (load it with advfeat.export.build_exported). "
         "The first line printed says what was exported.",
     )
-    p.add_argument("run", metavar="RUN", help="run folder or its checkpoint.pt / best.pt")
+    p.add_argument(
+        "run", metavar="RUN", nargs="?", help="run folder or its checkpoint.pt / best.pt"
+    )
+    p.add_argument(
+        "--checkpoint", metavar="RUN", help="the same as RUN, spelled as `advfeat eval` takes it"
+    )
     p.add_argument(
         "--format",
         dest="formats",
@@ -41,10 +46,16 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from advfeat.errors import AdvfeatError
     from advfeat.export import export_run
 
+    if (args.run is None) == (args.checkpoint is None):
+        raise AdvfeatError(
+            "give the run to export once: advfeat export RUN (a run folder or its checkpoint.pt), "
+            "or --checkpoint RUN"
+        )
     formats = tuple(f.strip() for text in args.formats for f in text.split(",") if f.strip())
-    source = Path(args.run)
+    source = Path(args.run or args.checkpoint)
     folder = source if source.is_dir() else source.parent
     out = Path(args.out) if args.out else folder / "export"
     result = export_run(source, out, formats or ("state_dict",), robustbench=args.robustbench)
