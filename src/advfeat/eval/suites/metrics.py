@@ -68,7 +68,11 @@ def task_metrics(
     """
     task = ctx.data.task
     loader = DataLoader(
-        dataset, batch_size=ctx.config.batch_size, shuffle=False, collate_fn=task.collate
+        dataset,
+        batch_size=ctx.config.batch_size,
+        shuffle=False,
+        collate_fn=task.collate,
+        pin_memory=ctx.device.type == "cuda",  # batches copied to the GPU without waiting
     )
     seed = ctx.seed_for(key) if task.seeded_evaluation else None
     rng: AbstractContextManager[Any] = (
