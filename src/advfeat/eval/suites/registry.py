@@ -13,8 +13,9 @@ file in ``advfeat/eval/suites/`` (the package imports every module of its folder
 * ``tasks`` says which models it applies to (``EvalConfig`` rejects it for the others before any
   work, and :meth:`Suite.run` refuses them too): registered task names, where
   ``"classification"`` stands for every classifier task (:func:`advfeat.tasks.is_classifier_task`:
-  a :class:`~advfeat.tasks.ClassificationTask` subclass of one's own too); ``None`` is every
-  task, those registered later included (``clean``, ``attacks``, ``shift``);
+  a :class:`~advfeat.tasks.ClassificationTask` subclass of one's own too; a task of one's own
+  is registered before a suite that names it); ``None`` is every task, those registered later
+  included (``clean``, ``attacks``, ``shift``);
 * ``title`` and ``report(result, task) -> lines`` make its section of the Markdown report
   (a skipped result shows its reason under the title);
 * ``per_branch`` lets the ``bn`` suite run it under every BN branch; ``ready(config)`` returns
@@ -107,7 +108,7 @@ class Suite:
         """Why this suite does not apply to ``task`` models (one line)."""
         allowed = ", ".join(suite_names(task))
         if is_classifier_task(task):
-            return f"suite {self.name!r} does not apply to classification models; their suites: {allowed}"
+            return f"suite {self.name!r} does not apply to {task} models; their suites: {allowed}"
         return (
             f"suite {self.name!r} measures class accuracy and does not apply to {task} models; "
             f"their suites: {allowed}"
