@@ -113,7 +113,8 @@ def test_clean_and_shift_run_a_new_task_through_its_evaluate(
 
     ctx = context()
     before = torch.get_rng_state()
-    # the suites' functions (Suite.run also checks the suite's `tasks`, the three known kinds)
+    # the suites' functions (Suite.run also checks the suite's `tasks`: these two apply to every
+    # registered task, this one included)
     clean = SUITES.get("clean").fn(ctx)
     shift = SUITES.get("shift").fn(ctx)
     assert torch.equal(torch.get_rng_state(), before)  # each unit forks the global RNG

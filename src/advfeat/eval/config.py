@@ -16,28 +16,27 @@ from typing import Any
 from advfeat.data.corruptions_released import BENCHMARK_CORRUPTIONS
 from advfeat.errors import AdvfeatError, unknown_name
 from advfeat.options import Integer, Number, check_options, option
+from advfeat.tasks.registry import TASKS, is_classifier_task
 
 __all__ = [
     "ATTACK_NAMES",
     "CORRUPTION_NAMES",
     "DEFAULT_SUITES",
     "DENSE_ATTACK_NAMES",
-    "TASK_NAMES",
     "EvalConfig",
     "check_eps",
+    "check_task",
     "names_of",
 ]
 
 DEFAULT_SUITES: tuple[str, ...] = ("clean", "attacks")
 
-TASK_NAMES: tuple[str, ...] = ("classification", "detection", "segmentation")
-"""The kinds of model an evaluation knows (``EvalConfig.task``)."""
-
 DENSE_ATTACK_NAMES: tuple[str, ...] = ("pgd",)
 """Detection and segmentation are attacked with image-space PGD on the task loss (A-FAN §5-6)."""
 
 DENSE_BATCH_SIZE = 8
-"""Default evaluation batch size of detection and segmentation (whole images, large models)."""
+"""Default evaluation batch size of detection, segmentation and every other task that is not a
+classifier (whole images, large models)."""
 
 ATTACK_NAMES: tuple[str, ...] = (
     "pgd",
@@ -77,6 +76,16 @@ def check_eps(value: Any, name: str = "eps") -> float:
     return float(EPS("", name, value))
 
 
+def check_task(task: Any) -> str:
+    """``task`` when a task is registered under that name (:data:`advfeat.tasks.TASKS`: the
+    built-in ones and any registered with :func:`~advfeat.tasks.register_task`), else one line
+    naming close matches and the registered tasks."""
+    if not isinstance(task, str) or task not in TASKS:
+        known = unknown_name("evaluation task", str(task), TASKS.names())
+        raise AdvfeatError(f"{known}; a task of one's own is registered with register_task")
+    return task
+
+
 def names_of(values: Any, kind: str, known: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """A list of names (or ``"a,b"``) without repeats; each among ``known`` when given."""
     if isinstance(values, str):
@@ -103,7 +112,8 @@ class EvalConfig:
     """The suites to run, in run order (chosen and checked once, by
     :func:`advfeat.eval.suites.chosen_suites`, which the runner calls)."""
     task: str = "classification"
-    """``classification``, ``detection`` or ``segmentation``: which suites and attacks apply."""
+    """A registered task's name (``classification``, ``detection``, ``segmentation`` or one's
+    own): which suites and attacks apply (:func:`advfeat.tasks.is_classifier_task`)."""
     batch_size: int = option(256, Integer(low=1))
     max_images: int | None = option(None, Integer(low=1, optional=True))
     """Evaluate a seeded random subset of this many test images (``None``: all)."""
@@ -117,8 +127,7 @@ class EvalConfig:
 
     def validate(self) -> EvalConfig:
         """Check every value; raise :class:`AdvfeatError` naming the bad one. Returns ``self``."""
-        if self.task not in TASK_NAMES:
-            raise unknown_name("evaluation task", str(self.task), TASK_NAMES)
+        check_task(self.task)
         self.suites = names_of(self.suites, "suite")
         check_options("", self, write=True)  # every field declared with option(...)
         return self
@@ -127,16 +136,16 @@ class EvalConfig:
     def for_task(cls, task: str, **options: Any) -> EvalConfig:
         """A validated config for ``task`` whose unset options take the task's protocol.
 
-        Classification keeps the field defaults (CIFAR protocol); detection and segmentation
-        default to batch size :data:`DENSE_BATCH_SIZE` (their attacks follow A-FAN's PGD-10,
+        A classifier (:func:`advfeat.tasks.is_classifier_task`) keeps the field defaults (CIFAR
+        protocol); every other task (detection, segmentation, one's own) defaults to batch size
+        :data:`DENSE_BATCH_SIZE` (their attacks follow A-FAN's PGD-10,
         :meth:`advfeat.eval.suites.attacks.AttackOptions.defaults`). Options given here win.
         """
-        if task not in TASK_NAMES:
-            raise unknown_name("evaluation task", str(task), TASK_NAMES)
+        check_task(task)
         given = options.pop("task", task)
         if given != task:
             raise AdvfeatError(f"this is a {task} model; task={given!r} does not fit it")
-        if task != "classification":
+        if not is_classifier_task(task):
             options = {"batch_size": DENSE_BATCH_SIZE, **options}
         return cls.from_options(task=task, **options)
 

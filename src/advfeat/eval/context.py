@@ -9,6 +9,7 @@ from ``(config.seed, unit key)``, so results do not depend on which units ran be
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import zlib
@@ -56,7 +57,8 @@ class EvalData:
 
     def __post_init__(self) -> None:
         if isinstance(self.task, ClassificationTask) and self.task.num_classes is None:
-            self.task = ClassificationTask(self.num_classes)
+            self.task = copy.copy(self.task)  # a subclass of one's own stays itself
+            self.task.num_classes = self.num_classes
 
     @property
     def dense_task(self) -> DenseTask | None:
@@ -65,7 +67,8 @@ class EvalData:
 
     @property
     def task_name(self) -> str:
-        """Which task this data is for: ``classification``, ``detection``, ``segmentation``."""
+        """The registered name of the task this data is for (``classification``, ``detection``,
+        ``segmentation``, or one's own)."""
         return self.task.name
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from advfeat.eval.config import EvalConfig
 from advfeat.eval.suites import SUITES, options_of
+from advfeat.tasks import is_classifier_task
 
 __all__ = ["announce", "gradient_passes_per_image", "missing_packages"]
 
@@ -61,7 +62,7 @@ def announce(ctx: Any) -> None:
     if cfg.max_images is not None:
         lines[0] += f" (at most {cfg.max_images}: --max-images N or --all-images change it)"
     passes = gradient_passes_per_image(cfg)
-    if passes and cfg.task == "classification":
+    if passes and is_classifier_task(cfg.task):
         x, y = next(ctx.batches(ctx.test_set(), batch_size=min(cfg.batch_size, 32)))
         x = x.clone().requires_grad_(True)
         timings = []

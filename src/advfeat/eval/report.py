@@ -1,7 +1,9 @@
 """A Markdown report of evaluation results (written next to the JSON as ``<stem>.md``).
 
 Classification results show accuracies; detection and segmentation results (``config.task``)
-show AP / AP50 / AP75 or mIoU / pixel accuracy, clean, under PGD and on shifted domains. Each
+show AP / AP50 / AP75 or mIoU / pixel accuracy, clean, under PGD and on shifted domains, and a
+task of one's own its metrics by their names (a classifier task's are accuracies,
+:func:`advfeat.tasks.is_classifier_task`). Each
 suite draws its own section: the runner hands the registered suites to :func:`markdown_report`.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
+
+from advfeat.tasks.registry import is_classifier_task
 
 __all__ = [
     "DENSE_METRICS",
@@ -61,6 +65,8 @@ ROBUST_ACCURACY_NOTE = (
     "clean and attacked, so it never exceeds clean accuracy; the ε-curve takes, per image, "
     "the worst case over all smaller budgets, so it never increases with ε."
 )
+DENSE_NOTE_METRICS = {"detection": "AP / AP50 / AP75", "segmentation": "mIoU / pixel accuracy"}
+"""How the note under the summary names the robust metrics of detection and segmentation."""
 DENSE_ROBUST_NOTE = (
     "Robust {metrics} are the metrics on the PGD-attacked test images (A-FAN Tables 5-6); unlike "
     "robust accuracy they are not capped by the clean value, so the drop is reported as well."
@@ -85,8 +91,16 @@ def _task(results: dict[str, Any]) -> str:
     return str(results.get("config", {}).get("task", "classification"))
 
 
-def dense_scalars(res: dict[str, Any]) -> list[str]:
-    return [k for k in DENSE_METRICS if k in res]
+def dense_scalars(res: Mapping[str, Any]) -> list[str]:
+    """The metrics in a result of a task that is not a classifier, in report order: AP / mIoU
+    first, then the task's own; a PGD result's are those it compares with its ``clean`` values."""
+    clean = res.get("clean")
+    if isinstance(clean, Mapping):  # the attacks suite's PGD result
+        return [
+            *(k for k in DENSE_METRICS if k in res),
+            *(k for k in clean if k not in DENSE_METRICS),
+        ]
+    return metric_keys(res)
 
 
 def metric_label(key: str) -> str:
@@ -129,10 +143,10 @@ def pgd_budget(res: dict[str, Any]) -> str:
 def _dense_summary(suites: dict[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
     clean = suites.get("clean", {})
-    rows += [[f"clean {DENSE_METRICS[k]}", pct(clean[k])] for k in dense_scalars(clean)]
+    rows += [[f"clean {metric_label(k)}", pct(clean[k])] for k in dense_scalars(clean)]
     pgd = suites.get("attacks", {}).get("pgd", {})
     label = f"PGD-{pgd.get('steps', '')} ({pgd_budget(pgd)})" if "eps" in pgd else ""
-    rows += [[f"{label} {DENSE_METRICS[k]}", pct(pgd[k])] for k in dense_scalars(pgd)]
+    rows += [[f"{label} {metric_label(k)}", pct(pgd[k])] for k in dense_scalars(pgd)]
     rows += _shift_rows(suites.get("shift", {}))
     return rows
 
@@ -140,7 +154,7 @@ def _dense_summary(suites: dict[str, Any]) -> list[list[str]]:
 def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     """``[metric, value]`` rows of the report's summary table (and of ``advfeat eval``'s output)."""
     suites = results.get("suites", {})
-    return _dense_summary(suites) if _task(results) != "classification" else _summary(suites)
+    return _summary(suites) if is_classifier_task(_task(results)) else _dense_summary(suites)
 
 
 def _summary(suites: dict[str, Any]) -> list[list[str]]:
@@ -232,13 +246,15 @@ def markdown_report(results: dict[str, Any], suites: Sequence[SuiteSection]) -> 
     if summary:
         lines += ["## Summary", "", *md_table(["metric", "value"], summary)]
     task = _task(results)
-    if task != "classification":
-        names = "AP / AP50 / AP75" if task == "detection" else "mIoU / pixel accuracy"
-        lines += [DENSE_ROBUST_NOTE.format(metrics=names), ""]
-    else:
+    classifier = is_classifier_task(task)
+    if classifier:
         lines += [ROBUST_ACCURACY_NOTE, ""]
+    else:
+        own = " / ".join(map(metric_label, dense_scalars(suites_results.get("clean", {}))))
+        names = DENSE_NOTE_METRICS.get(task, own or "metrics")
+        lines += [DENSE_ROBUST_NOTE.format(metrics=names), ""]
     lines += suite_sections(suites_results, task, suites)
-    if task != "classification":
+    if not classifier:
         return "\n".join([*lines, *_tail(results)])
     eta = results.get("training", {}).get("eta")
     if eta:

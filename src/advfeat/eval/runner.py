@@ -45,7 +45,7 @@ from advfeat.checkpoint import atomic_write_json, atomic_write_text
 from advfeat.data import DatasetBundle
 from advfeat.errors import AdvfeatError
 from advfeat.eval.accuracy import eval_mode
-from advfeat.eval.config import DEFAULT_SUITES, EvalConfig
+from advfeat.eval.config import DEFAULT_SUITES, EvalConfig, check_task
 from advfeat.eval.context import EvalContext, EvalData, PartialStore
 from advfeat.eval.folders import ImageFolderDomain
 from advfeat.eval.loading import DenseEvalData, eval_data, load_run
@@ -54,7 +54,7 @@ from advfeat.eval.preflight import announce, missing_packages
 from advfeat.eval.report import markdown_report
 from advfeat.eval.suites import SUITES, chosen_suites, ordered_suites, split_options, suite_options
 from advfeat.eval.trajectories import eta_trajectories
-from advfeat.tasks import DenseTask, Task
+from advfeat.tasks import DenseTask, Task, is_classifier_task
 
 __all__ = [
     "RESULT_FORMAT",
@@ -169,8 +169,8 @@ def _add_domains(data: EvalData, domains: dict[str, str] | None) -> EvalData:
 
 
 def _check_dense_extras(task: str, **given: Any) -> None:
-    """Surrogates, mCE baselines and image-folder domains are classification-only."""
-    if task == "classification":
+    """Surrogates, mCE baselines and image-folder domains are for classifiers only."""
+    if is_classifier_task(task):
         return
     for name, value in given.items():
         if value:
@@ -261,7 +261,7 @@ def evaluate(
     dev = torch.device(device) if device is not None else _device_of(model)
     model.to(dev)
     data = _as_data(dataset, model, dev, task)
-    kind = data.task_name
+    kind = check_task(data.task_name)
     _check_dense_extras(kind, surrogate=surrogate, baseline=baseline, domains=domains)
     names = chosen_suites(suites, kind)
     shared, per_suite = split_options(options)

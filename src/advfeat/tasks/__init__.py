@@ -22,7 +22,7 @@ from advfeat.tasks.metrics import (
     iou_from_confusion,
 )
 from advfeat.tasks.models import DETECTORS, SEGMENTERS, build_detector, build_segmenter
-from advfeat.tasks.registry import TASKS, build_task, model_task, register_task
+from advfeat.tasks.registry import TASKS, build_task, is_classifier_task, model_task, register_task
 from advfeat.tasks.robust import DETECTION_PGD, SEGMENTATION_PGD, DensePGD, robust_evaluate
 from advfeat.tasks.segmentation import SegmentationTask, check_masks
 
@@ -52,6 +52,7 @@ __all__ = [
     "check_masks",
     "confusion_matrix",
     "iou_from_confusion",
+    "is_classifier_task",
     "model_task",
     "register_task",
     "robust_evaluate",

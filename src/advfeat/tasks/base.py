@@ -187,6 +187,12 @@ class Task(ABC):
     capturable: bool = False
     """Whether a training step on this task's batches may be captured as a CUDA graph (tensor
     batches of one shape, no host reads: classification)."""
+    classifier: ClassVar[bool] = False
+    """Whether the model is a classifier (logits of ``num_classes`` classes against integer
+    labels): :class:`~advfeat.tasks.ClassificationTask` and its subclasses. Evaluation runs a
+    classifier with the classifier protocol (robust accuracy, the suites that measure class
+    accuracy); every other task (detection, segmentation, a task of one's own) with the task
+    protocol (its :meth:`evaluate`, image-space PGD on :meth:`attack_loss`)."""
 
     # ---------------------------------------------------------------------------- batches
     @abstractmethod
@@ -225,7 +231,7 @@ class Task(ABC):
 
     def log_parts(self, parts: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Loss terms worth logging besides the total (none for a single-term loss)."""
-        return dict(parts) if len(parts) > 1 or self.name != "classification" else {}
+        return dict(parts) if len(parts) > 1 or not self.classifier else {}
 
     def forward_output(self, model: nn.Module, x: Any, y: Any) -> Any:
         """The model's output on a batch (the loss dict for a detector in training mode)."""

@@ -79,6 +79,7 @@ class ClassificationTask(Task):
     seeded_evaluation = False
     """Top-k accuracy in eval mode draws no random numbers: its results carry no seed."""
     capturable = True
+    classifier = True
 
     def __init__(self, num_classes: int | None = None) -> None:
         self.num_classes = num_classes

@@ -3,6 +3,8 @@
 Each task module registers its class with :func:`register_task` (classification, detection,
 segmentation); :func:`build_task` is the one place a run's task is built, by training
 (:func:`advfeat.train.build.build_parts`) and by evaluation (:func:`advfeat.eval.loading.eval_data`).
+Evaluation takes its task names from here too, and :func:`is_classifier_task` is the one place
+that says whether a task is evaluated as a classifier (:attr:`Task.classifier`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import TypeVar
 from advfeat.registry import Registry
 from advfeat.tasks.base import Task
 
-__all__ = ["TASKS", "build_task", "model_task", "register_task"]
+__all__ = ["TASKS", "build_task", "is_classifier_task", "model_task", "register_task"]
 
 TASKS: Registry[type[Task]] = Registry("task")
 """Task classes by :attr:`Task.name` (``classification``, ``detection``, ``segmentation``)."""
@@ -39,3 +41,11 @@ def model_task(model: str) -> str:
         if model in TASKS.get(name).models:
             return name
     return "classification"
+
+
+def is_classifier_task(name: str) -> bool:
+    """Whether the registered task ``name`` is a classifier (:attr:`Task.classifier`: a
+    :class:`~advfeat.tasks.ClassificationTask` subclass): evaluation then follows the classifier
+    protocol, else the task protocol of detection and segmentation. An unknown name raises
+    :class:`~advfeat.errors.AdvfeatError` listing the registered tasks."""
+    return TASKS.get(name).classifier

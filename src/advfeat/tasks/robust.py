@@ -19,7 +19,7 @@ from advfeat.attacks.base import Attack, attack_guard
 from advfeat.attacks.engine import IterativeAscent, Variable
 from advfeat.attacks.threat import Linf
 from advfeat.errors import AdvfeatError
-from advfeat.tasks.base import DenseTask, check_images
+from advfeat.tasks.base import DenseTask, Task, check_images
 
 __all__ = ["DETECTION_PGD", "SEGMENTATION_PGD", "DensePGD", "robust_evaluate"]
 
@@ -37,7 +37,8 @@ class DensePGD(Attack):
     tensors (detection) or ``[N, 3, H, W]`` (segmentation), in [0, 1]; the result has the same
     structure, lies in the ε-ball and in [0, 1], and the input is not modified. The ascent is
     :class:`~advfeat.attacks.engine.IterativeAscent` (one variable per image tensor) on the
-    task's attack loss (:meth:`Task.attack_loss`). ``random_start`` starts from a uniform point
+    task's attack loss (:meth:`Task.attack_loss`): a :class:`DenseTask`'s, or that of any task
+    evaluated by its :meth:`Task.evaluate` (one of one's own). ``random_start`` starts from a uniform point
     of the ball, drawn from a generator seeded with ``seed`` at every call; the global RNG is
     left as it was (the attack's passes fork it). The attack guarantees of :class:`Attack` hold
     (flags, ``requires_grad``, ``.grad`` and BN running statistics restored).
@@ -45,7 +46,7 @@ class DensePGD(Attack):
 
     def __init__(
         self,
-        task: DenseTask,
+        task: Task,
         *,
         eps: float,
         alpha: float,

@@ -19,10 +19,11 @@
 
 Robust accuracy everywhere = correct on the clean image AND on the attacked one (≤ clean).
 
-Detection and segmentation (A-FAN §5-6, Tables 5-6): ``pgd`` only — image-space PGD on the
-task's training loss (:class:`advfeat.tasks.DensePGD`), PGD-10 with ε = 2/255, α = 0.3/255
-(detection) or ε = 8/255, α = 1/255 (segmentation) unless ``eps`` / ``pgd_alpha`` /
-``pgd_steps`` say otherwise; the robust AP / mIoU is the task's metric on the attacked images
+Detection, segmentation and every other task that is not a classifier
+(:func:`advfeat.tasks.is_classifier_task`; A-FAN §5-6, Tables 5-6): ``pgd`` only — image-space
+PGD on the task's training loss (:class:`advfeat.tasks.DensePGD`), PGD-10 with ε = 2/255,
+α = 0.3/255 (detection) or ε = 8/255, α = 1/255 (segmentation and the others) unless ``eps`` /
+``pgd_alpha`` / ``pgd_steps`` say otherwise; the robust AP / mIoU is the task's metric on the attacked images
 (the paper's definition: it is not capped by the clean value), reported with the clean value on
 the same images and the drop.
 """
@@ -61,7 +62,14 @@ from advfeat.eval.config import (
 )
 from advfeat.eval.context import EvalContext
 from advfeat.eval.plots import plot_eps_curve, plot_fusion_weight
-from advfeat.eval.report import DENSE_METRICS, dense_scalars, md_table, pct, pgd_budget, skip_lines
+from advfeat.eval.report import (
+    dense_scalars,
+    md_table,
+    metric_label,
+    pct,
+    pgd_budget,
+    skip_lines,
+)
 from advfeat.eval.robust import (
     Outcome,
     accuracy_within_l2,
@@ -70,9 +78,9 @@ from advfeat.eval.robust import (
     worst_case_curve,
 )
 from advfeat.eval.suites.metrics import task_metrics
-from advfeat.eval.suites.registry import ALL_TASKS, options_of, register_suite, skipped
+from advfeat.eval.suites.registry import options_of, register_suite, skipped
 from advfeat.options import Choice, Each, Integer, option
-from advfeat.tasks import DensePGD, DenseTask
+from advfeat.tasks import DensePGD, Task, is_classifier_task
 from advfeat.tasks.robust import DETECTION_PGD, SEGMENTATION_PGD
 
 __all__ = ["AttackOptions", "run"]
@@ -105,10 +113,10 @@ class AttackOptions:
 
     @classmethod
     def defaults(cls, task: str) -> dict[str, Any]:
-        """Detection and segmentation follow A-FAN's robustness protocol (§5-6): PGD-10 with
-        ε = 2/255, α = 0.3/255 (detection) or ε = 8/255, α = 1/255 (segmentation), no random
-        start; only the ``pgd`` attack."""
-        if task == "classification":
+        """Tasks other than classifiers follow A-FAN's robustness protocol (§5-6): PGD-10 with
+        ε = 2/255, α = 0.3/255 (detection) or ε = 8/255, α = 1/255 (segmentation and the
+        others), no random start; only the ``pgd`` attack."""
+        if is_classifier_task(task):
             return {}
         pgd = DETECTION_PGD if task == "detection" else SEGMENTATION_PGD
         return {
@@ -121,7 +129,7 @@ class AttackOptions:
     def validate(self, task: str) -> None:
         self.names = names_of(self.names, "attack", ATTACK_NAMES)
         wrong = [n for n in self.names if n not in DENSE_ATTACK_NAMES]
-        if task != "classification" and wrong:
+        if wrong and not is_classifier_task(task):
             raise AdvfeatError(
                 f"attack {', '.join(map(repr, wrong))} does not apply to {task} models "
                 f"(they report AP / mIoU, not class accuracy); {task} attacks: "
@@ -348,7 +356,7 @@ def _adaptive(ctx: EvalContext, dataset: Dataset, fusion: Any) -> dict[str, Any]
     }
 
 
-def _dense(ctx: EvalContext, task: DenseTask) -> dict[str, Any]:
+def _dense(ctx: EvalContext, task: Task) -> dict[str, Any]:
     """Robust AP / mIoU under image-space PGD on the task loss (A-FAN Tables 5-6)."""
     cfg = ctx.config
     opts: AttackOptions = options_of(cfg, "attacks")
@@ -387,15 +395,15 @@ def ready(config: EvalConfig) -> list[str]:
 
 def report(att: dict[str, Any], task: str) -> list[str]:
     """Robust accuracy per attack, the ε-curve, AutoAttack checks, AFA's adaptive attack;
-    for detection and segmentation, the metrics clean and under PGD."""
-    return _dense_attacks(att) if task != "classification" else _attacks(att)
+    for the other tasks (detection, segmentation), the metrics clean and under PGD."""
+    return _attacks(att) if is_classifier_task(task) else _dense_attacks(att)
 
 
 @register_suite(
     "attacks",
     "PGD-20, FGSM, C&W-L2, ε-curve, transfer, AutoAttack, AFA adaptive",
     order=10,
-    tasks=ALL_TASKS,
+    tasks=None,  # every task, those registered later too
     title="Attacks",
     report=report,
     plots={"accuracy_vs_eps": plot_eps_curve, "fusion_weight": plot_fusion_weight},
@@ -410,9 +418,8 @@ def report(att: dict[str, Any], task: str) -> list[str]:
 def run(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.config
     opts: AttackOptions = options_of(cfg, "attacks")
-    task = ctx.data.dense_task
-    if task is not None:
-        return _dense(ctx, task)
+    if not ctx.data.task.classifier:
+        return _dense(ctx, ctx.data.task)
     dataset = ctx.test_set()
     fusion = find_fusion(ctx.model)
     results: dict[str, Any] = {"eps": opts.eps}
@@ -551,7 +558,7 @@ def _dense_attacks(att: dict[str, Any]) -> list[str]:
         return skip_lines(pgd) or []
     rows = [
         [
-            DENSE_METRICS[k],
+            metric_label(k),
             pct(pgd["clean"].get(k)),
             pct(pgd[k]),
             pct(pgd["drop"].get(k)),

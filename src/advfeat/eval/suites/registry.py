@@ -11,7 +11,11 @@ file in ``advfeat/eval/suites/`` (the package imports every module of its folder
 
 * ``order`` places it in a run (and in the report) among the others;
 * ``tasks`` says which models it applies to (``EvalConfig`` rejects it for the others before any
-  work, and :meth:`Suite.run` refuses them too);
+  work, and :meth:`Suite.run` refuses them too): registered task names, where
+  ``"classification"`` stands for every classifier task (:func:`advfeat.tasks.is_classifier_task`:
+  a :class:`~advfeat.tasks.ClassificationTask` subclass of one's own too; a task of one's own
+  is registered before a suite that names it); ``None`` is every task, those registered later
+  included (``clean``, ``attacks``, ``shift``);
 * ``title`` and ``report(result, task) -> lines`` make its section of the Markdown report
   (a skipped result shows its reason under the title);
 * ``per_branch`` lets the ``bn`` suite run it under every BN branch; ``ready(config)`` returns
@@ -36,18 +40,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.eval.config import TASK_NAMES
 from advfeat.eval.plots import PlotFn
 from advfeat.eval.report import ReportFn
 from advfeat.options import check_options
 from advfeat.registry import Registry
+from advfeat.tasks.registry import TASKS, is_classifier_task
 
 if TYPE_CHECKING:
     from advfeat.eval.config import EvalConfig
     from advfeat.eval.context import EvalContext
 
 __all__ = [
-    "ALL_TASKS",
     "SUITES",
     "PlotFn",
     "ReadyFn",
@@ -68,9 +71,6 @@ SuiteFn = Callable[["EvalContext"], dict[str, Any]]
 ReadyFn = Callable[["EvalConfig"], list[str]]
 """``config -> one line per missing optional package`` (empty: ready)."""
 
-ALL_TASKS: tuple[str, ...] = TASK_NAMES
-"""The kinds of model an evaluation knows (a suite that applies to all of them)."""
-
 
 @dataclass(frozen=True)
 class Suite:
@@ -80,7 +80,9 @@ class Suite:
     description: str
     fn: SuiteFn
     order: int = 100
-    tasks: tuple[str, ...] = ("classification",)
+    tasks: tuple[str, ...] | None = ("classification",)
+    """The tasks it applies to: names (``"classification"``: every classifier task), or ``None``:
+    every registered task, resolved when a suite is chosen (a task registered later too)."""
     title: str = ""
     report: ReportFn | None = None
     report_skipped: bool = True
@@ -96,13 +98,17 @@ class Suite:
     """Flat keyword -> option name (``hessian_iters`` -> ``iters``): older spellings kept."""
 
     def applies_to(self, task: str) -> bool:
-        return task in self.tasks
+        """Whether it applies to the registered task ``task`` (an unknown name raises)."""
+        classifier = is_classifier_task(task)
+        if self.tasks is None or task in self.tasks:
+            return True
+        return classifier and "classification" in self.tasks
 
     def refusal(self, task: str) -> str:
         """Why this suite does not apply to ``task`` models (one line)."""
         allowed = ", ".join(suite_names(task))
-        if task == "classification":
-            return f"suite {self.name!r} does not apply to classification models; their suites: {allowed}"
+        if is_classifier_task(task):
+            return f"suite {self.name!r} does not apply to {task} models; their suites: {allowed}"
         return (
             f"suite {self.name!r} measures class accuracy and does not apply to {task} models; "
             f"their suites: {allowed}"
@@ -123,7 +129,7 @@ def register_suite(
     description: str,
     *,
     order: int = 100,
-    tasks: tuple[str, ...] = ("classification",),
+    tasks: tuple[str, ...] | None = ("classification",),
     title: str = "",
     report: ReportFn | None = None,
     report_skipped: bool = True,
@@ -134,13 +140,17 @@ def register_suite(
     aliases: Mapping[str, str] | None = None,
 ) -> Callable[[SuiteFn], SuiteFn]:
     """Function decorator: register ``run(ctx)`` as suite ``name`` (see the module docstring)."""
-    unknown = [t for t in tasks if t not in ALL_TASKS]
-    if unknown or not tasks:
-        raise AdvfeatError(f"suite {name!r}: tasks must be among {ALL_TASKS}, got {tasks!r}")
+    if tasks is not None and (not tasks or any(t not in TASKS for t in tasks)):
+        raise AdvfeatError(
+            f"suite {name!r}: tasks must be registered task names ({', '.join(TASKS)}) or None "
+            f"for every task, got {tasks!r}"
+        )
+
+    applies = None if tasks is None else tuple(tasks)
 
     def deco(fn: SuiteFn) -> SuiteFn:
         suite = Suite(
-            name, description, fn, order, tuple(tasks), title, report, report_skipped,
+            name, description, fn, order, applies, title, report, report_skipped,
             dict(plots or {}), per_branch, ready, options, dict(aliases or {}),
         )  # fmt: skip
         SUITES.add(name, suite)
@@ -175,7 +185,7 @@ def chosen_suites(names: Iterable[str] | str, task: str) -> tuple[str, ...]:
     if not chosen:
         raise AdvfeatError(f"choose at least one suite ({', '.join(every)})")
     wrong = [n for n in chosen if not SUITES.get(n).applies_to(task)]
-    if wrong and task == "classification":
+    if wrong and is_classifier_task(task):
         raise AdvfeatError(SUITES.get(wrong[0]).refusal(task))
     if wrong:
         raise AdvfeatError(
