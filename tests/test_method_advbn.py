@@ -212,3 +212,19 @@ def test_fine_tunes_a_vit_at_its_default_site(tmp_path: Path) -> None:
     assert frozen and trained
     assert all(torch.equal(after[k], before[k]) for k in frozen)
     assert all(not torch.equal(after[k], before[k]) for k in trained)
+
+
+def test_a_run_without_its_checkpoint_is_refused_before_it_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``advfeat train`` and every arm of ``advfeat compare`` check that AdvBN has the model
+    it fine-tunes before any run starts (one line, nothing written)."""
+    tiny = ["--epochs", "1", "--set", "dataset_options={n_train: 16, n_test: 8, image_size: 8}"]
+    out = tmp_path / "advbn"
+    assert main(["train", "--method", "advbn", "--out", str(out), *tiny]) == 2
+    cmp = tmp_path / "cmp"
+    arms = ["--methods", "standard", "--arm", "advbn: method=advbn", "--seeds", "0"]
+    assert main(["compare", *arms, "--out", str(cmp), *tiny]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.count("set init_checkpoint=PATH") == 2
+    assert "training" not in err and not out.exists() and not cmp.exists()

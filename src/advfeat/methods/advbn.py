@@ -188,6 +188,17 @@ class AdvBN(AuxBNMethod):
     def initial_checkpoint(self) -> str | None:
         return self.opts.init_checkpoint
 
+    def check_run(self) -> None:
+        if self.opts.init_checkpoint is None:
+            raise self._no_checkpoint()
+
+    def _no_checkpoint(self) -> AdvfeatError:
+        return AdvfeatError(
+            f"{self.name} fine-tunes a trained model (AdvBN Sec. 4): set init_checkpoint=PATH "
+            "to the checkpoint.pt of an `advfeat train` run (e.g. --set "
+            "method_options.init_checkpoint=runs/standard/checkpoint.pt)"
+        )
+
     # ------------------------------------------------------------------------------ model
     def site_of(self, model: nn.Module) -> str:
         """Layer l in ``model``: the ``site`` option, or with ``"auto"`` its first stage (refused
@@ -213,11 +224,7 @@ class AdvBN(AuxBNMethod):
         resolve_site(model, self.site_of(model))
         initial = self.initial_weights()
         if initial is None:
-            raise AdvfeatError(
-                f"{self.name} fine-tunes a trained model (AdvBN Sec. 4): set init_checkpoint=PATH "
-                "to the checkpoint.pt of an `advfeat train` run (e.g. --set "
-                "method_options.init_checkpoint=runs/standard/checkpoint.pt)"
-            )
+            raise self._no_checkpoint()
         load_initial_weights(model, initial, method=self.name)
         return prepare_branches(model, self.branches(), method=self.name, aux_norm=self.aux_norm)
 

@@ -154,6 +154,12 @@ class Method(nn.Module):
     def validate_options(self) -> None:
         """Raise :class:`AdvfeatError` on inconsistent options (subclasses extend)."""
 
+    def check_run(self) -> None:
+        """Raise :class:`AdvfeatError` when a run trained from its configuration alone could not
+        start (AdvBN without the checkpoint it fine-tunes): checked with the run's configuration,
+        before any run of ``advfeat train`` or ``advfeat compare`` starts. Code that hands the
+        initial weights to :meth:`prepare_with` itself is not concerned."""
+
     context: PrepareContext = PrepareContext()
     """The context of the current :meth:`prepare` (set by :meth:`prepare_with`)."""
 

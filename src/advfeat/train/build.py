@@ -77,7 +77,8 @@ def _dataset_arguments(cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any
 def check_config(cfg: TrainConfig, *, check_device: bool = True) -> None:
     """Check everything a run checks when it starts, without reading data or training: the
     values, the device (unless ``check_device`` is false), the dataset's name and options (and,
-    for real data, where its files are), the model's and the method's names and options.
+    for real data, where its files are), the model's and the method's names and options, and what
+    the method needs to start (:meth:`Method.check_run`).
 
     ``advfeat train`` checks its run and ``advfeat compare`` every run of every arm this way
     before the first one starts.
@@ -87,6 +88,7 @@ def check_config(cfg: TrainConfig, *, check_device: bool = True) -> None:
     check_dataset(cfg.dataset, cfg.data_dir, **_dataset_arguments(cfg, {}))
     task = build_task(model_task(cfg.model), 2)  # the data's classes are not read here
     method = build_task_method(cfg.method, task, **cfg.method_options)
+    method.check_run()
     if device is not None and cfg.cuda_graph == "true":
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         refusal = run_refusal(cfg, device, method.capture_refusal(), distributed=distributed)
