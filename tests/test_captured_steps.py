@@ -37,7 +37,17 @@ from advfeat.train.trainer import Preempted
 from test_train_step_sync import counted_host_reads, tiny_config
 
 CPU = torch.device("cpu")
-CAPTURED = ("standard", "alfa", "afan", "pgd-at", "trades", "mart")
+CAPTURED = (
+    "standard",
+    "alfa",
+    "afan",
+    "pgd-at",
+    "trades",
+    "mart",
+    "advprop",
+    "fast-advprop",
+    "afa",
+)
 AFAN_TABLE_2 = {"steps": 5, "alpha": 0.5 / 255, "k": 3}
 """A-FAN's Table 2 options: three separate PGD-5 attacks, one per sampled strength."""
 """The methods whose default step is captured."""
@@ -137,6 +147,13 @@ def test_the_methods_that_say_their_step_can_be_captured() -> None:
     # A-FAN with separate attacks (Table 2: PGD-5) too: its strengths reach them as tensors
     assert build_task_method("afan", task, **AFAN_TABLE_2).capture_refusal() is None
     assert "detection" in str(build_task_method("alfa", DetectionTask(3)).capture_refusal())
+    # what depends on the options: fine-grained AdvProp draws on the CPU, AFA's stage II attacks
+    # a batch of varying size
+    fine = build_task_method("advprop", task, fine_grained=True).capture_refusal()
+    assert "strong augmentation on the CPU" in str(fine)
+    afa = build_task_method("afa", task)
+    afa.opts.stage = 2
+    assert "stage II" in str(afa.capture_refusal())
 
 
 def test_cuda_graph_true_on_the_cpu_is_one_line_naming_the_reason(tmp_path: Path) -> None:
@@ -285,7 +302,7 @@ def test_the_bench_times_captured_steps_and_names_the_others(
 
     monkeypatch.setattr(bench_module, "graph_backend", lambda device: ReplayByCalling())
     rows = run_bench(
-        ["standard", "afan", "pgd-at", "advprop"],
+        ["standard", "afan", "pgd-at", "l-alfa"],
         model_name="resnet20",
         batch_size=4,
         image_size=8,
@@ -296,7 +313,7 @@ def test_the_bench_times_captured_steps_and_names_the_others(
     )
     how = {r.label or r.method: r.steps for r in rows}
     assert how["standard"] == how["afan"] == how["pgd-at"] == "captured"
-    assert how["advprop"].startswith("eager (method 'advprop' is not checked")
+    assert how["l-alfa"].startswith("eager (method 'l-alfa' is not checked")
 
 
 def test_a_step_that_says_it_cannot_be_captured_is_never_captured() -> None:

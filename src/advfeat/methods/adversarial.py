@@ -259,12 +259,10 @@ class PixelAdversarialTraining(Method):
 
     paper_attack: ClassVar[str] = ""
 
-    def capture_refusal(self) -> str | None:
-        """The attack and the update read nothing from the device (the images' range is noted
-        on it for the trainer, :func:`~advfeat.attacks.base.deferred_image_checks`), and the
-        random start draws from the device's generator: capturable where the task's batches
-        are."""
-        return None if self.task.capturable else f"{self.task.name} batches are not captured"
+    capturable_step = True
+    """The attack reads nothing from the device (the images' range is noted on it for the
+    trainer, :func:`~advfeat.attacks.base.deferred_image_checks`) and draws its random start
+    from the device's generator."""
 
     def adversarial_examples(
         self, net: nn.Module, x: Tensor, y: Tensor, clean_logits: Tensor | None = None

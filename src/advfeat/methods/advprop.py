@@ -75,6 +75,7 @@ class AdvProp(AuxBNMethod):
     """
 
     name = "advprop"
+    capturable_step = True  # the attack and the branch passes draw and read nothing on the host
     paper = "Xie et al. 2020, Adversarial Examples Improve Image Recognition (CVPR)"
 
     @dataclass
@@ -148,6 +149,11 @@ class AdvProp(AuxBNMethod):
         if o.fine_grained and not o.extra_sources:
             raise AdvfeatError(f"{name}: fine_grained=true needs at least one extra source")
         Choice("auto", MAIN, *self.extra_source_names())(name, "adv_source", o.adv_source)
+
+    def capture_refusal(self) -> str | None:
+        if self.opts.fine_grained:  # its strong augmentation draws its parameters on the CPU
+            return "fine-grained AdvProp draws its strong augmentation on the CPU"
+        return super().capture_refusal()
 
     # ----------------------------------------------------------------------------- attack
     def make_attack(self, net: nn.Module) -> Attack:

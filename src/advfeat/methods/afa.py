@@ -125,6 +125,7 @@ class AFA(Method):
 
     name = "afa"
     paper = "Wang et al., Adaptive Feature Alignment for Adversarial Training"
+    capturable_step = True  # stage I; stage II is refused (capture_refusal)
 
     @dataclass
     class Options:
@@ -171,6 +172,7 @@ class AFA(Method):
     def validate_options(self) -> None:
         o, k = self.opts, self.opts.num_branches
         self.grid_255 = self._resolve_grid()
+        self._grids: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # strength_grid's
         eb = o.eval_branch
         if isinstance(eb, bool) or not isinstance(eb, int) or not -k <= eb < k:
             raise AdvfeatError(
@@ -368,8 +370,7 @@ class AFA(Method):
         paper = PAPER_ATTACKS[o.base]
         own_reference = o.clean_reference == "own-branch" and o.base != "pgd-at"
         x_rep, y_rep = x.repeat(reps, *([1] * (x.dim() - 1))), y.repeat(reps)
-        eps = torch.tensor(self.grid_255[1:], dtype=x.dtype, device=x.device) / 255
-        eps = eps.repeat_interleave(batch)
+        eps = self.strength_grid(x)[1:].repeat_interleave(batch)
 
         routing = resolve_routing(o.routing, model, x)
 
@@ -451,9 +452,24 @@ class AFA(Method):
         )
         return MethodOutput(loss=loss_clean + loss_adv, logits=logits_clean, logs=logs)
 
+    def capture_refusal(self) -> str | None:
+        if self.opts.stage == 2:
+            return "AFA stage II attacks the samples drawn with ε > 0: a batch of varying size"
+        return super().capture_refusal()
+
+    def strength_grid(self, like: Tensor) -> Tensor:
+        """The strengths ε_0 … ε_{K−1} in [0, 1] units, on ``like``'s device and dtype, made once
+        (not from Python numbers at every step, which a captured step could not do)."""
+        key = (like.device, like.dtype)
+        grid = self._grids.get(key)
+        if grid is None:
+            grid = torch.tensor(self.grid_255, dtype=like.dtype, device=like.device) / 255
+            self._grids[key] = grid
+        return grid
+
     def _stage2_strengths(self, batch: int, like: Tensor) -> Tensor:
         """Per-sample strengths in [0, 1] units, unknown to the model (Sec. 4.3, stage II)."""
-        grid = torch.tensor(self.grid_255, dtype=like.dtype, device=like.device) / 255
+        grid = self.strength_grid(like)
         if self.opts.stage2_strengths == "grid":
             return grid[torch.randint(len(grid), (batch,), device=like.device)]
         return torch.rand(batch, dtype=like.dtype, device=like.device) * grid[-1]

@@ -199,14 +199,22 @@ class Method(nn.Module):
     def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
         raise NotImplementedError
 
+    capturable_step: ClassVar[bool] = False
+    """Whether this method's training step was checked for capture (:meth:`capture_refusal`):
+    a method sets it after checking, or overrides :meth:`capture_refusal` where the answer
+    depends on its options."""
+
     def capture_refusal(self) -> str | None:
         """Why a training step of this method cannot be captured as one CUDA graph
         (:mod:`advfeat.train.graphs`), or ``None`` when it can: a step that never reads the
         device and makes no per-step decision in Python (no random number drawn on the CPU, no
-        counter kept in an attribute). A method says so by overriding this after checking."""
+        tensor made from Python values that change, no counter kept in an attribute), on a task
+        whose batches are captured."""
         if not self.task.capturable:
             return f"{self.task.name} batches are not captured"
-        return f"method {self.name!r} is not checked for CUDA-graph capture"
+        if not self.capturable_step:
+            return f"method {self.name!r} is not checked for CUDA-graph capture"
+        return None
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
         """Called by the trainer after each epoch; returns values to add to the history."""

@@ -105,6 +105,7 @@ class FastAdvProp(AuxBNMethod):
     """
 
     name = "fast-advprop"
+    capturable_step = True  # the joint pass, its gradients and the PGD-1 step stay on the device
     paper = "Mei et al. 2022, Fast AdvProp (ICLR)"
 
     last_start: Tensor | None = None

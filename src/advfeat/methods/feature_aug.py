@@ -490,11 +490,6 @@ class FeatureAugmentation(Method):
         self.check_joint_sites()
         self.requested_sites()
 
-    def capture_refusal(self) -> str | None:
-        if not self.capturable_step:
-            return super().capture_refusal()
-        return None if self.task.capturable else f"{self.task.name} batches are not captured"
-
     # --------------------------------------------------------------------------- template
     def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
         """One training step: clean pass, :meth:`adversarial_losses`, combined loss, logs."""

@@ -32,9 +32,7 @@ class Standard(Method):
                 f"label_smoothing applies to classification, not {self.task.name}; leave it 0"
             )
 
-    def capture_refusal(self) -> str | None:
-        """One pass and its loss: capturable on a task whose batches are."""
-        return None if self.task.capturable else f"{self.task.name} batches are not captured"
+    capturable_step = True  # one pass and its loss
 
     def forward(self, model: nn.Module, x: Any, y: Any) -> MethodOutput:  # type: ignore[override]
         self.task.check(x, y)
