@@ -145,6 +145,7 @@ class AdvBN(AuxBNMethod):
     """
 
     name = "advbn"
+    capturable_step = True  # prefix, statistics attack (its start drawn on the device) and tails
     paper = "Shu et al. 2021, Encoding Robustness to Image Style via Adversarial Feature Perturbations (NeurIPS)"
 
     @dataclass
