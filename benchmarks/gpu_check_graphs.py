@@ -1,9 +1,9 @@
 """Part a of ``benchmarks/gpu_check.sh``, second half: training steps captured as CUDA graphs
 (``cuda_graph``) against eager steps, in the trainer itself.
 
-Per method (``standard``, ALFA and A-FAN with their presets' Table 2 options, and PGD-AT, the
-first pixel method whose step is captured: PGD-10 with a random start drawn on the device, its
-images' range noted on the device), the same run
+Per method (``standard``, ALFA and A-FAN with their presets' Table 2 options, PGD-AT (PGD-10
+with a random start drawn on the device, its images' range noted on the device), then AdvProp
+and Fast AdvProp (as the time box allows), the same run
 (ResNet-20, generated 32-px ``shapes`` images held on the device, batch 128, 2 epochs of
 ``--steps`` steps, seed 0, bf16 autocast as the trainer runs on CUDA) three times: eager, eager
 again, captured. Two eager runs differ by cuDNN's non-deterministic kernels; the captured run
@@ -164,7 +164,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--methods", default="standard,alfa,afan,pgd-at")
+    parser.add_argument("--methods", default="standard,alfa,afan,pgd-at,advprop,fast-advprop")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=60, help="steps per epoch")
