@@ -278,9 +278,7 @@ def parity(args: argparse.Namespace) -> int:
                 except Exception as err:  # a failing variant is reported, not fatal
                     record["status"] = f"error: {type(err).__name__}: {err}"[:300]
                 record["seconds"] = round(time.monotonic() - t0, 2)
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            print(json.dumps(record), flush=True)
+            gpu_check_graphs.emit(out, record)
     return 0
 
 
@@ -552,10 +550,6 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "" if not isinstance(value, int | float) else format(value, spec)
-
-
 def parity_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| method | variant | status | loss rel. diff | grad cosine | L_adv−L_clean eager "
@@ -565,10 +559,10 @@ def parity_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         lines.append(
             f"| {r.get('method')} | {r.get('variant')} | {r.get('status')} | "
-            f"{_fmt(r.get('loss_rel_diff'), '.1e')} | {_fmt(r.get('grad_cosine'), '.4f')} | "
-            f"{_fmt(r.get('gap_eager'), '.4g')} | {_fmt(r.get('gap'), '.4g')} | "
-            f"{_fmt(r.get('gap_rel_diff'), '.2g')} | {_fmt(r.get('delta_rel_diff'), '.2g')} | "
-            f"{_fmt(r.get('delta_cosine'), '.4f')} |"
+            f"{gpu_check_graphs.cell(r.get('loss_rel_diff'), '.1e')} | {gpu_check_graphs.cell(r.get('grad_cosine'), '.4f')} | "
+            f"{gpu_check_graphs.cell(r.get('gap_eager'), '.4g')} | {gpu_check_graphs.cell(r.get('gap'), '.4g')} | "
+            f"{gpu_check_graphs.cell(r.get('gap_rel_diff'), '.2g')} | {gpu_check_graphs.cell(r.get('delta_rel_diff'), '.2g')} | "
+            f"{gpu_check_graphs.cell(r.get('delta_cosine'), '.4f')} |"
         )
     return lines
 
@@ -596,8 +590,8 @@ def speed_table(path: Path, tflops: float | None) -> list[str]:
         lines.append(
             f"| {label} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | "
             f"{r['ratio_vs_standard']:.2f} | {r['flops_ratio_vs_standard']:.2f} | "
-            f"{_fmt(limit, '.0f')} | {_fmt(share, '.1f')} | {_fmt(r.get('peak_mem_mb'), '.0f')} "
-            f"| {_fmt(r.get('mem_ratio_vs_standard'), '.2f')} |"
+            f"{gpu_check_graphs.cell(limit, '.0f')} | {gpu_check_graphs.cell(share, '.1f')} | {gpu_check_graphs.cell(r.get('peak_mem_mb'), '.0f')} "
+            f"| {gpu_check_graphs.cell(r.get('mem_ratio_vs_standard'), '.2f')} |"
         )
     return lines
 

@@ -76,6 +76,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def emit(out: Any, record: dict[str, Any]) -> None:
+    """Write ``record`` as one JSON line to ``out`` (flushed: a run cut short keeps it) and
+    print it."""
+    line = json.dumps(record)
+    out.write(line + "\n")
+    out.flush()
+    print(line, flush=True)
+
+
+def cell(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec`` in a table cell; empty when it is not a number."""
+    return format(value, spec) if isinstance(value, int | float) else ""
+
+
 class ReplayByCalling:
     """``--cpu-replay`` (the tiny CPU run of the plumbing): warm-up and capture as on a GPU, a
     "replay" that runs the step again."""
@@ -132,17 +146,12 @@ def check(args: argparse.Namespace) -> int:
                     record["status"] = "pass" if captured and close else "FAIL"
                 except Exception as err:  # reported, not fatal
                     record["status"] = f"error: {type(err).__name__}: {err}"[:300]
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            print(json.dumps(record), flush=True)
+            emit(out, record)
     return 0
 
 
 def graphs_table(rows: list[dict[str, Any]]) -> list[str]:
     """The markdown table of ``check``'s JSON lines (for ``summary.md``)."""
-
-    def fmt(value: Any, spec: str) -> str:
-        return format(value, spec) if isinstance(value, int | float) else ""
 
     lines = [
         "| method | status | steps | weights rel. diff (eager vs eager) | loss rel. diff "
@@ -152,10 +161,10 @@ def graphs_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         lines.append(
             f"| {r.get('method')} | {r.get('status')} | {r.get('steps', '')} | "
-            f"{fmt(r.get('weights_rel_diff'), '.1e')} ({fmt(r.get('eager_weights_rel_diff'), '.1e')}) | "
-            f"{fmt(r.get('loss_rel_diff'), '.1e')} ({fmt(r.get('eager_loss_rel_diff'), '.1e')}) | "
-            f"{fmt(r.get('eager_step_ms'), '.2f')} | {fmt(r.get('graph_step_ms'), '.2f')} | "
-            f"{fmt(r.get('speedup'), '.2f')} |"
+            f"{cell(r.get('weights_rel_diff'), '.1e')} ({cell(r.get('eager_weights_rel_diff'), '.1e')}) | "
+            f"{cell(r.get('loss_rel_diff'), '.1e')} ({cell(r.get('eager_loss_rel_diff'), '.1e')}) | "
+            f"{cell(r.get('eager_step_ms'), '.2f')} | {cell(r.get('graph_step_ms'), '.2f')} | "
+            f"{cell(r.get('speedup'), '.2f')} |"
         )
     return lines
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from gpu_check_graphs import ReplayByCalling
+from gpu_check_graphs import ReplayByCalling, cell, emit
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -221,17 +220,12 @@ def main() -> int:
                     record["status"] = f"error: {type(err).__name__}: {err}"[:300]
                 with contextlib.suppress(Exception):
                     _sync(device)
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            print(json.dumps(record), flush=True)
+            emit(out, record)
     return 0
 
 
 def packing_table(rows: list[dict[str, Any]]) -> list[str]:
     """The markdown table of the JSON lines (for ``summary.md``)."""
-
-    def fmt(value: Any, spec: str) -> str:
-        return format(value, spec) if isinstance(value, int | float) else ""
 
     lines = [
         "| seeds S | status | weights rel. diff | packed ms/step | separate ms/step "
@@ -240,11 +234,11 @@ def packing_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for r in rows:
         lines.append(
-            f"| {r.get('seeds')} | {r.get('status')} | {fmt(r.get('weights_rel_diff'), '.1e')} | "
-            f"{fmt(r.get('packed_step_ms'), '.2f')} | {fmt(r.get('separate_step_ms'), '.2f')} | "
-            f"{fmt(r.get('packed_ms_per_seed_step'), '.2f')} | "
-            f"{fmt(r.get('separate_ms_per_seed_step'), '.2f')} | "
-            f"{fmt(r.get('packed_speedup'), '.2f')} |"
+            f"| {r.get('seeds')} | {r.get('status')} | {cell(r.get('weights_rel_diff'), '.1e')} | "
+            f"{cell(r.get('packed_step_ms'), '.2f')} | {cell(r.get('separate_step_ms'), '.2f')} | "
+            f"{cell(r.get('packed_ms_per_seed_step'), '.2f')} | "
+            f"{cell(r.get('separate_ms_per_seed_step'), '.2f')} | "
+            f"{cell(r.get('packed_speedup'), '.2f')} |"
         )
     return lines
 
