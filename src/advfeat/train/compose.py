@@ -267,8 +267,7 @@ def plan_training(
     if not methods:
         named = sources.named_method()
         methods = [named] if named is not None else list(DEFAULT_METHODS)
-    configs = [compose(sources, m) for m in methods]
-    if len(configs) > 1 and not show_config:
+    if len(methods) > 1 and not show_config:  # composed and checked run by run in the comparison
         seed = sources.flags.get("seed")
         return TrainingPlan(
             runs=[],
@@ -277,6 +276,7 @@ def plan_training(
             folder=folder or Path("runs/default"),
             sources=sources.for_comparison(),
         )
+    configs = [compose(sources, m) for m in methods]
     runs = []
     for cfg in configs:
         run_folder = _run_folder(cfg, folder, len(configs))
