@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from advfeat.attacks.base import BNMode, attack_guard
 from advfeat.attacks.pixel import PGD
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.methods.base import Method
-from advfeat.options import Choice, Integer, Number
+from advfeat.methods.base import ATTACK_BN_MODE, Method
+from advfeat.options import Choice, Integer, Number, option
 
 __all__ = [
     "BASES",
@@ -61,6 +61,7 @@ __all__ = [
     "PaperAttack",
     "PixelAdversarialTraining",
     "RandomStart",
+    "ReferenceAttackOptions",
     "adversarial_term",
     "boosted_cross_entropy",
     "clean_reference_logits",
@@ -246,6 +247,20 @@ STEP = Number(low=0, low_open=True, hint="the attack step")
 STEPS = Integer(low=1)
 RANDOM_START = Choice(*RANDOM_STARTS)
 INIT_STD = Number(low=0)
+
+
+@dataclass
+class ReferenceAttackOptions:
+    """The training attack of the TRADES reference code on CIFAR-10 (train_trades_cifar10.py;
+    MART's train_wideresnet.py reuses it): ε = 0.031 (≈ 8/255), step 0.007, 10 steps from
+    x + 0.001·N(0, I), with BN in eval mode. The options of ``trades`` and ``mart`` extend it."""
+
+    eps: float = option(0.031, EPS)
+    alpha: float = option(0.007, STEP)
+    steps: int = option(10, STEPS)
+    random_start: str = option("normal", RANDOM_START)
+    init_std: float = option(0.001, INIT_STD)
+    attack_bn_mode: str = option("eval", ATTACK_BN_MODE)
 
 
 class PixelAdversarialTraining(Method):
