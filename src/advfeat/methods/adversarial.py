@@ -269,7 +269,8 @@ class PixelAdversarialTraining(Method):
     Subclasses set ``paper_attack`` (a key of :data:`PAPER_ATTACKS`) and declare ``Options`` with the fields
     ``eps``, ``alpha``, ``steps``, ``random_start``, ``init_std`` and ``attack_bn_mode``, each with
     its constraint (:data:`EPS`, :data:`STEP`, :data:`STEPS`, :data:`RANDOM_START`,
-    :data:`INIT_STD`, :data:`~advfeat.methods.base.ATTACK_BN_MODE`).
+    :data:`INIT_STD`, :data:`~advfeat.methods.base.ATTACK_BN_MODE`); ``trades`` and ``mart``
+    inherit them from :class:`ReferenceAttackOptions`.
     """
 
     paper_attack: ClassVar[str] = ""
