@@ -63,6 +63,12 @@ def _suffix(hint: str) -> str:
     return f" ({hint})" if hint else ""
 
 
+def _refusal(owner: str, name: str, accepted: str, value: Any, hint: str = "") -> AdvfeatError:
+    """The one line for a refused value: the owner, the option, what it accepts (with the
+    ``hint``) and what it was given."""
+    return AdvfeatError(f"{_where(owner, name)} must be {accepted}{_suffix(hint)}, got {value!r}")
+
+
 def _is_real(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real)
 
@@ -101,9 +107,7 @@ class Number:
                 v < self.high if self.high_open else v <= self.high
             )
         if not ok:
-            raise AdvfeatError(
-                f"{_where(owner, name)} must be {self.describe()}{_suffix(self.hint)}, got {value!r}"
-            )
+            raise _refusal(owner, name, self.describe(), value, self.hint)
         return float(value)
 
 
@@ -137,9 +141,7 @@ class Integer:
         ):
             ok = False
         if not ok:
-            raise AdvfeatError(
-                f"{_where(owner, name)} must be {self.describe()}{_suffix(self.hint)}, got {value!r}"
-            )
+            raise _refusal(owner, name, self.describe(), value, self.hint)
         return int(value)
 
 
@@ -168,7 +170,7 @@ class Flag:
 
     def __call__(self, owner: str, name: str, value: Any) -> Any:
         if not isinstance(value, bool):
-            raise AdvfeatError(f"{_where(owner, name)} must be true or false, got {value!r}")
+            raise _refusal(owner, name, "true or false", value)
         return value
 
 
@@ -185,9 +187,7 @@ class Text:
             return None
         if not isinstance(value, str) or (not value and not self.empty):
             what = "a string" if self.empty else "a non-empty string"
-            raise AdvfeatError(
-                f"{_where(owner, name)} must be {what}{_suffix(self.hint)}, got {value!r}"
-            )
+            raise _refusal(owner, name, what, value, self.hint)
         return value
 
 
@@ -203,7 +203,7 @@ class Each:
         if value is None and self.optional:
             return None
         if isinstance(value, str) or not isinstance(value, Sequence):
-            raise AdvfeatError(f"{_where(owner, name)} must be a list, got {value!r}")
+            raise _refusal(owner, name, "a list", value)
         if len(value) < self.min_len:
             raise AdvfeatError(
                 f"{_where(owner, name)} needs at least {self.min_len} value(s), got {list(value)!r}"

@@ -235,6 +235,28 @@ class FeatureAttack(Attack):
         with torch.no_grad():
             return _as_tensor_feature(self.split.head(x), self.site).detach()
 
+    def configure_ascent(
+        self,
+        *,
+        alpha: Strength,
+        steps: int,
+        eps: Strength | None,
+        norm: str | ThreatModel,
+        random_start: bool,
+    ) -> None:
+        """Check and keep the settings of sign-step PGD on features (:class:`FeaturePGD`,
+        :class:`MultiSiteFeaturePGD`): step ``alpha``, ``steps`` steps (at least one), radius
+        ``eps`` under ``norm`` (``None``: unbounded sign steps) and the random start."""
+        _check_strength("alpha", alpha, positive=True)
+        _check_strength("eps", eps, positive=False)
+        check_steps(steps, minimum=1)
+        self.alpha = alpha
+        self.steps = steps
+        self.eps = eps
+        self.threat = _feature_threat(norm, eps)
+        self.norm = self.threat.name
+        self.random_start = random_start
+
     def ascent(self, alpha: Strength, steps: int, random_start: bool) -> IterativeAscent:
         """The engine under this attack's threat model (unbounded sign steps for ε = None)."""
         return IterativeAscent(
@@ -285,15 +307,9 @@ class FeaturePGD(FeatureAttack):
         **options: Unpack[AttackOptions],
     ) -> None:
         super().__init__(model, site, tail=tail, **options)
-        _check_strength("alpha", alpha, positive=True)
-        _check_strength("eps", eps, positive=False)
-        check_steps(steps, minimum=1)
-        self.alpha = alpha
-        self.steps = steps
-        self.eps = eps
-        self.threat = _feature_threat(norm, eps)
-        self.norm = self.threat.name
-        self.random_start = random_start
+        self.configure_ascent(
+            alpha=alpha, steps=steps, eps=eps, norm=norm, random_start=random_start
+        )
 
     def perturb(  # type: ignore[override]
         self, x: Any, y: Any, features: Mapping[str, Tensor], **options: Any
@@ -388,16 +404,10 @@ class MultiSiteFeaturePGD(FeatureAttack):
         check_disjoint_sites(model, self.sites)
         if mode not in ("joint", "separate"):
             raise unknown_name("multi-site mode", str(mode), ["joint", "separate"])
-        _check_strength("alpha", alpha, positive=True)
-        _check_strength("eps", eps, positive=False)
-        check_steps(steps, minimum=1)
-        self.alpha = alpha
-        self.steps = steps
-        self.eps = eps
-        self.threat = _feature_threat(norm, eps)
-        self.norm = self.threat.name
+        self.configure_ascent(
+            alpha=alpha, steps=steps, eps=eps, norm=norm, random_start=random_start
+        )
         self.mode = mode
-        self.random_start = random_start
         self.strengths = None if strengths is None else self._strength_map(strengths)
         self._order: list[str] | None = None
 

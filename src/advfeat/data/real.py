@@ -15,7 +15,7 @@ import re
 import warnings
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,80 +187,65 @@ def _cifar(
     return pairs[0], pairs[1], list(train.classes)
 
 
-@DATASET_CHECKS.register("cifar10")
-def _check_cifar10(
-    *, root: str | Path | None, download: bool, max_per_class: int | None, **_: Any
-) -> None:
-    _check_limit(max_per_class)
-    _cifar_root(10, root, download)
+def _register_cifar(
+    version: int, mean: tuple[float, ...], std: tuple[float, ...], summary: str
+) -> Callable[..., DatasetBundle]:
+    """Register dataset ``cifar{version}`` and its check: CIFAR-10 and CIFAR-100 differ only in
+    their classes and channel statistics. Returns the factory (its options are its signature)."""
+    name = f"cifar{version}"
+
+    def check(
+        *, root: str | Path | None, download: bool, max_per_class: int | None, **_: Any
+    ) -> None:
+        _check_limit(max_per_class)
+        _cifar_root(version, root, download)
+
+    def factory(
+        root: str | Path | None = None,
+        *,
+        seed: int = 0,
+        val_fraction: float = 0.0,
+        augment: bool = True,
+        download: bool = False,
+        max_per_class: int | None = None,
+        limit_test: bool = True,
+        padding_mode: str = "reflect",  # docs/results.md: +3.3 points over zeros
+    ) -> DatasetBundle:
+        _check_limit(max_per_class)
+        train, test, names = _cifar(version, root, download)
+        return array_bundle(
+            train,
+            test,
+            class_names=names,
+            mean=mean,
+            std=std,
+            seed=seed,
+            val_fraction=val_fraction,
+            augment=augment,
+            max_per_class=max_per_class,
+            limit_test=limit_test,
+            padding_mode=padding_mode,
+        )
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = summary
+    DATASET_CHECKS.add(name, check)
+    DATASETS.add(name, factory)
+    return factory
 
 
-@DATASETS.register("cifar10")
-def cifar10(
-    root: str | Path | None = None,
-    *,
-    seed: int = 0,
-    val_fraction: float = 0.0,
-    augment: bool = True,
-    download: bool = False,
-    max_per_class: int | None = None,
-    limit_test: bool = True,
-    padding_mode: str = "reflect",  # docs/results.md: +3.3 points over zeros
-) -> DatasetBundle:
-    """CIFAR-10 (Krizhevsky 2009): 50,000 train / 10,000 test 32x32 images of 10 classes."""
-    _check_limit(max_per_class)
-    train, test, names = _cifar(10, root, download)
-    return array_bundle(
-        train,
-        test,
-        class_names=names,
-        mean=CIFAR10_MEAN,
-        std=CIFAR10_STD,
-        seed=seed,
-        val_fraction=val_fraction,
-        augment=augment,
-        max_per_class=max_per_class,
-        limit_test=limit_test,
-        padding_mode=padding_mode,
-    )
-
-
-@DATASET_CHECKS.register("cifar100")
-def _check_cifar100(
-    *, root: str | Path | None, download: bool, max_per_class: int | None, **_: Any
-) -> None:
-    _check_limit(max_per_class)
-    _cifar_root(100, root, download)
-
-
-@DATASETS.register("cifar100")
-def cifar100(
-    root: str | Path | None = None,
-    *,
-    seed: int = 0,
-    val_fraction: float = 0.0,
-    augment: bool = True,
-    download: bool = False,
-    max_per_class: int | None = None,
-    limit_test: bool = True,
-    padding_mode: str = "reflect",  # docs/results.md: +3.3 points over zeros
-) -> DatasetBundle:
-    """CIFAR-100: 50,000 train / 10,000 test 32x32 images of 100 classes."""
-    _check_limit(max_per_class)
-    train, test, names = _cifar(100, root, download)
-    return array_bundle(
-        train,
-        test,
-        class_names=names,
-        mean=CIFAR100_MEAN,
-        std=CIFAR100_STD,
-        seed=seed,
-        val_fraction=val_fraction,
-        augment=augment,
-        max_per_class=max_per_class,
-        limit_test=limit_test,
-        padding_mode=padding_mode,
-    )
+cifar10 = _register_cifar(
+    10,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    "CIFAR-10 (Krizhevsky 2009): 50,000 train / 10,000 test 32x32 images of 10 classes.",
+)
+cifar100 = _register_cifar(
+    100,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    "CIFAR-100: 50,000 train / 10,000 test 32x32 images of 100 classes.",
+)
 
 
 def _svhn_root(root: str | Path | None, download: bool) -> Path:

@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from advfeat.attacks.base import BNMode, attack_guard
 from advfeat.attacks.pixel import PGD
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.methods.base import Method
-from advfeat.options import Choice, Integer, Number
+from advfeat.methods.base import ATTACK_BN_MODE, Method
+from advfeat.options import Choice, Integer, Number, option
 
 __all__ = [
     "BASES",
@@ -61,6 +61,7 @@ __all__ = [
     "PaperAttack",
     "PixelAdversarialTraining",
     "RandomStart",
+    "ReferenceAttackOptions",
     "adversarial_term",
     "boosted_cross_entropy",
     "clean_reference_logits",
@@ -248,13 +249,28 @@ RANDOM_START = Choice(*RANDOM_STARTS)
 INIT_STD = Number(low=0)
 
 
+@dataclass
+class ReferenceAttackOptions:
+    """The training attack of the TRADES reference code on CIFAR-10 (train_trades_cifar10.py;
+    MART's train_wideresnet.py reuses it): ε = 0.031 (≈ 8/255), step 0.007, 10 steps from
+    x + 0.001·N(0, I), with BN in eval mode. The options of ``trades`` and ``mart`` extend it."""
+
+    eps: float = option(0.031, EPS)
+    alpha: float = option(0.007, STEP)
+    steps: int = option(10, STEPS)
+    random_start: str = option("normal", RANDOM_START)
+    init_std: float = option(0.001, INIT_STD)
+    attack_bn_mode: str = option("eval", ATTACK_BN_MODE)
+
+
 class PixelAdversarialTraining(Method):
     """Common part of ``pgd-at``, ``trades`` and ``mart``: option checks and the attack.
 
     Subclasses set ``paper_attack`` (a key of :data:`PAPER_ATTACKS`) and declare ``Options`` with the fields
     ``eps``, ``alpha``, ``steps``, ``random_start``, ``init_std`` and ``attack_bn_mode``, each with
     its constraint (:data:`EPS`, :data:`STEP`, :data:`STEPS`, :data:`RANDOM_START`,
-    :data:`INIT_STD`, :data:`~advfeat.methods.base.ATTACK_BN_MODE`).
+    :data:`INIT_STD`, :data:`~advfeat.methods.base.ATTACK_BN_MODE`); ``trades`` and ``mart``
+    inherit them from :class:`ReferenceAttackOptions`.
     """
 
     paper_attack: ClassVar[str] = ""

@@ -8,16 +8,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advfeat.methods.adversarial import (
-    EPS,
-    INIT_STD,
-    RANDOM_START,
-    STEP,
-    STEPS,
     PixelAdversarialTraining,
+    ReferenceAttackOptions,
     boosted_cross_entropy,
     mart_loss,
 )
-from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput, unwrap
+from advfeat.methods.base import MethodOutput, unwrap
 from advfeat.methods.registry import register_method
 from advfeat.options import Number, option
 
@@ -41,16 +37,11 @@ class MART(PixelAdversarialTraining):
     paper_attack = "mart"
 
     @dataclass
-    class Options:
-        # CIFAR-10 (Wang et al. 2020, §4; the reference train_wideresnet.py): ε = 0.031 (≈ 8/255),
-        # step 0.007, 10 steps, λ = 6 for WideResNet-34-10 (the reference uses λ = 5 for ResNet-18).
-        eps: float = option(0.031, EPS)
-        alpha: float = option(0.007, STEP)
-        steps: int = option(10, STEPS)
+    class Options(ReferenceAttackOptions):
+        # CIFAR-10 (Wang et al. 2020, §4; the reference train_wideresnet.py): the attack of
+        # TRADES' code (ε = 0.031 ≈ 8/255, step 0.007, 10 steps) and λ = 6 for WideResNet-34-10
+        # (the reference uses λ = 5 for ResNet-18).
         lam: float = option(6.0, Number(low=0, hint="the KL weight λ"))
-        random_start: str = option("normal", RANDOM_START)
-        init_std: float = option(0.001, INIT_STD)
-        attack_bn_mode: str = option("eval", ATTACK_BN_MODE)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
         x_adv = self.adversarial_examples(unwrap(model), x, y)

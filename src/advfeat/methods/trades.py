@@ -8,17 +8,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advfeat.methods.adversarial import (
-    EPS,
-    INIT_STD,
-    RANDOM_START,
-    STEP,
-    STEPS,
     PixelAdversarialTraining,
+    ReferenceAttackOptions,
     clean_reference_logits,
     trades_kl,
     trades_loss,
 )
-from advfeat.methods.base import ATTACK_BN_MODE, MethodOutput, unwrap
+from advfeat.methods.base import MethodOutput, unwrap
 from advfeat.methods.registry import register_method
 from advfeat.options import Number, option
 
@@ -43,16 +39,10 @@ class TRADES(PixelAdversarialTraining):
     paper_attack = "trades"
 
     @dataclass
-    class Options:
+    class Options(ReferenceAttackOptions):
         # CIFAR-10 (Zhang et al. 2019, §5.2; the reference train_trades_cifar10.py):
         # ε = 0.031 (≈ 8/255), step η₁ = 0.007, K = 10 iterations, 1/λ = β = 6.
-        eps: float = option(0.031, EPS)
-        alpha: float = option(0.007, STEP)
-        steps: int = option(10, STEPS)
         beta: float = option(6.0, Number(low=0, hint="= 1/λ"))
-        random_start: str = option("normal", RANDOM_START)
-        init_std: float = option(0.001, INIT_STD)
-        attack_bn_mode: str = option("eval", ATTACK_BN_MODE)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> MethodOutput:  # type: ignore[override]
         net = unwrap(model)

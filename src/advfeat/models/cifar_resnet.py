@@ -13,6 +13,7 @@ the existing ones. Option B uses 1×1 projections (convolution + BN) where the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch.nn.functional as F
@@ -166,76 +167,29 @@ def _stage(
     return nn.Sequential(*layers)
 
 
-@register_model
-def resnet20(
-    num_classes: int = 10,
-    *,
-    mean: ChannelStats = HALF,
-    std: ChannelStats = HALF,
-    shortcut: Shortcut = "A",
-    in_channels: int = 3,
-) -> CifarResNet:
-    """ResNet-20 (n = 3, 0.27M parameters), He et al. 2016 Table 6."""
-    return CifarResNet(
-        20, num_classes, mean=mean, std=std, shortcut=shortcut, in_channels=in_channels
-    )
+def _register_resnet(depth: int, summary: str) -> Callable[..., CifarResNet]:
+    """Register factory ``resnet{depth}`` (:class:`CifarResNet` of that depth) and return it;
+    its options are its signature."""
+
+    def factory(
+        num_classes: int = 10,
+        *,
+        mean: ChannelStats = HALF,
+        std: ChannelStats = HALF,
+        shortcut: Shortcut = "A",
+        in_channels: int = 3,
+    ) -> CifarResNet:
+        return CifarResNet(
+            depth, num_classes, mean=mean, std=std, shortcut=shortcut, in_channels=in_channels
+        )
+
+    factory.__name__ = factory.__qualname__ = f"resnet{depth}"
+    factory.__doc__ = summary
+    return register_model(factory)
 
 
-@register_model
-def resnet32(
-    num_classes: int = 10,
-    *,
-    mean: ChannelStats = HALF,
-    std: ChannelStats = HALF,
-    shortcut: Shortcut = "A",
-    in_channels: int = 3,
-) -> CifarResNet:
-    """ResNet-32 (n = 5, 0.46M parameters), He et al. 2016 Table 6."""
-    return CifarResNet(
-        32, num_classes, mean=mean, std=std, shortcut=shortcut, in_channels=in_channels
-    )
-
-
-@register_model
-def resnet44(
-    num_classes: int = 10,
-    *,
-    mean: ChannelStats = HALF,
-    std: ChannelStats = HALF,
-    shortcut: Shortcut = "A",
-    in_channels: int = 3,
-) -> CifarResNet:
-    """ResNet-44 (n = 7, 0.66M parameters), He et al. 2016 Table 6."""
-    return CifarResNet(
-        44, num_classes, mean=mean, std=std, shortcut=shortcut, in_channels=in_channels
-    )
-
-
-@register_model
-def resnet56(
-    num_classes: int = 10,
-    *,
-    mean: ChannelStats = HALF,
-    std: ChannelStats = HALF,
-    shortcut: Shortcut = "A",
-    in_channels: int = 3,
-) -> CifarResNet:
-    """ResNet-56 (n = 9, 0.85M parameters), He et al. 2016 Table 6."""
-    return CifarResNet(
-        56, num_classes, mean=mean, std=std, shortcut=shortcut, in_channels=in_channels
-    )
-
-
-@register_model
-def resnet110(
-    num_classes: int = 10,
-    *,
-    mean: ChannelStats = HALF,
-    std: ChannelStats = HALF,
-    shortcut: Shortcut = "A",
-    in_channels: int = 3,
-) -> CifarResNet:
-    """ResNet-110 (n = 18, 1.7M parameters), He et al. 2016 Table 6."""
-    return CifarResNet(
-        110, num_classes, mean=mean, std=std, shortcut=shortcut, in_channels=in_channels
-    )
+resnet20 = _register_resnet(20, "ResNet-20 (n = 3, 0.27M parameters), He et al. 2016 Table 6.")
+resnet32 = _register_resnet(32, "ResNet-32 (n = 5, 0.46M parameters), He et al. 2016 Table 6.")
+resnet44 = _register_resnet(44, "ResNet-44 (n = 7, 0.66M parameters), He et al. 2016 Table 6.")
+resnet56 = _register_resnet(56, "ResNet-56 (n = 9, 0.85M parameters), He et al. 2016 Table 6.")
+resnet110 = _register_resnet(110, "ResNet-110 (n = 18, 1.7M parameters), He et al. 2016 Table 6.")

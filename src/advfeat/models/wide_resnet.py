@@ -9,6 +9,8 @@ WRN-16-8 has 11.0M parameters, WRN-28-10 36.5M (Table 4).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from advfeat.errors import AdvfeatError
@@ -70,46 +72,31 @@ class WideResNet(nn.Module):
         return self.fc(x)
 
 
-@register_model
-def wrn16_8(
-    num_classes: int = 10,
-    *,
-    dropout: float = 0.0,
-    mean: ChannelStats = HALF,
-    std: ChannelStats = HALF,
-    in_channels: int = 3,
-) -> WideResNet:
-    """WRN-16-8 (11.0M parameters), AFA's backbone on SVHN and Tiny-ImageNet."""
-    return WideResNet(
-        16, 8, num_classes, dropout=dropout, mean=mean, std=std, in_channels=in_channels
-    )
+def _register_wrn(depth: int, width: int, summary: str) -> Callable[..., WideResNet]:
+    """Register factory ``wrn{depth}_{width}`` (WRN-depth-width) and return it; its options are
+    its signature."""
+
+    def factory(
+        num_classes: int = 10,
+        *,
+        dropout: float = 0.0,
+        mean: ChannelStats = HALF,
+        std: ChannelStats = HALF,
+        in_channels: int = 3,
+    ) -> WideResNet:
+        return WideResNet(
+            depth, width, num_classes, dropout=dropout, mean=mean, std=std, in_channels=in_channels
+        )
+
+    factory.__name__ = factory.__qualname__ = f"wrn{depth}_{width}"
+    factory.__doc__ = summary
+    return register_model(factory)
 
 
-@register_model
-def wrn28_10(
-    num_classes: int = 10,
-    *,
-    dropout: float = 0.0,
-    mean: ChannelStats = HALF,
-    std: ChannelStats = HALF,
-    in_channels: int = 3,
-) -> WideResNet:
-    """WRN-28-10 (36.5M parameters), AFA's backbone on CIFAR-10."""
-    return WideResNet(
-        28, 10, num_classes, dropout=dropout, mean=mean, std=std, in_channels=in_channels
-    )
-
-
-@register_model
-def wrn34_10(
-    num_classes: int = 10,
-    *,
-    dropout: float = 0.0,
-    mean: ChannelStats = HALF,
-    std: ChannelStats = HALF,
-    in_channels: int = 3,
-) -> WideResNet:
-    """WRN-34-10 (46.2M parameters), the backbone of PGD-AT (Madry et al.), TRADES and MART."""
-    return WideResNet(
-        34, 10, num_classes, dropout=dropout, mean=mean, std=std, in_channels=in_channels
-    )
+wrn16_8 = _register_wrn(
+    16, 8, "WRN-16-8 (11.0M parameters), AFA's backbone on SVHN and Tiny-ImageNet."
+)
+wrn28_10 = _register_wrn(28, 10, "WRN-28-10 (36.5M parameters), AFA's backbone on CIFAR-10.")
+wrn34_10 = _register_wrn(
+    34, 10, "WRN-34-10 (46.2M parameters), the backbone of PGD-AT (Madry et al.), TRADES and MART."
+)

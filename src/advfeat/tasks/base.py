@@ -36,10 +36,18 @@ __all__ = [
     "TaskPass",
     "batchnorm_eval",
     "check_images",
+    "described",
 ]
 
 Replacements = Mapping[str, Callable[[Any], Any]]
 """``{site: fn(feature) -> feature}``, applied with :func:`advfeat.sites.replace_features`."""
+
+
+def described(value: Any) -> str:
+    """What an error message says a value is: ``dtype (shape)`` for a tensor, else its type."""
+    return (
+        f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+    )
 
 
 def check_images(images: Any, *, stacked: bool) -> None:
@@ -60,9 +68,9 @@ def check_images(images: Any, *, stacked: bool) -> None:
             or not x.is_floating_point()
             or x.ndim != (4 if stacked else 3)
         ):
-            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise AdvfeatError(
-                f"each image must be a float tensor {'[N, C, H, W]' if stacked else '[C, H, W]'}, got {got}"
+                f"each image must be a float tensor {'[N, C, H, W]' if stacked else '[C, H, W]'}, "
+                f"got {described(x)}"
             )
         lo, hi = float(x.detach().min()), float(x.detach().max())
         if lo < -1e-6 or hi > 1 + 1e-6:

@@ -16,7 +16,14 @@ from torch import Tensor, nn
 
 from advfeat.data.bundle import DatasetBundle, detection_collate
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.tasks.base import DenseTask, HookPass, TaskPass, check_images, last_child
+from advfeat.tasks.base import (
+    DenseTask,
+    HookPass,
+    TaskPass,
+    check_images,
+    described,
+    last_child,
+)
 from advfeat.tasks.detection_pass import DetectionPass
 from advfeat.tasks.metrics import DetectionMeter
 from advfeat.tasks.models import DETECTORS, build_detector
@@ -55,26 +62,18 @@ def check_detection_targets(images: Sequence[Tensor], targets: Any, num_classes:
             or boxes.ndim != 2
             or boxes.shape[1] != 4
         ):
-            got = (
-                f"{boxes.dtype} {tuple(boxes.shape)}"
-                if isinstance(boxes, Tensor)
-                else type(boxes).__name__
-            )
             raise AdvfeatError(
-                f"target {i}: boxes must be a float tensor [n, 4] (x1, y1, x2, y2), got {got}"
+                f"target {i}: boxes must be a float tensor [n, 4] (x1, y1, x2, y2), "
+                f"got {described(boxes)}"
             )
         if (
             not isinstance(labels, Tensor)
             or labels.dtype != torch.int64
             or labels.shape != (boxes.shape[0],)
         ):
-            got = (
-                f"{labels.dtype} {tuple(labels.shape)}"
-                if isinstance(labels, Tensor)
-                else type(labels).__name__
-            )
             raise AdvfeatError(
-                f"target {i}: labels must be int64 [{boxes.shape[0]}] (one per box), got {got}"
+                f"target {i}: labels must be int64 [{boxes.shape[0]}] (one per box), "
+                f"got {described(labels)}"
             )
         if not bool(torch.isfinite(boxes).all()):
             raise AdvfeatError(f"target {i}: boxes contain NaN or infinite coordinates")

@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from advfeat.data.bundle import DatasetBundle
 from advfeat.errors import AdvfeatError, unknown_name
-from advfeat.tasks.base import DenseTask, ForwardPass, TaskPass, check_images, last_child
+from advfeat.tasks.base import (
+    DenseTask,
+    ForwardPass,
+    TaskPass,
+    check_images,
+    described,
+    last_child,
+)
 from advfeat.tasks.metrics import SegmentationMeter
 from advfeat.tasks.models import SEGMENTERS, build_segmenter
 from advfeat.tasks.registry import register_task
@@ -29,12 +36,9 @@ __all__ = ["SegmentationTask", "check_masks", "segmentation_logits"]
 def check_masks(images: Tensor, masks: Any, num_classes: int, ignore_index: int | None) -> None:
     """Masks: integer ``[N, H, W]`` of the images' size, ids in ``[0, num_classes)`` or ignored."""
     if not isinstance(masks, Tensor) or masks.is_floating_point() or masks.ndim != 3:
-        got = (
-            f"{masks.dtype} {tuple(masks.shape)}"
-            if isinstance(masks, Tensor)
-            else type(masks).__name__
+        raise AdvfeatError(
+            f"segmentation masks must be an integer tensor [N, H, W], got {described(masks)}"
         )
-        raise AdvfeatError(f"segmentation masks must be an integer tensor [N, H, W], got {got}")
     want = (images.shape[0], *images.shape[-2:])
     if tuple(masks.shape) != want:
         raise AdvfeatError(
