@@ -29,7 +29,7 @@ from advfeat.errors import AdvfeatError
 from advfeat.eval.context import PARTIAL_FORMAT
 from advfeat.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint, save_checkpoint
 from advfeat.train.trainer import PREEMPTED_EXIT, Preempted
-from helpers import tiny_train_config
+from helpers import interrupt_after_epoch, tiny_train_config
 
 SRC = str(Path(advfeat.__file__).resolve().parents[1])  # the advfeat under test, for subprocesses
 TINY = ["--set", "dataset_options={n_train: 64, n_test: 32, image_size: 16}"]
@@ -64,18 +64,6 @@ def tiny_config(**overrides: object) -> TrainConfig:
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def interrupt_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
-    """Make the next fit raise KeyboardInterrupt when ``epoch`` (0-based) starts."""
-    original = Trainer.train_epoch
-
-    def crash(self: Trainer, e: int) -> dict:
-        if e == epoch:
-            raise KeyboardInterrupt
-        return original(self, e)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash)
 
 
 # ------------------------------------------------------------------------------ item 1
