@@ -8,6 +8,8 @@
 * ``model_state(model)`` / ``assert_same_state(model, before)`` — what an attack must leave as it
   found it.
 * ``interrupt_after_epoch(monkeypatch, epoch)`` — the next fit is killed when ``epoch`` starts.
+* ``one_epoch_train_args(out, data, batch_size, method="standard", model="resnet20")`` — the
+  ``advfeat train`` arguments of one quiet CPU epoch on the synthetic shapes set.
 * ``TensorPairTask`` — the tensor plumbing of a test's own task (collate, device, clean pass).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,6 +47,17 @@ def tiny_train_config(
     for key, value in fields.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def one_epoch_train_args(
+    out: Path, data: str, batch_size: int, method: str = "standard", model: str = "resnet20"
+) -> list[str]:
+    """``advfeat train`` arguments of one quiet epoch on the CPU, on the synthetic shapes set with
+    ``data`` as its ``dataset_options`` (YAML flow mapping), without the shifted test sets."""
+    args = ["train", "--method", method, "--model", model, "--dataset", "shapes"]
+    args += ["--epochs", "1", "--batch-size", str(batch_size), "--device", "cpu", "--quiet"]
+    args += ["--out", str(out), "--set", f"dataset_options={data}", "--set", "eval_shifted=false"]
+    return args
 
 
 def interrupt_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:

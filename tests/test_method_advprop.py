@@ -17,17 +17,14 @@ from advfeat.errors import AdvfeatError
 from advfeat.methods import build_method
 from advfeat.methods.fast_advprop import attacked_count
 from advfeat.norm import branch_names, branch_parameters, split_branches, use_branch
-from helpers import random_batch
+from helpers import one_epoch_train_args, random_batch
 
-TINY = ["--set", "dataset_options={n_train: 32, n_test: 16, image_size: 16}"]
+TINY = "{n_train: 32, n_test: 16, image_size: 16}"
 
 
 def _cli(tmp: Path, method: str, options: str) -> dict:
-    args = ["train", "--method", method, "--model", "resnet20", "--dataset", "shapes"]
-    args += ["--epochs", "1", "--batch-size", "16", "--device", "cpu", "--quiet"]
-    args += ["--out", str(tmp), *TINY, "--set", "eval_shifted=false"]
-    args += ["--set", f"method_options={options}"]
-    assert main(args) == 0
+    args = one_epoch_train_args(tmp, TINY, batch_size=16, method=method)
+    assert main([*args, "--set", f"method_options={options}"]) == 0
     return json.loads((tmp / "metrics.json").read_text())
 
 
