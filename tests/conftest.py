@@ -16,6 +16,9 @@ enough to build in well under a second on one CPU core.
   asserting every loss finite; returns the method's outputs.
 * ``no_autoattack`` — every AutoAttack backend looks uninstalled (``importlib.util.find_spec``
   answers ``None`` for them), whatever this environment has.
+
+Plain helpers that several modules import (tiny training configurations, random batches, the
+attack state check, a test task's tensor plumbing) live in ``helpers.py`` beside this file.
 """
 
 from __future__ import annotations

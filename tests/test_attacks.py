@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from advfeat.attacks.base import Attack
 from advfeat.attacks.pixel import (
@@ -25,6 +24,7 @@ from advfeat.attacks.pixel import (
     cw_margin_loss,
 )
 from advfeat.errors import AdvfeatError
+from helpers import assert_same_state, model_state
 
 EPS = 8 / 255
 TOL = 1e-6
@@ -61,38 +61,6 @@ DETERMINISTIC: dict[str, AttackFactory] = {
 
 
 # --------------------------------------------------------------------------- helpers
-def model_state(model: nn.Module) -> dict[str, Any]:
-    """Everything an attack must leave untouched: flags, requires_grad, .grad, buffers."""
-    return {
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grad": {
-            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
-        },
-        "buffers": {n: b.clone() for n, b in model.named_buffers()},
-        "tracking": {
-            n: m.track_running_stats for n, m in model.named_modules() if isinstance(m, _NormBase)
-        },
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-    }
-
-
-def assert_same_state(model: nn.Module, before: dict[str, Any]) -> None:
-    after = model_state(model)
-    assert after["training"] == before["training"]
-    assert after["requires_grad"] == before["requires_grad"]
-    assert after["tracking"] == before["tracking"]
-    for name, grad in before["grad"].items():
-        if grad is None:
-            assert after["grad"][name] is None, name
-        else:
-            assert torch.equal(after["grad"][name], grad), name
-    for key in ("buffers", "params"):
-        assert before[key].keys() == after[key].keys()
-        for name, value in before[key].items():
-            assert torch.equal(after[key][name], value), name
-
-
 def per_sample_norm(delta: Tensor, norm: str) -> Tensor:
     flat = delta.flatten(1)
     return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)

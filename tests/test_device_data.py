@@ -26,6 +26,7 @@ from advfeat.train.config import apply_overrides
 from advfeat.train.device_data import DeviceEpoch, device_images
 from advfeat.train.distributed import DistInfo, EpochSampler
 from advfeat.train.trainer import Preempted
+from helpers import tiny_train_config
 
 CPU = torch.device("cpu")
 CHI2_999 = {24: 51.18, 49: 85.35}
@@ -250,20 +251,9 @@ def test_device_data_values_from_the_command_line() -> None:
 
 # ------------------------------------------------------------------------------ training
 def tiny_config(**overrides: object) -> TrainConfig:
-    cfg = TrainConfig(
-        dataset_options={"n_train": 192, "n_test": 64, "image_size": 16},
-        epochs=3,
-        batch_size=32,
-        eval_batch_size=64,
-        lr=0.05,
-        device="cpu",
-        progress=False,
-        eval_shifted=False,
-        device_data="true",
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+    """3 epochs in batches of 32 on 192 images held on the device."""
+    schedule = dict(epochs=3, batch_size=32, eval_batch_size=64, lr=0.05, device_data="true")
+    return tiny_train_config(n_train=192, n_test=64, **(schedule | overrides))
 
 
 def weights(run: Path) -> dict[str, Tensor]:

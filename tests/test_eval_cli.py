@@ -11,17 +11,15 @@ import pytest
 
 from advfeat.cli import main
 from advfeat.eval.context import PARTIAL_FORMAT
+from helpers import one_epoch_train_args
 
-DATA = "dataset_options={n_train: 96, n_test: 32, image_size: 32}"
+DATA = "{n_train: 96, n_test: 32, image_size: 32}"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    args = ["train", "--method", "standard", "--model", "resnet20", "--dataset", "shapes"]
-    args += ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--quiet"]
-    args += ["--out", str(run), "--set", DATA, "--set", "eval_shifted=false"]
-    assert main(args) == 0
+    assert main(one_epoch_train_args(run, DATA, batch_size=32)) == 0
     return run / "checkpoint.pt"
 
 

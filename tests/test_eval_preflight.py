@@ -14,17 +14,15 @@ from advfeat.cli import main
 from advfeat.eval.config import EvalConfig
 from advfeat.eval.preflight import gradient_passes_per_image, missing_packages
 from advfeat.eval.suites import options_of
+from helpers import one_epoch_train_args
 
-DATA = "dataset_options={n_train: 32, n_test: 24, image_size: 16}"
+DATA = "{n_train: 32, n_test: 24, image_size: 16}"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    args = ["train", "--method", "standard", "--model", "resnet20", "--dataset", "shapes"]
-    args += ["--epochs", "1", "--batch-size", "16", "--device", "cpu", "--quiet"]
-    args += ["--out", str(run), "--set", DATA, "--set", "eval_shifted=false"]
-    assert main(args) == 0
+    assert main(one_epoch_train_args(run, DATA, batch_size=16)) == 0
     return run / "checkpoint.pt"
 
 

@@ -5,19 +5,17 @@ and the readers of saved results take both the current and the earlier shift key
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset, default_collate
+from torch.utils.data import TensorDataset
 
 from advfeat.attacks.pixel import PGD
 from advfeat.compare import flatten_metrics
-from advfeat.data.bundle import DatasetBundle
-from advfeat.errors import AdvfeatError
 from advfeat.eval import EvalConfig, EvalData
 from advfeat.eval.analysis_plots import branch_accuracies
 from advfeat.eval.context import EvalContext, PartialStore
@@ -25,11 +23,11 @@ from advfeat.eval.report import shift_mean, summary_rows
 from advfeat.eval.robust import attack_outcome, summarize
 from advfeat.eval.suites import SUITES
 from advfeat.eval.suites.metrics import task_metrics
-from advfeat.tasks import TASKS, Task, TaskPass, build_task, register_task
-from advfeat.tasks.base import ForwardPass
+from advfeat.tasks import TASKS, Task, build_task, register_task
+from helpers import TensorPairTask
 
 
-class CountingTask(Task):
+class CountingTask(TensorPairTask, Task):
     """A task no suite knows: its one metric is the share of targets equal to 1."""
 
     name = "counting"
@@ -40,25 +38,12 @@ class CountingTask(Task):
         self.num_classes = num_classes
         self.calls: list[dict[str, Any]] = []
 
-    def collate(self, batch: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
-        x, y = default_collate(list(batch))
-        return x, y
-
-    def to_device(self, x: Any, y: Any, device: torch.device) -> tuple[Any, Any]:
-        return x.to(device), y.to(device)
-
     def output_loss(self, output: Any, y: Any) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(output, y)
         return loss, {"loss": loss}
 
     def attack_loss(self, output: Any, y: Any) -> Tensor:
         return F.cross_entropy(output, y, reduction="sum")
-
-    def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
-        return ForwardPass(self, model, x, y, sites, replay=False)
-
-    def build_model(self, name: str, data: DatasetBundle, **options: Any) -> nn.Module:
-        raise AdvfeatError("the counting task builds no model")
 
     def default_sites(self, model: nn.Module) -> list[str]:
         return []

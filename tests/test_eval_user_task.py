@@ -11,7 +11,7 @@ them, with no suite edit.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from advfeat.data.bundle import DatasetBundle
 from advfeat.errors import AdvfeatError
 from advfeat.eval import EvalConfig, EvalData, evaluate
 from advfeat.eval.loading import DenseEvalData
@@ -32,11 +31,10 @@ from advfeat.tasks import (
     ClassificationTask,
     DensePGD,
     DenseTask,
-    TaskPass,
     is_classifier_task,
     register_task,
 )
-from advfeat.tasks.base import ForwardPass
+from helpers import TensorPairTask
 
 
 class PixelMeter:
@@ -53,18 +51,12 @@ class PixelMeter:
         return {"fg_acc": self.hits / self.total}
 
 
-class ForegroundTask(DenseTask):
+class ForegroundTask(TensorPairTask, DenseTask):
     """A dense task of one's own: foreground / background per pixel, scored by pixel accuracy."""
 
     name = "foreground"
     metrics = ("fg_acc",)
     primary_metric = "fg_acc"
-
-    def collate(self, batch: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
-        return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-
-    def to_device(self, x: Any, y: Any, device: torch.device) -> tuple[Any, Any]:
-        return x.to(device), y.to(device)
 
     def output_loss(self, output: Any, y: Any) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(output, y)
@@ -72,12 +64,6 @@ class ForegroundTask(DenseTask):
 
     def attack_loss(self, output: Any, y: Any) -> Tensor:
         return F.cross_entropy(output, y)
-
-    def clean_pass(self, model: nn.Module, x: Any, y: Any, sites: Sequence[str]) -> TaskPass:
-        return ForwardPass(self, model, x, y, sites, replay=False)
-
-    def build_model(self, name: str, data: DatasetBundle, **options: Any) -> nn.Module:
-        raise AdvfeatError("the foreground task builds no model")
 
     def default_sites(self, model: nn.Module) -> list[str]:
         return ["0"]

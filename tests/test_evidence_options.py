@@ -25,14 +25,10 @@ from advfeat.methods.feature_aug import (
 from advfeat.methods.l_alfa import LALFA
 from advfeat.models import build_model
 from advfeat.tasks import ClassificationTask
+from helpers import random_batch
 
 ALPHA = 0.05
 SITES = ["block1", "block2"]
-
-
-def batch(n: int = 8, size: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def grads(model: nn.Module) -> dict[str, Tensor]:
@@ -55,7 +51,7 @@ def test_combine_losses_sum_and_mean_are_the_stated_formulas() -> None:
 
 @pytest.mark.parametrize("name", ["alfa", "afan"])
 def test_mean_weighting_divides_the_papers_sum(tiny_bn_cnn: nn.Module, name: str) -> None:
-    x, y = batch()
+    x, y = random_batch()
     k = {"afan": {"k": 3}, "alfa": {}}[name]
     n_adv = 3 if name == "afan" else 1
     torch.manual_seed(0)
@@ -77,7 +73,7 @@ def test_tail_only_reading_gives_the_prefix_exactly_the_clean_gradient(
     tiny_bn_cnn: nn.Module, name: str
 ) -> None:
     """adv_grad="tail": L_adv trains only the layers after the site (released ALFA code)."""
-    x, y = batch()
+    x, y = random_batch()
     opts = {"sites": ["block2"]} if name == "l-alfa" else {"site": "block2"}
     model = copy.deepcopy(tiny_bn_cnn).train()
     method = build_method(name, alpha=ALPHA, adv_grad="tail", loss_weighting="sum", **opts)
@@ -108,7 +104,7 @@ def test_tail_only_reading_gives_the_prefix_exactly_the_clean_gradient(
 def test_zero_strength_sites_are_skipped_with_the_same_loss_and_gradients(
     tiny_bn_cnn: nn.Module, mode: str, weighting: str
 ) -> None:
-    x, y = batch()
+    x, y = random_batch()
     eta = torch.tensor([0.0, 1.0])
     model = copy.deepcopy(tiny_bn_cnn).train()
     method = LALFA(
@@ -156,7 +152,7 @@ def test_gamma_does_not_densify_eta_on_the_simplex(tiny_bn_cnn: nn.Module) -> No
     with torch.no_grad():
         method.eta.copy_(torch.tensor([0.0, 1.0]))
     opt = torch.optim.SGD(method.parameter_groups(model, lr=0.1), lr=0.1)
-    x, y = batch()
+    x, y = random_batch()
     out = method(model, x, y)
     opt.zero_grad()
     out.loss.backward()
@@ -321,7 +317,7 @@ def test_the_convex_combination_is_the_sum_at_a_scaled_learning_rate(
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
         torch.manual_seed(0)  # the same random strengths in both runs
         for step in range(3):
-            x, y = batch(seed=step)
+            x, y = random_batch(seed=step)
             opt.zero_grad()
             method(model, x, y).loss.backward()
             opt.step()

@@ -31,8 +31,9 @@ from advfeat.export import (
 from advfeat.methods.registry import METHODS
 from advfeat.models import build_model
 from advfeat.norm import AdaptiveFeatureAlignment, BranchModel, MultiBatchNorm, convert_multibn
+from helpers import one_epoch_train_args
 
-DATA = "dataset_options={n_train: 64, n_test: 16, image_size: 32}"
+DATA = "{n_train: 64, n_test: 16, image_size: 32}"
 
 
 def _perturb_bn(model: nn.Module, seed: int = 0) -> None:
@@ -50,11 +51,8 @@ def _perturb_bn(model: nn.Module, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def advprop_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    args = ["train", "--method", "advprop", "--model", "torchvision:resnet18", "--dataset"]
-    args += ["shapes", "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--quiet"]
-    args += ["--out", str(run), "--set", DATA, "--set", "eval_shifted=false"]
-    args += ["--set", "method_options.steps=1"]
-    assert main(args) == 0
+    args = one_epoch_train_args(run, DATA, 32, method="advprop", model="torchvision:resnet18")
+    assert main([*args, "--set", "method_options.steps=1"]) == 0
     return run
 
 

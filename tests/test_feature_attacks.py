@@ -21,6 +21,7 @@ from advfeat.errors import AdvfeatError
 from advfeat.methods.feature_aug import multi_site_outputs
 from advfeat.sites import SiteSplit, capture_features, replace_features
 from advfeat.tasks import ClassificationTask
+from helpers import assert_same_state, model_state
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -70,31 +71,6 @@ ATTACKS: dict[str, AttackFactory] = {
 }
 
 
-def _model_state(model: nn.Module) -> dict[str, Any]:
-    return {
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grad": {
-            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
-        },
-        "buffers": {n: b.clone() for n, b in model.named_buffers()},
-        "track": {n: getattr(m, "track_running_stats", None) for n, m in model.named_modules()},
-    }
-
-
-def _assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
-    assert before["training"] == after["training"]
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["track"] == after["track"]
-    for name, grad in before["grad"].items():
-        if grad is None:
-            assert after["grad"][name] is None, name
-        else:
-            assert torch.equal(grad, after["grad"][name]), name
-    for name, buf in before["buffers"].items():
-        assert torch.equal(buf, after["buffers"][name]), name
-
-
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 @pytest.mark.parametrize("kind", sorted(ATTACKS))
 def test_feature_attacks_keep_every_guarantee(
@@ -109,12 +85,12 @@ def test_feature_attacks_keep_every_guarantee(
     model.fc.weight.grad = torch.ones_like(model.fc.weight)  # an existing .grad stays as is
     x_kept, feats_kept = x.clone(), {k: v.clone() for k, v in feats.items()}
     attack = ATTACKS[kind](model, bn_mode)
-    before = _model_state(model)
+    before = model_state(model)
     if isinstance(attack, MultiSiteFeaturePGD):
         results = [attack(x, y, features=feats), attack(x, y)]
     else:
         results = [attack(x, y, feature=feats[attack.site]), attack(x, y)]
-    _assert_same_state(before, _model_state(model))
+    assert_same_state(model, before)
     assert torch.equal(x, x_kept)
     for k in feats:
         assert torch.equal(feats[k], feats_kept[k])

@@ -16,16 +16,12 @@ from advfeat.errors import AdvfeatError
 from advfeat.methods import build_method
 from advfeat.methods.advbn import advbn_eps
 from advfeat.norm import convert_multibn
+from helpers import random_batch
 
 
 def _save(model: nn.Module, path: Path) -> str:
     save_checkpoint(path, {"model": model.state_dict(), "config": {"model": "tiny"}, "epoch": 1})
     return str(path)
-
-
-def _batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 @pytest.fixture
@@ -56,7 +52,7 @@ def test_plain_loop_updates_only_the_tail(make_tiny_bn_cnn, init_ckpt: str) -> N
     before = copy.deepcopy(model.state_dict())
     opt = torch.optim.SGD(method.parameter_groups(model, lr=0.1), lr=0.1, momentum=0.9)
     for seed in range(2):
-        out = method(model, *_batch(seed=seed))
+        out = method(model, *random_batch(16, seed=seed))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -76,7 +72,7 @@ def test_clean_through_main_adversarial_through_aux(make_tiny_bn_cnn, init_ckpt:
         "advbn", init_checkpoint=init_ckpt, site="block1", steps=1, tau=0.3, routing="split"
     )
     model = method.prepare(make_tiny_bn_cnn()).train()
-    x, y = _batch()
+    x, y = random_batch(16)
     main_bn, aux_bn = model.block2[1], model.block2[1].aux["adv"]
     seen: dict[str, torch.Tensor] = {}
     main_bn.register_forward_pre_hook(lambda m, a: seen.__setitem__("main", a[0]))
@@ -100,7 +96,7 @@ def test_perturbed_statistics_stay_within_bounds(make_tiny_bn_cnn, init_ckpt: st
     model = method.prepare(make_tiny_bn_cnn()).train()
     feats: list[torch.Tensor] = []
     model.block2.register_forward_pre_hook(lambda m, a: feats.append(a[0].detach()))
-    method(model, *_batch())
+    method(model, *random_batch(16))
     clean, adv = feats[-1].chunk(2)  # split routing: [clean | adv] in one tail pass
     dims = (0, 2, 3)
     mean_ratio = adv.mean(dims) / clean.mean(dims)

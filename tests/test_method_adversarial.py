@@ -254,20 +254,6 @@ def test_pgd_at_without_clean_logging_runs_no_clean_pass(
 
 # --------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", ["pgd-at", "trades", "mart"])
-def test_plain_user_loop_trains(
-    name: str,
-    make_tiny_bn_cnn: Callable[..., nn.Module],
-    tiny_batch: tuple[Tensor, Tensor],
-    plain_loop: Callable[..., Any],
-) -> None:
-    method = build_method(name, **FAST)
-    model = method.prepare(make_tiny_bn_cnn())
-    before = [p.detach().clone() for p in model.parameters()]
-    plain_loop(method, model, [tiny_batch] * 2)
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
-
-
-@pytest.mark.parametrize("name", ["pgd-at", "trades", "mart"])
 def test_cli_trains_end_to_end(name: str, tmp_path: Path) -> None:
     out = tmp_path / name
     code = main(

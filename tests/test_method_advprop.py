@@ -1,4 +1,5 @@
-"""AdvProp and Fast AdvProp: CLI, user loop, BN routing, PGD-n rule, gradient re-use, errors."""
+"""AdvProp and Fast AdvProp: CLI, BN routing, PGD-n rule, gradient re-use, errors (the plain user
+loop of every method: test_plain_loop.py)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,14 @@ from advfeat.errors import AdvfeatError
 from advfeat.methods import build_method
 from advfeat.methods.fast_advprop import attacked_count
 from advfeat.norm import branch_names, branch_parameters, split_branches, use_branch
+from helpers import one_epoch_train_args, random_batch
 
-TINY = ["--set", "dataset_options={n_train: 32, n_test: 16, image_size: 16}"]
+TINY = "{n_train: 32, n_test: 16, image_size: 16}"
 
 
 def _cli(tmp: Path, method: str, options: str) -> dict:
-    args = ["train", "--method", method, "--model", "resnet20", "--dataset", "shapes"]
-    args += ["--epochs", "1", "--batch-size", "16", "--device", "cpu", "--quiet"]
-    args += ["--out", str(tmp), *TINY, "--set", "eval_shifted=false"]
-    args += ["--set", f"method_options={options}"]
-    assert main(args) == 0
+    args = one_epoch_train_args(tmp, TINY, batch_size=16, method=method)
+    assert main([*args, "--set", f"method_options={options}"]) == 0
     return json.loads((tmp / "metrics.json").read_text())
 
 
@@ -41,23 +40,6 @@ def test_cli_end_to_end(tmp_path: Path, method: str, options: str) -> None:
     assert all(torch.isfinite(torch.tensor(row[k])) for k in ("loss_clean", "loss_adv"))
 
 
-def _batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
-@pytest.mark.parametrize("name", ["advprop", "fast-advprop"])
-def test_plain_user_loop(make_tiny_bn_cnn, plain_loop, name: str) -> None:
-    method = build_method(name, eps=1)
-    model = method.prepare(make_tiny_bn_cnn()).train()
-    start = copy.deepcopy(model.state_dict())
-    outputs = plain_loop(method, model, [_batch(seed=seed) for seed in range(2)])
-    assert all(out.logits is not None and out.logits.shape == (16, 3) for out in outputs)
-    assert not torch.equal(model.fc.weight, start["fc.weight"])
-    plain = method.eval_model(model)
-    assert set(plain.state_dict()) == set(make_tiny_bn_cnn().state_dict())  # Sec. 4.3
-
-
 def _bn(model: nn.Module) -> nn.Module:
     return model.block1[1]
 
@@ -67,7 +49,7 @@ def test_advprop_routes_clean_to_main_and_adversarial_to_aux(make_tiny_bn_cnn) -
     method = build_method("advprop", attacker="ifgsm", eps=2)  # deterministic attack
     model = method.prepare(make_tiny_bn_cnn()).train()
     ref = copy.deepcopy(model)
-    x, y = _batch()
+    x, y = random_batch(16)
     out = method(model, x, y)
     out.loss.backward()
     x_adv = method.make_attack(ref)(x, y)  # same attack on an identical copy
@@ -103,7 +85,7 @@ def test_split_and_separate_routing_are_the_same_step(make_tiny_bn_cnn, name: st
         torch.manual_seed(0)
         method = build_method(name, eps=1, routing=routing)
         model = method.prepare(copy.deepcopy(base)).train()
-        out = method(model, *_batch())
+        out = method(model, *random_batch(16))
         out.loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
         results.append((out.loss.detach(), grads, copy.deepcopy(model.state_dict())))
@@ -142,7 +124,7 @@ def test_fine_grained_keeps_one_aux_bn_per_source(make_tiny_bn_cnn) -> None:
     model = method.prepare(make_tiny_bn_cnn()).train()
     assert branch_names(model) == ("clean", "strong_aug", "adv")
     stats = _bn(model).aux["strong_aug"].running_mean.clone()
-    out = method(model, *_batch())
+    out = method(model, *random_batch(16))
     assert {"loss_clean", "loss_strong_aug", "loss_adv"} <= set(out.logs)
     assert not torch.equal(_bn(model).aux["strong_aug"].running_mean, stats)
 
@@ -153,7 +135,7 @@ def test_fast_advprop_reused_gradient_equals_slow_gradient(make_tiny_bn_cnn, att
     method = build_method("fast-advprop", adv_fraction=0.25, attack_branch=attack_branch)
     model = method.prepare(make_tiny_bn_cnn()).train()
     ref = copy.deepcopy(model)
-    x, y = _batch()
+    x, y = random_batch(16)
     out = method(model, x, y)
     out.loss.backward()
     n_c, n_a = 12, 4
@@ -182,12 +164,12 @@ def test_fast_advprop_without_reuse_and_split_sizes(make_tiny_bn_cnn) -> None:
     assert [attacked_count(n, 0.2) for n in (2, 5, 10, 128)] == [1, 1, 2, 26]
     method = build_method("fast-advprop", reuse_attack_grad=False, random_start=False)
     model = method.prepare(make_tiny_bn_cnn()).train()
-    out = method(model, *_batch())
+    out = method(model, *random_batch(16))
     out.loss.backward()
     assert "loss_attack" not in out.logs and out.logs["adv_fraction"] == pytest.approx(3 / 16)
     assert all(p.grad is not None for p in branch_parameters(model, "adv"))
     with pytest.raises(AdvfeatError, match="at least 2 images"):
-        method(model, *_batch(n=1))
+        method(model, *random_batch(1))
 
 
 @pytest.mark.parametrize(

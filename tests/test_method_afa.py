@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -30,6 +29,7 @@ from advfeat.norm import (
     convert_multibn,
     use_branch,
 )
+from helpers import input_bn_net
 
 BRANCHES = afa_branches(3)
 GRID_255 = (0.0, 4.0, 8.0)  # K = 3, doubling grid up to 8/255
@@ -37,26 +37,6 @@ STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 # --------------------------------------------------------------------------- helpers
-class InputBNNet(nn.Module):
-    """BN on the images first (its batch mean is the image mean), then conv-BN-ReLU, pool, fc."""
-
-    def __init__(self, num_classes: int = 3, width: int = 4) -> None:
-        super().__init__()
-        self.bn_in = nn.BatchNorm2d(3)
-        self.conv = nn.Conv2d(3, width, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(F.relu(self.bn(self.conv(self.bn_in(x)))).mean(dim=(2, 3)))
-
-
-def input_bn_net(seed: int = 0) -> InputBNNet:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return InputBNNet()
-
-
 def pattern(like: Tensor) -> Tensor:
     """A fixed perturbation direction in [0, 1) of one image's shape (not a constant shift,
     which train-mode BN would normalise away)."""
@@ -328,17 +308,6 @@ def test_stage1_evaluates_through_the_chosen_branch(tiny_batch: tuple[Tensor, Te
         with use_branch(model, branch):
             expected = model(x)
         assert torch.allclose(method.eval_model(model)(x), expected)
-
-
-def test_plain_user_loop_trains(
-    tiny_batch: tuple[Tensor, Tensor], plain_loop: Callable[..., Any]
-) -> None:
-    method = build_method("afa", num_branches=3, steps=1)
-    model = method.prepare(input_bn_net())
-    before = [p.detach().clone() for p in model.parameters()]
-    plain_loop(method, model, [tiny_batch] * 2)
-    moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
-    assert all(moved)  # shared weights and every branch's affine parameters train
 
 
 # --------------------------------------------------------------------------- stage II

@@ -6,10 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -30,13 +28,9 @@ from advfeat.methods.feature_aug import (
 from advfeat.models import build_model
 from advfeat.presets import load_preset, preset_names
 from advfeat.sites import SiteSplit
+from helpers import count_calls, random_batch
 
 ALPHA = 2 / 255
-
-
-def batch(n: int = 8, size: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def tail_of(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -49,24 +43,6 @@ def hand_sign_step(model: nn.Module, f: Tensor, y: Tensor, alpha: float) -> Tens
     delta = torch.zeros_like(f, requires_grad=True)
     (grad,) = torch.autograd.grad(F.cross_entropy(tail_of(model)(f.detach() + delta), y), delta)
     return alpha * grad.sign()
-
-
-@contextmanager
-def count_calls(*modules: nn.Module) -> Iterator[list[int]]:
-    counts = [0] * len(modules)
-
-    def make(i: int) -> Callable[..., None]:
-        def hook(*_: object) -> None:
-            counts[i] += 1
-
-        return hook
-
-    handles = [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
-    try:
-        yield counts
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # --------------------------------------------------------------------------- Eq. 6
@@ -142,7 +118,7 @@ def test_strengths_lie_in_the_interval_and_grid_is_even() -> None:
 
 def test_rescaling_identity_equals_k_separate_pgd1_attacks(tiny_bn_cnn: nn.Module) -> None:
     model = tiny_bn_cnn.train()
-    x, y = batch()
+    x, y = random_batch()
     f = model.block1(x).detach()
     alphas = torch.tensor([0.7, 0.2, 1.0]) * ALPHA
     method = AFAN(site="block1", rescale=True, attack_bn_mode="train")
@@ -167,7 +143,7 @@ def test_rescaling_identity_equals_k_separate_pgd1_attacks(tiny_bn_cnn: nn.Modul
 # ----------------------------------------------------------------------- objective
 @pytest.mark.parametrize("afn", [True, False])
 def test_loss_is_clean_plus_lambda_sum_over_k_strengths(tiny_bn_cnn: nn.Module, afn: bool) -> None:
-    x, y = batch()
+    x, y = random_batch()
     lam, k, alpha = 0.7, 3, 0.3  # a strong α, so that the perturbed losses differ clearly
     hand_model = copy.deepcopy(tiny_bn_cnn).train()
     model = tiny_bn_cnn.train()
@@ -211,7 +187,7 @@ def test_attack_runs_only_the_tail_and_leaves_grads_and_bn_statistics(
     tiny_bn_cnn: nn.Module,
 ) -> None:
     model = tiny_bn_cnn.train()
-    x, y = batch()
+    x, y = random_batch()
     k = 4
     assert SiteSplit(model, "block1").is_fast
     method = AFAN(site="block1", k=k, adv_bn_stats="frozen")
@@ -236,7 +212,7 @@ def test_attack_runs_only_the_tail_and_leaves_grads_and_bn_statistics(
 
 def test_multistep_without_rescaling_runs_k_attacks_on_the_tail(tiny_bn_cnn: nn.Module) -> None:
     model = tiny_bn_cnn.train()
-    x, y = batch()
+    x, y = random_batch()
     method = AFAN(site="block1", k=2, steps=3)
     with count_calls(model.block1, model.block2) as calls:
         method(model, x, y)
@@ -245,7 +221,7 @@ def test_multistep_without_rescaling_runs_k_attacks_on_the_tail(tiny_bn_cnn: nn.
 
 def test_head_runs_once_on_resnet20_and_all_parameters_get_gradients() -> None:
     model = build_model("resnet20", num_classes=3, image_size=8).train()
-    x, y = batch(4, 8)
+    x, y = random_batch(4, 8)
     method = build_method("afan")
     assert method.resolve_sites(model) == ["layer3"]
     assert SiteSplit(model, "layer3").is_fast
@@ -258,7 +234,7 @@ def test_head_runs_once_on_resnet20_and_all_parameters_get_gradients() -> None:
 
 def test_random_noise_ablation_runs_no_attack(tiny_bn_cnn: nn.Module) -> None:
     model = tiny_bn_cnn.train()
-    x, y = batch(16)
+    x, y = random_batch(16)
     method = AFAN(site="block1", random_noise="gaussian", noise_std=0.1)
     with count_calls(model.block2) as calls:
         out = method(model, x, y)
@@ -282,17 +258,6 @@ def test_cli_trains_end_to_end(tmp_path: Path) -> None:
     assert math.isfinite(row["loss_adv"]) and row["loss_adv"] > 0 and row["delta_l2"] > 0
 
 
-def test_plain_user_loop_trains(
-    make_tiny_bn_cnn: Callable[..., nn.Module], plain_loop: Callable[..., Any]
-) -> None:
-    method = build_method("afan", site="block2", alpha=ALPHA)
-    model = method.prepare(make_tiny_bn_cnn()).train()
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plain_loop(method, model, [batch(16)] * 3)
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
-    assert moved == set(start)  # parameters, not BN buffers: every layer was trained
-
-
 # ---------------------------------------------------------------------------- options
 @pytest.mark.parametrize(
     ("options", "match"),
@@ -314,7 +279,7 @@ def test_bad_options_raise_clear_errors(options: dict[str, object], match: str) 
 
 
 def test_missing_site_lists_close_matches(tiny_bn_cnn: nn.Module) -> None:
-    x, y = batch()
+    x, y = random_batch()
     with pytest.raises(AdvfeatError, match="block1"):
         AFAN(site="blok1")(tiny_bn_cnn, x, y)
 

@@ -9,7 +9,6 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -24,13 +23,9 @@ from advfeat.methods.alfa import ALFA
 from advfeat.models import build_model
 from advfeat.presets import load_preset, preset_names
 from advfeat.sites import SiteSplit
+from helpers import count_calls, random_batch
 
 ALPHA = 0.05
-
-
-def batch(n: int = 8, size: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def tail_after(model: nn.Module, site: str) -> Callable[[Tensor], Tensor]:
@@ -49,30 +44,12 @@ def hand_pgd(tail: Callable[[Tensor], Tensor], f: Tensor, y: Tensor, steps: int)
     return delta
 
 
-@contextmanager
-def count_calls(*modules: nn.Module) -> Iterator[list[int]]:
-    counts = [0] * len(modules)
-
-    def make(i: int) -> Callable[..., None]:
-        def hook(*_: object) -> None:
-            counts[i] += 1
-
-        return hook
-
-    handles = [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
-    try:
-        yield counts
-    finally:
-        for h in handles:
-            h.remove()
-
-
 # ----------------------------------------------------------------------- objective
 @pytest.mark.parametrize("sites", [["block1"], ["block1", "block2"]])
 def test_loss_is_clean_plus_lambda_sum_of_site_losses(
     tiny_bn_cnn: nn.Module, sites: list[str]
 ) -> None:
-    x, y = batch()
+    x, y = random_batch()
     lam, steps = 0.6, 3
     hand_model = copy.deepcopy(tiny_bn_cnn).train()
     model = tiny_bn_cnn.train()
@@ -103,7 +80,7 @@ def test_loss_is_clean_plus_lambda_sum_of_site_losses(
 
 
 def test_adversarial_loss_trains_the_head_through_the_feature(tiny_bn_cnn: nn.Module) -> None:
-    x, y = batch()
+    x, y = random_batch()
     grads = []
     for lam in (0.0, 1.0):
         model = copy.deepcopy(tiny_bn_cnn).train()
@@ -116,7 +93,7 @@ def test_adversarial_loss_trains_the_head_through_the_feature(tiny_bn_cnn: nn.Mo
 # --------------------------------------------------------------- cost and side effects
 def test_attack_runs_only_the_tail(tiny_bn_cnn: nn.Module) -> None:
     model = tiny_bn_cnn.train()
-    x, y = batch()
+    x, y = random_batch()
     assert SiteSplit(model, "block2").is_fast
     with count_calls(model.block1, model.block2, model.fc) as calls:
         out = ALFA(site="block2", steps=5)(model, x, y)
@@ -127,7 +104,7 @@ def test_attack_runs_only_the_tail(tiny_bn_cnn: nn.Module) -> None:
 
 def test_head_runs_once_on_resnet20_last_block() -> None:
     model = build_model("resnet20", num_classes=3, image_size=8).train()
-    x, y = batch(4, 8)
+    x, y = random_batch(4, 8)
     method = build_method("alfa")
     assert method.resolve_sites(model) == ["layer3"]
     assert SiteSplit(model, "layer3").is_fast
@@ -143,7 +120,7 @@ def test_attack_never_moves_bn_running_statistics(
     tiny_bn_cnn: nn.Module, adv_bn_stats: str, passes: int
 ) -> None:
     model = tiny_bn_cnn.train()
-    x, y = batch()
+    x, y = random_batch()
     bn = model.block2[1]
     reference = copy.deepcopy(model)
     ALFA(site="block1", steps=4, adv_bn_stats=adv_bn_stats)(model, x, y)
@@ -164,7 +141,7 @@ def test_attack_never_moves_bn_running_statistics(
 
 def test_random_noise_ablation_replaces_the_attack(tiny_bn_cnn: nn.Module) -> None:
     model = tiny_bn_cnn.train()
-    x, y = batch(16)
+    x, y = random_batch(16)
     with count_calls(model.block2) as calls:
         out = ALFA(site="block1", random_noise="gaussian", noise_std=0.1)(model, x, y)
     assert calls == [2]  # clean pass and the noisy pass; no attack
@@ -176,7 +153,7 @@ def test_random_noise_ablation_replaces_the_attack(tiny_bn_cnn: nn.Module) -> No
 
 def test_joint_mode_perturbs_all_sites_in_one_pass(tiny_bn_cnn: nn.Module) -> None:
     model = tiny_bn_cnn.train()
-    x, y = batch()
+    x, y = random_batch()
     with count_calls(model.block1, model.block2) as calls:
         out = ALFA(sites=["block1", "block2"], steps=2, multi_site="joint")(model, x, y)
     assert calls == [1, 1 + 2 + 1]
@@ -196,17 +173,6 @@ def test_cli_trains_end_to_end(tmp_path: Path) -> None:
     assert metrics["method"] == "alfa" and 0 <= metrics["clean_acc"] <= 1
     row = metrics["history"][0]
     assert row["loss_adv"] > 0 and row["delta_l2"] > 0 and math.isfinite(row["train_loss"])
-
-
-def test_plain_user_loop_trains(
-    make_tiny_bn_cnn: Callable[..., nn.Module], plain_loop: Callable[..., Any]
-) -> None:
-    method = build_method("alfa", site="block2", alpha=ALPHA, steps=2)
-    model = method.prepare(make_tiny_bn_cnn()).train()
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plain_loop(method, model, [batch(16)] * 3)
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
-    assert moved == set(start)  # parameters, not BN buffers: every layer was trained
 
 
 # ---------------------------------------------------------------------------- options
@@ -233,7 +199,7 @@ def test_bad_options_raise_clear_errors(options: dict[str, object], match: str) 
 
 def test_missing_site_lists_close_matches() -> None:
     model = build_model("resnet20", num_classes=3, image_size=8)
-    x, y = batch(2, 8)
+    x, y = random_batch(2, 8)
     with pytest.raises(AdvfeatError, match="layer3"):
         ALFA(site="layer_3")(model, x, y)
     with pytest.raises(AdvfeatError, match="inside"):

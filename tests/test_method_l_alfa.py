@@ -25,14 +25,10 @@ from advfeat.methods.feature_aug import stage_blocks
 from advfeat.methods.l_alfa import LALFA, project_simplex
 from advfeat.models import build_model
 from advfeat.presets import load_preset, preset_names
+from helpers import random_batch
 
 ALPHA = 0.05
 SITES = ["block1", "block2"]
-
-
-def batch(n: int = 8, size: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 # ------------------------------------------------------------------ simplex projection
@@ -105,7 +101,7 @@ def test_projection_rejects_empty_input() -> None:
 
 # ----------------------------------------------------------------------- objective
 def test_loss_is_eq5_and_eta_gets_its_gradient(tiny_bn_cnn: nn.Module) -> None:
-    x, y = batch()
+    x, y = random_batch()
     lam, gamma, steps = 0.8, 0.5, 2
     eta = torch.tensor([0.7, 0.3])
     hand_model = copy.deepcopy(tiny_bn_cnn).train()
@@ -154,7 +150,7 @@ def test_loss_is_eq5_and_eta_gets_its_gradient(tiny_bn_cnn: nn.Module) -> None:
 
 def test_zero_strength_site_is_not_perturbed(tiny_bn_cnn: nn.Module) -> None:
     model = tiny_bn_cnn.train()
-    x, y = batch()
+    x, y = random_batch()
     reference = copy.deepcopy(model)
     method = LALFA(sites=SITES, alpha=ALPHA, steps=2, lam=1.0, gamma=0.0, multi_site="separate")
     with torch.no_grad():
@@ -179,7 +175,7 @@ def test_user_loop_keeps_eta_on_the_simplex_and_trains(
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     seen = []
     for _ in range(4):
-        plain_loop(method, model, [batch(16)], lr=0.5)
+        plain_loop(method, model, [random_batch(16)], lr=0.5)
         seen.append(method.eta.detach().clone())
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
     assert moved == set(start)  # parameters, not BN buffers: every layer was trained
@@ -204,7 +200,7 @@ def test_eta_momentum_zero_is_plain_projected_sgd(
         method.eta.copy_(torch.tensor([0.6, 0.4]))
     opt = torch.optim.SGD(method.parameter_groups(model, lr=0.5), lr=0.5, momentum=0.9)
     assert [g["momentum"] for g in opt.param_groups] == [0.9, 0.0]
-    x, y = batch(16)
+    x, y = random_batch(16)
     for _ in range(2):  # the second step would differ under momentum
         before = method.eta.detach().clone()
         out = method(model, x, y)  # projects the previous step's η first
@@ -244,7 +240,7 @@ def test_default_sites_are_the_blocks_of_every_stage() -> None:
 
 
 def test_forward_before_prepare_is_a_clear_error(tiny_bn_cnn: nn.Module) -> None:
-    x, y = batch()
+    x, y = random_batch()
     with pytest.raises(AdvfeatError, match="prepare"):
         build_method("l-alfa")(tiny_bn_cnn, x, y)
 

@@ -31,6 +31,7 @@ from advfeat.sites import (
     stages,
 )
 from advfeat.train import TrainConfig, Trainer
+from helpers import tiny_train_config
 
 timm = pytest.importorskip("timm")
 
@@ -145,18 +146,17 @@ def test_every_method_trains_a_few_steps(family: str) -> None:
 
 # ------------------------------------------------------------------------------------ export
 def tiny_run(method: str, model: str, size: int, **model_options: object) -> TrainConfig:
-    return TrainConfig(
+    return tiny_train_config(
+        n_train=16,
+        n_test=8,
+        image_size=size,
         method=method,
         model=model,
         model_options=dict(model_options),
         method_options={"steps": 1},
-        dataset_options={"n_train": 16, "n_test": 8, "image_size": size},
         epochs=1,
         batch_size=8,
         eval_batch_size=8,
-        device="cpu",
-        progress=False,
-        eval_shifted=False,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,16 +170,17 @@ def registered_scale_norm() -> Iterator[type[nn.Module]]:
     _BATCHNORM_CLASSES[:] = before
 
 
-def _scale_norm_net() -> nn.Module:
+def _conv_net_with(norm: Callable[[int], nn.Module]) -> nn.Module:
+    """conv, ``norm`` of its 4 channels, ReLU, pool, linear; seeded: the same weights each time."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), ScaleNorm(4), nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1), norm(4), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
     )  # fmt: skip
 
 
 def test_recipe_bn_class_is_one_registration(registered_scale_norm: type[nn.Module]) -> None:
-    model = _scale_norm_net().train()
+    model = _conv_net_with(ScaleNorm).train()
     norm = model[1]
     assert is_batchnorm_like(norm)
     x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))
@@ -197,7 +198,7 @@ def test_recipe_bn_class_is_one_registration(registered_scale_norm: type[nn.Modu
 
 
 def test_an_unregistered_bn_class_is_not_recognised() -> None:
-    model = _scale_norm_net().train()
+    model = _conv_net_with(ScaleNorm).train()
     assert not is_batchnorm_like(model[1])
     before = model[1].running_mean.clone()
     with frozen_bn_statistics(model):
@@ -224,16 +225,8 @@ def registered_gain_norm() -> Iterator[type[nn.Module]]:
     unregister_norm_family("GainOnlyNorm")
 
 
-def _gain_norm_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), GainOnlyNorm(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
-    )  # fmt: skip
-
-
 def test_recipe_norm_family_is_one_registration(registered_gain_norm: type[nn.Module]) -> None:
-    stock = _gain_norm_net().eval()
+    stock = _conv_net_with(GainOnlyNorm).eval()
     assert can_have_branches(stock[1]) and not is_batchnorm_like(stock[1])
     method = build_method("advprop", steps=1, eps=2.0)
     model = method.prepare(copy.deepcopy(stock)).train()
@@ -250,9 +243,9 @@ def test_recipe_norm_family_is_one_registration(registered_gain_norm: type[nn.Mo
 
 
 def test_an_unregistered_norm_class_gets_no_branches() -> None:
-    assert not can_have_branches(_gain_norm_net()[1])
+    assert not can_have_branches(_conv_net_with(GainOnlyNorm)[1])
     with pytest.raises(AdvfeatError, match="register_norm_family"):
-        build_method("advprop").prepare(_gain_norm_net())
+        build_method("advprop").prepare(_conv_net_with(GainOnlyNorm))
 
 
 # ------------------------------------------------------------ recipe: a feature-space method

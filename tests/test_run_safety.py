@@ -29,6 +29,7 @@ from advfeat.errors import AdvfeatError
 from advfeat.eval.context import PARTIAL_FORMAT
 from advfeat.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint, save_checkpoint
 from advfeat.train.trainer import PREEMPTED_EXIT, Preempted
+from helpers import interrupt_after_epoch, tiny_train_config
 
 SRC = str(Path(advfeat.__file__).resolve().parents[1])  # the advfeat under test, for subprocesses
 TINY = ["--set", "dataset_options={n_train: 64, n_test: 32, image_size: 16}"]
@@ -55,37 +56,14 @@ def one_line_error(err: str) -> str:
 
 
 def tiny_config(**overrides: object) -> TrainConfig:
-    cfg = TrainConfig(
-        dataset_options={"n_train": 64, "n_test": 32, "image_size": 16},
-        epochs=3,
-        batch_size=16,
-        eval_batch_size=32,
-        lr=0.05,
-        device="cpu",
-        progress=False,
-        eval_shifted=False,
-        max_steps_per_epoch=2,
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+    """3 epochs of at most 2 steps of 16 on 64 images."""
+    schedule = dict(epochs=3, batch_size=16, eval_batch_size=32, lr=0.05, max_steps_per_epoch=2)
+    return tiny_train_config(n_train=64, n_test=32, **(schedule | overrides))
 
 
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def interrupt_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
-    """Make the next fit raise KeyboardInterrupt when ``epoch`` (0-based) starts."""
-    original = Trainer.train_epoch
-
-    def crash(self: Trainer, e: int) -> dict:
-        if e == epoch:
-            raise KeyboardInterrupt
-        return original(self, e)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash)
 
 
 # ------------------------------------------------------------------------------ item 1

@@ -11,26 +11,13 @@ import torch
 from advfeat.errors import AdvfeatError
 from advfeat.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint, save_checkpoint
 from advfeat.train.schedule import lr_factor
-
-TINY_DATA = {"n_train": 192, "n_test": 64, "image_size": 16}
+from helpers import interrupt_after_epoch, tiny_train_config
 
 
 def tiny_config(**overrides: object) -> TrainConfig:
-    cfg = TrainConfig(
-        model="resnet20",
-        dataset="shapes",
-        dataset_options=dict(TINY_DATA),
-        epochs=3,
-        batch_size=32,
-        eval_batch_size=64,
-        lr=0.05,
-        device="cpu",
-        progress=False,
-        eval_shifted=False,
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+    """3 epochs in batches of 32 on 192 images."""
+    schedule = dict(epochs=3, batch_size=32, eval_batch_size=64, lr=0.05)
+    return tiny_train_config(n_train=192, n_test=64, **(schedule | overrides))
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -65,19 +52,12 @@ def test_resume_after_a_crash_ends_with_the_same_weights(
 ) -> None:
     Trainer(tiny_config(), tmp_path / "straight").fit()
 
-    original = Trainer.train_epoch
-
-    def crash_in_epoch_three(self: Trainer, epoch: int) -> dict:
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_three)
+    interrupt_after_epoch(monkeypatch, 2)  # killed as epoch three starts
     with pytest.raises(KeyboardInterrupt):
         Trainer(tiny_config(), tmp_path / "killed").fit()
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 1
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    monkeypatch.undo()  # no longer killed
 
     Trainer(tiny_config(), tmp_path / "killed", resume=True).fit()
     a, b = (

@@ -14,8 +14,9 @@ from advfeat.cli import main
 from advfeat.data import build_dataset
 from advfeat.data.dense import PadTo, SegmentationCrop
 from advfeat.errors import AdvfeatError
-from advfeat.train import TrainConfig, Trainer, load_checkpoint
+from advfeat.train import TrainConfig, load_checkpoint
 from advfeat.train.schedule import lr_factor
+from helpers import interrupt_after_epoch
 
 DETECTION = {
     "dataset": "shapes-det",
@@ -141,18 +142,11 @@ def test_resume_after_a_kill_ends_with_the_same_weights(
 ) -> None:
     assert main(train_args(setup, "afan", tmp_path / "straight")) == 0
 
-    original = Trainer.train_epoch
-
-    def killed_in_epoch_two(self: Trainer, epoch: int) -> dict:
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", killed_in_epoch_two)
+    interrupt_after_epoch(monkeypatch, 1)  # killed as epoch two starts
     assert main(train_args(setup, "afan", tmp_path / "killed")) != 0
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 0
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    monkeypatch.undo()  # no longer killed
 
     assert main(train_args(setup, "afan", tmp_path / "killed", "--resume")) == 0
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")

@@ -25,6 +25,7 @@ from advfeat.methods import MethodOutput
 from advfeat.methods.base import Method
 from advfeat.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint
 from advfeat.train.running import DivergenceWatch, RunningSums
+from helpers import tiny_train_config
 
 CPU = torch.device("cpu")
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy")
@@ -32,20 +33,9 @@ HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__",
 
 
 def tiny_config(**overrides: object) -> TrainConfig:
-    cfg = TrainConfig(
-        dataset_options={"n_train": 96, "n_test": 32, "image_size": 16},
-        epochs=2,
-        batch_size=16,
-        eval_batch_size=32,
-        lr=0.05,
-        device="cpu",
-        progress=False,
-        eval_shifted=False,
-        max_steps_per_epoch=3,
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+    """2 epochs of at most 3 steps of 16 on 96 images."""
+    schedule = dict(epochs=2, batch_size=16, eval_batch_size=32, lr=0.05, max_steps_per_epoch=3)
+    return tiny_train_config(n_train=96, n_test=32, **(schedule | overrides))
 
 
 def record_steps(
