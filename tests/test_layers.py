@@ -187,3 +187,43 @@ def test_the_eval_checks_see_a_cycle_and_an_upward_import() -> None:
     cycles = import_cycles(graph)
     assert cycles and all(c[0] == c[-1] for c in cycles)
     assert any(config in c and f"{EVAL}.suites.registry" in c for c in cycles)
+
+
+# ------------------------------------------------------------------ configuration in one place
+COMPOSERS = {"load_preset", "load_yaml", "apply_overrides"}
+"""The functions that turn what a user gave (a preset, a config file, ``--set`` values) into a
+run's configuration; only :mod:`advfeat.train.compose` layers them (issue: configuration composed
+once, below the command line)."""
+
+COMPOSING_MODULES = {"advfeat.train.compose", "advfeat.train.config", "advfeat.presets"}
+"""Where they are defined and layered (``config`` and ``presets`` define them)."""
+
+
+def calls_of(names: set[str], path: Path, text: str | None = None) -> list[tuple[str, int]]:
+    """``(called name, line)`` for every call of one of ``names`` in ``path`` (or ``text``)."""
+    source = path.read_text() if text is None else text
+    found = []
+    for node in ast.walk(ast.parse(source, str(path))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in names:
+                found.append((name, node.lineno))
+    return found
+
+
+def test_a_run_configuration_is_composed_in_one_place() -> None:
+    outside = [
+        f"{module_name(path)}:{line} calls {name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if module_name(path) not in COMPOSING_MODULES
+        for name, line in calls_of(COMPOSERS, path)
+    ]
+    assert outside == []
+
+
+def test_the_composition_check_sees_a_call() -> None:
+    command = PACKAGE / "commands" / "train.py"
+    text = "from advfeat.train.config import apply_overrides\napply_overrides(cfg, {})\n"
+    assert calls_of(COMPOSERS, command, text) == [("apply_overrides", 2)]
+    assert calls_of(COMPOSERS, command) == []
