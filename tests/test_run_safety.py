@@ -28,7 +28,7 @@ from advfeat.cli import main
 from advfeat.errors import AdvfeatError
 from advfeat.eval.context import PARTIAL_FORMAT
 from advfeat.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint, save_checkpoint
-from advfeat.train.trainer import PREEMPTED_EXIT, Preempted
+from advfeat.train.preemption import PREEMPTED_EXIT, Preempted
 from helpers import interrupt_after_epoch, tiny_train_config
 
 SRC = str(Path(advfeat.__file__).resolve().parents[1])  # the advfeat under test, for subprocesses

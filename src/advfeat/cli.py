@@ -83,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     except Exception as err:
-        from advfeat.train.trainer import PREEMPTED_EXIT, Preempted, TrainingDiverged
+        from advfeat.train.preemption import PREEMPTED_EXIT, Preempted
+        from advfeat.train.trainer import TrainingDiverged
 
         if isinstance(err, TrainingDiverged):
             print(f"advfeat: {err}", file=sys.stderr)

@@ -34,9 +34,7 @@ import csv
 import io
 import math
 import platform
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +71,7 @@ from advfeat.train.graphs import (
 from advfeat.train.loggers import Loggers
 from advfeat.train.optim import build_optimizer
 from advfeat.train.precision import MixedPrecision
+from advfeat.train.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch
 from advfeat.train.rundir import (
     RunLock,
     check_run_folder,
@@ -95,17 +94,6 @@ __all__ = ["PREEMPTED_EXIT", "Preempted", "Trainer", "TrainingDiverged"]
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
 
-
-class Preempted(RuntimeError):
-    """SIGTERM / SIGUSR1 arrived: a checkpoint was written (mid-epoch) and the run stopped;
-    ``--resume`` continues it exactly. The command line exits with :data:`PREEMPTED_EXIT`."""
-
-
-PREEMPTED_EXIT = 75
-"""Exit status of a preempted run (``EX_TEMPFAIL``: try again, e.g. re-queue with --resume)."""
-
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
-"""Signals that make the trainer checkpoint at the next step and stop (cluster preemption)."""
 
 PROGRESS_EVERY = 50
 """Steps between two updates of the progress bar's running averages: each reads the running sums
@@ -235,7 +223,7 @@ class Trainer:
         self.train_time = 0.0
         self._resume_stat: tuple[int, int, int] | None = None
         self._partial: dict[str, Any] | None = None
-        self._signal: int | None = None
+        self._preemption = PreemptionWatch(self.device, distributed=self.dist.enabled)
         self._resume_state = self._read_resume() if resume else None
         self.loggers = Loggers(cfg.loggers, self.out, cfg.to_dict()) if self.dist.is_main else None
 
@@ -435,7 +423,7 @@ class Trainer:
                     bar.update(1)
                     if (step - first) % PROGRESS_EVERY == 0:
                         self._show_progress(bar, sums.read(), seen, time.perf_counter() - start)
-                if step + 1 < steps and self._preemption_requested():
+                if step + 1 < steps and self._preemption.requested():
                     self._raise_if_diverged(watch, epoch)
                     self._save_preempted(
                         epoch,
@@ -606,46 +594,22 @@ class Trainer:
 
         The run folder's lock is held from the first write to the last.
         """
-        previous = self._catch_preemption()
         try:
-            if self.dist.is_main:
-                self._open_run_folder()
-            if self.dist.enabled:
-                torch.distributed.barrier()
-            if self._resume_state is not None:
-                self._load_resume(self._resume_state)
-                self._resume_state = None
-            if self.cfg.progress and self.dist.is_main:
-                print(f"schedule: {self.schedule}", file=sys.stderr, flush=True)
-            return self._train()
+            with self._preemption:  # from here on a signal asks for a checkpoint and a stop
+                if self.dist.is_main:
+                    self._open_run_folder()
+                if self.dist.enabled:
+                    torch.distributed.barrier()
+                if self._resume_state is not None:
+                    self._load_resume(self._resume_state)
+                    self._resume_state = None
+                if self.cfg.progress and self.dist.is_main:
+                    print(f"schedule: {self.schedule}", file=sys.stderr, flush=True)
+                return self._train()
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
             self._lock.release()
 
     # ----------------------------------------------------------------------------- preemption
-    def _catch_preemption(self) -> dict[int, Any]:
-        """Install handlers that ask for a checkpoint at the next step; return the old ones."""
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return previous
-
-        def request(signum: int, frame: Any) -> None:
-            self._signal = signum
-
-        for name in PREEMPTION_SIGNALS:
-            signum = getattr(signal, name, None)
-            if signum is not None:
-                previous[signum] = signal.signal(signum, request)
-        return previous
-
-    def _preemption_requested(self) -> bool:
-        if not self.dist.enabled:
-            return self._signal is not None
-        flag = torch.tensor([float(self._signal is not None)], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
     def _save_preempted(self, epoch: int, step: int, sums: dict[str, Any], elapsed: float) -> None:
         """Checkpoint in the middle of ``epoch`` after ``step`` steps, then raise
         :class:`Preempted`: everything needed to continue bit-identically is saved (the last
@@ -666,10 +630,9 @@ class Trainer:
             save_checkpoint(self.out / "checkpoint.pt", state)
         if self.dist.enabled:
             torch.distributed.barrier()
-        name = signal.Signals(self._signal).name if self._signal else "a signal"
         raise Preempted(
-            f"{name} received: checkpoint written at epoch {epoch + 1}, step {step}; continue "
-            f"with `advfeat train --out {self.out} --resume`"
+            f"{self._preemption.name()} received: checkpoint written at epoch {epoch + 1}, step "
+            f"{step}; continue with `advfeat train --out {self.out} --resume`"
         )
 
     def _train(self) -> dict[str, Any]:
@@ -703,11 +666,11 @@ class Trainer:
                     self.loggers.log(row)
             else:
                 self.history.append(row)
-            if epoch + 1 < cfg.epochs and self._preemption_requested():
+            if epoch + 1 < cfg.epochs and self._preemption.requested():
                 if self.dist.enabled:
                     torch.distributed.barrier()
                 raise Preempted(
-                    f"{signal.Signals(self._signal or signal.SIGTERM).name} received: epoch "
+                    f"{self._preemption.name('SIGTERM')} received: epoch "
                     f"{epoch + 1} finished and checkpointed; continue with "
                     f"`advfeat train --out {self.out} --resume`"
                 )
