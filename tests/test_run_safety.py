@@ -662,3 +662,16 @@ def test_rapid_kill_9_during_checkpoint_writes_never_leaves_a_bad_file(tmp_path:
     assert metrics["epochs"] == 30 and [r["epoch"] for r in metrics["history"]] == list(
         range(1, 31)
     )
+
+
+def test_the_preemption_watch_notes_a_signal_and_restores_the_handlers() -> None:
+    from advfeat.train.preemption import PreemptionWatch
+
+    before = signal.getsignal(signal.SIGUSR1)
+    watch = PreemptionWatch(torch.device("cpu"))
+    with watch:
+        assert signal.getsignal(signal.SIGUSR1) is not before
+        assert not watch.requested() and watch.name("SIGTERM") == "SIGTERM"
+        signal.raise_signal(signal.SIGUSR1)
+        assert watch.requested() and watch.name() == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
