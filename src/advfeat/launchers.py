@@ -34,6 +34,7 @@ from typing import IO, Any, Protocol
 import yaml
 
 from advfeat.errors import AdvfeatError, unknown_name
+from advfeat.train.preemption import PREEMPTED_EXIT
 from advfeat.train.runtime import CUDA_MEMORY_FRACTION_ENV
 
 __all__ = [
@@ -51,10 +52,6 @@ __all__ = [
 LAUNCHERS = ("process", "submitit-local", "slurm")
 
 INSTALL_SUBMITIT = 'pip install "advfeat[slurm]"'
-
-PREEMPTED_EXIT = 75
-"""Exit status of a run that stopped with a checkpoint (``advfeat.train.trainer.PREEMPTED_EXIT``,
-repeated here so that a job does not import torch)."""
 
 MAX_TIMEOUT_REQUEUES = 20
 """How many times a job may reach its time limit and be requeued (preemptions do not count)."""
