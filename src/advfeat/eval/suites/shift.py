@@ -16,7 +16,6 @@ from advfeat.eval.context import EvalContext, seeded_subset
 from advfeat.eval.report import md_table, metric_keys, metric_label, pct
 from advfeat.eval.suites.metrics import task_metrics
 from advfeat.eval.suites.registry import register_suite, skipped
-from advfeat.tasks import ClassificationTask
 
 __all__ = ["run"]
 
@@ -42,7 +41,7 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     task = ctx.data.task
     if not ctx.data.shifted:
         # image folders (advfeat.eval.folders) hold class labels
-        hint = "; add one with --domain NAME=PATH" if isinstance(task, ClassificationTask) else ""
+        hint = "; add one with --domain NAME=PATH" if task.classifier else ""
         return skipped(f"the {task.name} dataset has no shifted domains{hint}")
     results: dict[str, Any] = {}
     bar = ctx.bar(len(ctx.data.shifted), "shift")
